@@ -1,0 +1,233 @@
+"""The ``detkd`` command. User mistakes end in one clear line per problem and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+data_app = typer.Typer(no_args_is_help=True, help="Synthesize, check and convert datasets.")
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="dotted override, e.g. input.scale=0.5")]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from detkd.config import ConfigError
+    from detkd.data.records import DatasetError
+    from detkd.evaluation import EvaluationError
+    from detkd.models.checkpoint import CheckpointError
+
+    return ConfigError, DatasetError, EvaluationError, CheckpointError, FileNotFoundError
+
+
+def _fail(exc: BaseException) -> None:
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="output folder")],
+    images: Annotated[int, typer.Option(min=2)] = 400,
+    size: Annotated[int, typer.Option(min=16)] = 128,
+    seed: int = 0,
+    val_fraction: Annotated[float, typer.Option(min=0.01, max=0.99)] = 0.2,
+    min_object: Annotated[float, typer.Option(min=1)] = 4,
+    max_object: Annotated[float, typer.Option(min=2)] = 48,
+    max_objects: Annotated[int, typer.Option(min=1)] = 6,
+    clutter: Annotated[float, typer.Option(min=0, max=1)] = 0.5,
+    noise: Annotated[float, typer.Option(min=0, max=1)] = 0.03,
+    classes: Annotated[str, typer.Option(help="comma-separated shape names")] = "square,circle,triangle",
+) -> None:
+    """Write a deterministic synthetic COCO detection dataset."""
+    from detkd.data.synth import SynthSpec, synthesize
+
+    try:
+        spec = SynthSpec(images=images, size=size, seed=seed, val_fraction=val_fraction, min_object=min_object,
+                         max_object=max_object, max_objects=max_objects, clutter=clutter, noise=noise,
+                         classes=tuple(c.strip() for c in classes.split(",") if c.strip()))
+        summary = synthesize(out, spec)
+    except ValueError as exc:
+        _fail(exc)
+    console.print_json(json.dumps(summary, default=str))
+
+
+@data_app.command("check")
+def data_check(
+    coco: Annotated[Path, typer.Option(help="COCO instances JSON")],
+    images: Annotated[Path, typer.Option(help="image folder")],
+    verify_images: Annotated[bool, typer.Option(help="decode every image")] = True,
+) -> None:
+    """Validate a COCO dataset; print a summary, or one line per problem and exit 2."""
+    from rich.table import Table
+
+    from detkd.data.coco import validate_coco
+
+    _, problems, summary = validate_coco(coco, images, verify_images=verify_images)
+    table = Table(title=f"{coco}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key in ("images", "annotations", "crowd"):
+        table.add_row(key, str(summary.get(key, "")))
+    for cat in summary.get("categories", []):
+        table.add_row(f"category {cat['id']} {cat['name']}", str(cat["count"]))
+    for bucket, count in summary.get("size_histogram", {}).items():
+        table.add_row(f"boxes sqrt(area) {bucket} px", str(count))
+    console.print(table)
+    if problems:
+        for problem in problems:
+            err_console.print(f"[red]error:[/red] {problem}", highlight=False, soft_wrap=True)
+        err_console.print(f"{len(problems)} problem(s) found")
+        raise typer.Exit(2)
+    console.print("[green]ok[/green]: no problems found")
+
+
+@data_app.command("to-parquet")
+def data_to_parquet(
+    coco: Annotated[Path, typer.Option(help="COCO instances JSON")],
+    images: Annotated[Path, typer.Option(help="image folder")],
+    out: Annotated[Path, typer.Option(help="output folder for part-*.parquet")],
+    shard_size: Annotated[int, typer.Option(min=1)] = 512,
+    skip_invalid: bool = False,
+) -> None:
+    """Convert a COCO dataset to Parquet shards (image bytes + boxes + labels)."""
+    from detkd.data.coco import load_coco
+    from detkd.data.parquet import write_parquet
+
+    try:
+        source = load_coco(coco, images, skip_invalid=skip_invalid)
+        paths = write_parquet(source, out, shard_size=shard_size)
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(f"wrote {len(paths)} shard(s), {len(source.records)} images to {out}")
+
+
+@app.command("train")
+def train(
+    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    overrides: SetOption = None,
+    summary: Annotated[Path | None, typer.Option(help="write a JSON summary row here")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="drop invalid records instead of refusing the data")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+) -> None:
+    """Train a teacher or a plain student with Ray Train."""
+    from detkd.config import load_config
+    from detkd.engine.datasets import open_split
+    from detkd.engine.evaluate import evaluate_checkpoint
+    from detkd.engine.launch import run_training
+    from detkd.pipeline import summary_row, write_summary
+
+    try:
+        cfg = load_config(config, overrides or [])
+        if skip_invalid:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"skip_invalid": True})})
+        outcome = run_training(cfg, address=address)
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(f"[green]done[/green]: {outcome.model_path} (MLflow run {outcome.run_id}, {outcome.seconds:.0f}s)")
+    if summary is not None:
+        if cfg.data.val is None:
+            _fail(ValueError("--summary needs a data.val split to evaluate on"))
+        result = evaluate_checkpoint(outcome.model_path, open_split(cfg.data.val, skip_invalid=cfg.data.skip_invalid),
+                                     batch_size=cfg.eval.batch_size, score_thresh=cfg.eval.score_thresh)
+        write_summary([summary_row(name=cfg.name, role=cfg.role, input_size=result.input_size, metrics=result.metrics,
+                                   images_per_s=result.images_per_s, run_id=outcome.run_id)], summary)
+
+
+@app.command("evaluate")
+def evaluate(
+    checkpoint: Annotated[Path | None, typer.Option(help="detkd model checkpoint (model.pt)")] = None,
+    coco: Annotated[Path | None, typer.Option(help="COCO JSON of the split to evaluate")] = None,
+    images: Annotated[Path | None, typer.Option(help="image folder of that split")] = None,
+    parquet: Annotated[Path | None, typer.Option(help="Parquet shards of the split")] = None,
+    gt: Annotated[Path | None, typer.Option(help="score an existing results file: ground truth JSON")] = None,
+    detections: Annotated[Path | None, typer.Option(help="...and the COCO results JSON to score")] = None,
+    out: Annotated[Path | None, typer.Option(help="write detections (COCO results format) here")] = None,
+    summary: Annotated[Path | None, typer.Option(help="write a JSON summary row here")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    score_thresh: Annotated[float, typer.Option(min=0, max=1)] = 0.01,
+    backend: Annotated[str, typer.Option(help="faster or pycocotools")] = "faster",
+) -> None:
+    """COCO box mAP of a checkpoint on a split, or of an existing results file."""
+    from detkd.evaluation import METRIC_NAMES, evaluate_files
+
+    if backend not in ("faster", "pycocotools"):
+        _fail(ValueError(f"--backend must be faster or pycocotools, got {backend!r}"))
+    try:
+        if gt is not None or detections is not None:
+            if gt is None or detections is None or checkpoint is not None:
+                raise FileNotFoundError("scoring a results file needs --gt and --detections (and no --checkpoint)")
+            metrics = evaluate_files(gt, detections, backend=backend)
+            _print_metrics(metrics, METRIC_NAMES)
+            if summary:
+                from detkd.pipeline import summary_row, write_summary
+
+                write_summary([summary_row(name=detections.stem, role="results", input_size=0, metrics=metrics,
+                                           images_per_s=0.0, run_id=None)], summary)
+            return
+        if checkpoint is None:
+            raise FileNotFoundError("give --checkpoint with --coco/--images or --parquet, or --gt with --detections")
+        from detkd.data import open_source
+        from detkd.engine.evaluate import evaluate_checkpoint
+        from detkd.models.checkpoint import atomic_write_bytes
+
+        source = open_source(coco=coco, images=images, parquet=parquet)
+        result = evaluate_checkpoint(checkpoint, source, batch_size=batch_size, score_thresh=score_thresh)
+    except _user_errors() as exc:
+        _fail(exc)
+    except ValueError as exc:
+        _fail(exc)
+    _print_metrics(result.metrics, METRIC_NAMES)
+    console.print(f"inference: {result.images_per_s:.1f} images/s at {result.input_size}px (batch {batch_size}, CPU)")
+    if out:
+        atomic_write_bytes(out, json.dumps(result.detections).encode())
+        console.print(f"detections: {out} ({len(result.detections)})")
+    if summary:
+        from detkd.pipeline import summary_row, write_summary
+
+        meta = result.meta
+        write_summary([summary_row(name=str(meta.get("name", checkpoint.stem)), role=str(meta.get("role", "model")),
+                                   input_size=result.input_size, metrics=result.metrics,
+                                   images_per_s=result.images_per_s, run_id=meta.get("mlflow_run_id"))], summary)
+
+
+def _print_metrics(metrics: dict[str, float], names) -> None:
+    console.print("  ".join(f"{name} {metrics[name]:.4f}" for name in names))
+
+
+@app.command("run")
+def run(
+    pipeline: Annotated[Path, typer.Argument(help="pipeline spec YAML")],
+    overrides: SetOption = None,
+    summary: Annotated[Path | None, typer.Option(help="write the summary rows as JSON here")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+) -> None:
+    """Run a pipeline spec: data -> teachers -> students -> evaluation."""
+    from detkd.pipeline import load_pipeline, print_summary, run_pipeline, write_summary
+
+    try:
+        spec = load_pipeline(pipeline, overrides or [])
+        rows = run_pipeline(spec, address=address, console=console)
+    except _user_errors() as exc:
+        _fail(exc)
+    print_summary(rows, console)
+    if summary:
+        write_summary(rows, summary)
+        console.print(f"summary: {summary}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Typed run configuration loaded from YAML, with dotted command-line overrides.
+
+Every section forbids unknown keys, so a typo fails loudly with the key's dotted
+path instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class SplitConfig(_Section):
+    """One split: a COCO JSON plus image folder, or Parquet shards."""
+
+    coco: Path | None = None
+    images: Path | None = None
+    parquet: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_format(self) -> SplitConfig:
+        if self.parquet is not None and (self.coco or self.images):
+            raise ValueError("give either parquet or coco+images, not both")
+        if self.parquet is None and (self.coco is None or self.images is None):
+            raise ValueError("give coco and images (or parquet)")
+        return self
+
+
+class DataConfig(_Section):
+    train: SplitConfig | None = None
+    val: SplitConfig | None = None
+    skip_invalid: bool = False
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
+
+
+class ModelConfig(_Section):
+    """Keyword arguments of ``detkd.models.build_detector`` (num_classes None = from the data)."""
+
+    arch: Literal["fcos", "retinanet", "fasterrcnn"] = "fcos"
+    backbone: Literal["tiny", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "mobilenet_v3_small"] = "tiny"
+    num_classes: int | None = Field(None, ge=1)
+    min_level: int = Field(3, ge=2, le=5)
+    max_level: int = Field(7, ge=2, le=8)
+    fpn_channels: int = Field(64, ge=8)
+    head_convs: int = Field(2, ge=1)
+    anchor_sizes: list[list[float]] | None = None
+    score_thresh: float = Field(0.05, ge=0, le=1)
+    nms_thresh: float = Field(0.6, gt=0, le=1)
+    detections_per_img: int = Field(100, ge=1)
+    norm: Literal["bn", "frozen_bn"] = "bn"
+    backbone_weights: Path | None = None
+    weights: Path | None = None
+
+    @model_validator(mode="after")
+    def _levels(self) -> ModelConfig:
+        if self.max_level < self.min_level:
+            raise ValueError(f"max_level ({self.max_level}) must be >= min_level ({self.min_level})")
+        return self
+
+
+class InputConfig(_Section):
+    """The reference (teacher) view is resized to ``size``; this model sees it scaled by ``scale``."""
+
+    size: int = Field(128, ge=16, description="short side of the reference view in pixels")
+    max_size: int | None = Field(None, ge=16)
+    scale: float = Field(1.0, gt=0, le=4, description="this model's input = reference view x scale")
+    hflip: float = Field(0.5, ge=0, le=1)
+
+    @property
+    def model_size(self) -> int:
+        return int(round(self.size * self.scale))
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(2e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_iters: int = Field(100, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: list[float] = Field(default_factory=lambda: [0.67, 0.89], description="fractions of training for 'step'")
+    gamma: float = Field(0.1, gt=0, le=1)
+    clip_grad_norm: float | None = Field(10.0, gt=0)
+    lr_scaling: Literal["linear", "sqrt", "none"] = Field(
+        "linear", description="lr is given for base_batch_size; scaled to the global batch by this rule")
+    base_batch_size: int = Field(16, ge=1)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1, description="per worker")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    eval_every: int = Field(0, ge=0, description="evaluate every N epochs (0: only at the end)")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    log_every: int = Field(20, ge=1, description="steps between progress lines")
+    amp: bool = Field(True, description="mixed precision on GPU (ignored on CPU)")
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: int | None = Field(None, ge=1, description="default: all CPUs / num_workers")
+
+
+class RunSection(_Section):
+    storage_path: Path = Path("runs/ray")
+    output_dir: Path = Path("runs")
+    max_failures: int = Field(1, ge=-1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class TrackingConfig(_Section):
+    experiment: str = "detkd"
+    tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
+    log_model: bool = True
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(8, ge=1)
+    score_thresh: float = Field(0.01, ge=0, le=1)
+    detections_per_img: int = Field(100, ge=1)
+
+
+class Config(_Section):
+    """A teacher or student training run."""
+
+    name: str = "run"
+    role: Literal["teacher", "student"] = "teacher"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    input: InputConfig = Field(default_factory=InputConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    run: RunSection = Field(default_factory=RunSection)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` -> (["a", "b"], 3); the value is parsed as YAML (numbers, lists, null...)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with every ``key.path=value`` set."""
+    out = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[:i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge (one level of defaults: pipeline defaults + per-model settings)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, found {type(data).__name__}")
+    return data
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_config(data: dict[str, Any], *, source: str, model: type[BaseModel] = Config) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> Config:
+    """Load a run config; relative data paths stay relative to the working directory."""
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return validate_config(data, source=str(path))

@@ -1,0 +1,177 @@
+"""Image + box transforms on tensors, with exact bookkeeping of the scale.
+
+Distillation compares a teacher's view of a sample with a student's
+half-resolution view of the SAME augmented sample, and evaluation maps
+predictions back to original pixels. Both need the geometry to be exact, so
+every resize records its actual per-axis ratio in ``target["scale"]``
+(current coords = original coords * scale) and nothing here is random except
+the explicit Random* classes, which use torch's global RNG.
+
+Targets are never mutated: every function returns a new dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+__all__ = [
+    "Compose",
+    "RandomHorizontalFlip",
+    "ResizeShortSide",
+    "ScaleBy",
+    "Target",
+    "Transform",
+    "hflip",
+    "resize_short_side",
+    "scale_batch",
+    "scale_by",
+    "to_tensor",
+]
+
+Target = dict[str, Any]
+Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
+
+
+def _scale_of(target: Target) -> torch.Tensor:
+    scale = target.get("scale")
+    if scale is None:
+        return torch.ones(2, dtype=torch.float32)
+    return torch.as_tensor(scale, dtype=torch.float32)
+
+
+def _resize_to(image: torch.Tensor, target: Target, *, height: int, width: int) -> tuple[torch.Tensor, Target]:
+    """Resize to exactly (height, width); boxes and scale follow the actual per-axis ratios."""
+    h, w = image.shape[-2:]
+    if (height, width) == (h, w):
+        resized = image.clone()
+    else:
+        resized = F.interpolate(
+            image.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False, antialias=True
+        ).squeeze(0)
+    ratio = torch.tensor([width / w, height / h], dtype=torch.float32)
+    out = dict(target)
+    boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
+    out["boxes"] = boxes * ratio.repeat(2)
+    out["scale"] = _scale_of(target) * ratio
+    return resized, out
+
+
+def resize_short_side(
+    image: torch.Tensor, target: Target, *, size: int, max_size: int | None = None
+) -> tuple[torch.Tensor, Target]:
+    """Resize so the short side is ``size``, unless that makes the long side exceed ``max_size``."""
+    h, w = image.shape[-2:]
+    ratio = size / min(h, w)
+    if max_size is not None and max(h, w) * ratio > max_size:
+        ratio = max_size / max(h, w)
+    return _resize_to(image, target, height=max(1, round(h * ratio)), width=max(1, round(w * ratio)))
+
+
+def scale_by(image: torch.Tensor, target: Target, *, factor: float) -> tuple[torch.Tensor, Target]:
+    """Rescale to (round(h * factor), round(w * factor)); how a student view is derived."""
+    if factor <= 0:
+        raise ValueError(f"factor must be positive, got {factor}")
+    h, w = image.shape[-2:]
+    return _resize_to(image, target, height=max(1, round(h * factor)), width=max(1, round(w * factor)))
+
+
+def hflip(image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+    """Mirror left-right; box x becomes W - x (x1 and x2 swap)."""
+    w = image.shape[-1]
+    out = dict(target)
+    boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
+    out["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+    return image.flip(-1), out
+
+
+def scale_batch(
+    images: list[torch.Tensor], targets: list[Target], *, factor: float
+) -> tuple[list[torch.Tensor], list[Target]]:
+    """``scale_by`` for each sample of a batch: new images and new target dicts."""
+    if len(images) != len(targets):
+        raise ValueError(f"got {len(images)} images and {len(targets)} targets")
+    pairs = [scale_by(image, target, factor=factor) for image, target in zip(images, targets, strict=True)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def to_tensor(pil_image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1] from any PIL image (grayscale, RGBA, palette, 16-bit)."""
+    image = pil_image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit grayscale: PIL's RGB conversion clips, so rescale to 8 bit ourselves.
+        arr = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        image = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")  # palette transparency converts cleanly via RGBA
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    array = np.array(image, dtype=np.uint8)  # a writable copy
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div_(255.0)
+
+
+class ResizeShortSide:
+    """Transform form of :func:`resize_short_side`."""
+
+    def __init__(self, size: int, max_size: int | None = None) -> None:
+        self.size = size
+        self.max_size = max_size
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        return resize_short_side(image, target, size=self.size, max_size=self.max_size)
+
+    def __repr__(self) -> str:
+        return f"ResizeShortSide(size={self.size}, max_size={self.max_size})"
+
+
+class ScaleBy:
+    """Transform form of :func:`scale_by`."""
+
+    def __init__(self, factor: float) -> None:
+        if factor <= 0:
+            raise ValueError(f"factor must be positive, got {factor}")
+        self.factor = factor
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        return scale_by(image, target, factor=self.factor)
+
+    def __repr__(self) -> str:
+        return f"ScaleBy(factor={self.factor})"
+
+
+class RandomHorizontalFlip:
+    """Flip with probability ``p``, drawn from torch's global RNG (seed torch to reproduce)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        self.p = p
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        if torch.rand(()).item() < self.p:
+            return hflip(image, target)
+        return image, dict(target)
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class Compose:
+    """Apply transforms in order."""
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        for transform in self.transforms:
+            image, target = transform(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"Compose({self.transforms!r})"

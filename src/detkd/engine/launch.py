@@ -1,0 +1,155 @@
+"""Driver side of a training run: validate data, start the MLflow run, run Ray Train.
+
+The Ray run's name carries a digest of the training-relevant config: running the
+same config again resumes (or returns) the earlier run, a changed config starts
+afresh instead of silently continuing someone else's checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from detkd.config import Config
+from detkd.engine.datasets import build_dataset
+from detkd.engine.worker import MODEL_FILE, train_loop_per_worker
+
+
+@dataclass
+class TrainOutcome:
+    name: str
+    role: str
+    model_path: Path
+    run_id: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    input_size: int = 0
+    seconds: float = 0.0
+
+
+def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
+    """Ray workers do not share the driver's cwd: make every path absolute."""
+    base = Path(base or Path.cwd())
+    data = cfg.model_dump()
+
+    def fix(value: Any) -> Any:
+        return str((base / value).resolve()) if value not in (None, "") and not str(value).startswith(("s3://", "gs://")) else value
+
+    for split in ("train", "val"):
+        if data["data"][split]:
+            for key in ("coco", "images", "parquet"):
+                data["data"][split][key] = fix(data["data"][split][key])
+    for key in ("weights", "backbone_weights"):
+        data["model"][key] = fix(data["model"][key])
+    data["run"]["storage_path"] = fix(data["run"]["storage_path"])
+    data["run"]["output_dir"] = fix(data["run"]["output_dir"])
+    return Config.model_validate(data)
+
+
+def config_digest(cfg: Config) -> str:
+    """Digest of what changes the trained weights (not where results go or how they are logged)."""
+    data = cfg.model_dump(mode="json", exclude={"run": True, "tracking": True, "name": True, "eval": True})
+    data["train"].pop("log_every", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), else start a local Ray on this machine."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def dataset_records(dataset) -> list[dict[str, Any]]:
+    return [{"image_id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height,
+             "boxes": len(r.boxes)} for r in dataset.source.records]
+
+
+def run_training(
+    cfg: Config,
+    *,
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    test_fault: dict[str, Any] | None = None,
+) -> TrainOutcome:
+    """Train one detector with Ray Train and log it to MLflow; returns where it landed."""
+    from detkd.models.checkpoint import load_detector
+    from detkd.tracking import RunLogger, log_dataset, log_pytorch_model, resolve_tracking_uri, run_context
+
+    cfg = absolute_paths(cfg)
+    if cfg.data.train is None:
+        raise ValueError("config has no data.train split")
+    # Validate the data here, before any worker starts: a bad dataset fails in seconds with a clear message.
+    train_set = build_dataset(cfg, "train", train=True)
+    val_set = build_dataset(cfg, "val", train=False) if cfg.data.val is not None else None
+    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
+    digest = config_digest(cfg)
+    ray_name = f"{cfg.name}-{digest}"
+    out_dir = Path(cfg.run.output_dir) / cfg.name
+    ensure_ray(address)
+    total_cpus = int(ray.cluster_resources().get("CPU", 1))
+    cpus = cfg.scaling.cpus_per_worker or max(1, total_cpus // cfg.scaling.num_workers)
+    started = time.perf_counter()
+    tags = {"role": cfg.role, "name": cfg.name, "config_digest": digest, "ray_run": ray_name,
+            "input_size": cfg.input.model_size, **(extra_tags or {})}
+    with run_context(tracking_uri=uri, experiment=cfg.tracking.experiment, run_name=cfg.name, tags=tags,
+                     parent_run_id=parent_run_id) as run_id:
+        logger = RunLogger(tracking_uri=uri, run_id=run_id)
+        logger.params(cfg.model_dump(mode="json"))
+        logger.dict(cfg.model_dump(mode="json"), "config.json")
+        log_dataset(tracking_uri=uri, run_id=run_id, records=dataset_records(train_set),
+                    source=str(cfg.data.train.coco or cfg.data.train.parquet), name=f"{cfg.name}-train", context="train")
+        if val_set is not None:
+            log_dataset(tracking_uri=uri, run_id=run_id, records=dataset_records(val_set),
+                        source=str(cfg.data.val.coco or cfg.data.val.parquet), name=f"{cfg.name}-val", context="eval")
+        loop_config: dict[str, Any] = {
+            "config": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id, "threads_per_worker": cpus,
+            "meta": {"name": cfg.name, "role": cfg.role, "input_size": cfg.input.model_size,
+                     "input_scale": cfg.input.scale, "reference_size": cfg.input.size, "mlflow_run_id": run_id,
+                     "categories": [{"id": c.id, "name": c.name} for c in train_set.source.categories]},
+        }
+        if test_fault:
+            loop_config.update(test_fault)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                                   resources_per_worker={"CPU": cpus}),
+            run_config=ray.train.RunConfig(
+                name=ray_name, storage_path=str(cfg.run.storage_path),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"training run {ray_name} finished without a checkpoint")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model_path = out_dir / MODEL_FILE
+        with result.checkpoint.as_directory() as folder:
+            for name in (MODEL_FILE, f"{MODEL_FILE}.sha256"):
+                shutil.copyfile(Path(folder) / name, out_dir / f".{name}.tmp")
+                os.replace(out_dir / f".{name}.tmp", out_dir / name)
+        metrics = dict(result.metrics or {})
+        logger.metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        logger.artifact(model_path, "checkpoint")
+        if cfg.tracking.log_model:
+            model, _ = load_detector(model_path)
+            log_pytorch_model(tracking_uri=uri, run_id=run_id, model=model)
+    return TrainOutcome(name=cfg.name, role=cfg.role, model_path=model_path, run_id=run_id, metrics=metrics,
+                        input_size=cfg.input.model_size, seconds=time.perf_counter() - started)

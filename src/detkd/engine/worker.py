@@ -1,0 +1,201 @@
+"""The per-worker training loop run by Ray Train (teachers and plain students).
+
+Everything the loop needs travels in one JSON-able dict (the resolved config
+plus tracking ids), so the same function runs on a laptop or on any cluster node.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from detkd.config import Config
+from detkd.data.dataset import collate_detection
+from detkd.engine.datasets import build_dataset
+from detkd.engine.evaluate import evaluate_distributed
+from detkd.engine.loop import (
+    RunningMeans,
+    Throughput,
+    build_optimizer,
+    build_scheduler,
+    format_eta,
+    move_targets,
+    reduce_means,
+    scaled_lr,
+    train_step,
+)
+from detkd.models.checkpoint import load_payload, save_detector, save_payload
+from detkd.models.detectors import build_detector
+
+TRAIN_STATE = "train_state.pt"
+MODEL_FILE = "model.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].astype(np.int64).tolist(),
+            "python": random.getstate()[1]}
+
+
+def model_kwargs(cfg: Config, num_classes: int) -> dict[str, Any]:
+    kwargs = cfg.model.model_dump()
+    kwargs["num_classes"] = cfg.model.num_classes or num_classes
+    for key in ("weights", "backbone_weights"):
+        kwargs[key] = str(kwargs[key]) if kwargs[key] else None
+    return kwargs
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: train, evaluate, checkpoint through ``ray.train.report``."""
+    cfg = Config.model_validate(loop_config["config"])
+    tracking_uri, run_id = loop_config.get("tracking_uri"), loop_config.get("run_id")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(loop_config.get("threads_per_worker", 1)))
+    device = ray.train.torch.get_device()
+    seed_everything(cfg.seed + rank)
+
+    train_set = build_dataset(cfg, "train", train=True)
+    val_set = build_dataset(cfg, "val", train=False) if cfg.data.val is not None else None
+    num_classes = train_set.source.num_classes
+    if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} but the training data has {num_classes} categories")
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    model = build_detector(**model_kwargs(cfg, num_classes))
+    model = ray.train.torch.prepare_model(model)  # device placement + DDP when world > 1
+    inner = getattr(model, "module", model)
+
+    global_batch = cfg.train.batch_size * world
+    optimizer = build_optimizer(model.parameters(), cfg.optim, lr=scaled_lr(cfg.optim, global_batch))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = (DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+               if world > 1 else RandomSampler(train_set, generator=generator))
+    loader = DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+                        collate_fn=collate_detection, num_workers=cfg.data.loader_workers,
+                        persistent_workers=cfg.data.loader_workers > 0)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"training split has {len(train_set)} images, fewer than one batch of "
+                         f"{cfg.train.batch_size} per worker x {world} workers")
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, optim=cfg.optim)
+    use_amp = cfg.train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp and not torch.cuda.is_bf16_supported() else None
+
+    step, start_epoch = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_payload(Path(folder) / TRAIN_STATE)
+        inner.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, start_epoch = int(state["step"]), int(state["epoch"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if rank == 0:
+            print(f"[{cfg.name}] resumed from step {step} (epoch {start_epoch})", flush=True)
+
+    logger = None
+    if rank == 0 and tracking_uri and run_id:
+        from detkd.tracking import RunLogger
+
+        logger = RunLogger(tracking_uri=tracking_uri, run_id=run_id)
+
+    means, speed = RunningMeans(), Throughput()
+    epoch_means = RunningMeans()
+    metrics: dict[str, float] = {}
+    fault_step = loop_config.get("fail_at_step")  # test-only fault injection
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if step >= total_steps:
+            break
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        else:
+            generator.manual_seed(cfg.seed * 1000 + epoch)
+        model.train()
+        epoch_means.reset()
+        for images, targets in loader:
+            if step >= total_steps:
+                break
+            images = [img.to(device, non_blocking=True) for img in images]
+            result = train_step(model, images, move_targets(targets, device), optimizer=optimizer, scaler=scaler,
+                                device=device, amp=use_amp, clip_grad_norm=cfg.optim.clip_grad_norm)
+            scheduler.step()
+            step += 1
+            speed.add(len(images) * world)
+            terms = {"loss": result.loss, **{f"loss_{k}": v for k, v in result.terms.items()}}
+            means.add(terms)
+            epoch_means.add(terms)
+            if fault_step is not None and step == int(fault_step) and rank == world - 1 \
+                    and not os.environ.get("DETKD_FAULT_DONE"):
+                Path(loop_config["fault_marker"]).write_text(str(step))
+                os._exit(1)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                running = reduce_means(means.means())
+                if rank == 0:
+                    rate = speed.rate()
+                    eta = (total_steps - step) * global_batch / max(rate, 1e-9)
+                    parts = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in running.items() if k != "loss")
+                    print(f"[{cfg.name}] epoch {epoch + 1}/{cfg.train.epochs} step {step}/{total_steps} "
+                          f"loss {running['loss']:.3f} ({parts}) lr {scheduler.get_last_lr()[0]:.2e} "
+                          f"{rate:.0f} img/s eta {format_eta(eta)}", flush=True)
+                    if logger:
+                        logger.metrics({f"train/{k}": v for k, v in running.items()} |
+                                       {"train/lr": scheduler.get_last_lr()[0], "train/images_per_s": rate}, step=step)
+                means.reset()
+                speed.reset()
+        epoch_done = epoch + 1
+        last = epoch_done == cfg.train.epochs or step >= total_steps
+        metrics = {"epoch": epoch_done, "step": step, **{f"train/{k}": v for k, v in reduce_means(epoch_means.means()).items()}}
+        if val_set is not None and (last or (cfg.train.eval_every and epoch_done % cfg.train.eval_every == 0)):
+            scores = evaluate_distributed(model, val_set, device=device, batch_size=cfg.eval.batch_size,
+                                          score_thresh=cfg.eval.score_thresh,
+                                          detections_per_img=cfg.eval.detections_per_img, rank=rank, world_size=world)
+            if scores is not None:
+                metrics.update({f"val/{k}": v for k, v in scores.items()})
+                print(f"[{cfg.name}] epoch {epoch_done} val AP {scores['AP']:.4f} AP50 {scores['AP50']:.4f} "
+                      f"APs {scores['APs']:.4f}", flush=True)
+        if logger:
+            logger.metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step=step)
+        if last or epoch_done % cfg.train.checkpoint_every == 0:
+            report_checkpoint(metrics, rank=rank, model=inner, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                              step=step, epoch=epoch_done, meta=loop_config.get("meta", {}))
+        else:
+            ray.train.report(metrics)
+
+
+def report_checkpoint(metrics: dict[str, Any], *, rank: int, model, optimizer, scheduler, scaler, step: int,
+                      epoch: int, meta: dict[str, Any]) -> None:
+    """Rank 0 writes training state + a model-only checkpoint; every rank reports."""
+    with tempfile.TemporaryDirectory(prefix="detkd-ckpt-") as folder:
+        checkpoint = None
+        if rank == 0:
+            save_payload(Path(folder) / TRAIN_STATE, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "step": step, "epoch": epoch, "rng": {"torch": torch.get_rng_state()},
+            })
+            save_detector(Path(folder) / MODEL_FILE, model,
+                          meta={**meta, "step": step, "epoch": epoch,
+                                **{k: v for k, v in metrics.items() if k.startswith("val/")}})
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,201 @@
+"""Run a pipeline spec: data -> teachers -> students -> evaluation, with MLflow lineage.
+
+One parent MLflow run per pipeline run and one child run per component. Every
+model entry is a partial run config merged over the spec's ``defaults`` (one
+level, no inheritance chains) and validated before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from detkd.config import (
+    Config,
+    ConfigError,
+    SplitConfig,
+    _Section,
+    apply_overrides,
+    deep_merge,
+    read_yaml,
+    validate_config,
+)
+from detkd.data.synth import SynthSpec
+
+
+class SynthSection(_Section):
+    """Arguments of ``detkd.data.synth.SynthSpec`` (written under ``<workdir>/data``)."""
+
+    images: int = Field(400, ge=2)
+    size: int = Field(128, ge=16)
+    seed: int = 0
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    classes: list[str] = Field(default_factory=lambda: ["square", "circle", "triangle"])
+    min_object: float = Field(4, gt=0)
+    max_object: float = Field(48, gt=0)
+    max_objects: int = Field(6, ge=1)
+    clutter: float = Field(0.5, ge=0, le=1)
+    noise: float = Field(0.03, ge=0, le=1)
+    overlap: float = Field(0.3, ge=0, le=1)
+
+
+class PipelineData(_Section):
+    synth: SynthSection | None = None
+    train: SplitConfig | None = None
+    val: SplitConfig | None = None
+
+
+class ModelEntry(_Section):
+    name: str
+    settings: dict[str, Any] = Field(default_factory=dict, description="partial run config over the defaults")
+
+
+class PipelineSpec(_Section):
+    name: str
+    workdir: Path = Path("runs/pipeline")
+    experiment: str = "detkd"
+    data: PipelineData
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    teachers: list[ModelEntry] = Field(default_factory=list)
+    students: list[ModelEntry] = Field(default_factory=list)
+    eval_batch_size: int = Field(8, ge=1)
+
+
+def load_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineSpec:
+    data = apply_overrides(read_yaml(path), overrides or [])
+    spec: PipelineSpec = validate_config(data, source=str(path), model=PipelineSpec)
+    names = [e.name for e in spec.teachers + spec.students]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: model names must be unique, got {names}")
+    if not names:
+        raise ConfigError(f"{path}: teachers/students: the pipeline has no model to train")
+    if spec.data.synth is None and spec.data.train is None:
+        raise ConfigError(f"{path}: data: give synth settings or a train split")
+    for role, entries in (("teacher", spec.teachers), ("student", spec.students)):
+        for i, entry in enumerate(entries):
+            model_config(spec, entry, role=role, source=f"{path}: {role}s[{i}] ({entry.name})")
+    return spec
+
+
+def data_splits(spec: PipelineSpec) -> tuple[SplitConfig, SplitConfig | None]:
+    if spec.data.synth is not None:
+        root = spec.workdir / "data"
+        return (SplitConfig(coco=root / "annotations/instances_train.json", images=root / "images/train"),
+                SplitConfig(coco=root / "annotations/instances_val.json", images=root / "images/val"))
+    return spec.data.train, spec.data.val
+
+
+def model_config(spec: PipelineSpec, entry: ModelEntry, *, role: str, source: str | None = None) -> Config:
+    train, val = data_splits(spec)
+    base = {"data": {"train": train.model_dump(), "val": val.model_dump() if val else None},
+            "run": {"storage_path": str(spec.workdir / "ray"), "output_dir": str(spec.workdir / "models")},
+            "tracking": {"experiment": spec.experiment}}
+    merged = deep_merge(deep_merge(base, spec.defaults), entry.settings)
+    merged.update(name=entry.name, role=role)
+    return validate_config(merged, source=source or entry.name)
+
+
+def ensure_synthetic_data(spec: PipelineSpec) -> dict[str, Any]:
+    """Synthesize once per spec: a marker with the exact settings makes reruns reuse the data."""
+    from detkd.data.synth import synthesize
+
+    root = spec.workdir / "data"
+    settings = spec.data.synth.model_dump()
+    marker = root / "synth.json"
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return {"reused": True, **settings}
+    synth = SynthSpec(**{**settings, "classes": tuple(settings["classes"])})
+    summary = synthesize(root, synth)
+    marker.write_text(json.dumps(settings, sort_keys=True))
+    return {"reused": False, **summary}
+
+
+def run_pipeline(spec: PipelineSpec, *, address: str | None = None, console=None) -> list[dict[str, Any]]:
+    """Run every step; returns one summary row per trained model."""
+    from detkd.engine.datasets import open_split
+    from detkd.engine.evaluate import evaluate_checkpoint
+    from detkd.engine.launch import ensure_ray, run_training
+    from detkd.tracking import RunLogger, resolve_tracking_uri, run_context
+
+    say = console.print if console else print
+    spec = spec.model_copy(update={"workdir": spec.workdir.resolve()})
+    uri = resolve_tracking_uri()
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with run_context(tracking_uri=uri, experiment=spec.experiment, run_name=f"pipeline:{spec.name}",
+                     tags={"pipeline": spec.name, "kind": "pipeline"}) as parent_id:
+        parent = RunLogger(tracking_uri=uri, run_id=parent_id)
+        parent.params({"pipeline": spec.model_dump(mode="json")})
+        if spec.data.synth is not None:
+            with run_context(tracking_uri=uri, experiment=spec.experiment, run_name="data", parent_run_id=parent_id,
+                             tags={"pipeline": spec.name, "kind": "data"}) as data_id:
+                say(f"[bold]data[/bold]: synthesizing {spec.data.synth.images} images under {spec.workdir / 'data'}"
+                    if console else "data: synthesizing")
+                summary = ensure_synthetic_data(spec)
+                RunLogger(tracking_uri=uri, run_id=data_id).dict(summary, "synth_summary.json")
+        ensure_ray(address)
+        outcomes = []
+        for role, entries in (("teacher", spec.teachers), ("student", spec.students)):
+            for entry in entries:
+                cfg = model_config(spec, entry, role=role)
+                say(f"[bold]{role}[/bold] {entry.name}: input {cfg.input.model_size}px, "
+                    f"{cfg.model.arch}/{cfg.model.backbone} P{cfg.model.min_level}-P{cfg.model.max_level}"
+                    if console else f"{role} {entry.name}")
+                outcomes.append((cfg, run_training(cfg, parent_run_id=parent_id, tracking_uri=uri,
+                                                   extra_tags={"pipeline": spec.name})))
+        _, val_split = data_splits(spec)
+        if val_split is not None:
+            val_source = open_split(val_split, skip_invalid=False)
+            with run_context(tracking_uri=uri, experiment=spec.experiment, run_name="evaluate",
+                             parent_run_id=parent_id, tags={"pipeline": spec.name, "kind": "evaluate"}) as eval_id:
+                eval_logger = RunLogger(tracking_uri=uri, run_id=eval_id)
+                for cfg, outcome in outcomes:
+                    result = evaluate_checkpoint(outcome.model_path, val_source, batch_size=spec.eval_batch_size,
+                                                 score_thresh=cfg.eval.score_thresh)
+                    row = summary_row(name=cfg.name, role=cfg.role, input_size=result.input_size,
+                                      metrics=result.metrics, images_per_s=result.images_per_s,
+                                      run_id=outcome.run_id)
+                    rows.append(row)
+                    eval_logger.metrics({f"{cfg.name}/{k}": v for k, v in result.metrics.items()}
+                                        | {f"{cfg.name}/images_per_s": result.images_per_s})
+                    if outcome.run_id:
+                        RunLogger(tracking_uri=uri, run_id=outcome.run_id).metrics(
+                            {f"eval/{k}": v for k, v in result.metrics.items()} | {"eval/images_per_s": result.images_per_s})
+                eval_logger.dict(rows, "summary.json")
+        parent.dict(rows, "summary.json")
+        parent.metrics({"pipeline_seconds": time.perf_counter() - started})
+    return rows
+
+
+def summary_row(*, name: str, role: str, input_size: int, metrics: dict[str, float], images_per_s: float,
+                run_id: str | None, method: str | None = None) -> dict[str, Any]:
+    row = {"name": name, "role": role, "input_size": input_size, "AP": round(metrics["AP"], 4),
+           "AP50": round(metrics["AP50"], 4), "APs": round(metrics["APs"], 4),
+           "images_per_s": round(images_per_s, 1), "mlflow_run_id": run_id}
+    if method is not None:
+        row["method"] = method
+    return row
+
+
+def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
+    from detkd.models.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), (json.dumps(rows, indent=2) + "\n").encode())
+
+
+def print_summary(rows: list[dict[str, Any]], console) -> None:
+    from rich.table import Table
+
+    table = Table(title="detkd summary")
+    for column in ("name", "role", "input_size", "AP", "AP50", "APs", "images_per_s", "mlflow_run_id"):
+        table.add_column(column, justify="right" if column not in ("name", "role", "mlflow_run_id") else "left")
+    for row in rows:
+        table.add_row(*[f"{row[c]:.4f}" if c in ("AP", "AP50", "APs") else str(row[c]) for c in
+                        ("name", "role", "input_size", "AP", "AP50", "APs", "images_per_s", "mlflow_run_id")])
+    console.print(table)
+
+

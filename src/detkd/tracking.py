@@ -1,0 +1,154 @@
+"""MLflow lineage: runs, parameters, metrics, datasets, models (the only MLflow importer).
+
+Default store: ``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``,
+so nothing needs a server; ``MLFLOW_TRACKING_URI`` (or ``tracking.tracking_uri``)
+points at a real server for clusters. The driver owns the run (``run_context``);
+Ray workers log into it by id through :class:`RunLogger` (rank 0 only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+TAG_PREFIX = "detkd."
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    if explicit:
+        return explicit
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def experiment_id(tracking_uri: str, name: str) -> str:
+    """Get or create the experiment; local stores keep artifacts beside the database."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created concurrently
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+@contextlib.contextmanager
+def run_context(
+    *,
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> Iterator[str]:
+    """Start (or nest) an MLflow run in this process; yields its id, marks FAILED on error."""
+    mlflow.set_tracking_uri(tracking_uri)
+    exp_id = experiment_id(tracking_uri, experiment)
+    all_tags = {f"{TAG_PREFIX}{k}": str(v) for k, v in (tags or {}).items()}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(run_id, status=status)
+
+
+class RunLogger:
+    """Log into an existing run by id from any process (driver or Ray worker)."""
+
+    def __init__(self, *, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri)
+
+    def params(self, params: dict[str, Any]) -> None:
+        flat = flatten(params)
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def metrics(self, metrics: dict[str, float], *, step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def tags(self, tags: dict[str, Any]) -> None:
+        items = [RunTag(f"{TAG_PREFIX}{k}" if not k.startswith(("mlflow.", TAG_PREFIX)) else k, str(v))
+                 for k, v in tags.items()]
+        if items:
+            self.client.log_batch(self.run_id, tags=items)
+
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def dict(self, data: Any, name: str) -> None:
+        self.client.log_dict(self.run_id, data, name)
+
+    def text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+
+def log_dataset(*, tracking_uri: str, run_id: str, records: list[dict[str, Any]], source: str, name: str,
+                context: str) -> str:
+    """Record a dataset input (digest of its image records) on the run for lineage."""
+    import pandas as pd
+
+    mlflow.set_tracking_uri(tracking_uri)
+    frame = pd.DataFrame.from_records(records)
+    dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+    entity = dataset._to_mlflow_entity()
+    from mlflow.entities import DatasetInput, InputTag
+
+    MlflowClient(tracking_uri).log_inputs(
+        run_id, datasets=[DatasetInput(dataset=entity, tags=[InputTag("mlflow.data.context", context)])])
+    return dataset.digest
+
+
+def log_pytorch_model(*, tracking_uri: str, run_id: str, model: Any, name: str = "model") -> str:
+    """Log the detector with mlflow.pytorch; returns the model URI."""
+    import torch
+    import torchvision
+
+    import detkd
+
+    mlflow.set_tracking_uri(tracking_uri)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
+                    f"detkd=={detkd.__version__}"]
+    with mlflow.start_run(run_id=run_id, nested=True) as active:
+        info = mlflow.pytorch.log_model(model, name=name, pip_requirements=requirements, serialization_format="pickle")
+        # start_run(run_id) ends the run on exit; the owner of the run sets its final status.
+    MlflowClient(tracking_uri).update_run(active.info.run_id, status="RUNNING")
+    return info.model_uri
