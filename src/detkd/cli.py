@@ -13,7 +13,8 @@ from rich.console import Console
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Synthesize, check and convert datasets.")
 app.add_typer(data_app, name="data")
-console = Console()
+# A wide console when piped (CI logs, files) so the summary table keeps its run ids.
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="dotted override, e.g. input.scale=0.5")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,10 @@ def log_dataset(*, tracking_uri: str, run_id: str, records: list[dict[str, Any]]
 
     mlflow.set_tracking_uri(tracking_uri)
     frame = pd.DataFrame.from_records(records)
-    dataset = mlflow.data.from_pandas(frame, source=source, name=name)
-    entity = dataset._to_mlflow_entity()
+    with warnings.catch_warnings():  # MLflow's source-type and integer-column hints are noise here
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+        entity = dataset._to_mlflow_entity()
     from mlflow.entities import DatasetInput, InputTag
 
     MlflowClient(tracking_uri).log_inputs(

@@ -71,7 +71,7 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(log_to_driver=True)
 
 
 def dataset_records(dataset) -> list[dict[str, Any]]:

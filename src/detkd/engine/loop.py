@@ -138,7 +138,7 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
-    return StepResult(float(total), {k: float(v) for k, v in losses.items()}, float(grad_norm))
+    return StepResult(float(total.detach()), {k: float(v.detach()) for k, v in losses.items()}, float(grad_norm))
 
 
 class Throughput:

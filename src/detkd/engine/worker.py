@@ -6,6 +6,7 @@ plus tracking ids), so the same function runs on a laptop or on any cluster node
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
@@ -38,6 +39,18 @@ from detkd.models.detectors import build_detector
 
 TRAIN_STATE = "train_state.pt"
 MODEL_FILE = "model.pt"
+# Ray Train routes worker logging to the driver console and its log files; print() may be echoed twice.
+log = logging.getLogger("detkd.train")
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report and checkpoint at INFO; that drowns the progress lines.
+
+    Its loggers are named by file path (``logging.getLogger(__file__)``), so match on that.
+    """
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(("execution/context.py", "execution/storage.py")) or name.startswith("ray.train"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def seed_everything(seed: int) -> None:
@@ -62,6 +75,8 @@ def model_kwargs(cfg: Config, num_classes: int) -> dict[str, Any]:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: train, evaluate, checkpoint through ``ray.train.report``."""
     cfg = Config.model_validate(loop_config["config"])
+    quiet_ray_train_reports()
+    log.setLevel(logging.INFO)
     tracking_uri, run_id = loop_config.get("tracking_uri"), loop_config.get("run_id")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -112,7 +127,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step, start_epoch = int(state["step"]), int(state["epoch"])
         torch.set_rng_state(state["rng"]["torch"])
         if rank == 0:
-            print(f"[{cfg.name}] resumed from step {step} (epoch {start_epoch})", flush=True)
+            log.info(f"[{cfg.name}] resumed from step {step} (epoch {start_epoch})")
 
     logger = None
     if rank == 0 and tracking_uri and run_id:
@@ -155,9 +170,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     rate = speed.rate()
                     eta = (total_steps - step) * global_batch / max(rate, 1e-9)
                     parts = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in running.items() if k != "loss")
-                    print(f"[{cfg.name}] epoch {epoch + 1}/{cfg.train.epochs} step {step}/{total_steps} "
+                    log.info(f"[{cfg.name}] epoch {epoch + 1}/{cfg.train.epochs} step {step}/{total_steps} "
                           f"loss {running['loss']:.3f} ({parts}) lr {scheduler.get_last_lr()[0]:.2e} "
-                          f"{rate:.0f} img/s eta {format_eta(eta)}", flush=True)
+                          f"{rate:.0f} img/s eta {format_eta(eta)}")
                     if logger:
                         logger.metrics({f"train/{k}": v for k, v in running.items()} |
                                        {"train/lr": scheduler.get_last_lr()[0], "train/images_per_s": rate}, step=step)
@@ -172,10 +187,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                           detections_per_img=cfg.eval.detections_per_img, rank=rank, world_size=world)
             if scores is not None:
                 metrics.update({f"val/{k}": v for k, v in scores.items()})
-                print(f"[{cfg.name}] epoch {epoch_done} val AP {scores['AP']:.4f} AP50 {scores['AP50']:.4f} "
-                      f"APs {scores['APs']:.4f}", flush=True)
-        if logger:
-            logger.metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step=step)
+                log.info(f"[{cfg.name}] epoch {epoch_done} val AP {scores['AP']:.4f} AP50 {scores['AP50']:.4f} "
+                      f"APs {scores['APs']:.4f}")
+        if logger:  # per-step train/* curves are logged above; the epoch adds the validation scores
+            logger.metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step=step)
         if last or epoch_done % cfg.train.checkpoint_every == 0:
             report_checkpoint(metrics, rank=rank, model=inner, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                               step=step, epoch=epoch_done, meta=loop_config.get("meta", {}))

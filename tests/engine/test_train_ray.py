@@ -1,0 +1,85 @@
+"""Integration: train through Ray Train, evaluate, and find everything in MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config_dict
+from mlflow.tracking import MlflowClient
+
+from detkd.config import Config
+from detkd.data.coco import load_coco
+from detkd.engine.evaluate import evaluate_checkpoint
+from detkd.engine.launch import run_training
+from detkd.models import load_detector
+
+pytestmark = pytest.mark.ray
+
+
+def test_train_evaluate_and_track(tiny_dataset, ray_cluster, tmp_path, mlflow_uri):
+    cfg = Config.model_validate(tiny_config_dict(tiny_dataset, tmp_path))
+    outcome = run_training(cfg, tracking_uri=mlflow_uri)
+
+    # the student-only checkpoint loads and rebuilds the same architecture
+    model, meta = load_detector(outcome.model_path)
+    assert meta["role"] == "teacher" and meta["input_size"] == 64 and meta["step"] == 8
+    assert model.detkd_config["fpn_channels"] == 32
+    assert outcome.metrics["step"] == 8  # 2 epochs x (36 train images // batch 8)
+    assert 0.0 <= outcome.metrics["val/AP"] <= 1.0
+
+    # evaluating the checkpoint reproduces the worker's final validation AP exactly
+    val = load_coco(tiny_dataset / "annotations/instances_val.json", tiny_dataset / "images/val")
+    result = evaluate_checkpoint(outcome.model_path, val, batch_size=8, score_thresh=cfg.eval.score_thresh)
+    assert result.metrics["AP"] == pytest.approx(outcome.metrics["val/AP"], abs=1e-9)
+    assert result.images_per_s > 0
+
+    # MLflow has the run, its params, the per-step loss history, datasets and the model
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.arch"] == "fcos" and run.data.params["train.batch_size"] == "8"
+    assert run.data.tags["detkd.role"] == "teacher"
+    history = client.get_metric_history(outcome.run_id, "train/loss")
+    assert [m.step for m in history] == [2, 4, 6, 8]
+    assert history[-1].value < history[0].value  # it learned something
+    assert run.data.metrics["final/val/AP"] == pytest.approx(outcome.metrics["val/AP"])
+    contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
+    assert contexts == ["eval", "train"]
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert {"checkpoint", "config.json"} <= artifacts
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert any(m.source_run_id == outcome.run_id for m in logged)
+
+
+def test_rerun_resumes_instead_of_retraining(tiny_dataset, ray_cluster, tmp_path, mlflow_uri):
+    cfg = Config.model_validate(tiny_config_dict(tiny_dataset, tmp_path, train={"epochs": 1},
+                                                 tracking={"log_model": False}))
+    first = run_training(cfg, tracking_uri=mlflow_uri)
+    weights = torch.load(first.model_path, weights_only=True)["state_dict"]
+    second = run_training(cfg, tracking_uri=mlflow_uri)  # same config -> same Ray run name -> resume
+    assert second.metrics["step"] == first.metrics["step"]
+    again = torch.load(second.model_path, weights_only=True)["state_dict"]
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    # the training log of the second run shows no new optimizer steps
+    client = MlflowClient(mlflow_uri)
+    assert client.get_metric_history(second.run_id, "train/loss") == []
+
+
+def test_summary_json_from_cli(tiny_dataset, ray_cluster, tmp_path, mlflow_uri, monkeypatch):
+    from typer.testing import CliRunner
+
+    from detkd.cli import app
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(json.dumps(tiny_config_dict(tiny_dataset, tmp_path, tracking={"log_model": False})))
+    summary = tmp_path / "summary.json"
+    result = CliRunner().invoke(app, ["train", str(cfg_path), "--set", "train.epochs=1", "--summary", str(summary)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(summary.read_text())
+    assert len(rows) == 1
+    assert set(rows[0]) == {"name", "role", "input_size", "AP", "AP50", "APs", "images_per_s", "mlflow_run_id"}
+    assert rows[0]["input_size"] == 64 and rows[0]["images_per_s"] > 0
+    assert MlflowClient(mlflow_uri).get_run(rows[0]["mlflow_run_id"]).info.status == "FINISHED"
