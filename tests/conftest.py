@@ -39,6 +39,12 @@ def mlflow_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+@pytest.fixture()
+def tiny_config():
+    """Factory: ``tiny_config(dataset, workdir, train={...})`` -> run config dict."""
+    return tiny_config_dict
+
+
 def tiny_config_dict(dataset: Path, work: Path, **sections) -> dict:
     """A run config that trains a tiny FCOS for a handful of steps on ``dataset``."""
     cfg = {

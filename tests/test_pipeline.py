@@ -29,10 +29,12 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = json.loads(summary.read_text())
-    assert [(r["name"], r["role"], r["input_size"]) for r in rows] == [("teacher", "teacher", 64),
-                                                                       ("student_baseline", "student", 32)]
+    assert [(r["name"], r["role"], r["method"], r["input_size"]) for r in rows] == [
+        ("teacher", "teacher", "kd_off", 64), ("student_baseline", "student", "kd_off", 32),
+        ("student_ssim", "student", "ssim", 32)]
     for row in rows:
-        assert set(row) == {"name", "role", "input_size", "AP", "AP50", "APs", "images_per_s", "mlflow_run_id"}
+        assert set(row) == {"name", "role", "method", "input_size", "AP", "AP50", "APs", "images_per_s",
+                            "mlflow_run_id"}
         assert row["images_per_s"] > 0 and 0 <= row["AP"] <= row["AP50"] <= 1
     assert "teacher" in result.output and rows[0]["mlflow_run_id"] in result.output  # the printed table
 
@@ -43,7 +45,11 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
     parents = [r for r in runs if r.data.tags.get("detkd.kind") == "pipeline"]
     assert len(parents) == 1
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"data", "teacher", "student_baseline", "evaluate"}
+    assert set(children) == {"data", "teacher", "student_baseline", "student_ssim", "evaluate"}
+    distilled = children["student_ssim"]
+    assert distilled.data.tags["detkd.method"] == "ssim"
+    assert distilled.data.tags["detkd.teacher.0"] == str(tmp_path / "work/models/teacher/model.pt")
+    assert "train/loss_kd_ssim" in distilled.data.metrics
     assert all(r.info.status == "FINISHED" for r in runs)
     student = client.get_run(rows[1]["mlflow_run_id"])
     assert student.data.metrics["eval/AP"] == pytest.approx(rows[1]["AP"], abs=1e-4)

@@ -10,7 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train teacher detectors and distill them into small low-resolution students (Ray + MLflow).")
 data_app = typer.Typer(no_args_is_help=True, help="Synthesize, check and convert datasets.")
 app.add_typer(data_app, name="data")
 # A wide console when piped (CI logs, files) so the summary table keeps its run ids.
@@ -121,14 +122,34 @@ def train(
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
 ) -> None:
     """Train a teacher or a plain student with Ray Train."""
-    from detkd.config import load_config
+    _train(config, overrides, summary, skip_invalid, address, distill=False)
+
+
+@app.command("distill")
+def distill(
+    config: Annotated[Path, typer.Argument(help="run config YAML with a distill section")],
+    overrides: SetOption = None,
+    summary: Annotated[Path | None, typer.Option(help="write a JSON summary row here")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="drop invalid records instead of refusing the data")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+) -> None:
+    """Distill frozen teachers into a student (one stage, or progressive stages) with Ray Train."""
+    _train(config, overrides, summary, skip_invalid, address, distill=True)
+
+
+def _train(config: Path, overrides, summary, skip_invalid: bool, address, *, distill: bool) -> None:
+    from detkd.config import ConfigError, load_config
     from detkd.engine.datasets import open_split
     from detkd.engine.evaluate import evaluate_checkpoint
-    from detkd.engine.launch import run_training
+    from detkd.engine.launch import run_training, stage_configs
     from detkd.pipeline import summary_row, write_summary
 
     try:
         cfg = load_config(config, overrides or [])
+        if distill and (cfg.distill is None or not (cfg.distill.teachers or cfg.distill.stages)):
+            raise ConfigError(f"{config}: distill: needs distill.teachers (or distill.stages) and a method")
+        if cfg.distill is not None and cfg.distill.stages:
+            stage_configs(cfg)  # validate every stage before training any
         if skip_invalid:
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"skip_invalid": True})})
         outcome = run_training(cfg, address=address)
@@ -141,7 +162,8 @@ def train(
         result = evaluate_checkpoint(outcome.model_path, open_split(cfg.data.val, skip_invalid=cfg.data.skip_invalid),
                                      batch_size=cfg.eval.batch_size, score_thresh=cfg.eval.score_thresh)
         write_summary([summary_row(name=cfg.name, role=cfg.role, input_size=result.input_size, metrics=result.metrics,
-                                   images_per_s=result.images_per_s, run_id=outcome.run_id)], summary)
+                                   images_per_s=result.images_per_s, run_id=outcome.run_id, method=cfg.method)],
+                      summary)
 
 
 @app.command("evaluate")
@@ -198,7 +220,8 @@ def evaluate(
         meta = result.meta
         write_summary([summary_row(name=str(meta.get("name", checkpoint.stem)), role=str(meta.get("role", "model")),
                                    input_size=result.input_size, metrics=result.metrics,
-                                   images_per_s=result.images_per_s, run_id=meta.get("mlflow_run_id"))], summary)
+                                   images_per_s=result.images_per_s, run_id=meta.get("mlflow_run_id"),
+                                   method=meta.get("method"))], summary)
 
 
 def _print_metrics(metrics: dict[str, float], names) -> None:

@@ -133,6 +133,94 @@ class EvalConfig(_Section):
     detections_per_img: int = Field(100, ge=1)
 
 
+class TeacherRef(_Section):
+    """A frozen teacher: a pipeline model name, a checkpoint path, or ``mlflow:<run_id>``."""
+
+    source: str
+    input_scale: float | None = Field(
+        None, gt=0, description="teacher input / reference view; default: its checkpoint's input size / input.size")
+
+
+class MSEConfig(_Section):
+    teacher: int = Field(0, ge=0, description="index into distill.teachers")
+    weight: float = Field(1.0, ge=0)
+
+
+class SSIMConfig(_Section):
+    teacher: int = Field(0, ge=0)
+    weight: float = Field(3.0, ge=0, description="lambda (2..4 in the paper)")
+    adapter: bool = Field(False, description="1x1 adapter on the student (forced when channels differ)")
+    window_size: int = Field(11, ge=1)
+    sigma: float = Field(1.5, gt=0)
+
+
+class MGDConfig(_Section):
+    teacher: int = Field(0, ge=0)
+    weight: float = Field(2e-5, ge=0, description="alpha (RetinaNet 2e-5, Mask R-CNN 5e-7)")
+    mask_ratio: float = Field(0.65, ge=0, lt=1, description="lambda: fraction of positions masked")
+
+
+class MSADConfig(_Section):
+    teacher: int = Field(0, ge=0)
+    alpha: float = Field(0.2, ge=0)
+    temperature: float = Field(3.0, gt=0)
+    ramp_iters: int = Field(500, ge=0)
+
+
+class DSAMKDConfig(_Section):
+    """Our reading of DSAMKD (only its abstract is public); every open choice is a field."""
+
+    teacher: int = Field(0, ge=0)
+    feature_weight: float = Field(2e-5, ge=0)
+    logit_weight: float = Field(1.0, ge=0)
+    kernel_sizes: list[int] = Field(default_factory=lambda: [1, 3, 5])
+    mask_ratio: float = Field(0.5, ge=0, lt=1)
+    attention_temperature: float = Field(0.5, gt=0)
+    logit_temperature: float = Field(1.0, gt=0)
+
+
+METHOD_ORDER = ("mse", "ssim", "mgd", "msad", "dsamkd")
+
+
+class StageConfig(_Section):
+    """One progressive stage: its teacher and a partial run config over the student's."""
+
+    teacher: TeacherRef
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class DistillConfig(_Section):
+    teachers: list[TeacherRef] = Field(default_factory=list)
+    mse: MSEConfig | None = None
+    ssim: SSIMConfig | None = None
+    mgd: MGDConfig | None = None
+    msad: MSADConfig | None = None
+    dsamkd: DSAMKDConfig | None = None
+    init_from_teacher: bool = Field(False, description="copy every teacher-0 tensor whose name and shape match")
+    copy_neck_head: bool = Field(False, description="copy teacher-0 FPN and head where shapes match")
+    stages: list[StageConfig] = Field(default_factory=list, description="progressive: teachers weaker first")
+
+    def methods(self) -> dict[str, _Section]:
+        return {name: getattr(self, name) for name in METHOD_ORDER if getattr(self, name) is not None}
+
+    @property
+    def method_name(self) -> str:
+        if self.stages:
+            return "progressive"
+        return "+".join(self.methods()) or "kd_off"
+
+    @model_validator(mode="after")
+    def _teachers_exist(self) -> DistillConfig:
+        if self.stages:
+            if self.teachers:
+                raise ValueError("give teachers per stage (stages[k].teacher), not distill.teachers as well")
+            return self
+        for name, method in self.methods().items():
+            if method.teacher >= len(self.teachers):
+                raise ValueError(f"{name}.teacher={method.teacher} but only {len(self.teachers)} teacher(s) are listed")
+        return self
+
+
 class Config(_Section):
     """A teacher or student training run."""
 
@@ -148,6 +236,11 @@ class Config(_Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     run: RunSection = Field(default_factory=RunSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    distill: DistillConfig | None = None
+
+    @property
+    def method(self) -> str:
+        return self.distill.method_name if self.distill is not None else "kd_off"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -75,9 +75,22 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineSpe
         raise ConfigError(f"{path}: teachers/students: the pipeline has no model to train")
     if spec.data.synth is None and spec.data.train is None:
         raise ConfigError(f"{path}: data: give synth settings or a train split")
+    from detkd.engine.launch import stage_configs
+
+    known: list[str] = []
     for role, entries in (("teacher", spec.teachers), ("student", spec.students)):
         for i, entry in enumerate(entries):
-            model_config(spec, entry, role=role, source=f"{path}: {role}s[{i}] ({entry.name})")
+            where = f"{path}: {role}s[{i}] ({entry.name})"
+            cfg = model_config(spec, entry, role=role, source=where)
+            if cfg.distill is not None:
+                stages = stage_configs(cfg) if cfg.distill.stages else [cfg]
+                for stage in stages:
+                    for ref in stage.distill.teachers:
+                        if ref.source not in known and not Path(ref.source).is_file() \
+                                and not ref.source.startswith("mlflow:"):
+                            raise ConfigError(f"{where}: teacher {ref.source!r} is neither an earlier model of this "
+                                              f"pipeline ({known}), a checkpoint file, nor mlflow:<run_id>")
+            known.append(entry.name)
     return spec
 
 
@@ -139,14 +152,17 @@ def run_pipeline(spec: PipelineSpec, *, address: str | None = None, console=None
                 RunLogger(tracking_uri=uri, run_id=data_id).dict(summary, "synth_summary.json")
         ensure_ray(address)
         outcomes = []
+        trained: dict[str, Path] = {}  # model name -> checkpoint, so later entries can name earlier ones as teachers
         for role, entries in (("teacher", spec.teachers), ("student", spec.students)):
             for entry in entries:
                 cfg = model_config(spec, entry, role=role)
-                say(f"[bold]{role}[/bold] {entry.name}: input {cfg.input.model_size}px, "
+                say(f"[bold]{role}[/bold] {entry.name} ({cfg.method}): input {cfg.input.model_size}px, "
                     f"{cfg.model.arch}/{cfg.model.backbone} P{cfg.model.min_level}-P{cfg.model.max_level}"
-                    if console else f"{role} {entry.name}")
-                outcomes.append((cfg, run_training(cfg, parent_run_id=parent_id, tracking_uri=uri,
-                                                   extra_tags={"pipeline": spec.name})))
+                    if console else f"{role} {entry.name} ({cfg.method})")
+                outcome = run_training(cfg, parent_run_id=parent_id, tracking_uri=uri, teacher_names=trained,
+                                       extra_tags={"pipeline": spec.name})
+                trained[entry.name] = outcome.model_path
+                outcomes.append((cfg, outcome))
         _, val_split = data_splits(spec)
         if val_split is not None:
             val_source = open_split(val_split, skip_invalid=False)
@@ -158,7 +174,7 @@ def run_pipeline(spec: PipelineSpec, *, address: str | None = None, console=None
                                                  score_thresh=cfg.eval.score_thresh)
                     row = summary_row(name=cfg.name, role=cfg.role, input_size=result.input_size,
                                       metrics=result.metrics, images_per_s=result.images_per_s,
-                                      run_id=outcome.run_id)
+                                      run_id=outcome.run_id, method=cfg.method)
                     rows.append(row)
                     eval_logger.metrics({f"{cfg.name}/{k}": v for k, v in result.metrics.items()}
                                         | {f"{cfg.name}/images_per_s": result.images_per_s})
@@ -190,12 +206,13 @@ def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
 def print_summary(rows: list[dict[str, Any]], console) -> None:
     from rich.table import Table
 
+    columns = ["name", "role", "method", "input_size", "AP", "AP50", "APs", "images_per_s", "mlflow_run_id"]
+    columns = [c for c in columns if any(c in row for row in rows)]
     table = Table(title="detkd summary")
-    for column in ("name", "role", "input_size", "AP", "AP50", "APs", "images_per_s", "mlflow_run_id"):
-        table.add_column(column, justify="right" if column not in ("name", "role", "mlflow_run_id") else "left")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("name", "role", "method", "mlflow_run_id") else "right")
     for row in rows:
-        table.add_row(*[f"{row[c]:.4f}" if c in ("AP", "AP50", "APs") else str(row[c]) for c in
-                        ("name", "role", "input_size", "AP", "AP50", "APs", "images_per_s", "mlflow_run_id")])
+        table.add_row(*[f"{row[c]:.4f}" if c in ("AP", "AP50", "APs") else str(row.get(c, "")) for c in columns])
     console.print(table)
 
 

@@ -155,3 +155,20 @@ def log_pytorch_model(*, tracking_uri: str, run_id: str, model: Any, name: str =
         # start_run(run_id) ends the run on exit; the owner of the run sets its final status.
     MlflowClient(tracking_uri).update_run(active.info.run_id, status="RUNNING")
     return info.model_uri
+
+
+def download_checkpoint(*, run_id: str, tracking_uri: str | None, dest: Path) -> Path:
+    """Fetch a run's ``checkpoint/model.pt`` (and its checksum) into ``dest``."""
+    from detkd.config import ConfigError
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    try:
+        client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"teacher mlflow:{run_id}: no such MLflow run ({exc.message.splitlines()[0]})") from None
+    dest.mkdir(parents=True, exist_ok=True)
+    local = Path(client.download_artifacts(run_id, "checkpoint", str(dest)))
+    path = local / "model.pt"
+    if not path.is_file():
+        raise ConfigError(f"teacher mlflow:{run_id}: the run has no checkpoint/model.pt artifact")
+    return path

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config_dict
 from mlflow.tracking import MlflowClient
 
 from detkd.config import Config
@@ -18,8 +17,8 @@ from detkd.models import load_detector
 pytestmark = pytest.mark.ray
 
 
-def test_train_evaluate_and_track(tiny_dataset, ray_cluster, tmp_path, mlflow_uri):
-    cfg = Config.model_validate(tiny_config_dict(tiny_dataset, tmp_path))
+def test_train_evaluate_and_track(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri):
+    cfg = Config.model_validate(tiny_config(tiny_dataset, tmp_path))
     outcome = run_training(cfg, tracking_uri=mlflow_uri)
 
     # the student-only checkpoint loads and rebuilds the same architecture
@@ -53,8 +52,8 @@ def test_train_evaluate_and_track(tiny_dataset, ray_cluster, tmp_path, mlflow_ur
     assert any(m.source_run_id == outcome.run_id for m in logged)
 
 
-def test_rerun_resumes_instead_of_retraining(tiny_dataset, ray_cluster, tmp_path, mlflow_uri):
-    cfg = Config.model_validate(tiny_config_dict(tiny_dataset, tmp_path, train={"epochs": 1},
+def test_rerun_resumes_instead_of_retraining(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri):
+    cfg = Config.model_validate(tiny_config(tiny_dataset, tmp_path, train={"epochs": 1},
                                                  tracking={"log_model": False}))
     first = run_training(cfg, tracking_uri=mlflow_uri)
     weights = torch.load(first.model_path, weights_only=True)["state_dict"]
@@ -67,19 +66,21 @@ def test_rerun_resumes_instead_of_retraining(tiny_dataset, ray_cluster, tmp_path
     assert client.get_metric_history(second.run_id, "train/loss") == []
 
 
-def test_summary_json_from_cli(tiny_dataset, ray_cluster, tmp_path, mlflow_uri, monkeypatch):
+def test_summary_json_from_cli(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, monkeypatch):
     from typer.testing import CliRunner
 
     from detkd.cli import app
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(json.dumps(tiny_config_dict(tiny_dataset, tmp_path, tracking={"log_model": False})))
+    cfg_path.write_text(json.dumps(tiny_config(tiny_dataset, tmp_path, tracking={"log_model": False})))
     summary = tmp_path / "summary.json"
     result = CliRunner().invoke(app, ["train", str(cfg_path), "--set", "train.epochs=1", "--summary", str(summary)])
     assert result.exit_code == 0, result.output
     rows = json.loads(summary.read_text())
     assert len(rows) == 1
-    assert set(rows[0]) == {"name", "role", "input_size", "AP", "AP50", "APs", "images_per_s", "mlflow_run_id"}
+    assert set(rows[0]) == {"name", "role", "method", "input_size", "AP", "AP50", "APs", "images_per_s",
+                            "mlflow_run_id"}
+    assert rows[0]["method"] == "kd_off"
     assert rows[0]["input_size"] == 64 and rows[0]["images_per_s"] > 0
     assert MlflowClient(mlflow_uri).get_run(rows[0]["mlflow_run_id"]).info.status == "FINISHED"

@@ -54,11 +54,11 @@ def _resize_to(image: torch.Tensor, target: Target, *, height: int, width: int) 
         resized = F.interpolate(
             image.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False, antialias=True
         ).squeeze(0)
-    ratio = torch.tensor([width / w, height / h], dtype=torch.float32)
     out = dict(target)
     boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
+    ratio = torch.tensor([width / w, height / h], dtype=torch.float32, device=boxes.device)
     out["boxes"] = boxes * ratio.repeat(2)
-    out["scale"] = _scale_of(target) * ratio
+    out["scale"] = _scale_of(target).to(boxes.device) * ratio
     return resized, out
 
 

@@ -13,11 +13,17 @@ def open_split(split: SplitConfig, *, skip_invalid: bool) -> DetectionSource:
     return open_source(coco=split.coco, images=split.images, parquet=split.parquet, skip_invalid=skip_invalid)
 
 
+def distilling(cfg: Config) -> bool:
+    return cfg.distill is not None and bool(cfg.distill.teachers)
+
+
 def train_transform(cfg: Config) -> Compose:
+    """Reference view + flip; plain students are scaled here, distilled ones by the distiller
+    (so every teacher and the student see exactly aligned views of one augmented batch)."""
     steps = [ResizeShortSide(cfg.input.size, cfg.input.max_size)]
     if cfg.input.hflip > 0:
         steps.append(RandomHorizontalFlip(cfg.input.hflip))
-    if cfg.input.scale != 1.0:
+    if cfg.input.scale != 1.0 and not distilling(cfg):
         steps.append(ScaleBy(cfg.input.scale))
     return Compose(steps)
 

@@ -34,6 +34,7 @@ class TrainOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)
     input_size: int = 0
     seconds: float = 0.0
+    method: str = "kd_off"
 
 
 def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
@@ -55,11 +56,23 @@ def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
     return Config.model_validate(data)
 
 
-def config_digest(cfg: Config) -> str:
-    """Digest of what changes the trained weights (not where results go or how they are logged)."""
+def config_digest(cfg: Config, teachers: list[tuple[str, float]] | None = None) -> str:
+    """Digest of what changes the trained weights (not where results go or how they are logged).
+
+    Teachers enter by content (their checkpoint checksum), so a retrained teacher
+    never silently resumes a student distilled from its predecessor.
+    """
     data = cfg.model_dump(mode="json", exclude={"run": True, "tracking": True, "name": True, "eval": True})
     data["train"].pop("log_every", None)
+    data["teachers"] = [[_file_digest(Path(path)), scale] for path, scale in teachers or []]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _file_digest(path: Path) -> str:
+    sidecar = Path(f"{path}.sha256")
+    if sidecar.is_file():
+        return sidecar.read_text().split()[0]
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -86,20 +99,31 @@ def run_training(
     tracking_uri: str | None = None,
     address: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    teacher_names: dict[str, Path] | None = None,
     test_fault: dict[str, Any] | None = None,
 ) -> TrainOutcome:
-    """Train one detector with Ray Train and log it to MLflow; returns where it landed."""
+    """Train one detector (teacher, plain or distilled student) with Ray Train; log it to MLflow.
+
+    A config with ``distill.stages`` runs them in order (progressive distillation)
+    and returns the last stage's outcome.
+    """
+    if cfg.distill is not None and cfg.distill.stages:
+        return run_progressive(cfg, parent_run_id=parent_run_id, tracking_uri=tracking_uri, address=address,
+                               extra_tags=extra_tags, teacher_names=teacher_names)[-1]
+    from detkd.engine.teachers import resolve_teachers
     from detkd.models.checkpoint import load_detector
     from detkd.tracking import RunLogger, log_dataset, log_pytorch_model, resolve_tracking_uri, run_context
 
     cfg = absolute_paths(cfg)
     if cfg.data.train is None:
         raise ValueError("config has no data.train split")
+    teachers = resolve_teachers(cfg, names=teacher_names, cache_dir=Path(cfg.run.storage_path) / "teachers",
+                                tracking_uri=tracking_uri or cfg.tracking.tracking_uri)
     # Validate the data here, before any worker starts: a bad dataset fails in seconds with a clear message.
     train_set = build_dataset(cfg, "train", train=True)
     val_set = build_dataset(cfg, "val", train=False) if cfg.data.val is not None else None
     uri = resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
-    digest = config_digest(cfg)
+    digest = config_digest(cfg, teachers)
     ray_name = f"{cfg.name}-{digest}"
     out_dir = Path(cfg.run.output_dir) / cfg.name
     ensure_ray(address)
@@ -107,7 +131,10 @@ def run_training(
     cpus = cfg.scaling.cpus_per_worker or max(1, total_cpus // cfg.scaling.num_workers)
     started = time.perf_counter()
     tags = {"role": cfg.role, "name": cfg.name, "config_digest": digest, "ray_run": ray_name,
-            "input_size": cfg.input.model_size, **(extra_tags or {})}
+            "input_size": cfg.input.model_size, "method": cfg.method, **(extra_tags or {})}
+    for i, (path, scale) in enumerate(teachers):
+        tags[f"teacher.{i}"] = path
+        tags[f"teacher.{i}.scale"] = scale
     with run_context(tracking_uri=uri, experiment=cfg.tracking.experiment, run_name=cfg.name, tags=tags,
                      parent_run_id=parent_run_id) as run_id:
         logger = RunLogger(tracking_uri=uri, run_id=run_id)
@@ -120,7 +147,8 @@ def run_training(
                         source=str(cfg.data.val.coco or cfg.data.val.parquet), name=f"{cfg.name}-val", context="eval")
         loop_config: dict[str, Any] = {
             "config": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id, "threads_per_worker": cpus,
-            "meta": {"name": cfg.name, "role": cfg.role, "input_size": cfg.input.model_size,
+            "teachers": teachers,
+            "meta": {"name": cfg.name, "role": cfg.role, "input_size": cfg.input.model_size, "method": cfg.method,
                      "input_scale": cfg.input.scale, "reference_size": cfg.input.size, "mlflow_run_id": run_id,
                      "categories": [{"id": c.id, "name": c.name} for c in train_set.source.categories]},
         }
@@ -148,8 +176,56 @@ def run_training(
         metrics = dict(result.metrics or {})
         logger.metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         logger.artifact(model_path, "checkpoint")
+        logger.artifact(Path(f"{model_path}.sha256"), "checkpoint")
         if cfg.tracking.log_model:
             model, _ = load_detector(model_path)
             log_pytorch_model(tracking_uri=uri, run_id=run_id, model=model)
     return TrainOutcome(name=cfg.name, role=cfg.role, model_path=model_path, run_id=run_id, metrics=metrics,
-                        input_size=cfg.input.model_size, seconds=time.perf_counter() - started)
+                        input_size=cfg.input.model_size, seconds=time.perf_counter() - started, method=cfg.method)
+
+
+def stage_configs(cfg: Config) -> list[Config]:
+    """Expand ``distill.stages`` into one run config per stage (stage k starts from stage k-1)."""
+    from detkd.config import deep_merge, validate_config
+
+    base = cfg.model_dump(mode="json")
+    stages = base["distill"].pop("stages")
+    base_distill = {k: v for k, v in base.pop("distill").items() if k != "teachers"}
+    out = []
+    for k, stage in enumerate(stages, start=1):
+        data = deep_merge({**base, "distill": base_distill}, stage["settings"])
+        data["distill"]["teachers"] = [stage["teacher"]]
+        data["name"] = f"{cfg.name}-stage{k}"
+        if k > 1:
+            data["distill"]["copy_neck_head"] = False  # only the first stage may copy the teacher's neck/head
+            data["distill"]["init_from_teacher"] = False
+        out.append(validate_config(data, source=f"{cfg.name}: distill.stages[{k - 1}]"))
+    return out
+
+
+def run_progressive(cfg: Config, *, parent_run_id: str | None = None, tracking_uri: str | None = None,
+                    address: str | None = None, extra_tags: dict[str, str] | None = None,
+                    teacher_names: dict[str, Path] | None = None) -> list[TrainOutcome]:
+    """Multi-teacher progressive distillation: only the student's weights travel between stages."""
+    outcomes: list[TrainOutcome] = []
+    stages = stage_configs(cfg)
+    for k, stage in enumerate(stages, start=1):
+        if outcomes:
+            stage = stage.model_copy(update={"model": stage.model.model_copy(
+                update={"weights": outcomes[-1].model_path})})
+        outcome = run_training(stage, parent_run_id=parent_run_id, tracking_uri=tracking_uri, address=address,
+                               extra_tags={**(extra_tags or {}), "progressive": cfg.name, "stage": str(k),
+                                           "stages": str(len(stages))},
+                               teacher_names=teacher_names)
+        outcomes.append(outcome)
+    final = outcomes[-1]
+    # the progressive student's own name points at the last stage's checkpoint
+    out_dir = Path(absolute_paths(cfg).run.output_dir) / cfg.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_FILE, f"{MODEL_FILE}.sha256"):
+        shutil.copyfile(final.model_path.parent / name, out_dir / f".{name}.tmp")
+        os.replace(out_dir / f".{name}.tmp", out_dir / name)
+    outcomes.append(TrainOutcome(name=cfg.name, role=cfg.role, model_path=out_dir / MODEL_FILE, run_id=final.run_id,
+                                 metrics=final.metrics, input_size=final.input_size,
+                                 seconds=sum(o.seconds for o in outcomes), method="progressive"))
+    return outcomes

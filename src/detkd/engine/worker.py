@@ -72,6 +72,29 @@ def model_kwargs(cfg: Config, num_classes: int) -> dict[str, Any]:
     return kwargs
 
 
+def build_trainable(cfg: Config, num_classes: int, teachers: list[list[Any]]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(module to optimise, student detector): the detector itself, or a Distiller around it."""
+    from detkd.distill.distiller import Distiller, Teacher
+    from detkd.distill.msad import copy_matching_weights
+    from detkd.models.checkpoint import load_detector
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    student = build_detector(**model_kwargs(cfg, num_classes))
+    if cfg.distill is None or not cfg.distill.teachers:
+        return student, student
+    loaded = [Teacher(load_detector(Path(path))[0], float(scale)) for path, scale in teachers]
+    first = getattr(loaded[0].model, "detector", loaded[0].model)  # a multi-scale teacher's shared network
+    first_state = first.state_dict()
+    if cfg.distill.init_from_teacher:
+        copied = copy_matching_weights(student, first_state)
+        log.info(f"[{cfg.name}] initialised {len(copied)} student tensors from the teacher")
+    if cfg.distill.copy_neck_head:
+        copied = copy_matching_weights(student, first_state, prefixes=("backbone.fpn", "backbone.extra", "head"))
+        log.info(f"[{cfg.name}] copied {len(copied)} neck/head tensors from the first teacher")
+    methods = {name: method.model_dump() for name, method in cfg.distill.methods().items()}
+    return Distiller(student=student, student_scale=cfg.input.scale, teachers=loaded, methods=methods), student
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: train, evaluate, checkpoint through ``ray.train.report``."""
     cfg = Config.model_validate(loop_config["config"])
@@ -90,9 +113,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but the training data has {num_classes} categories")
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    model = build_detector(**model_kwargs(cfg, num_classes))
-    model = ray.train.torch.prepare_model(model)  # device placement + DDP when world > 1
+    trainable, student = build_trainable(cfg, num_classes, loop_config.get("teachers", []))
+    model = ray.train.torch.prepare_model(trainable)  # device placement + DDP (student + adapters only) when world > 1
     inner = getattr(model, "module", model)
 
     global_batch = cfg.train.batch_size * world
@@ -182,7 +204,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last = epoch_done == cfg.train.epochs or step >= total_steps
         metrics = {"epoch": epoch_done, "step": step, **{f"train/{k}": v for k, v in reduce_means(epoch_means.means()).items()}}
         if val_set is not None and (last or (cfg.train.eval_every and epoch_done % cfg.train.eval_every == 0)):
-            scores = evaluate_distributed(model, val_set, device=device, batch_size=cfg.eval.batch_size,
+            scores = evaluate_distributed(student, val_set, device=device, batch_size=cfg.eval.batch_size,
                                           score_thresh=cfg.eval.score_thresh,
                                           detections_per_img=cfg.eval.detections_per_img, rank=rank, world_size=world)
             if scores is not None:
@@ -192,15 +214,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if logger:  # per-step train/* curves are logged above; the epoch adds the validation scores
             logger.metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step=step)
         if last or epoch_done % cfg.train.checkpoint_every == 0:
-            report_checkpoint(metrics, rank=rank, model=inner, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+            report_checkpoint(metrics, rank=rank, model=inner, student=student, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                               step=step, epoch=epoch_done, meta=loop_config.get("meta", {}))
         else:
             ray.train.report(metrics)
 
 
-def report_checkpoint(metrics: dict[str, Any], *, rank: int, model, optimizer, scheduler, scaler, step: int,
+def report_checkpoint(metrics: dict[str, Any], *, rank: int, model, student, optimizer, scheduler, scaler, step: int,
                       epoch: int, meta: dict[str, Any]) -> None:
-    """Rank 0 writes training state + a model-only checkpoint; every rank reports."""
+    """Rank 0 writes training state + a student-only checkpoint; every rank reports."""
     with tempfile.TemporaryDirectory(prefix="detkd-ckpt-") as folder:
         checkpoint = None
         if rank == 0:
@@ -209,7 +231,7 @@ def report_checkpoint(metrics: dict[str, Any], *, rank: int, model, optimizer, s
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                 "step": step, "epoch": epoch, "rng": {"torch": torch.get_rng_state()},
             })
-            save_detector(Path(folder) / MODEL_FILE, model,
+            save_detector(Path(folder) / MODEL_FILE, student,
                           meta={**meta, "step": step, "epoch": epoch,
                                 **{k: v for k, v in metrics.items() if k.startswith("val/")}})
             checkpoint = ray.train.Checkpoint.from_directory(folder)

@@ -76,21 +76,42 @@ def build_detector(
     norm: str = "bn",
     backbone_weights: str | Path | None = None,
     weights: str | Path | None = None,
+    multiscale: bool = False,
+    low_res_scale: float = 0.5,
+    fused_loss_weight: float = 0.4,
 ) -> nn.Module:
     """Build a detector. ``num_classes`` excludes background (labels are 1..num_classes).
 
     ``weights`` is a local detkd checkpoint or raw state dict of the whole detector;
     ``backbone_weights`` a local torchvision classification state dict. Nothing is
-    ever downloaded.
+    ever downloaded. ``multiscale=True`` builds MSAD's aligned multi-scale teacher
+    (one-stage archs): the shared network also runs on the input scaled by
+    ``low_res_scale`` and predicts from the C-FF fused pyramid.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if arch == "fcos" and fpn_channels % 32:
+        raise ValueError(f"fcos heads use GroupNorm(32): fpn_channels must be a multiple of 32, got {fpn_channels}")
     n_levels = max_level - min_level + 1
     sizes = anchor_sizes if anchor_sizes is not None else default_anchor_sizes(arch, min_level, max_level)
     if len(sizes) != n_levels:
         raise ValueError(f"anchor_sizes has {len(sizes)} levels, the pyramid P{min_level}-P{max_level} has {n_levels}")
+    config = dict(
+        arch=arch, backbone=backbone, num_classes=num_classes, min_level=min_level, max_level=max_level,
+        fpn_channels=fpn_channels, head_convs=head_convs, anchor_sizes=[list(map(float, s)) for s in sizes],
+        score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img, norm=norm,
+        backbone_weights=None, weights=None, multiscale=multiscale, low_res_scale=low_res_scale,
+        fused_loss_weight=fused_loss_weight,
+    )
+    if multiscale:
+        model = _build_multiscale(config)
+        if weights is not None:
+            from detkd.models.checkpoint import load_state_into
+
+            load_state_into(model, Path(weights))
+        return model
     body = build_body(backbone, weights=Path(backbone_weights) if backbone_weights else None, norm=norm)
     pyramid = PyramidBackbone(body, min_level=min_level, max_level=max_level, out_channels=fpn_channels)
     anchors = _anchor_generator(arch, sizes)
@@ -112,12 +133,7 @@ def build_detector(
                            box_score_thresh=score_thresh, box_nms_thresh=nms_thresh,
                            box_detections_per_img=detections_per_img, **common)
     model.transform = NormalizeAndPad(size_divisible=max(32, 2**max_level))
-    model.detkd_config = dict(
-        arch=arch, backbone=backbone, num_classes=num_classes, min_level=min_level, max_level=max_level,
-        fpn_channels=fpn_channels, head_convs=head_convs, anchor_sizes=[list(map(float, s)) for s in sizes],
-        score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img, norm=norm,
-        backbone_weights=None, weights=None,
-    )
+    model.detkd_config = config
     if weights is not None:
         from detkd.models.checkpoint import load_state_into
 
@@ -125,9 +141,34 @@ def build_detector(
     return model
 
 
+def _build_multiscale(config: dict[str, Any]) -> nn.Module:
+    import math
+
+    from detkd.models.multiscale import MultiScaleDetector
+
+    if config["arch"] == "fasterrcnn":
+        raise ValueError("the multi-scale (MSAD) teacher needs a one-stage arch (fcos or retinanet)")
+    shift = -math.log2(config["low_res_scale"])
+    if config["low_res_scale"] >= 1 or abs(shift - round(shift)) > 1e-6:
+        raise ValueError(f"low_res_scale must be 1/2**k (0.5, 0.25, ...), got {config['low_res_scale']}")
+    low_min = config["min_level"] - int(round(shift))
+    if low_min < 2:
+        raise ValueError(f"min_level {config['min_level']} leaves no level P{low_min} for the low-resolution branch; "
+                         f"use min_level >= {2 + int(round(shift))}")
+    inner_kwargs = {**config, "multiscale": False, "min_level": low_min, "anchor_sizes": None}
+    inner = build_detector(**inner_kwargs)
+    model = MultiScaleDetector(inner, min_level=config["min_level"], max_level=config["max_level"],
+                               anchor_sizes=config["anchor_sizes"], low_res_scale=config["low_res_scale"],
+                               fused_loss_weight=config["fused_loss_weight"],
+                               low_res_transform=NormalizeAndPad(size_divisible=max(32, 2 ** (config["max_level"]
+                                                                                             - int(round(shift))))))
+    model.detkd_config = config
+    return model
+
+
 def pyramid_strides(model: nn.Module) -> dict[str, int]:
     """Level name -> stride in input pixels, e.g. {"p3": 8, ...}."""
-    return dict(model.backbone.strides)
+    return dict(model.strides) if hasattr(model, "fusions") else dict(model.backbone.strides)
 
 
 def detector_config(model: nn.Module) -> dict[str, Any]:
@@ -137,6 +178,7 @@ def detector_config(model: nn.Module) -> dict[str, Any]:
 
 def set_inference_thresholds(model: nn.Module, *, score_thresh: float, detections_per_img: int) -> None:
     """COCO evaluation wants low score thresholds; deployment wants higher ones."""
+    model = getattr(model, "detector", model)  # the multi-scale teacher predicts through its inner detector
     if isinstance(model, FasterRCNN):
         model.roi_heads.score_thresh = score_thresh
         model.roi_heads.detections_per_img = detections_per_img

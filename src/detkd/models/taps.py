@@ -1,15 +1,38 @@
 """Read a detector's FPN pyramid and dense class logits without changing its outputs.
 
-Forward hooks record what the backbone (pyramid) and the one-stage classification
-head (logits) produce during an ordinary ``model(images, targets)`` call, so the
-detection loss and the distillation features come from ONE forward pass.
+Two ways in: ``DetectorTaps`` records what an ordinary ``model(images, targets)``
+call computes (the student: detection loss and distillation features from ONE
+forward pass), and ``extract_features`` runs only the parts a teacher needs
+(transform, backbone, classification head) with no box decoding or NMS.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from torch import Tensor, nn
+
+
+def dense_logits_by_level(dense: Tensor, pyramid: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
+    """torchvision's (N, sum(H*W*A), K) class logits -> level name -> (N, A*K, H, W)."""
+    n, total, k = dense.shape
+    locations = sum(f.shape[-2] * f.shape[-1] for f in pyramid.values())
+    anchors = total // locations
+    out: OrderedDict[str, Tensor] = OrderedDict()
+    start = 0
+    for name, feat in pyramid.items():
+        h, w = feat.shape[-2:]
+        count = h * w * anchors
+        chunk = dense[:, start:start + count]  # ordered (h, w, a)
+        out[name] = chunk.reshape(n, h, w, anchors, k).permute(0, 3, 4, 1, 2).reshape(n, anchors * k, h, w)
+        start += count
+    return out
+
+
+def has_dense_logits(model: nn.Module) -> bool:
+    head = getattr(model, "head", None)
+    return head is not None and hasattr(head, "classification_head") and not hasattr(model, "fusions")
 
 
 class DetectorTaps:
@@ -28,9 +51,8 @@ class DetectorTaps:
 
     def __enter__(self) -> DetectorTaps:
         self._handles.append(self.model.backbone.register_forward_hook(self._on_backbone))
-        head = getattr(self.model, "head", None)
-        if head is not None and hasattr(head, "classification_head"):
-            self._handles.append(head.classification_head.register_forward_hook(self._on_logits))
+        if has_dense_logits(self.model):
+            self._handles.append(self.model.head.classification_head.register_forward_hook(self._on_logits))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -53,18 +75,25 @@ class DetectorTaps:
 
     @property
     def class_logits(self) -> OrderedDict[str, Tensor]:
-        """Per-level logits reshaped back to (N, A*K, H, W) from torchvision's (N, HWA, K)."""
         if self._dense_logits is None:
             raise RuntimeError("this detector has no dense class logits (two-stage) or no forward ran yet")
-        dense = self._dense_logits
-        n, _, k = dense.shape
-        out: OrderedDict[str, Tensor] = OrderedDict()
-        start = 0
-        for name, feat in self.pyramid.items():
-            h, w = feat.shape[-2:]
-            count = dense.shape[1] // sum(f.shape[-2] * f.shape[-1] for f in self.pyramid.values()) * h * w
-            a = count // (h * w)
-            chunk = dense[:, start:start + count]  # (N, H*W*A, K), ordered h, w, a
-            out[name] = chunk.reshape(n, h, w, a, k).permute(0, 3, 4, 1, 2).reshape(n, a * k, h, w)
-            start += count
-        return out
+        return dense_logits_by_level(self._dense_logits, self.pyramid)
+
+
+@dataclass
+class Features:
+    pyramid: OrderedDict[str, Tensor]
+    class_logits: OrderedDict[str, Tensor] | None
+
+
+def extract_features(model: nn.Module, images: list[Tensor]) -> Features:
+    """A teacher's pyramid (the fused one for a multi-scale teacher) and dense logits, no decoding."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "fused_pyramid"):
+        return Features(model.fused_pyramid(images), None)
+    image_list, _ = model.transform(images)
+    pyramid = OrderedDict(model.backbone(image_list.tensors))
+    logits = None
+    if has_dense_logits(model):
+        logits = dense_logits_by_level(model.head.classification_head(list(pyramid.values())), pyramid)
+    return Features(pyramid, logits)
