@@ -16,8 +16,12 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 def tiny_dataset(tmp_path_factory) -> Path:
     """48 easy 64 px images (objects 10-28 px) under <tmp>/data."""
     root = tmp_path_factory.mktemp("tiny") / "data"
-    synthesize(root, SynthSpec(images=48, size=64, seed=3, val_fraction=0.25, min_object=10, max_object=28,
-                               max_objects=3, clutter=0.1))
+    synthesize(
+        root,
+        SynthSpec(
+            images=48, size=64, seed=3, val_fraction=0.25, min_object=10, max_object=28, max_objects=3, clutter=0.1
+        ),
+    )
     return root
 
 
@@ -50,16 +54,26 @@ def tiny_config_dict(dataset: Path, work: Path, **sections) -> dict:
     cfg = {
         "name": "tiny",
         "seed": 0,
-        "data": {"train": {"coco": str(dataset / "annotations/instances_train.json"),
-                           "images": str(dataset / "images/train")},
-                 "val": {"coco": str(dataset / "annotations/instances_val.json"), "images": str(dataset / "images/val")}},
-        "model": {"arch": "fcos", "backbone": "tiny", "fpn_channels": 32, "head_convs": 1, "min_level": 3,
-                  "max_level": 6},
+        "data": {
+            "train": {
+                "coco": str(dataset / "annotations/instances_train.json"),
+                "images": str(dataset / "images/train"),
+            },
+            "val": {"coco": str(dataset / "annotations/instances_val.json"), "images": str(dataset / "images/val")},
+        },
+        "model": {
+            "arch": "fcos",
+            "backbone": "tiny",
+            "fpn_channels": 32,
+            "head_convs": 1,
+            "min_level": 3,
+            "max_level": 6,
+        },
         "input": {"size": 64},
         "optim": {"lr": 0.002, "warmup_iters": 2},
         "train": {"epochs": 2, "batch_size": 8, "log_every": 2},
         "run": {"storage_path": str(work / "ray"), "output_dir": str(work / "models")},
     }
     for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value}
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg

@@ -15,8 +15,9 @@ def _write(tmp_path, text: str):
 
 def test_defaults_and_overrides(tmp_path):
     path = _write(tmp_path, "name: t\nmodel: {arch: retinanet}\n")
-    cfg = load_config(path, ["input.scale=0.5", "model.min_level=2", "optim.milestones=[0.5, 0.8]",
-                             "model.weights=null"])
+    cfg = load_config(
+        path, ["input.scale=0.5", "model.min_level=2", "optim.milestones=[0.5, 0.8]", "model.weights=null"]
+    )
     assert cfg.model.arch == "retinanet"
     assert cfg.input.scale == 0.5 and cfg.input.model_size == 64
     assert cfg.model.min_level == 2
@@ -78,3 +79,13 @@ def test_override_of_unknown_key_is_refused(tmp_path):
     path = _write(tmp_path, "name: t\n")
     with pytest.raises(ConfigError, match="input.scal: unknown key"):
         load_config(path, ["input.scal=0.5"])
+
+
+def test_model_section_mirrors_the_builder_keywords():
+    """Every ModelConfig field is a build_detector keyword and vice versa (nothing silently dropped)."""
+    import inspect
+
+    from detkd.config import ModelConfig
+    from detkd.models import build_detector
+
+    assert set(ModelConfig.model_fields) == set(inspect.signature(build_detector).parameters)

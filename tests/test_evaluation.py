@@ -22,17 +22,37 @@ def _random_case(seed: int):
             x, y = rng.uniform(0, 200 - w), rng.uniform(0, 200 - h)
             cat = int(rng.choice([1, 5]))
             crowd = int(rng.random() < 0.05)
-            gt["annotations"].append({"id": ann_id, "image_id": image_id, "category_id": cat,
-                                      "bbox": [x, y, w, h], "area": w * h, "iscrowd": crowd})
+            gt["annotations"].append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": crowd,
+                }
+            )
             ann_id += 1
             if rng.random() < 0.8:  # a noisy true positive
                 jitter = rng.normal(0, 0.03 * max(w, h), size=4)
-                dets.append({"image_id": image_id, "category_id": cat, "score": float(rng.random()),
-                             "bbox": [x + jitter[0], y + jitter[1], max(1, w + jitter[2]), max(1, h + jitter[3])]})
+                dets.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": cat,
+                        "score": float(rng.random()),
+                        "bbox": [x + jitter[0], y + jitter[1], max(1, w + jitter[2]), max(1, h + jitter[3])],
+                    }
+                )
         for _ in range(rng.integers(0, 4)):  # false positives
             w, h = rng.uniform(4, 80, size=2)
-            dets.append({"image_id": image_id, "category_id": int(rng.choice([1, 5])), "score": float(rng.random()),
-                         "bbox": [float(rng.uniform(0, 100)), float(rng.uniform(0, 100)), w, h]})
+            dets.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(rng.choice([1, 5])),
+                    "score": float(rng.random()),
+                    "bbox": [float(rng.uniform(0, 100)), float(rng.uniform(0, 100)), w, h],
+                }
+            )
     return gt, dets
 
 
@@ -49,8 +69,11 @@ def test_faster_backend_equals_pycocotools(seed):
 
 def test_perfect_detections_score_one():
     gt, _ = _random_case(3)
-    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-            for a in gt["annotations"] if not a["iscrowd"]]
+    dets = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in gt["annotations"]
+        if not a["iscrowd"]
+    ]
     assert coco_metrics(gt, dets)["AP"] == pytest.approx(1.0)
     assert coco_metrics(gt, [])["AP"] == 0.0
 

@@ -13,9 +13,16 @@ from detkd.cli import app
 
 pytestmark = pytest.mark.ray
 QUICKSTART = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yaml"
-SHRINK = ["data.synth.images=40", "data.synth.size=64", "data.synth.min_object=10", "defaults.input.size=64",
-          "defaults.train.epochs=1", "defaults.train.batch_size=8", "defaults.model.fpn_channels=32",
-          "defaults.tracking.log_model=false"]
+SHRINK = [
+    "data.synth.images=40",
+    "data.synth.size=64",
+    "data.synth.min_object=10",
+    "defaults.input.size=64",
+    "defaults.train.epochs=1",
+    "defaults.train.batch_size=8",
+    "defaults.model.fpn_channels=32",
+    "defaults.tracking.log_model=false",
+]
 
 
 def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
@@ -30,11 +37,22 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     rows = json.loads(summary.read_text())
     assert [(r["name"], r["role"], r["method"], r["input_size"]) for r in rows] == [
-        ("teacher", "teacher", "kd_off", 64), ("student_baseline", "student", "kd_off", 32),
-        ("student_ssim", "student", "ssim", 32)]
+        ("teacher", "teacher", "kd_off", 64),
+        ("student_baseline", "student", "kd_off", 32),
+        ("student_ssim", "student", "ssim", 32),
+    ]
     for row in rows:
-        assert set(row) == {"name", "role", "method", "input_size", "AP", "AP50", "APs", "images_per_s",
-                            "mlflow_run_id"}
+        assert set(row) == {
+            "name",
+            "role",
+            "method",
+            "input_size",
+            "AP",
+            "AP50",
+            "APs",
+            "images_per_s",
+            "mlflow_run_id",
+        }
         assert row["images_per_s"] > 0 and 0 <= row["AP"] <= row["AP50"] <= 1
     assert "teacher" in result.output and rows[0]["mlflow_run_id"] in result.output  # the printed table
 
@@ -60,31 +78,78 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
     model = work / "models/student_baseline/model.pt"
     data = work / "data"
     dets = tmp_path / "dets.json"
-    coco_eval = runner.invoke(app, ["evaluate", "--checkpoint", str(model), "--coco",
-                                    str(data / "annotations/instances_val.json"), "--images", str(data / "images/val"),
-                                    "--out", str(dets), "--summary", str(tmp_path / "eval.json")])
+    coco_eval = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(model),
+            "--coco",
+            str(data / "annotations/instances_val.json"),
+            "--images",
+            str(data / "images/val"),
+            "--out",
+            str(dets),
+            "--summary",
+            str(tmp_path / "eval.json"),
+        ],
+    )
     assert coco_eval.exit_code == 0, coco_eval.output
-    to_pq = runner.invoke(app, ["data", "to-parquet", "--coco", str(data / "annotations/instances_val.json"),
-                                "--images", str(data / "images/val"), "--out", str(tmp_path / "pq"),
-                                "--shard-size", "4"])
+    to_pq = runner.invoke(
+        app,
+        [
+            "data",
+            "to-parquet",
+            "--coco",
+            str(data / "annotations/instances_val.json"),
+            "--images",
+            str(data / "images/val"),
+            "--out",
+            str(tmp_path / "pq"),
+            "--shard-size",
+            "4",
+        ],
+    )
     assert to_pq.exit_code == 0, to_pq.output
-    pq_eval = runner.invoke(app, ["evaluate", "--checkpoint", str(model), "--parquet", str(tmp_path / "pq"),
-                                  "--summary", str(tmp_path / "eval_pq.json")])
+    pq_eval = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(model),
+            "--parquet",
+            str(tmp_path / "pq"),
+            "--summary",
+            str(tmp_path / "eval_pq.json"),
+        ],
+    )
     assert pq_eval.exit_code == 0, pq_eval.output
     from_coco = json.loads((tmp_path / "eval.json").read_text())[0]
     from_pq = json.loads((tmp_path / "eval_pq.json").read_text())[0]
     assert from_coco["AP"] == from_pq["AP"] == pytest.approx(rows[1]["AP"], abs=1e-4)
     assert from_coco["name"] == "student_baseline" and from_coco["input_size"] == 32
     # ...and re-scoring the written results file gives the same number again
-    rescored = runner.invoke(app, ["evaluate", "--gt", str(data / "annotations/instances_val.json"),
-                                   "--detections", str(dets), "--summary", str(tmp_path / "re.json")])
+    rescored = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--gt",
+            str(data / "annotations/instances_val.json"),
+            "--detections",
+            str(dets),
+            "--summary",
+            str(tmp_path / "re.json"),
+        ],
+    )
     assert rescored.exit_code == 0, rescored.output
     assert json.loads((tmp_path / "re.json").read_text())[0]["AP"] == from_coco["AP"]
 
 
 def test_pipeline_spec_errors_are_named(tmp_path):
     spec = tmp_path / "p.yaml"
-    spec.write_text("name: x\ndata: {synth: {images: 10}}\nteachers:\n  - name: t\n    settings: {model: {arch: yolo}}\n")
+    spec.write_text(
+        "name: x\ndata: {synth: {images: 10}}\nteachers:\n  - name: t\n    settings: {model: {arch: yolo}}\n"
+    )
     result = CliRunner().invoke(app, ["run", str(spec)])
     assert result.exit_code == 2
     assert "teachers[0] (t): model.arch" in result.output

@@ -10,8 +10,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Train teacher detectors and distill them into small low-resolution students (Ray + MLflow).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Train teacher detectors and distill them into small low-resolution students (Ray + MLflow).",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Synthesize, check and convert datasets.")
 app.add_typer(data_app, name="data")
 # A wide console when piped (CI logs, files) so the summary table keeps its run ids.
@@ -54,9 +57,18 @@ def data_synth(
     from detkd.data.synth import SynthSpec, synthesize
 
     try:
-        spec = SynthSpec(images=images, size=size, seed=seed, val_fraction=val_fraction, min_object=min_object,
-                         max_object=max_object, max_objects=max_objects, clutter=clutter, noise=noise,
-                         classes=tuple(c.strip() for c in classes.split(",") if c.strip()))
+        spec = SynthSpec(
+            images=images,
+            size=size,
+            seed=seed,
+            val_fraction=val_fraction,
+            min_object=min_object,
+            max_object=max_object,
+            max_objects=max_objects,
+            clutter=clutter,
+            noise=noise,
+            classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
+        )
         summary = synthesize(out, spec)
     except ValueError as exc:
         _fail(exc)
@@ -159,11 +171,26 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, *, dis
     if summary is not None:
         if cfg.data.val is None:
             _fail(ValueError("--summary needs a data.val split to evaluate on"))
-        result = evaluate_checkpoint(outcome.model_path, open_split(cfg.data.val, skip_invalid=cfg.data.skip_invalid),
-                                     batch_size=cfg.eval.batch_size, score_thresh=cfg.eval.score_thresh)
-        write_summary([summary_row(name=cfg.name, role=cfg.role, input_size=result.input_size, metrics=result.metrics,
-                                   images_per_s=result.images_per_s, run_id=outcome.run_id, method=cfg.method)],
-                      summary)
+        result = evaluate_checkpoint(
+            outcome.model_path,
+            open_split(cfg.data.val, skip_invalid=cfg.data.skip_invalid),
+            batch_size=cfg.eval.batch_size,
+            score_thresh=cfg.eval.score_thresh,
+        )
+        write_summary(
+            [
+                summary_row(
+                    name=cfg.name,
+                    role=cfg.role,
+                    input_size=result.input_size,
+                    metrics=result.metrics,
+                    images_per_s=result.images_per_s,
+                    run_id=outcome.run_id,
+                    method=cfg.method,
+                )
+            ],
+            summary,
+        )
 
 
 @app.command("evaluate")
@@ -194,8 +221,19 @@ def evaluate(
             if summary:
                 from detkd.pipeline import summary_row, write_summary
 
-                write_summary([summary_row(name=detections.stem, role="results", input_size=0, metrics=metrics,
-                                           images_per_s=0.0, run_id=None)], summary)
+                write_summary(
+                    [
+                        summary_row(
+                            name=detections.stem,
+                            role="results",
+                            input_size=0,
+                            metrics=metrics,
+                            images_per_s=0.0,
+                            run_id=None,
+                        )
+                    ],
+                    summary,
+                )
             return
         if checkpoint is None:
             raise FileNotFoundError("give --checkpoint with --coco/--images or --parquet, or --gt with --detections")
@@ -218,10 +256,20 @@ def evaluate(
         from detkd.pipeline import summary_row, write_summary
 
         meta = result.meta
-        write_summary([summary_row(name=str(meta.get("name", checkpoint.stem)), role=str(meta.get("role", "model")),
-                                   input_size=result.input_size, metrics=result.metrics,
-                                   images_per_s=result.images_per_s, run_id=meta.get("mlflow_run_id"),
-                                   method=meta.get("method"))], summary)
+        write_summary(
+            [
+                summary_row(
+                    name=str(meta.get("name", checkpoint.stem)),
+                    role=str(meta.get("role", "model")),
+                    input_size=result.input_size,
+                    metrics=result.metrics,
+                    images_per_s=result.images_per_s,
+                    run_id=meta.get("mlflow_run_id"),
+                    method=meta.get("method"),
+                )
+            ],
+            summary,
+        )
 
 
 def _print_metrics(metrics: dict[str, float], names) -> None:
@@ -249,8 +297,100 @@ def run(
         console.print(f"summary: {summary}")
 
 
+jobs_app = typer.Typer(no_args_is_help=True, help="Inspect and control jobs on a Ray cluster.")
+app.add_typer(jobs_app, name="jobs")
+AddressOption = Annotated[str, typer.Option(envvar="RAY_JOBS_ADDRESS", help="Ray dashboard, e.g. http://HOST:8265")]
+
+
+@app.command("submit")
+def submit(
+    spec: Annotated[Path, typer.Argument(help="pipeline spec or run config inside this project")],
+    address: AddressOption,
+    overrides: SetOption = None,
+    follow: Annotated[bool, typer.Option(help="stream the logs; exit non-zero if the job fails")] = False,
+    env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE environment for the job")] = None,
+) -> None:
+    """Submit a pipeline or a run to a Ray cluster (Ray Jobs API)."""
+    from detkd import submit as jobs
+
+    try:
+        extra = dict(item.split("=", 1) for item in env or [] if "=" in item)
+        if env and len(extra) != len(env):
+            raise FileNotFoundError("--env takes KEY=VALUE")
+        root = jobs.find_project_root(spec.parent if spec.exists() else Path.cwd())
+        job_id = jobs.submit(spec, address=address, project_root=root, overrides=overrides or [], extra_env=extra)
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(f"submitted job [bold]{job_id}[/bold] to {address}")
+    print(job_id, flush=True)
+    if follow:
+        status = jobs.follow(job_id, address=address)
+        console.print(f"job {job_id}: {status}")
+        if status != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOption) -> None:
+    """Jobs on the cluster, newest last."""
+    from rich.table import Table
+
+    from detkd import submit as jobs
+
+    try:
+        found = jobs.client(address).list_jobs()
+    except _user_errors() as exc:
+        _fail(exc)
+    table = Table()
+    for column in ("submission_id", "status", "entrypoint"):
+        table.add_column(column)
+    for job in sorted(found, key=lambda j: j.start_time or 0):
+        table.add_row(str(job.submission_id), str(job.status.value), job.entrypoint)
+    console.print(table)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: AddressOption) -> None:
+    """One job's status; exit 1 if it failed or was stopped."""
+    from detkd import submit as jobs
+
+    try:
+        status = str(jobs.client(address).get_job_status(job_id).value)
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(status)
+    if status in ("FAILED", "STOPPED"):
+        raise typer.Exit(1)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: str, address: AddressOption, follow: Annotated[bool, typer.Option(help="stream until the job ends")] = False
+) -> None:
+    """A job's logs."""
+    from detkd import submit as jobs
+
+    if follow:
+        status = jobs.follow(job_id, address=address)
+        raise typer.Exit(0 if status == "SUCCEEDED" else 1)
+    sys.stdout.write(jobs.client(address).get_job_logs(job_id))
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: AddressOption) -> None:
+    """Ask a running job to stop."""
+    from detkd import submit as jobs
+
+    stopped = jobs.client(address).stop_job(job_id)
+    console.print(f"job {job_id}: {'stop requested' if stopped else 'not running'}")
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted: rerun the same command to resume from the last checkpoint")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

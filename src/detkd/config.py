@@ -62,6 +62,9 @@ class ModelConfig(_Section):
     norm: Literal["bn", "frozen_bn"] = "bn"
     backbone_weights: Path | None = None
     weights: Path | None = None
+    multiscale: bool = Field(False, description="MSAD aligned multi-scale teacher (one-stage archs)")
+    low_res_scale: float = Field(0.5, gt=0, lt=1, description="multi-scale teacher: the low-resolution branch's scale")
+    fused_loss_weight: float = Field(0.4, ge=0, description="multi-scale teacher: weight of the fused branch's loss")
 
     @model_validator(mode="after")
     def _levels(self) -> ModelConfig:
@@ -90,11 +93,14 @@ class OptimConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     warmup_iters: int = Field(100, ge=0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
-    milestones: list[float] = Field(default_factory=lambda: [0.67, 0.89], description="fractions of training for 'step'")
+    milestones: list[float] = Field(
+        default_factory=lambda: [0.67, 0.89], description="fractions of training for 'step'"
+    )
     gamma: float = Field(0.1, gt=0, le=1)
     clip_grad_norm: float | None = Field(10.0, gt=0)
     lr_scaling: Literal["linear", "sqrt", "none"] = Field(
-        "linear", description="lr is given for base_batch_size; scaled to the global batch by this rule")
+        "linear", description="lr is given for base_batch_size; scaled to the global batch by this rule"
+    )
     base_batch_size: int = Field(16, ge=1)
 
 
@@ -104,6 +110,7 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     eval_every: int = Field(0, ge=0, description="evaluate every N epochs (0: only at the end)")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every K steps (0: epoch ends only)")
     log_every: int = Field(20, ge=1, description="steps between progress lines")
     amp: bool = Field(True, description="mixed precision on GPU (ignored on CPU)")
 
@@ -115,7 +122,8 @@ class ScalingSection(_Section):
 
 
 class RunSection(_Section):
-    storage_path: Path = Path("runs/ray")
+    storage_path: str = Field("runs/ray", description="a folder, or any URI pyarrow understands (s3://, gs://...)")
+    storage_endpoint: str | None = Field(None, description="S3 endpoint override, e.g. http://minio:9000")
     output_dir: Path = Path("runs")
     max_failures: int = Field(1, ge=-1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -138,7 +146,8 @@ class TeacherRef(_Section):
 
     source: str
     input_scale: float | None = Field(
-        None, gt=0, description="teacher input / reference view; default: its checkpoint's input size / input.size")
+        None, gt=0, description="teacher input / reference view; default: its checkpoint's input size / input.size"
+    )
 
 
 class MSEConfig(_Section):
@@ -221,6 +230,13 @@ class DistillConfig(_Section):
         return self
 
 
+class DebugConfig(_Section):
+    """Test-only switches: never set these in real runs."""
+
+    fail_at_step: int | None = Field(None, ge=1, description="kill one worker once, right after this step")
+    fail_rank: int = Field(-1, description="which worker to kill (-1: the last)")
+
+
 class Config(_Section):
     """A teacher or student training run."""
 
@@ -237,6 +253,7 @@ class Config(_Section):
     run: RunSection = Field(default_factory=RunSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     distill: DistillConfig | None = None
+    debug: DebugConfig = Field(default_factory=DebugConfig)
 
     @property
     def method(self) -> str:
@@ -267,7 +284,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(parts[:i + 1])} is not a section")
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a section")
             node = child
         node[parts[-1]] = value
     return out

@@ -50,7 +50,9 @@ def check_detections(detections: list[dict[str, Any]], gt: dict[str, Any], *, so
             raise EvaluationError(f"{where}: bbox must be [x, y, w, h] numbers, got {bbox!r}")
 
 
-def coco_metrics(gt: dict[str, Any], detections: list[dict[str, Any]], *, backend: Backend = "faster") -> dict[str, float]:
+def coco_metrics(
+    gt: dict[str, Any], detections: list[dict[str, Any]], *, backend: Backend = "faster"
+) -> dict[str, float]:
     """Standard 12-number COCO box evaluation; returns the six headline metrics (0..1)."""
     gt = copy.deepcopy(gt)
     gt.setdefault("info", {})

@@ -86,10 +86,15 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineSpe
                 stages = stage_configs(cfg) if cfg.distill.stages else [cfg]
                 for stage in stages:
                     for ref in stage.distill.teachers:
-                        if ref.source not in known and not Path(ref.source).is_file() \
-                                and not ref.source.startswith("mlflow:"):
-                            raise ConfigError(f"{where}: teacher {ref.source!r} is neither an earlier model of this "
-                                              f"pipeline ({known}), a checkpoint file, nor mlflow:<run_id>")
+                        if (
+                            ref.source not in known
+                            and not Path(ref.source).is_file()
+                            and not ref.source.startswith("mlflow:")
+                        ):
+                            raise ConfigError(
+                                f"{where}: teacher {ref.source!r} is neither an earlier model of this "
+                                f"pipeline ({known}), a checkpoint file, nor mlflow:<run_id>"
+                            )
             known.append(entry.name)
     return spec
 
@@ -97,16 +102,20 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineSpe
 def data_splits(spec: PipelineSpec) -> tuple[SplitConfig, SplitConfig | None]:
     if spec.data.synth is not None:
         root = spec.workdir / "data"
-        return (SplitConfig(coco=root / "annotations/instances_train.json", images=root / "images/train"),
-                SplitConfig(coco=root / "annotations/instances_val.json", images=root / "images/val"))
+        return (
+            SplitConfig(coco=root / "annotations/instances_train.json", images=root / "images/train"),
+            SplitConfig(coco=root / "annotations/instances_val.json", images=root / "images/val"),
+        )
     return spec.data.train, spec.data.val
 
 
 def model_config(spec: PipelineSpec, entry: ModelEntry, *, role: str, source: str | None = None) -> Config:
     train, val = data_splits(spec)
-    base = {"data": {"train": train.model_dump(), "val": val.model_dump() if val else None},
-            "run": {"storage_path": str(spec.workdir / "ray"), "output_dir": str(spec.workdir / "models")},
-            "tracking": {"experiment": spec.experiment}}
+    base = {
+        "data": {"train": train.model_dump(), "val": val.model_dump() if val else None},
+        "run": {"storage_path": str(spec.workdir / "ray"), "output_dir": str(spec.workdir / "models")},
+        "tracking": {"experiment": spec.experiment},
+    }
     merged = deep_merge(deep_merge(base, spec.defaults), entry.settings)
     merged.update(name=entry.name, role=role)
     return validate_config(merged, source=source or entry.name)
@@ -139,15 +148,27 @@ def run_pipeline(spec: PipelineSpec, *, address: str | None = None, console=None
     uri = resolve_tracking_uri()
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    with run_context(tracking_uri=uri, experiment=spec.experiment, run_name=f"pipeline:{spec.name}",
-                     tags={"pipeline": spec.name, "kind": "pipeline"}) as parent_id:
+    with run_context(
+        tracking_uri=uri,
+        experiment=spec.experiment,
+        run_name=f"pipeline:{spec.name}",
+        tags={"pipeline": spec.name, "kind": "pipeline"},
+    ) as parent_id:
         parent = RunLogger(tracking_uri=uri, run_id=parent_id)
         parent.params({"pipeline": spec.model_dump(mode="json")})
         if spec.data.synth is not None:
-            with run_context(tracking_uri=uri, experiment=spec.experiment, run_name="data", parent_run_id=parent_id,
-                             tags={"pipeline": spec.name, "kind": "data"}) as data_id:
-                say(f"[bold]data[/bold]: synthesizing {spec.data.synth.images} images under {spec.workdir / 'data'}"
-                    if console else "data: synthesizing")
+            with run_context(
+                tracking_uri=uri,
+                experiment=spec.experiment,
+                run_name="data",
+                parent_run_id=parent_id,
+                tags={"pipeline": spec.name, "kind": "data"},
+            ) as data_id:
+                say(
+                    f"[bold]data[/bold]: synthesizing {spec.data.synth.images} images under {spec.workdir / 'data'}"
+                    if console
+                    else "data: synthesizing"
+                )
                 summary = ensure_synthetic_data(spec)
                 RunLogger(tracking_uri=uri, run_id=data_id).dict(summary, "synth_summary.json")
         ensure_ray(address)
@@ -156,42 +177,84 @@ def run_pipeline(spec: PipelineSpec, *, address: str | None = None, console=None
         for role, entries in (("teacher", spec.teachers), ("student", spec.students)):
             for entry in entries:
                 cfg = model_config(spec, entry, role=role)
-                say(f"[bold]{role}[/bold] {entry.name} ({cfg.method}): input {cfg.input.model_size}px, "
+                say(
+                    f"[bold]{role}[/bold] {entry.name} ({cfg.method}): input {cfg.input.model_size}px, "
                     f"{cfg.model.arch}/{cfg.model.backbone} P{cfg.model.min_level}-P{cfg.model.max_level}"
-                    if console else f"{role} {entry.name} ({cfg.method})")
-                outcome = run_training(cfg, parent_run_id=parent_id, tracking_uri=uri, teacher_names=trained,
-                                       extra_tags={"pipeline": spec.name})
+                    if console
+                    else f"{role} {entry.name} ({cfg.method})"
+                )
+                outcome = run_training(
+                    cfg,
+                    parent_run_id=parent_id,
+                    tracking_uri=uri,
+                    teacher_names=trained,
+                    extra_tags={"pipeline": spec.name},
+                )
                 trained[entry.name] = outcome.model_path
                 outcomes.append((cfg, outcome))
         _, val_split = data_splits(spec)
         if val_split is not None:
             val_source = open_split(val_split, skip_invalid=False)
-            with run_context(tracking_uri=uri, experiment=spec.experiment, run_name="evaluate",
-                             parent_run_id=parent_id, tags={"pipeline": spec.name, "kind": "evaluate"}) as eval_id:
+            with run_context(
+                tracking_uri=uri,
+                experiment=spec.experiment,
+                run_name="evaluate",
+                parent_run_id=parent_id,
+                tags={"pipeline": spec.name, "kind": "evaluate"},
+            ) as eval_id:
                 eval_logger = RunLogger(tracking_uri=uri, run_id=eval_id)
                 for cfg, outcome in outcomes:
-                    result = evaluate_checkpoint(outcome.model_path, val_source, batch_size=spec.eval_batch_size,
-                                                 score_thresh=cfg.eval.score_thresh)
-                    row = summary_row(name=cfg.name, role=cfg.role, input_size=result.input_size,
-                                      metrics=result.metrics, images_per_s=result.images_per_s,
-                                      run_id=outcome.run_id, method=cfg.method)
+                    result = evaluate_checkpoint(
+                        outcome.model_path,
+                        val_source,
+                        batch_size=spec.eval_batch_size,
+                        score_thresh=cfg.eval.score_thresh,
+                    )
+                    row = summary_row(
+                        name=cfg.name,
+                        role=cfg.role,
+                        input_size=result.input_size,
+                        metrics=result.metrics,
+                        images_per_s=result.images_per_s,
+                        run_id=outcome.run_id,
+                        method=cfg.method,
+                    )
                     rows.append(row)
-                    eval_logger.metrics({f"{cfg.name}/{k}": v for k, v in result.metrics.items()}
-                                        | {f"{cfg.name}/images_per_s": result.images_per_s})
+                    eval_logger.metrics(
+                        {f"{cfg.name}/{k}": v for k, v in result.metrics.items()}
+                        | {f"{cfg.name}/images_per_s": result.images_per_s}
+                    )
                     if outcome.run_id:
                         RunLogger(tracking_uri=uri, run_id=outcome.run_id).metrics(
-                            {f"eval/{k}": v for k, v in result.metrics.items()} | {"eval/images_per_s": result.images_per_s})
+                            {f"eval/{k}": v for k, v in result.metrics.items()}
+                            | {"eval/images_per_s": result.images_per_s}
+                        )
                 eval_logger.dict(rows, "summary.json")
         parent.dict(rows, "summary.json")
         parent.metrics({"pipeline_seconds": time.perf_counter() - started})
     return rows
 
 
-def summary_row(*, name: str, role: str, input_size: int, metrics: dict[str, float], images_per_s: float,
-                run_id: str | None, method: str | None = None) -> dict[str, Any]:
-    row = {"name": name, "role": role, "input_size": input_size, "AP": round(metrics["AP"], 4),
-           "AP50": round(metrics["AP50"], 4), "APs": round(metrics["APs"], 4),
-           "images_per_s": round(images_per_s, 1), "mlflow_run_id": run_id}
+def summary_row(
+    *,
+    name: str,
+    role: str,
+    input_size: int,
+    metrics: dict[str, float],
+    images_per_s: float,
+    run_id: str | None,
+    method: str | None = None,
+) -> dict[str, Any]:
+    row = {
+        "name": name,
+        "role": role,
+        "input_size": input_size,
+        "AP": round(metrics["AP"], 4),
+        "AP50": round(metrics["AP50"], 4),
+        "APs": round(metrics["APs"], 4),
+        "images_per_s": round(images_per_s, 1),
+        "mlflow_run_id": run_id,
+    }
     if method is not None:
         row["method"] = method
     return row
@@ -214,5 +277,3 @@ def print_summary(rows: list[dict[str, Any]], console) -> None:
     for row in rows:
         table.add_row(*[f"{row[c]:.4f}" if c in ("AP", "AP50", "APs") else str(row.get(c, "")) for c in columns])
     console.print(table)
-
-

@@ -65,16 +65,21 @@ def run_context(
     run_name: str,
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[str]:
-    """Start (or nest) an MLflow run in this process; yields its id, marks FAILED on error."""
+    """Start (or nest, or resume) an MLflow run; yields its id, marks FAILED/KILLED on error."""
     mlflow.set_tracking_uri(tracking_uri)
     exp_id = experiment_id(tracking_uri, experiment)
     all_tags = {f"{TAG_PREFIX}{k}": str(v) for k, v in (tags or {}).items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     client = MlflowClient(tracking_uri)
-    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
-    run_id = run.info.run_id
+    if resume_run_id:
+        run_id = resume_run_id
+        client.update_run(run_id, status="RUNNING")
+        RunLogger(tracking_uri=tracking_uri, run_id=run_id).tags({k: v for k, v in all_tags.items()})
+    else:
+        run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
     status = "FAILED"
     try:
         yield run_id
@@ -98,7 +103,7 @@ class RunLogger:
         flat = flatten(params)
         items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def metrics(self, metrics: dict[str, float], *, step: int | None = None) -> None:
         now = int(time.time() * 1000)
@@ -107,8 +112,10 @@ class RunLogger:
             self.client.log_batch(self.run_id, metrics=items)
 
     def tags(self, tags: dict[str, Any]) -> None:
-        items = [RunTag(f"{TAG_PREFIX}{k}" if not k.startswith(("mlflow.", TAG_PREFIX)) else k, str(v))
-                 for k, v in tags.items()]
+        items = [
+            RunTag(f"{TAG_PREFIX}{k}" if not k.startswith(("mlflow.", TAG_PREFIX)) else k, str(v))
+            for k, v in tags.items()
+        ]
         if items:
             self.client.log_batch(self.run_id, tags=items)
 
@@ -122,8 +129,9 @@ class RunLogger:
         self.client.log_text(self.run_id, text, name)
 
 
-def log_dataset(*, tracking_uri: str, run_id: str, records: list[dict[str, Any]], source: str, name: str,
-                context: str) -> str:
+def log_dataset(
+    *, tracking_uri: str, run_id: str, records: list[dict[str, Any]], source: str, name: str, context: str
+) -> str:
     """Record a dataset input (digest of its image records) on the run for lineage."""
     import pandas as pd
 
@@ -136,7 +144,8 @@ def log_dataset(*, tracking_uri: str, run_id: str, records: list[dict[str, Any]]
     from mlflow.entities import DatasetInput, InputTag
 
     MlflowClient(tracking_uri).log_inputs(
-        run_id, datasets=[DatasetInput(dataset=entity, tags=[InputTag("mlflow.data.context", context)])])
+        run_id, datasets=[DatasetInput(dataset=entity, tags=[InputTag("mlflow.data.context", context)])]
+    )
     return dataset.digest
 
 
@@ -148,8 +157,11 @@ def log_pytorch_model(*, tracking_uri: str, run_id: str, model: Any, name: str =
     import detkd
 
     mlflow.set_tracking_uri(tracking_uri)
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
-                    f"detkd=={detkd.__version__}"]
+    requirements = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+        f"detkd=={detkd.__version__}",
+    ]
     with mlflow.start_run(run_id=run_id, nested=True) as active:
         info = mlflow.pytorch.log_model(model, name=name, pip_requirements=requirements, serialization_format="pickle")
         # start_run(run_id) ends the run on exit; the owner of the run sets its final status.
@@ -172,3 +184,13 @@ def download_checkpoint(*, run_id: str, tracking_uri: str | None, dest: Path) ->
     if not path.is_file():
         raise ConfigError(f"teacher mlflow:{run_id}: the run has no checkpoint/model.pt artifact")
     return path
+
+
+def find_runs(tracking_uri: str, experiment: str, tags: dict[str, str]) -> list[Any]:
+    """Runs of ``experiment`` carrying all ``tags`` (newest first); [] if the experiment does not exist."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return client.search_runs([found.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])

@@ -23,8 +23,17 @@ def test_data_synth_then_check_ok(tmp_path):
     out = tmp_path / "synth"
     result = runner.invoke(app, ["data", "synth", "--out", str(out), "--images", "12", "--size", "64", "--seed", "1"])
     assert result.exit_code == 0, result.output
-    check = runner.invoke(app, ["data", "check", "--coco", str(out / "annotations/instances_train.json"),
-                                "--images", str(out / "images/train")])
+    check = runner.invoke(
+        app,
+        [
+            "data",
+            "check",
+            "--coco",
+            str(out / "annotations/instances_train.json"),
+            "--images",
+            str(out / "images/train"),
+        ],
+    )
     assert check.exit_code == 0, check.output
     assert "no problems found" in check.output
     train = json.loads((out / "annotations/instances_train.json").read_text())
@@ -68,8 +77,14 @@ def test_train_refuses_invalid_data_before_starting_anything(tiny_dataset, tmp_p
     coco["annotations"].append({**coco["annotations"][0], "id": 99999, "bbox": [0, 0, 0, 4]})
     ann_path.write_text(json.dumps(coco))
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(json.dumps({"data": {"train": {"coco": str(ann_path), "images": str(data / "images/train")}},
-                               "run": {"storage_path": str(tmp_path / "ray"), "output_dir": str(tmp_path / "out")}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "data": {"train": {"coco": str(ann_path), "images": str(data / "images/train")}},
+                "run": {"storage_path": str(tmp_path / "ray"), "output_dir": str(tmp_path / "out")},
+            }
+        )
+    )
     result = runner.invoke(app, ["train", str(cfg)], env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
     assert result.exit_code == 2, result.output
     assert "annotation id=99999" in result.output
@@ -90,16 +105,27 @@ def test_train_config_errors_name_the_key(tmp_path):
 
 
 def test_evaluate_results_file_and_argument_errors(tmp_path):
-    gt = {"images": [{"id": 1, "width": 50, "height": 50, "file_name": "a.png"}],
-          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400,
-                           "iscrowd": 0}],
-          "categories": [{"id": 1, "name": "thing"}]}
+    gt = {
+        "images": [{"id": 1, "width": 50, "height": 50, "file_name": "a.png"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     dets = [{"image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "score": 0.9}]
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "dets.json").write_text(json.dumps(dets))
     summary = tmp_path / "s.json"
-    result = runner.invoke(app, ["evaluate", "--gt", str(tmp_path / "gt.json"), "--detections",
-                                 str(tmp_path / "dets.json"), "--summary", str(summary)])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--gt",
+            str(tmp_path / "gt.json"),
+            "--detections",
+            str(tmp_path / "dets.json"),
+            "--summary",
+            str(summary),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "AP 1.0000" in result.output
     assert json.loads(summary.read_text())[0]["AP"] == 1.0
@@ -107,8 +133,18 @@ def test_evaluate_results_file_and_argument_errors(tmp_path):
     assert result.exit_code == 2 and "--detections" in result.output
     result = runner.invoke(app, ["evaluate"])
     assert result.exit_code == 2
-    result = runner.invoke(app, ["evaluate", "--gt", str(tmp_path / "gt.json"), "--detections",
-                                 str(tmp_path / "dets.json"), "--backend", "nope"])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--gt",
+            str(tmp_path / "gt.json"),
+            "--detections",
+            str(tmp_path / "dets.json"),
+            "--backend",
+            "nope",
+        ],
+    )
     assert result.exit_code == 2
 
 
@@ -126,9 +162,18 @@ def test_corrupt_checkpoint_is_refused_naming_the_file(tiny_dataset, tmp_path, d
         path.write_bytes(bytes(data))
     else:
         path.write_text("hello")
-    result = runner.invoke(app, ["evaluate", "--checkpoint", str(path), "--coco",
-                                 str(tiny_dataset / "annotations/instances_val.json"),
-                                 "--images", str(tiny_dataset / "images/val")])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(path),
+            "--coco",
+            str(tiny_dataset / "annotations/instances_val.json"),
+            "--images",
+            str(tiny_dataset / "images/val"),
+        ],
+    )
     assert result.exit_code == 2
     assert str(path) in result.output.replace("\n", "")
     assert "checksum mismatch" in result.output or "not a readable" in result.output

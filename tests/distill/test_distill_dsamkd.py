@@ -41,8 +41,16 @@ def test_attention_is_mean_one_and_peaks_where_teacher_is_strong() -> None:
 
 def test_feature_value_matches_hand_computation() -> None:
     torch.manual_seed(0)
-    loss = DSAMKDLoss(levels=("p3",), student_channels=4, teacher_channels=4, feature_weight=0.1, logit_weight=0.0,
-                      kernel_sizes=(1, 3), mask_ratio=0.5, attention_temperature=0.5)
+    loss = DSAMKDLoss(
+        levels=("p3",),
+        student_channels=4,
+        teacher_channels=4,
+        feature_weight=0.1,
+        logit_weight=0.0,
+        kernel_sizes=(1, 3),
+        mask_ratio=0.5,
+        attention_temperature=0.5,
+    )
     s, t = _features(1), _features(2)
     out = loss(s, t)
     assert set(out) == {"dsamkd_feature"}  # logit key omitted when logit_weight == 0
@@ -72,8 +80,9 @@ def test_logit_branch_zero_when_logits_agree_and_positive_otherwise() -> None:
 
 def test_logit_value_matches_hand_computation() -> None:
     temp, lw = 2.0, 0.7
-    loss = DSAMKDLoss(levels=("p3", "p4"), student_channels=4, teacher_channels=4, logit_weight=lw,
-                      logit_temperature=temp)
+    loss = DSAMKDLoss(
+        levels=("p3", "p4"), student_channels=4, teacher_channels=4, logit_weight=lw, logit_temperature=temp
+    )
     zs, zt = _logits(5), _logits(6)
     total = 0.0
     for lv in ("p3", "p4"):

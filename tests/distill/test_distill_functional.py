@@ -18,9 +18,17 @@ def _skimage_loss(student: torch.Tensor, teacher: torch.Tensor, win_size: int = 
     xs = Fd.minmax_normalize(student).double().numpy()
     ys = Fd.minmax_normalize(teacher).double().numpy()
     values = [
-        structural_similarity(xs[n, c], ys[n, c], gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                              data_range=1.0, win_size=win_size)
-        for n in range(xs.shape[0]) for c in range(xs.shape[1])
+        structural_similarity(
+            xs[n, c],
+            ys[n, c],
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            data_range=1.0,
+            win_size=win_size,
+        )
+        for n in range(xs.shape[0])
+        for c in range(xs.shape[1])
     ]
     return float(np.mean([(1 - v) / 2 for v in values]))
 
@@ -59,8 +67,15 @@ def test_ssim_map_matches_skimage_full_map_crop() -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(1, 1, 20, 17, generator=gen, dtype=torch.float64)
     y = torch.rand(1, 1, 20, 17, generator=gen, dtype=torch.float64)
-    _, full = structural_similarity(x[0, 0].numpy(), y[0, 0].numpy(), gaussian_weights=True, sigma=1.5,
-                                    use_sample_covariance=False, data_range=1.0, full=True)
+    _, full = structural_similarity(
+        x[0, 0].numpy(),
+        y[0, 0].numpy(),
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1.0,
+        full=True,
+    )
     ours = Fd.ssim_map(x, y)[0, 0].numpy()
     assert ours.shape == (10, 7)
     np.testing.assert_allclose(ours, full[5:-5, 5:-5], atol=1e-10)
@@ -112,8 +127,11 @@ def test_ssim_loss_one_by_one_map_degenerates_gracefully() -> None:
 def test_mse_and_msad_loss_values() -> None:
     gen = torch.Generator().manual_seed(4)
     s = {"p2": torch.randn(2, 3, 8, 8, generator=gen), "p3": torch.randn(2, 3, 4, 4, generator=gen)}
-    t = {"p2": torch.randn(2, 3, 8, 8, generator=gen), "p3": torch.randn(2, 3, 4, 4, generator=gen),
-         "p9": torch.zeros(1)}
+    t = {
+        "p2": torch.randn(2, 3, 8, 8, generator=gen),
+        "p3": torch.randn(2, 3, 4, 4, generator=gen),
+        "p9": torch.zeros(1),
+    }
     assert Fd.mse_loss(s["p2"], t["p2"]).item() == pytest.approx(((s["p2"] - t["p2"]) ** 2).mean().item())
     l1 = sum(np.abs(s[k].numpy() - t[k].numpy()).mean() for k in ("p2", "p3"))
     assert Fd.msad_loss(s, t).item() == pytest.approx(0.2 * 3.0 * l1, rel=1e-6)

@@ -17,8 +17,16 @@ from detkd.models import build_detector, load_detector, save_detector
 
 def _teacher_checkpoint(path, *, fpn_channels: int, multiscale: bool = False, seed: int = 5):
     torch.manual_seed(seed)
-    model = build_detector(arch="fcos", backbone="tiny", num_classes=3, min_level=3, max_level=6,
-                           fpn_channels=fpn_channels, head_convs=1, multiscale=multiscale)
+    model = build_detector(
+        arch="fcos",
+        backbone="tiny",
+        num_classes=3,
+        min_level=3,
+        max_level=6,
+        fpn_channels=fpn_channels,
+        head_convs=1,
+        multiscale=multiscale,
+    )
     save_detector(path, model, meta={"input_size": 64, "reference_size": 64, "input_scale": 1.0, "role": "teacher"})
     return path
 
@@ -27,8 +35,13 @@ def test_init_from_teacher_and_copy_neck_head(tmp_path, tiny_dataset, tiny_confi
     teacher_path = _teacher_checkpoint(tmp_path / "t.pt", fpn_channels=32, multiscale=True)
     teacher, _ = load_detector(teacher_path)
     shared = teacher.detector.state_dict()
-    data = tiny_config(tiny_dataset, tmp_path, input={"scale": 0.5}, model={"min_level": 2, "max_level": 5},
-                       distill={"teachers": [{"source": str(teacher_path)}], "msad": {}, "init_from_teacher": True})
+    data = tiny_config(
+        tiny_dataset,
+        tmp_path,
+        input={"scale": 0.5},
+        model={"min_level": 2, "max_level": 5},
+        distill={"teachers": [{"source": str(teacher_path)}], "msad": {}, "init_from_teacher": True},
+    )
     cfg = Config.model_validate(data)
     distiller, student = build_trainable(cfg, 3, [[str(teacher_path), 1.0]])
     own = student.state_dict()
@@ -50,13 +63,22 @@ def test_progressive_stages_chain_student_weights(tmp_path, tiny_dataset, tiny_c
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     weak = _teacher_checkpoint(tmp_path / "weak.pt", fpn_channels=32, seed=6)
     strong = _teacher_checkpoint(tmp_path / "strong.pt", fpn_channels=64, seed=7)
-    data = tiny_config(tiny_dataset, tmp_path, input={"scale": 0.5},
-                       model={"min_level": 2, "max_level": 5}, train={"epochs": 1},
-                       tracking={"log_model": False},
-                       distill={"mgd": {"weight": 2e-5},
-                                "stages": [{"teacher": {"source": str(weak)}},
-                                           # a vanishing lr: stage 2 must END where stage 1 ended if it STARTED there
-                                           {"teacher": {"source": str(strong)}, "settings": {"optim": {"lr": 1e-12}}}]})
+    data = tiny_config(
+        tiny_dataset,
+        tmp_path,
+        input={"scale": 0.5},
+        model={"min_level": 2, "max_level": 5},
+        train={"epochs": 1},
+        tracking={"log_model": False},
+        distill={
+            "mgd": {"weight": 2e-5},
+            "stages": [
+                {"teacher": {"source": str(weak)}},
+                # a vanishing lr: stage 2 must END where stage 1 ended if it STARTED there
+                {"teacher": {"source": str(strong)}, "settings": {"optim": {"lr": 1e-12}}},
+            ],
+        },
+    )
     data["name"], data["role"] = "prog", "student"
     cfg_path = tmp_path / "prog.yaml"
     cfg_path.write_text(json.dumps(data))
@@ -85,13 +107,25 @@ def test_progressive_stages_chain_student_weights(tmp_path, tiny_dataset, tiny_c
 
     # every stage's checkpoint loads in `detkd evaluate`
     for stage in ("prog-stage1", "prog-stage2"):
-        evaluated = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(models / stage / "model.pt"), "--coco",
-                                             str(tiny_dataset / "annotations/instances_val.json"), "--images",
-                                             str(tiny_dataset / "images/val")])
+        evaluated = CliRunner().invoke(
+            app,
+            [
+                "evaluate",
+                "--checkpoint",
+                str(models / stage / "model.pt"),
+                "--coco",
+                str(tiny_dataset / "annotations/instances_val.json"),
+                "--images",
+                str(tiny_dataset / "images/val"),
+            ],
+        )
         assert evaluated.exit_code == 0, evaluated.output
 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("detkd").experiment_id])
-    stages = sorted((r.data.tags["detkd.stage"], r.data.tags["detkd.teacher.0"]) for r in runs
-                    if r.data.tags.get("detkd.progressive") == "prog")
+    stages = sorted(
+        (r.data.tags["detkd.stage"], r.data.tags["detkd.teacher.0"])
+        for r in runs
+        if r.data.tags.get("detkd.progressive") == "prog"
+    )
     assert stages == [("1", str(weak)), ("2", str(strong))]

@@ -53,8 +53,7 @@ def test_train_evaluate_and_track(tiny_dataset, tiny_config, ray_cluster, tmp_pa
 
 
 def test_rerun_resumes_instead_of_retraining(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri):
-    cfg = Config.model_validate(tiny_config(tiny_dataset, tmp_path, train={"epochs": 1},
-                                                 tracking={"log_model": False}))
+    cfg = Config.model_validate(tiny_config(tiny_dataset, tmp_path, train={"epochs": 1}, tracking={"log_model": False}))
     first = run_training(cfg, tracking_uri=mlflow_uri)
     weights = torch.load(first.model_path, weights_only=True)["state_dict"]
     second = run_training(cfg, tracking_uri=mlflow_uri)  # same config -> same Ray run name -> resume
@@ -79,8 +78,17 @@ def test_summary_json_from_cli(tiny_dataset, tiny_config, ray_cluster, tmp_path,
     assert result.exit_code == 0, result.output
     rows = json.loads(summary.read_text())
     assert len(rows) == 1
-    assert set(rows[0]) == {"name", "role", "method", "input_size", "AP", "AP50", "APs", "images_per_s",
-                            "mlflow_run_id"}
+    assert set(rows[0]) == {
+        "name",
+        "role",
+        "method",
+        "input_size",
+        "AP",
+        "AP50",
+        "APs",
+        "images_per_s",
+        "mlflow_run_id",
+    }
     assert rows[0]["method"] == "kd_off"
     assert rows[0]["input_size"] == 64 and rows[0]["images_per_s"] > 0
     assert MlflowClient(mlflow_uri).get_run(rows[0]["mlflow_run_id"]).info.status == "FINISHED"

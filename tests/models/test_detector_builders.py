@@ -12,8 +12,10 @@ from detkd.models.detectors import default_anchor_sizes
 def _batch(size: int = 128):
     torch.manual_seed(0)
     images = [torch.rand(3, size, size), torch.rand(3, size, size)]
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[30.0, 30.0, 40.0, 44.0]]), "labels": torch.tensor([2])}]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[30.0, 30.0, 40.0, 44.0]]), "labels": torch.tensor([2])},
+    ]
     return images, targets
 
 
@@ -104,8 +106,9 @@ def test_two_stage_detector_has_no_dense_logits():
 
 def test_anchor_sizes_follow_strides_and_are_configurable():
     assert default_anchor_sizes("fcos", 2, 4) == [[4.0], [8.0], [16.0]]
-    model = build_detector(arch="fcos", backbone="tiny", num_classes=1, min_level=3, max_level=4,
-                           anchor_sizes=[[6.0], [12.0]])
+    model = build_detector(
+        arch="fcos", backbone="tiny", num_classes=1, min_level=3, max_level=4, anchor_sizes=[[6.0], [12.0]]
+    )
     assert model.anchor_generator.sizes == ((6.0,), (12.0,))
     with pytest.raises(ValueError, match="anchor_sizes has 1 levels"):
         build_detector(arch="fcos", backbone="tiny", num_classes=1, min_level=3, max_level=4, anchor_sizes=[[6.0]])

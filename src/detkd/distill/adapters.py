@@ -55,9 +55,7 @@ def check_pyramids(
     """Raise a ValueError naming the level when a pyramid lacks it or the N, H, W differ."""
     for level in levels:
         if level not in student or level not in teacher:
-            raise ValueError(
-                f"level {level!r} missing: student has {sorted(student)}, teacher has {sorted(teacher)}"
-            )
+            raise ValueError(f"level {level!r} missing: student has {sorted(student)}, teacher has {sorted(teacher)}")
         s, t = student[level], teacher[level]
         if s.dim() != 4 or t.dim() != 4 or s.shape[0] != t.shape[0] or s.shape[-2:] != t.shape[-2:]:
             raise ValueError(

@@ -33,7 +33,11 @@ from detkd.models.taps import DetectorTaps, Features, extract_features, has_dens
 
 # One name -> loss class table for this family (the only string lookup).
 LOSSES: dict[str, type[nn.Module]] = {
-    "mse": FeatureMSELoss, "ssim": SSIMFeatureLoss, "mgd": MGDLoss, "msad": MSADLoss, "dsamkd": DSAMKDLoss,
+    "mse": FeatureMSELoss,
+    "ssim": SSIMFeatureLoss,
+    "mgd": MGDLoss,
+    "msad": MSADLoss,
+    "dsamkd": DSAMKDLoss,
 }
 
 
@@ -87,14 +91,27 @@ class Distiller(nn.Module):
             if index >= len(self._teachers):
                 raise ValueError(f"{name}: teacher index {index} but only {len(self._teachers)} teacher(s)")
             teacher = self._teachers[index]
-            pairs = pair_levels(student_strides, pyramid_strides(teacher.model), student_scale=self.student_scale,
-                                teacher_scale=teacher.scale)
-            if name == "dsamkd" and kwargs.get("logit_weight", 1.0) > 0 and not (
-                    has_dense_logits(student) and has_dense_logits(teacher.model)):
-                raise ValueError("dsamkd's logit branch needs one-stage (fcos/retinanet) student and teacher "
-                                 "(a multi-scale teacher has no single logit map); set dsamkd.logit_weight=0")
-            self.losses[name] = LOSSES[name](levels=[s for s, _ in pairs], student_channels=channels_of(student),
-                                             teacher_channels=channels_of(teacher.model), **kwargs)
+            pairs = pair_levels(
+                student_strides,
+                pyramid_strides(teacher.model),
+                student_scale=self.student_scale,
+                teacher_scale=teacher.scale,
+            )
+            if (
+                name == "dsamkd"
+                and kwargs.get("logit_weight", 1.0) > 0
+                and not (has_dense_logits(student) and has_dense_logits(teacher.model))
+            ):
+                raise ValueError(
+                    "dsamkd's logit branch needs one-stage (fcos/retinanet) student and teacher "
+                    "(a multi-scale teacher has no single logit map); set dsamkd.logit_weight=0"
+                )
+            self.losses[name] = LOSSES[name](
+                levels=[s for s, _ in pairs],
+                student_channels=channels_of(student),
+                teacher_channels=channels_of(teacher.model),
+                **kwargs,
+            )
             self.pairs[name] = pairs
             self.loss_teacher[name] = index
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -107,8 +124,13 @@ class Distiller(nn.Module):
         device = images[0].device
         if next(teacher.model.parameters()).device != device:
             teacher.model.to(device)
-        views = images if teacher.scale == 1.0 else scale_batch(
-            images, [{"boxes": torch.zeros(0, 4, device=device)} for _ in images], factor=teacher.scale)[0]
+        views = (
+            images
+            if teacher.scale == 1.0
+            else scale_batch(
+                images, [{"boxes": torch.zeros(0, 4, device=device)} for _ in images], factor=teacher.scale
+            )[0]
+        )
         with torch.inference_mode():
             feats = extract_features(teacher.model, views)
         # inference tensors cannot be saved for backward; a clone outside inference mode can
@@ -119,8 +141,9 @@ class Distiller(nn.Module):
         return Features(pyramid, logits)
 
     @staticmethod
-    def _paired(student: Mapping[str, Tensor], teacher: Mapping[str, Tensor],
-                pairs: list[tuple[str, str]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def _paired(
+        student: Mapping[str, Tensor], teacher: Mapping[str, Tensor], pairs: list[tuple[str, str]]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         s_out, t_out = {}, {}
         for s_name, t_name in pairs:
             s_out[s_name] = student[s_name]
@@ -146,7 +169,8 @@ class Distiller(nn.Module):
             extra: dict[str, Any] = {"step": step}
             if name == "dsamkd" and taps.has_logits and feats.class_logits is not None:
                 extra["student_logits"], extra["teacher_logits"] = self._paired(
-                    taps.class_logits, feats.class_logits, self.pairs[name])
+                    taps.class_logits, feats.class_logits, self.pairs[name]
+                )
             for term, value in loss(s_pyr, t_pyr, **extra).items():
                 losses[f"kd_{term}"] = value
         self.step += 1

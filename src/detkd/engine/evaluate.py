@@ -56,8 +56,9 @@ def predict(
     inner.eval()
     set_inference_thresholds(inner, score_thresh=score_thresh, detections_per_img=detections_per_img)
     subset = dataset if indices is None else Subset(dataset, indices)
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection,
-                        num_workers=loader_workers)
+    loader = DataLoader(
+        subset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection, num_workers=loader_workers
+    )
     to_category = label_to_category(dataset.source)
     detections: list[dict[str, Any]] = []
     seconds, count = 0.0, 0
@@ -71,20 +72,23 @@ def predict(
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
         count += len(images)
-        for output, target in zip(outputs, targets):
+        for output, target in zip(outputs, targets, strict=True):
             scale = target["scale"].to(torch.float32)
             boxes = output["boxes"].float().cpu() / torch.cat([scale, scale])
-            for box, score, label in zip(boxes.tolist(), output["scores"].float().cpu().tolist(),
-                                         output["labels"].cpu().tolist()):
+            for box, score, label in zip(
+                boxes.tolist(), output["scores"].float().cpu().tolist(), output["labels"].cpu().tolist(), strict=True
+            ):
                 if label not in to_category:
                     continue
                 x1, y1, x2, y2 = box
-                detections.append({
-                    "image_id": int(target["image_id"]),
-                    "category_id": to_category[label],
-                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                    "score": round(float(score), 5),
-                })
+                detections.append(
+                    {
+                        "image_id": int(target["image_id"]),
+                        "category_id": to_category[label],
+                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                        "score": round(float(score), 5),
+                    }
+                )
     inner.train(was_training)
     return Predictions(detections, count, seconds)
 
@@ -111,8 +115,15 @@ def evaluate_distributed(
 ) -> dict[str, float] | None:
     """Each worker predicts every world_size-th image; rank 0 scores the union."""
     indices = list(range(rank, len(dataset), world_size))
-    preds = predict(model, dataset, device=device, batch_size=batch_size, score_thresh=score_thresh,
-                    detections_per_img=detections_per_img, indices=indices)
+    preds = predict(
+        model,
+        dataset,
+        device=device,
+        batch_size=batch_size,
+        score_thresh=score_thresh,
+        detections_per_img=detections_per_img,
+        indices=indices,
+    )
     everything = gather_detections(preds.detections)
     if rank != 0:
         return None
@@ -155,7 +166,13 @@ def evaluate_checkpoint(
     scale = float(meta.get("input_scale", 1.0))
     steps = [ResizeShortSide(size)] + ([ScaleBy(scale)] if scale != 1.0 else [])
     dataset = DetectionDataset(source, transform=Compose(steps), train=False)
-    preds = predict(model, dataset, device=device, batch_size=batch_size, score_thresh=score_thresh,
-                    detections_per_img=detections_per_img)
+    preds = predict(
+        model,
+        dataset,
+        device=device,
+        batch_size=batch_size,
+        score_thresh=score_thresh,
+        detections_per_img=detections_per_img,
+    )
     metrics = coco_metrics(source.to_coco_dict(), preds.detections)
     return CheckpointEvaluation(metrics, preds.images_per_s, int(round(size * scale)), preds.detections, meta)

@@ -43,7 +43,9 @@ def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
     data = cfg.model_dump()
 
     def fix(value: Any) -> Any:
-        return str((base / value).resolve()) if value not in (None, "") and not str(value).startswith(("s3://", "gs://")) else value
+        if value in (None, "") or "://" in str(value):  # URIs (s3://, gs://, file://) are left as given
+            return value
+        return str((base / value).resolve())
 
     for split in ("train", "val"):
         if data["data"][split]:
@@ -75,6 +77,16 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def storage_target(cfg: Config) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for RunConfig: a folder, or a URI with an optional S3 endpoint."""
+    path = str(cfg.run.storage_path)
+    if cfg.run.storage_endpoint and path.startswith("s3://"):
+        import pyarrow.fs
+
+        return path.removeprefix("s3://"), pyarrow.fs.S3FileSystem(endpoint_override=cfg.run.storage_endpoint)
+    return path, None
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Connect to ``address`` (or RAY_ADDRESS), else start a local Ray on this machine."""
     if ray.is_initialized():
@@ -88,8 +100,10 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 def dataset_records(dataset) -> list[dict[str, Any]]:
-    return [{"image_id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height,
-             "boxes": len(r.boxes)} for r in dataset.source.records]
+    return [
+        {"image_id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height, "boxes": len(r.boxes)}
+        for r in dataset.source.records
+    ]
 
 
 def run_training(
@@ -100,7 +114,6 @@ def run_training(
     address: str | None = None,
     extra_tags: dict[str, str] | None = None,
     teacher_names: dict[str, Path] | None = None,
-    test_fault: dict[str, Any] | None = None,
 ) -> TrainOutcome:
     """Train one detector (teacher, plain or distilled student) with Ray Train; log it to MLflow.
 
@@ -108,8 +121,14 @@ def run_training(
     and returns the last stage's outcome.
     """
     if cfg.distill is not None and cfg.distill.stages:
-        return run_progressive(cfg, parent_run_id=parent_run_id, tracking_uri=tracking_uri, address=address,
-                               extra_tags=extra_tags, teacher_names=teacher_names)[-1]
+        return run_progressive(
+            cfg,
+            parent_run_id=parent_run_id,
+            tracking_uri=tracking_uri,
+            address=address,
+            extra_tags=extra_tags,
+            teacher_names=teacher_names,
+        )[-1]
     from detkd.engine.teachers import resolve_teachers
     from detkd.models.checkpoint import load_detector
     from detkd.tracking import RunLogger, log_dataset, log_pytorch_model, resolve_tracking_uri, run_context
@@ -117,8 +136,12 @@ def run_training(
     cfg = absolute_paths(cfg)
     if cfg.data.train is None:
         raise ValueError("config has no data.train split")
-    teachers = resolve_teachers(cfg, names=teacher_names, cache_dir=Path(cfg.run.storage_path) / "teachers",
-                                tracking_uri=tracking_uri or cfg.tracking.tracking_uri)
+    teachers = resolve_teachers(
+        cfg,
+        names=teacher_names,
+        cache_dir=Path(cfg.run.output_dir) / ".teachers",
+        tracking_uri=tracking_uri or cfg.tracking.tracking_uri,
+    )
     # Validate the data here, before any worker starts: a bad dataset fails in seconds with a clear message.
     train_set = build_dataset(cfg, "train", train=True)
     val_set = build_dataset(cfg, "val", train=False) if cfg.data.val is not None else None
@@ -130,41 +153,93 @@ def run_training(
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
     cpus = cfg.scaling.cpus_per_worker or max(1, total_cpus // cfg.scaling.num_workers)
     started = time.perf_counter()
-    tags = {"role": cfg.role, "name": cfg.name, "config_digest": digest, "ray_run": ray_name,
-            "input_size": cfg.input.model_size, "method": cfg.method, **(extra_tags or {})}
+    tags = {
+        "role": cfg.role,
+        "name": cfg.name,
+        "config_digest": digest,
+        "ray_run": ray_name,
+        "input_size": cfg.input.model_size,
+        "method": cfg.method,
+        **(extra_tags or {}),
+    }
     for i, (path, scale) in enumerate(teachers):
         tags[f"teacher.{i}"] = path
         tags[f"teacher.{i}.scale"] = scale
-    with run_context(tracking_uri=uri, experiment=cfg.tracking.experiment, run_name=cfg.name, tags=tags,
-                     parent_run_id=parent_run_id) as run_id:
+    resume_id = unfinished_run(uri, cfg.tracking.experiment, ray_name)
+    with run_context(
+        tracking_uri=uri,
+        experiment=cfg.tracking.experiment,
+        run_name=cfg.name,
+        tags=tags,
+        parent_run_id=parent_run_id,
+        resume_run_id=resume_id,
+    ) as run_id:
         logger = RunLogger(tracking_uri=uri, run_id=run_id)
-        logger.params(cfg.model_dump(mode="json"))
+        if resume_id:
+            print(f"continuing MLflow run {run_id} of the interrupted attempt at {ray_name}", flush=True)
+        else:
+            logger.params(cfg.model_dump(mode="json"))
         logger.dict(cfg.model_dump(mode="json"), "config.json")
-        log_dataset(tracking_uri=uri, run_id=run_id, records=dataset_records(train_set),
-                    source=str(cfg.data.train.coco or cfg.data.train.parquet), name=f"{cfg.name}-train", context="train")
+        log_dataset(
+            tracking_uri=uri,
+            run_id=run_id,
+            records=dataset_records(train_set),
+            source=str(cfg.data.train.coco or cfg.data.train.parquet),
+            name=f"{cfg.name}-train",
+            context="train",
+        )
         if val_set is not None:
-            log_dataset(tracking_uri=uri, run_id=run_id, records=dataset_records(val_set),
-                        source=str(cfg.data.val.coco or cfg.data.val.parquet), name=f"{cfg.name}-val", context="eval")
+            log_dataset(
+                tracking_uri=uri,
+                run_id=run_id,
+                records=dataset_records(val_set),
+                source=str(cfg.data.val.coco or cfg.data.val.parquet),
+                name=f"{cfg.name}-val",
+                context="eval",
+            )
         loop_config: dict[str, Any] = {
-            "config": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id, "threads_per_worker": cpus,
+            "config": cfg.model_dump(mode="json"),
+            "tracking_uri": uri,
+            "run_id": run_id,
+            "threads_per_worker": cpus,
             "teachers": teachers,
-            "meta": {"name": cfg.name, "role": cfg.role, "input_size": cfg.input.model_size, "method": cfg.method,
-                     "input_scale": cfg.input.scale, "reference_size": cfg.input.size, "mlflow_run_id": run_id,
-                     "categories": [{"id": c.id, "name": c.name} for c in train_set.source.categories]},
+            "meta": {
+                "name": cfg.name,
+                "role": cfg.role,
+                "input_size": cfg.input.model_size,
+                "method": cfg.method,
+                "input_scale": cfg.input.scale,
+                "reference_size": cfg.input.size,
+                "mlflow_run_id": run_id,
+                "categories": [{"id": c.id, "name": c.name} for c in train_set.source.categories],
+            },
         }
-        if test_fault:
-            loop_config.update(test_fault)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        loop_config["fault_marker"] = str(out_dir / ".fault-injected")  # debug.fail_at_step fires once per run
+        storage_path, storage_filesystem = storage_target(cfg)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                                   resources_per_worker={"CPU": cpus}),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cpus}
+            ),
             run_config=ray.train.RunConfig(
-                name=ray_name, storage_path=str(cfg.run.storage_path),
+                name=ray_name,
+                storage_path=storage_path,
+                storage_filesystem=storage_filesystem,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            ),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except KeyboardInterrupt:
+            print(
+                f"interrupted: checkpoints are kept under {cfg.run.storage_path}/{ray_name}; "
+                "run the same command again to resume",
+                flush=True,
+            )
+            raise
         if result.checkpoint is None:
             raise RuntimeError(f"training run {ray_name} finished without a checkpoint")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,8 +255,25 @@ def run_training(
         if cfg.tracking.log_model:
             model, _ = load_detector(model_path)
             log_pytorch_model(tracking_uri=uri, run_id=run_id, model=model)
-    return TrainOutcome(name=cfg.name, role=cfg.role, model_path=model_path, run_id=run_id, metrics=metrics,
-                        input_size=cfg.input.model_size, seconds=time.perf_counter() - started, method=cfg.method)
+    return TrainOutcome(
+        name=cfg.name,
+        role=cfg.role,
+        model_path=model_path,
+        run_id=run_id,
+        metrics=metrics,
+        input_size=cfg.input.model_size,
+        seconds=time.perf_counter() - started,
+        method=cfg.method,
+    )
+
+
+def unfinished_run(tracking_uri: str, experiment: str, ray_name: str) -> str | None:
+    """The MLflow run of an interrupted or crashed attempt at this Ray run, to continue its history."""
+    from detkd.tracking import find_runs
+
+    runs = find_runs(tracking_uri, experiment, {"detkd.ray_run": ray_name})
+    unfinished = [r for r in runs if r.info.status in ("RUNNING", "KILLED", "FAILED")]
+    return unfinished[0].info.run_id if unfinished else None
 
 
 def stage_configs(cfg: Config) -> list[Config]:
@@ -203,20 +295,31 @@ def stage_configs(cfg: Config) -> list[Config]:
     return out
 
 
-def run_progressive(cfg: Config, *, parent_run_id: str | None = None, tracking_uri: str | None = None,
-                    address: str | None = None, extra_tags: dict[str, str] | None = None,
-                    teacher_names: dict[str, Path] | None = None) -> list[TrainOutcome]:
+def run_progressive(
+    cfg: Config,
+    *,
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    teacher_names: dict[str, Path] | None = None,
+) -> list[TrainOutcome]:
     """Multi-teacher progressive distillation: only the student's weights travel between stages."""
     outcomes: list[TrainOutcome] = []
     stages = stage_configs(cfg)
     for k, stage in enumerate(stages, start=1):
         if outcomes:
-            stage = stage.model_copy(update={"model": stage.model.model_copy(
-                update={"weights": outcomes[-1].model_path})})
-        outcome = run_training(stage, parent_run_id=parent_run_id, tracking_uri=tracking_uri, address=address,
-                               extra_tags={**(extra_tags or {}), "progressive": cfg.name, "stage": str(k),
-                                           "stages": str(len(stages))},
-                               teacher_names=teacher_names)
+            stage = stage.model_copy(
+                update={"model": stage.model.model_copy(update={"weights": outcomes[-1].model_path})}
+            )
+        outcome = run_training(
+            stage,
+            parent_run_id=parent_run_id,
+            tracking_uri=tracking_uri,
+            address=address,
+            extra_tags={**(extra_tags or {}), "progressive": cfg.name, "stage": str(k), "stages": str(len(stages))},
+            teacher_names=teacher_names,
+        )
         outcomes.append(outcome)
     final = outcomes[-1]
     # the progressive student's own name points at the last stage's checkpoint
@@ -225,7 +328,16 @@ def run_progressive(cfg: Config, *, parent_run_id: str | None = None, tracking_u
     for name in (MODEL_FILE, f"{MODEL_FILE}.sha256"):
         shutil.copyfile(final.model_path.parent / name, out_dir / f".{name}.tmp")
         os.replace(out_dir / f".{name}.tmp", out_dir / name)
-    outcomes.append(TrainOutcome(name=cfg.name, role=cfg.role, model_path=out_dir / MODEL_FILE, run_id=final.run_id,
-                                 metrics=final.metrics, input_size=final.input_size,
-                                 seconds=sum(o.seconds for o in outcomes), method="progressive"))
+    outcomes.append(
+        TrainOutcome(
+            name=cfg.name,
+            role=cfg.role,
+            model_path=out_dir / MODEL_FILE,
+            run_id=final.run_id,
+            metrics=final.metrics,
+            input_size=final.input_size,
+            seconds=sum(o.seconds for o in outcomes),
+            method="progressive",
+        )
+    )
     return outcomes

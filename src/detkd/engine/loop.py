@@ -90,7 +90,7 @@ def reduce_means(values: dict[str, float]) -> dict[str, float]:
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(tensor)
     tensor /= dist.get_world_size()
-    return dict(zip(keys, tensor.tolist()))
+    return dict(zip(keys, tensor.tolist(), strict=True))
 
 
 def format_eta(seconds: float) -> str:
@@ -124,7 +124,9 @@ def train_step(
             losses = {**losses, **extra_losses()}
         total = sum(losses.values())
     if not torch.isfinite(total):
-        raise FloatingPointError(f"non-finite loss {float(total)}: terms {({k: float(v) for k, v in losses.items()})}")
+        raise FloatingPointError(
+            f"non-finite loss {float(total)}: terms { ({k: float(v) for k, v in losses.items()}) }"
+        )
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(total).backward()

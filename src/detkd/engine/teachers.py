@@ -12,15 +12,19 @@ from detkd.config import Config, ConfigError, TeacherRef
 from detkd.models.checkpoint import read_detector_payload
 
 
-def resolve_source(source: str, *, names: dict[str, Path] | None = None, cache_dir: Path,
-                   tracking_uri: str | None = None) -> Path:
+def resolve_source(
+    source: str, *, names: dict[str, Path] | None = None, cache_dir: Path, tracking_uri: str | None = None
+) -> Path:
     if names and source in names:
         return names[source]
     if source.startswith("mlflow:"):
         from detkd.tracking import download_checkpoint
 
-        return download_checkpoint(run_id=source.removeprefix("mlflow:"), tracking_uri=tracking_uri,
-                                   dest=cache_dir / source.removeprefix("mlflow:"))
+        return download_checkpoint(
+            run_id=source.removeprefix("mlflow:"),
+            tracking_uri=tracking_uri,
+            dest=cache_dir / source.removeprefix("mlflow:"),
+        )
     path = Path(source).expanduser()
     if path.is_file():
         return path.resolve()
@@ -28,8 +32,9 @@ def resolve_source(source: str, *, names: dict[str, Path] | None = None, cache_d
     raise ConfigError(f"teacher {source!r}: no such checkpoint file, pipeline model or mlflow:<run_id>{known}")
 
 
-def resolve_teachers(cfg: Config, *, names: dict[str, Path] | None = None, cache_dir: Path,
-                     tracking_uri: str | None = None) -> list[tuple[str, float]]:
+def resolve_teachers(
+    cfg: Config, *, names: dict[str, Path] | None = None, cache_dir: Path, tracking_uri: str | None = None
+) -> list[tuple[str, float]]:
     """[(absolute checkpoint path, input scale vs the reference view)] for ``cfg.distill.teachers``."""
     if cfg.distill is None:
         return []

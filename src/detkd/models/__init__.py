@@ -4,5 +4,13 @@ from detkd.models.checkpoint import CheckpointError, load_detector, save_detecto
 from detkd.models.detectors import ARCHS, build_detector, detector_config, pyramid_strides
 from detkd.models.taps import DetectorTaps
 
-__all__ = ["ARCHS", "CheckpointError", "DetectorTaps", "build_detector", "detector_config", "load_detector",
-           "pyramid_strides", "save_detector"]
+__all__ = [
+    "ARCHS",
+    "CheckpointError",
+    "DetectorTaps",
+    "build_detector",
+    "detector_config",
+    "load_detector",
+    "pyramid_strides",
+    "save_detector",
+]

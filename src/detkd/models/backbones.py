@@ -58,15 +58,17 @@ class TinyBody(nn.Module):
         stages = []
         cin = widths[0]
         for cout in widths:
-            stages.append(nn.Sequential(ConvBNReLU(cin, cout, stride=2, norm=norm_layer), ConvBNReLU(cout, cout, norm=norm_layer)))
+            stages.append(
+                nn.Sequential(ConvBNReLU(cin, cout, stride=2, norm=norm_layer), ConvBNReLU(cout, cout, norm=norm_layer))
+            )
             cin = cout
         self.stages = nn.ModuleList(stages)
-        self.channels = dict(zip(STAGE_LEVELS, widths))
+        self.channels = dict(zip(STAGE_LEVELS, widths, strict=True))
 
     def forward(self, x: Tensor) -> dict[int, Tensor]:
         x = self.stem(x)
         out = {}
-        for level, stage in zip(STAGE_LEVELS, self.stages):
+        for level, stage in zip(STAGE_LEVELS, self.stages, strict=True):
             x = stage(x)
             out[level] = x
         return out
@@ -83,12 +85,14 @@ class ResNetBody(nn.Module):
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         expansion = 4 if name == "resnet50" else 1
-        self.channels = dict(zip(STAGE_LEVELS, [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]))
+        self.channels = dict(
+            zip(STAGE_LEVELS, [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion], strict=True)
+        )
 
     def forward(self, x: Tensor) -> dict[int, Tensor]:
         x = self.stem(x)
         out = {}
-        for level, stage in zip(STAGE_LEVELS, self.stages):
+        for level, stage in zip(STAGE_LEVELS, self.stages, strict=True):
             x = stage(x)
             out[level] = x
         return out

@@ -66,11 +66,15 @@ def load_payload(path: Path, *, verify: bool = True) -> dict[str, Any]:
     if verify and sidecar.is_file():
         expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
         if _sha256(data) != expected:
-            raise CheckpointError(f"{path}: checksum mismatch (file is corrupted or truncated; expected {expected[:12]}...)")
+            raise CheckpointError(
+                f"{path}: checksum mismatch (file is corrupted or truncated; expected {expected[:12]}...)"
+            )
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for broken archives
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]
+        ) from exc
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(payload).__name__}")
     return payload
@@ -119,8 +123,12 @@ def _load_state(model: nn.Module, state: dict[str, Any], path: Path) -> None:
     wrong = [k for k, v in state.items() if k in own and hasattr(v, "shape") and own[k].shape != v.shape]
     if wrong:
         k = wrong[0]
-        raise CheckpointError(f"{path}: shape mismatch for {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                              f" ({len(wrong)} tensors differ)")
+        raise CheckpointError(
+            f"{path}: shape mismatch for {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            f" ({len(wrong)} tensors differ)"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise CheckpointError(
+            f"{path}: checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )

@@ -31,8 +31,13 @@ class NormalizeAndPad(GeneralizedRCNNTransform):
     """torchvision's detection transform minus the resize: normalise, pad, batch."""
 
     def __init__(self, *, size_divisible: int) -> None:
-        super().__init__(min_size=1, max_size=1 << 16, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
-                         size_divisible=size_divisible)
+        super().__init__(
+            min_size=1,
+            max_size=1 << 16,
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
+            size_divisible=size_divisible,
+        )
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
         return image, target
@@ -99,10 +104,22 @@ def build_detector(
     if len(sizes) != n_levels:
         raise ValueError(f"anchor_sizes has {len(sizes)} levels, the pyramid P{min_level}-P{max_level} has {n_levels}")
     config = dict(
-        arch=arch, backbone=backbone, num_classes=num_classes, min_level=min_level, max_level=max_level,
-        fpn_channels=fpn_channels, head_convs=head_convs, anchor_sizes=[list(map(float, s)) for s in sizes],
-        score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img, norm=norm,
-        backbone_weights=None, weights=None, multiscale=multiscale, low_res_scale=low_res_scale,
+        arch=arch,
+        backbone=backbone,
+        num_classes=num_classes,
+        min_level=min_level,
+        max_level=max_level,
+        fpn_channels=fpn_channels,
+        head_convs=head_convs,
+        anchor_sizes=[list(map(float, s)) for s in sizes],
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        norm=norm,
+        backbone_weights=None,
+        weights=None,
+        multiscale=multiscale,
+        low_res_scale=low_res_scale,
         fused_loss_weight=fused_loss_weight,
     )
     if multiscale:
@@ -119,19 +136,40 @@ def build_detector(
     classes = num_classes + 1  # index 0 is background for every arch: one label space everywhere
     common = dict(min_size=1, max_size=1 << 16)
     if arch == "fcos":
-        model = FCOS(pyramid, classes, anchor_generator=anchors,
-                     head=FCOSHead(fpn_channels, n_anchors, classes, num_convs=head_convs),
-                     score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img, **common)
+        model = FCOS(
+            pyramid,
+            classes,
+            anchor_generator=anchors,
+            head=FCOSHead(fpn_channels, n_anchors, classes, num_convs=head_convs),
+            score_thresh=score_thresh,
+            nms_thresh=nms_thresh,
+            detections_per_img=detections_per_img,
+            **common,
+        )
     elif arch == "retinanet":
         head = RetinaNetHead(fpn_channels, n_anchors, classes, norm_layer=lambda c: nn.GroupNorm(min(32, c // 4), c))
-        model = RetinaNet(pyramid, classes, anchor_generator=anchors, head=head, score_thresh=score_thresh,
-                          nms_thresh=nms_thresh, detections_per_img=detections_per_img, **common)
+        model = RetinaNet(
+            pyramid,
+            classes,
+            anchor_generator=anchors,
+            head=head,
+            score_thresh=score_thresh,
+            nms_thresh=nms_thresh,
+            detections_per_img=detections_per_img,
+            **common,
+        )
     else:
         roi_levels = [name for name in pyramid.level_names if int(name[1:]) <= 5]
-        model = FasterRCNN(pyramid, classes, rpn_anchor_generator=anchors,
-                           box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2),
-                           box_score_thresh=score_thresh, box_nms_thresh=nms_thresh,
-                           box_detections_per_img=detections_per_img, **common)
+        model = FasterRCNN(
+            pyramid,
+            classes,
+            rpn_anchor_generator=anchors,
+            box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2),
+            box_score_thresh=score_thresh,
+            box_nms_thresh=nms_thresh,
+            box_detections_per_img=detections_per_img,
+            **common,
+        )
     model.transform = NormalizeAndPad(size_divisible=max(32, 2**max_level))
     model.detkd_config = config
     if weights is not None:
@@ -153,15 +191,21 @@ def _build_multiscale(config: dict[str, Any]) -> nn.Module:
         raise ValueError(f"low_res_scale must be 1/2**k (0.5, 0.25, ...), got {config['low_res_scale']}")
     low_min = config["min_level"] - int(round(shift))
     if low_min < 2:
-        raise ValueError(f"min_level {config['min_level']} leaves no level P{low_min} for the low-resolution branch; "
-                         f"use min_level >= {2 + int(round(shift))}")
+        raise ValueError(
+            f"min_level {config['min_level']} leaves no level P{low_min} for the low-resolution branch; "
+            f"use min_level >= {2 + int(round(shift))}"
+        )
     inner_kwargs = {**config, "multiscale": False, "min_level": low_min, "anchor_sizes": None}
     inner = build_detector(**inner_kwargs)
-    model = MultiScaleDetector(inner, min_level=config["min_level"], max_level=config["max_level"],
-                               anchor_sizes=config["anchor_sizes"], low_res_scale=config["low_res_scale"],
-                               fused_loss_weight=config["fused_loss_weight"],
-                               low_res_transform=NormalizeAndPad(size_divisible=max(32, 2 ** (config["max_level"]
-                                                                                             - int(round(shift))))))
+    model = MultiScaleDetector(
+        inner,
+        min_level=config["min_level"],
+        max_level=config["max_level"],
+        anchor_sizes=config["anchor_sizes"],
+        low_res_scale=config["low_res_scale"],
+        fused_loss_weight=config["fused_loss_weight"],
+        low_res_transform=NormalizeAndPad(size_divisible=max(32, 2 ** (config["max_level"] - int(round(shift))))),
+    )
     model.detkd_config = config
     return model
 
@@ -185,4 +229,3 @@ def set_inference_thresholds(model: nn.Module, *, score_thresh: float, detection
     else:
         model.score_thresh = score_thresh
         model.detections_per_img = detections_per_img
-

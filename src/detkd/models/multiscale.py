@@ -46,8 +46,17 @@ class CrossFeatureFusion(nn.Module):
 class MultiScaleDetector(nn.Module):
     """Wrap a one-stage torchvision detector whose pyramid spans P(min_level - k)..P(max_level)."""
 
-    def __init__(self, detector: nn.Module, *, min_level: int, max_level: int, anchor_sizes: list[list[float]],
-                 low_res_scale: float = 0.5, fused_loss_weight: float = 0.4, low_res_transform: nn.Module) -> None:
+    def __init__(
+        self,
+        detector: nn.Module,
+        *,
+        min_level: int,
+        max_level: int,
+        anchor_sizes: list[list[float]],
+        low_res_scale: float = 0.5,
+        fused_loss_weight: float = 0.4,
+        low_res_transform: nn.Module,
+    ) -> None:
         super().__init__()
         shift = -math.log2(low_res_scale)
         if low_res_scale >= 1 or abs(shift - round(shift)) > 1e-6:
@@ -59,11 +68,14 @@ class MultiScaleDetector(nn.Module):
         self.low_res_scale = low_res_scale
         self.fused_loss_weight = fused_loss_weight
         channels = detector.backbone.out_channels
-        self.fusions = nn.ModuleDict({f"p{lvl}": CrossFeatureFusion(channels) for lvl in range(min_level, max_level + 1)})
+        self.fusions = nn.ModuleDict(
+            {f"p{lvl}": CrossFeatureFusion(channels) for lvl in range(min_level, max_level + 1)}
+        )
         ratios = (1.0,) if isinstance(detector, FCOS) else (0.5, 1.0, 2.0)
         self.high_anchors = AnchorGenerator(tuple(tuple(s) for s in anchor_sizes), (ratios,) * len(anchor_sizes))
-        self.low_anchors = AnchorGenerator(tuple(tuple(v * low_res_scale for v in s) for s in anchor_sizes),
-                                           (ratios,) * len(anchor_sizes))
+        self.low_anchors = AnchorGenerator(
+            tuple(tuple(v * low_res_scale for v in s) for s in anchor_sizes), (ratios,) * len(anchor_sizes)
+        )
         self.last_fusion_weights: dict[str, Tensor] = {}
 
     # The distiller and evaluation code read these like any detector's.
@@ -86,7 +98,9 @@ class MultiScaleDetector(nn.Module):
         high_all = self.detector.backbone(high_list.tensors)
         low_all = self.detector.backbone(low_list.tensors)
         high = OrderedDict((f"p{lvl}", high_all[f"p{lvl}"]) for lvl in range(self.min_level, self.max_level + 1))
-        low = OrderedDict((f"p{lvl}", low_all[f"p{lvl - self.shift}"]) for lvl in range(self.min_level, self.max_level + 1))
+        low = OrderedDict(
+            (f"p{lvl}", low_all[f"p{lvl - self.shift}"]) for lvl in range(self.min_level, self.max_level + 1)
+        )
         fused = OrderedDict()
         for name in high:
             fused[name] = self.fusions[name](high[name], low[name])

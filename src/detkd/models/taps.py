@@ -24,7 +24,7 @@ def dense_logits_by_level(dense: Tensor, pyramid: OrderedDict[str, Tensor]) -> O
     for name, feat in pyramid.items():
         h, w = feat.shape[-2:]
         count = h * w * anchors
-        chunk = dense[:, start:start + count]  # ordered (h, w, a)
+        chunk = dense[:, start : start + count]  # ordered (h, w, a)
         out[name] = chunk.reshape(n, h, w, anchors, k).permute(0, 3, 4, 1, 2).reshape(n, anchors * k, h, w)
         start += count
     return out

@@ -1,0 +1,147 @@
+"""Submit pipelines and runs to a Ray cluster through the Ray Jobs API.
+
+The job ships the project folder (code, configs, pipeline specs; not data, git
+history, MLflow stores or checkpoints) as its working directory and runs the
+same ``detkd`` command there that you would run locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from detkd.config import ConfigError
+
+# gitignore syntax, relative to the project root ("/data" would otherwise also drop src/detkd/data)
+EXCLUDES = [
+    "/.git",
+    "/.venv",
+    "/venv",
+    "/data",
+    "/runs",
+    "/mlruns",
+    "/mlartifacts",
+    "/mlflow.db",
+    "/ray_results",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.parquet",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def use_local_token() -> None:
+    """Ray 2.60 clusters started here enable token auth; the Jobs client must opt in to send the token.
+
+    Setting RAY_AUTH_MODE alone is not enough once Ray's config is cached in this
+    process, so ask Ray to re-read it (the same call ``ray.init`` makes).
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file():
+        try:
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        except ImportError:  # a Ray without token auth
+            pass
+
+
+def client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    use_local_token()
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # connection errors come in many types
+        raise ConfigError(f"cannot reach the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+
+
+def command_for(spec: Path, project_root: Path, overrides: list[str]) -> list[str]:
+    """``detkd run|train|distill`` for a pipeline spec or a run config, path relative to the project."""
+    spec = spec.resolve()
+    try:
+        relative = spec.relative_to(project_root.resolve())
+    except ValueError:
+        raise ConfigError(
+            f"{spec}: must be inside the project folder {project_root} so it travels with the job"
+        ) from None
+    data = yaml.safe_load(spec.read_text()) if spec.is_file() else None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{spec}: not a YAML mapping (a pipeline spec or a run config)")
+    if "teachers" in data or "students" in data:
+        verb = "run"
+    elif data.get("distill"):
+        verb = "distill"
+    else:
+        verb = "train"
+    command = ["python", "-m", "detkd.cli", verb, str(relative)]
+    for item in overrides:
+        command += ["--set", item]
+    return command
+
+
+def runtime_env(project_root: Path, *, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    env = {"PYTHONPATH": "src", "RAY_TRAIN_V2_ENABLED": "1", **(extra_env or {})}
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        env.setdefault("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
+    return {"working_dir": str(project_root), "excludes": EXCLUDES, "env_vars": env}
+
+
+def submit(
+    spec: Path,
+    *,
+    address: str,
+    project_root: Path,
+    overrides: list[str] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> str:
+    entrypoint = shlex.join(command_for(spec, project_root, overrides or []))
+    jobs = client(address)
+    deadline = time.monotonic() + 90
+    while True:  # a freshly started head answers before its job agent is ready
+        try:
+            return jobs.submit_job(
+                entrypoint=entrypoint,
+                runtime_env=runtime_env(project_root, extra_env=extra_env),
+                metadata={"detkd.spec": str(spec)},
+            )
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise ConfigError(f"submitting to {address} failed: {str(exc).splitlines()[0]}") from None
+            time.sleep(3)
+
+
+def follow(job_id: str, *, address: str, out=sys.stdout) -> str:
+    """Stream the job's logs until it ends; returns its final status."""
+    jobs = client(address)
+
+    async def stream() -> None:
+        async for chunk in jobs.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    asyncio.run(stream())
+    return str(jobs.get_job_status(job_id).value)
+
+
+def find_project_root(start: Path) -> Path:
+    """The nearest folder above ``start`` holding pyproject.toml (the code the job needs)."""
+    for folder in [start.resolve(), *start.resolve().parents]:
+        if (folder / "pyproject.toml").is_file() and (folder / "src" / "detkd").is_dir():
+            return folder
+    raise ConfigError(f"{start}: no detkd project folder (pyproject.toml + src/detkd) above it to ship with the job")

@@ -1,0 +1,197 @@
+"""Cluster-scale behaviour on a local Ray: DDP equivalence, worker loss and restart, corrupt state, Ray Jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from detkd.cli import app
+from detkd.config import Config
+from detkd.engine.launch import run_training
+from detkd.models.checkpoint import CheckpointError, load_payload
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _loss_history(uri: str, run_id: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "train/loss"))
+
+
+def test_two_workers_reproduce_one_worker_with_the_same_global_batch(
+    tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri
+):
+    """Same global batch of 8: one worker x 8 images vs two DDP workers x 4 images.
+
+    Frozen BN (no batch statistics) and no flips, so the only differences left are the
+    per-worker normalisation of the detection loss and float reduction order.
+    """
+    curves = {}
+    for workers in (1, 2):
+        data = tiny_config(
+            tiny_dataset,
+            tmp_path / f"w{workers}",
+            train={"epochs": 1, "batch_size": 8 // workers, "log_every": 1},
+            model={"norm": "frozen_bn"},
+            input={"hflip": 0.0},
+            scaling={"num_workers": workers, "cpus_per_worker": 1},
+            tracking={"log_model": False},
+        )
+        data["name"] = f"ddp{workers}"
+        outcome = run_training(Config.model_validate(data), tracking_uri=mlflow_uri)
+        curves[workers] = _loss_history(mlflow_uri, outcome.run_id)
+    one, two = curves[1], curves[2]
+    assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3, 4]
+    assert two[0][1] == pytest.approx(one[0][1], rel=0.05)  # identical weights and images at step 1
+    for (_, a), (_, b) in zip(one, two, strict=True):
+        assert b == pytest.approx(a, rel=0.15)
+
+
+def test_killed_worker_restarts_from_last_checkpoint(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri):
+    data = tiny_config(
+        tiny_dataset,
+        tmp_path,
+        train={"epochs": 2, "log_every": 1, "checkpoint_every_steps": 2},
+        run={"max_failures": 2},
+        debug={"fail_at_step": 5},
+        tracking={"log_model": False},
+    )
+    outcome = run_training(Config.model_validate(data), tracking_uri=mlflow_uri)
+    assert (tmp_path / "models/tiny/.fault-injected").read_text() == "5"  # the fault really fired
+    assert outcome.metrics["step"] == 8
+    steps = [s for s, _ in _loss_history(mlflow_uri, outcome.run_id)]
+    # killed after step 5, restarted from the step-4 checkpoint: only step 5 is repeated
+    assert sorted(set(steps)) == list(range(1, 9))
+    repeated = len(steps) - len(set(steps))
+    assert repeated <= 2  # at most the checkpoint interval
+    run = MlflowClient(mlflow_uri).get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+
+
+def test_corrupt_training_state_is_refused_naming_the_file(tmp_path):
+    from detkd.models.checkpoint import save_payload
+
+    path = tmp_path / "train_state.pt"
+    save_payload(path, {"step": 3, "model": {}})
+    assert load_payload(path)["step"] == 3
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x55
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{path}: checksum mismatch"):
+        load_payload(path)
+    path.write_bytes(bytes(data[:40]))
+    (tmp_path / "train_state.pt.sha256").unlink()
+    with pytest.raises(CheckpointError, match=f"{path}: not a readable torch checkpoint"):
+        load_payload(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A separate `ray start --head` on 127.0.0.1 owned by this test (its process group is stopped after)."""
+    dashboard = _free_port()
+    temp_dir = Path("/tmp") / f"detkd-ray-{os.getpid()}-{dashboard}"  # short: Ray's socket paths have a length limit
+    cmd = [
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        f"--port={_free_port()}",
+        "--dashboard-host",
+        "127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        f"--temp-dir={temp_dir}",
+    ]
+    log = open(tmp_path / "ray-head.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    from detkd.submit import client
+
+    while True:
+        try:
+            client(address).list_jobs()
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                pytest.fail(f"ray head did not come up: {(tmp_path / 'ray-head.log').read_text()[-2000:]}")
+            time.sleep(2)
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_submit_runs_a_job_and_reports_failure(tiny_dataset, tiny_config, ray_head, tmp_path):
+    project = tmp_path / "project"  # a project folder: code + the config, shipped as the job's working dir
+    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", project / "pyproject.toml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = tiny_config(tiny_dataset, tmp_path / "out", train={"epochs": 1}, tracking={"log_model": False})
+    (project / "good.yaml").write_text(json.dumps(data))
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        [
+            "submit",
+            str(project / "good.yaml"),
+            "--address",
+            ray_head,
+            "--follow",
+            "--env",
+            f"MLFLOW_TRACKING_URI={uri}",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "SUCCEEDED" in result.output
+    assert (tmp_path / "out/models/tiny/model.pt").is_file()
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("detkd").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+
+    listed = runner.invoke(app, ["jobs", "list", "--address", ray_head])
+    assert listed.exit_code == 0 and "SUCCEEDED" in listed.output
+
+    bad = dict(data, train={"epochs": 1, "batch_size": 1000})  # more than the data: the job fails
+    (project / "bad.yaml").write_text(json.dumps(bad))
+    failed = runner.invoke(
+        app,
+        ["submit", str(project / "bad.yaml"), "--address", ray_head, "--follow", "--env", f"MLFLOW_TRACKING_URI={uri}"],
+    )
+    assert failed.exit_code == 1, failed.output
+    assert "FAILED" in failed.output
+    job_id = failed.output.split("submitted job ")[1].split()[0]
+    status = runner.invoke(app, ["jobs", "status", job_id, "--address", ray_head])
+    assert status.exit_code == 1 and "FAILED" in status.output
+
+
+def test_submit_refuses_specs_outside_a_project(tmp_path):
+    spec = tmp_path / "x.yaml"
+    spec.write_text("name: x\n")
+    result = CliRunner().invoke(app, ["submit", str(spec), "--address", "http://127.0.0.1:1"])
+    assert result.exit_code == 2
+    assert "no detkd project folder" in result.output
