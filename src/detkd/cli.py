@@ -152,9 +152,8 @@ def distill(
 def _train(config: Path, overrides, summary, skip_invalid: bool, address, *, distill: bool) -> None:
     from detkd.config import ConfigError, load_config
     from detkd.engine.datasets import open_split
-    from detkd.engine.evaluate import evaluate_checkpoint
     from detkd.engine.launch import run_training, stage_configs
-    from detkd.pipeline import summary_row, write_summary
+    from detkd.pipeline import evaluation_row, write_summary
 
     try:
         cfg = load_config(config, overrides or [])
@@ -162,6 +161,8 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, *, dis
             raise ConfigError(f"{config}: distill: needs distill.teachers (or distill.stages) and a method")
         if cfg.distill is not None and cfg.distill.stages:
             stage_configs(cfg)  # validate every stage before training any
+        if summary is not None and cfg.data.val is None:
+            raise ConfigError(f"{config}: data.val: --summary needs a validation split to evaluate on")
         if skip_invalid:
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"skip_invalid": True})})
         outcome = run_training(cfg, address=address)
@@ -169,28 +170,9 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, *, dis
         _fail(exc)
     console.print(f"[green]done[/green]: {outcome.model_path} (MLflow run {outcome.run_id}, {outcome.seconds:.0f}s)")
     if summary is not None:
-        if cfg.data.val is None:
-            _fail(ValueError("--summary needs a data.val split to evaluate on"))
-        result = evaluate_checkpoint(
-            outcome.model_path,
-            open_split(cfg.data.val, skip_invalid=cfg.data.skip_invalid),
-            batch_size=cfg.eval.batch_size,
-            score_thresh=cfg.eval.score_thresh,
-        )
-        write_summary(
-            [
-                summary_row(
-                    name=cfg.name,
-                    role=cfg.role,
-                    input_size=result.input_size,
-                    metrics=result.metrics,
-                    images_per_s=result.images_per_s,
-                    run_id=outcome.run_id,
-                    method=cfg.method,
-                )
-            ],
-            summary,
-        )
+        source = open_split(cfg.data.val, skip_invalid=cfg.data.skip_invalid)
+        row, _ = evaluation_row(cfg, outcome, source, batch_size=cfg.eval.batch_size)
+        write_summary([row], summary)
 
 
 @app.command("evaluate")

@@ -208,6 +208,8 @@ class DistillConfig(_Section):
     init_from_teacher: bool = Field(False, description="copy every teacher-0 tensor whose name and shape match")
     copy_neck_head: bool = Field(False, description="copy teacher-0 FPN and head where shapes match")
     stages: list[StageConfig] = Field(default_factory=list, description="progressive: teachers weaker first")
+    teacher_bf16: bool = Field(True, description="GPU: run frozen teachers under bf16 autocast")
+    teacher_channels_last: bool = Field(True, description="GPU: frozen teachers in channels-last memory format")
 
     def methods(self) -> dict[str, _Section]:
         return {name: getattr(self, name) for name in METHOD_ORDER if getattr(self, name) is not None}

@@ -139,7 +139,6 @@ def ensure_synthetic_data(spec: PipelineSpec) -> dict[str, Any]:
 def run_pipeline(spec: PipelineSpec, *, address: str | None = None, console=None) -> list[dict[str, Any]]:
     """Run every step; returns one summary row per trained model."""
     from detkd.engine.datasets import open_split
-    from detkd.engine.evaluate import evaluate_checkpoint
     from detkd.engine.launch import ensure_ray, run_training
     from detkd.tracking import RunLogger, resolve_tracking_uri, run_context
 
@@ -204,21 +203,7 @@ def run_pipeline(spec: PipelineSpec, *, address: str | None = None, console=None
             ) as eval_id:
                 eval_logger = RunLogger(tracking_uri=uri, run_id=eval_id)
                 for cfg, outcome in outcomes:
-                    result = evaluate_checkpoint(
-                        outcome.model_path,
-                        val_source,
-                        batch_size=spec.eval_batch_size,
-                        score_thresh=cfg.eval.score_thresh,
-                    )
-                    row = summary_row(
-                        name=cfg.name,
-                        role=cfg.role,
-                        input_size=result.input_size,
-                        metrics=result.metrics,
-                        images_per_s=result.images_per_s,
-                        run_id=outcome.run_id,
-                        method=cfg.method,
-                    )
+                    row, result = evaluation_row(cfg, outcome, val_source, batch_size=spec.eval_batch_size)
                     rows.append(row)
                     eval_logger.metrics(
                         {f"{cfg.name}/{k}": v for k, v in result.metrics.items()}
@@ -233,6 +218,23 @@ def run_pipeline(spec: PipelineSpec, *, address: str | None = None, console=None
         parent.dict(rows, "summary.json")
         parent.metrics({"pipeline_seconds": time.perf_counter() - started})
     return rows
+
+
+def evaluation_row(cfg: Config, outcome, source, *, batch_size: int):
+    """Evaluate a trained model's checkpoint on ``source``: (summary row, CheckpointEvaluation)."""
+    from detkd.engine.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(outcome.model_path, source, batch_size=batch_size, score_thresh=cfg.eval.score_thresh)
+    row = summary_row(
+        name=cfg.name,
+        role=cfg.role,
+        input_size=result.input_size,
+        metrics=result.metrics,
+        images_per_s=result.images_per_s,
+        run_id=outcome.run_id,
+        method=cfg.method,
+    )
+    return row, result
 
 
 def summary_row(

@@ -70,6 +70,8 @@ class Distiller(nn.Module):
         student_scale: float,
         teachers: Sequence[Teacher],
         methods: Mapping[str, Mapping[str, Any]],
+        teacher_bf16: bool = True,
+        teacher_channels_last: bool = True,
     ) -> None:
         """``methods`` maps a method name ("mse", "ssim", ...) to its settings, which
         include ``teacher`` (index into ``teachers``) and the loss's keyword arguments."""
@@ -79,6 +81,9 @@ class Distiller(nn.Module):
         self.student = student
         self.student_scale = float(student_scale)
         self._teachers = [Teacher(freeze(t.model), float(t.scale)) for t in teachers]  # not registered: frozen
+        # GPU only: the frozen teacher runs in bf16 autocast and channels-last (cheaper, no gradients to keep exact)
+        self.teacher_bf16 = teacher_bf16
+        self.teacher_channels_last = teacher_channels_last
         self.losses = nn.ModuleDict()
         self.pairs: dict[str, list[tuple[str, str]]] = {}
         self.loss_teacher: dict[str, int] = {}
@@ -124,6 +129,9 @@ class Distiller(nn.Module):
         device = images[0].device
         if next(teacher.model.parameters()).device != device:
             teacher.model.to(device)
+            if device.type == "cuda" and self.teacher_channels_last:
+                teacher.model.to(memory_format=torch.channels_last)
+        bf16 = device.type == "cuda" and self.teacher_bf16
         views = (
             images
             if teacher.scale == 1.0
@@ -131,13 +139,13 @@ class Distiller(nn.Module):
                 images, [{"boxes": torch.zeros(0, 4, device=device)} for _ in images], factor=teacher.scale
             )[0]
         )
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=bf16):
             feats = extract_features(teacher.model, views)
-        # inference tensors cannot be saved for backward; a clone outside inference mode can
-        pyramid = OrderedDict((k, v.clone()) for k, v in feats.pyramid.items())
+        # inference tensors cannot be saved for backward; a float32 clone outside inference mode can
+        pyramid = OrderedDict((k, v.float().clone()) for k, v in feats.pyramid.items())
         logits = None
         if feats.class_logits is not None:
-            logits = OrderedDict((k, v.clone()) for k, v in feats.class_logits.items())
+            logits = OrderedDict((k, v.float().clone()) for k, v in feats.class_logits.items())
         return Features(pyramid, logits)
 
     @staticmethod

@@ -99,6 +99,15 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(log_to_driver=True)
 
 
+def publish_model(source_dir: Path, out_dir: Path) -> Path:
+    """Copy a student-only ``model.pt`` and its checksum into ``out_dir``, each file atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_FILE, f"{MODEL_FILE}.sha256"):
+        shutil.copyfile(source_dir / name, out_dir / f".{name}.tmp")
+        os.replace(out_dir / f".{name}.tmp", out_dir / name)
+    return out_dir / MODEL_FILE
+
+
 def dataset_records(dataset) -> list[dict[str, Any]]:
     return [
         {"image_id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height, "boxes": len(r.boxes)}
@@ -242,12 +251,8 @@ def run_training(
             raise
         if result.checkpoint is None:
             raise RuntimeError(f"training run {ray_name} finished without a checkpoint")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model_path = out_dir / MODEL_FILE
         with result.checkpoint.as_directory() as folder:
-            for name in (MODEL_FILE, f"{MODEL_FILE}.sha256"):
-                shutil.copyfile(Path(folder) / name, out_dir / f".{name}.tmp")
-                os.replace(out_dir / f".{name}.tmp", out_dir / name)
+            model_path = publish_model(Path(folder), out_dir)
         metrics = dict(result.metrics or {})
         logger.metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         logger.artifact(model_path, "checkpoint")
@@ -324,10 +329,7 @@ def run_progressive(
     final = outcomes[-1]
     # the progressive student's own name points at the last stage's checkpoint
     out_dir = Path(absolute_paths(cfg).run.output_dir) / cfg.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL_FILE, f"{MODEL_FILE}.sha256"):
-        shutil.copyfile(final.model_path.parent / name, out_dir / f".{name}.tmp")
-        os.replace(out_dir / f".{name}.tmp", out_dir / name)
+    publish_model(final.model_path.parent, out_dir)
     outcomes.append(
         TrainOutcome(
             name=cfg.name,

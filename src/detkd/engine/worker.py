@@ -84,7 +84,15 @@ def build_trainable(
         copied = copy_matching_weights(student, first_state, prefixes=("backbone.fpn", "backbone.extra", "head"))
         log.info(f"[{cfg.name}] copied {len(copied)} neck/head tensors from the first teacher")
     methods = {name: method.model_dump() for name, method in cfg.distill.methods().items()}
-    return Distiller(student=student, student_scale=cfg.input.scale, teachers=loaded, methods=methods), student
+    distiller = Distiller(
+        student=student,
+        student_scale=cfg.input.scale,
+        teachers=loaded,
+        methods=methods,
+        teacher_bf16=cfg.distill.teacher_bf16,
+        teacher_channels_last=cfg.distill.teacher_channels_last,
+    )
+    return distiller, student
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
