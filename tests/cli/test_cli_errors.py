@@ -177,3 +177,25 @@ def test_corrupt_checkpoint_is_refused_naming_the_file(tiny_dataset, tmp_path, d
     assert result.exit_code == 2
     assert str(path) in result.output.replace("\n", "")
     assert "checksum mismatch" in result.output or "not a readable" in result.output
+
+
+def test_train_refuses_a_batch_larger_than_the_data(tiny_dataset, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "data": {
+                    "train": {
+                        "coco": str(tiny_dataset / "annotations/instances_train.json"),
+                        "images": str(tiny_dataset / "images/train"),
+                    }
+                },
+                "train": {"batch_size": 1000},
+                "run": {"storage_path": str(tmp_path / "ray"), "output_dir": str(tmp_path / "out")},
+            }
+        )
+    )
+    result = runner.invoke(app, ["train", str(cfg)], env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    assert result.exit_code == 2, result.output
+    assert "train.batch_size" in result.output and "36" in result.output
+    assert not (tmp_path / "ray").exists()

@@ -119,6 +119,11 @@ def ray_head(tmp_path):
         "127.0.0.1",
         f"--dashboard-port={dashboard}",
         "--num-cpus=2",
+        # other Ray instances on this machine (a developer's, the session fixture) hold the default agent ports
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
         "--include-dashboard=true",
         f"--temp-dir={temp_dir}",
     ]

@@ -20,7 +20,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from detkd.config import Config
+from detkd.config import Config, ConfigError
 from detkd.engine.datasets import build_dataset
 from detkd.engine.worker import MODEL_FILE, train_loop_per_worker
 
@@ -154,6 +154,12 @@ def run_training(
     # Validate the data here, before any worker starts: a bad dataset fails in seconds with a clear message.
     train_set = build_dataset(cfg, "train", train=True)
     val_set = build_dataset(cfg, "val", train=False) if cfg.data.val is not None else None
+    global_batch = cfg.train.batch_size * cfg.scaling.num_workers
+    if len(train_set) < global_batch:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} per worker x {cfg.scaling.num_workers} workers "
+            f"needs at least {global_batch} training images, the data has {len(train_set)}"
+        )
     uri = resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
     digest = config_digest(cfg, teachers)
     ray_name = f"{cfg.name}-{digest}"
