@@ -235,7 +235,9 @@ class DistillConfig(_Section):
 class DebugConfig(_Section):
     """Test-only switches: never set these in real runs."""
 
-    fail_at_step: int | None = Field(None, ge=1, description="kill one worker once, right after this step")
+    fail_at_step: int | None = Field(
+        None, ge=1, description="kill one worker once after this step (3 s later, once Ray has collected its reports)"
+    )
     fail_rank: int = Field(-1, description="which worker to kill (-1: the last)")
 
 

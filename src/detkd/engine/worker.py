@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if fault == step and rank == fault_rank and not fault_marker.exists():
                 fault_marker.write_text(str(step))  # once: the restarted worker must get past this step
                 log.warning(f"[{cfg.name}] debug.fail_at_step: killing worker {rank} after step {step}")
+                # Ray's controller collects reports every health-check interval (2 s); a crash sooner than
+                # that after a checkpoint loses the checkpoint too. Model a crash some time after the last one.
+                time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")) + 1.0)
                 os._exit(1)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 running = reduce_means(means.means())
