@@ -248,13 +248,14 @@ def run_training(
         )
         try:
             result = trainer.fit()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # Ray Train's own SIGINT handler aborts the run and calls sys.exit(0) inside fit()
             print(
                 f"interrupted: checkpoints are kept under {cfg.run.storage_path}/{ray_name}; "
                 "run the same command again to resume",
                 flush=True,
             )
-            raise
+            raise KeyboardInterrupt from exc
         if result.checkpoint is None:
             raise RuntimeError(f"training run {ray_name} finished without a checkpoint")
         with result.checkpoint.as_directory() as folder:
