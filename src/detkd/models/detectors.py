@@ -60,6 +60,19 @@ def default_anchor_sizes(arch: str, min_level: int, max_level: int) -> list[list
     return out
 
 
+def fcos_head(channels: int, anchors: int, classes: int, *, num_convs: int) -> FCOSHead:
+    """torchvision's FCOS head with softplus in front of its ReLU on the box distances.
+
+    A ReLU whose input turns negative at every positive location never recovers (zero
+    gradient): measured here, 1 seed in 3 of a small 64 px FCOS ended with its box loss
+    stuck at 1.0 and AP 0. relu(softplus(x)) = softplus(x) keeps the distances positive
+    with a gradient everywhere; the rest of the head is unchanged.
+    """
+    head = FCOSHead(channels, anchors, classes, num_convs=num_convs)
+    head.regression_head.bbox_reg = nn.Sequential(head.regression_head.bbox_reg, nn.Softplus())
+    return head
+
+
 def _anchor_generator(arch: str, sizes: list[list[float]]) -> AnchorGenerator:
     ratios = (1.0,) if arch == "fcos" else (0.5, 1.0, 2.0)
     return AnchorGenerator(tuple(tuple(s) for s in sizes), (ratios,) * len(sizes))
@@ -140,7 +153,7 @@ def build_detector(
             pyramid,
             classes,
             anchor_generator=anchors,
-            head=FCOSHead(fpn_channels, n_anchors, classes, num_convs=head_convs),
+            head=fcos_head(fpn_channels, n_anchors, classes, num_convs=head_convs),
             score_thresh=score_thresh,
             nms_thresh=nms_thresh,
             detections_per_img=detections_per_img,
