@@ -43,13 +43,23 @@ ROWS: list[tuple[str, str, dict]] = [
     ("mgd", "masked generative distillation", {"distill": {"teachers": [{"source": "teacher"}], "mgd": {}}}),
     (
         "dsamkd",
-        "scale-aware masked features + logits (our reading)",
-        {"distill": {"teachers": [{"source": "teacher"}], "dsamkd": {}}},
+        "scale-aware masked features + logits (our reading), feature_weight 2e-5 (MGD's alpha)",
+        {"distill": {"teachers": [{"source": "teacher"}], "dsamkd": {"feature_weight": 2e-5}}},
+    ),
+    (
+        "dsamkd_rescaled",
+        "dsamkd with feature_weight 2e-6: its feature term matched to MGD's scale on the training split",
+        {"distill": {"teachers": [{"source": "teacher"}], "dsamkd": {"feature_weight": 2e-6}}},
     ),
     (
         "msad",
         "multi-scale aligned teacher, fused-pyramid L1, init from teacher",
         {"distill": {"teachers": [{"source": "teacher_msad"}], "msad": {}, "init_from_teacher": True}},
+    ),
+    (
+        "msad_noinit",
+        "msad without init_from_teacher: what the fused-pyramid loss alone buys",
+        {"distill": {"teachers": [{"source": "teacher_msad"}], "msad": {}}},
     ),
     (
         "progressive",
@@ -200,6 +210,7 @@ def main() -> None:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
     parser.add_argument("--workdir", type=Path, default=Path("runs/distill_bench"))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--only", default="", help="comma-separated rows to (re)run, merged into the existing results")
     args = parser.parse_args()
     import torch
 
@@ -207,18 +218,37 @@ def main() -> None:
     from detkd.tracking import RunLogger, find_runs, resolve_tracking_uri
 
     budget = BUDGETS[args.budget]
-    spec_path = args.out / f"distill_bench_{args.budget}.spec.json"
+    stem = args.out / f"distill_bench_{args.budget}"
+    only = {name for name in args.only.split(",") if name}
+    unknown = only - {name for name, _, _ in ROWS}
+    if unknown:
+        parser.error(f"--only: unknown rows {sorted(unknown)}")
+    spec_data = build_spec(budget, args.workdir)
+    previous: dict = {}
+    if only:
+        previous = json.loads(Path(f"{stem}.json").read_text())
+        spec_data["students"] = [s for s in spec_data["students"] if s["name"].rsplit("-s", 1)[0] in only]
     args.out.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(json.dumps(build_spec(budget, args.workdir), indent=1))
+    spec_path = Path(f"{stem}.only.spec.json" if only else f"{stem}.spec.json")
+    spec_path.write_text(json.dumps(spec_data, indent=1))
     spec = load_pipeline(spec_path)
     start = time.perf_counter()
     rows = run_pipeline(spec)
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - start + previous.get("meta", {}).get("wall_s", 0.0)
+    if only:  # keep the earlier rows of the rows not rerun
+        fresh = {r["name"] for r in rows}
+        rows = (
+            [r for r in previous["rows"] if r["name"] not in fresh and r["role"] == "student"]
+            + [r for r in rows if r["role"] == "student"]
+            + [r for r in previous["rows"] if r["role"] == "teacher"]
+        )
     table = summarise(rows, budget["seeds"])
     import ray
 
     meta = {
-        "command": " ".join(["python", *sys.argv]),
+        "command": "; then ".join(
+            filter(None, [previous.get("meta", {}).get("command"), " ".join(["python", *sys.argv])])
+        ),
         "budget": args.budget,
         "budget_settings": budget,
         "wall_s": wall,
@@ -227,7 +257,6 @@ def main() -> None:
         f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}",
     }
-    stem = args.out / f"distill_bench_{args.budget}"
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "table": table, "rows": rows}, indent=1) + "\n")
     Path(f"{stem}.md").write_text(markdown(table, meta))
     plot(table, Path(f"{stem}.png"))

@@ -180,7 +180,9 @@ class DSAMKDConfig(_Section):
     """Our reading of DSAMKD (only its abstract is public); every open choice is a field."""
 
     teacher: int = Field(0, ge=0)
-    feature_weight: float = Field(2e-5, ge=0)
+    feature_weight: float = Field(
+        2e-6, ge=0, description="its reconstruction term sums several scales: ~10x MGD's at equal weight"
+    )
     logit_weight: float = Field(1.0, ge=0)
     kernel_sizes: list[int] = Field(default_factory=lambda: [1, 3, 5])
     mask_ratio: float = Field(0.5, ge=0, lt=1)

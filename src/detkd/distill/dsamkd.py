@@ -101,7 +101,7 @@ class DSAMKDLoss(nn.Module):
         levels: Sequence[str],
         student_channels: int,
         teacher_channels: int,
-        feature_weight: float = 2e-5,
+        feature_weight: float = 2e-6,
         logit_weight: float = 1.0,
         kernel_sizes: Sequence[int] = (1, 3, 5),
         mask_ratio: float = 0.5,
