@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -115,13 +115,10 @@ def train_step(
     device: torch.device,
     amp: bool,
     clip_grad_norm: float | None,
-    extra_losses: Callable[[], dict[str, Tensor]] | None = None,
 ) -> StepResult:
-    """One optimizer step on the detector's summed losses (+ optional extra terms)."""
+    """One optimizer step on the summed loss dict (a detector's, or a Distiller's with its kd terms)."""
     with autocast_context(device, amp):
         losses = model(images, targets)
-        if extra_losses is not None:
-            losses = {**losses, **extra_losses()}
         total = sum(losses.values())
     if not torch.isfinite(total):
         raise FloatingPointError(
@@ -144,7 +141,7 @@ def train_step(
 
 
 class Throughput:
-    """Images per second over a sliding window of recent steps."""
+    """Images per second since the last reset (the loop resets it at every progress line)."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
