@@ -97,7 +97,7 @@ def build_spec(budget: dict, workdir: Path) -> dict:
     return {
         "name": "distill_bench",
         "workdir": str(workdir),
-        "experiment": "detkd-distill-bench",
+        "tracking": {"experiment": "detkd-distill-bench"},
         "data": {
             "synth": {
                 "images": budget["images"],
@@ -260,7 +260,7 @@ def main() -> None:
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "table": table, "rows": rows}, indent=1) + "\n")
     Path(f"{stem}.md").write_text(markdown(table, meta))
     plot(table, Path(f"{stem}.png"))
-    parent = find_runs(resolve_tracking_uri(), spec.experiment, {"detkd.kind": "pipeline"})
+    parent = find_runs(resolve_tracking_uri(), spec.tracking.experiment, {"detkd.kind": "pipeline"})
     if parent:
         logger = RunLogger(tracking_uri=resolve_tracking_uri(), run_id=parent[0].info.run_id)
         for suffix in (".md", ".png", ".json"):

@@ -19,17 +19,13 @@ from pathlib import Path
 
 import torch
 from mlflow.tracking import MlflowClient
-from torch.utils.data import DataLoader
 
 from detkd.config import Config
-from detkd.data.dataset import collate_detection
 from detkd.data.synth import SynthSpec, synthesize
-from detkd.engine.datasets import build_dataset
 from detkd.engine.launch import ensure_ray, run_training
-from detkd.engine.loop import build_optimizer, move_targets, train_step
-from detkd.engine.sampler import EpochBatchSampler
-from detkd.engine.worker import model_kwargs
-from detkd.models import build_detector
+from detkd.engine.loop import ProgressLog, setup, train_one_epoch
+from detkd.engine.plan import TrackingContext, build_plan
+from detkd.engine.rng import seed_everything
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -50,43 +46,34 @@ def base_config(data: Path, work: Path, *, steps: int, batch: int) -> dict:
     }
 
 
-def plain_loop(cfg: Config, *, warmup: int) -> float:
-    """Images/s of a single-process PyTorch loop (after ``warmup`` steps)."""
+def plain_loop(cfg: Config, *, uri: str) -> float:
+    """Steady-state images/s of the same setup / train_one_epoch / ProgressLog in one plain process."""
     torch.set_num_threads(os.cpu_count() or 1)
-    dataset = build_dataset(cfg, "train", train=True)
-    model = build_detector(**model_kwargs(cfg, dataset.source.num_classes))
-    optimizer = build_optimizer(model.parameters(), cfg.optim, lr=cfg.optim.lr)
-    sampler = EpochBatchSampler(size=len(dataset), batch_size=cfg.train.batch_size, seed=0)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_detection)
-    model.train()
-    step, images_seen, start = 0, 0, None
-    device = torch.device("cpu")
-    while step < cfg.train.max_steps:
-        for images, targets in loader:
-            train_step(
-                model,
-                images,
-                move_targets(targets, device),
-                optimizer=optimizer,
-                scaler=None,
-                device=device,
-                amp=False,
-                clip_grad_norm=10.0,
-            )
-            step += 1
-            if step == warmup:
-                start = time.perf_counter()
-            elif step > warmup:
-                images_seen += len(images)
-            if step >= cfg.train.max_steps:
-                break
-    return images_seen / (time.perf_counter() - start)
+    plan = build_plan(cfg, tracking=TrackingContext(uri=uri, experiment="bench"))
+    seed_everything(cfg.seed)
+    run = setup(plan)
+    rates: list[float] = []
+    progress = ProgressLog(
+        name="plain",
+        every=cfg.train.log_every,
+        total_steps=run.total_steps,
+        steps_per_epoch=run.steps_per_epoch,
+        epochs=cfg.train.epochs,
+        world_size=1,
+        rank=0,
+        say=lambda line: None,
+        sink=lambda values, step: rates.append(values["train/images_per_s"]),
+    )
+    while run.state.step < run.total_steps:
+        run.sampler.set_epoch(run.state.step // run.steps_per_epoch, start_batch=run.state.step % run.steps_per_epoch)
+        train_one_epoch(run, clip_grad_norm=cfg.optim.clip_grad_norm, hooks=[progress])
+    return sum(rates[1:]) / len(rates[1:])  # drop the first window (warm-up), as for the Ray loop
 
 
 def ray_loop(cfg: Config, uri: str) -> dict:
     """Images/s reported by the Ray Train workers (steady state) and the whole call's wall time."""
     start = time.perf_counter()
-    outcome = run_training(cfg, tracking_uri=uri)
+    outcome = run_training(cfg, tracking=TrackingContext(uri=uri, experiment="bench"))
     wall = time.perf_counter() - start
     history = MlflowClient(uri).get_metric_history(outcome.run_id, "train/images_per_s")
     rates = [m.value for m in sorted(history, key=lambda m: m.step)][1:]  # drop the first window (warm-up)
@@ -127,7 +114,7 @@ def main() -> None:
         "batch_per_step": args.batch,
     }
     print("plain PyTorch loop ...", flush=True)
-    results["plain_images_per_s"] = plain_loop(config(), warmup=10)
+    results["plain_images_per_s"] = plain_loop(config(name="plain"), uri=uri)
     ensure_ray()
     print("Ray Train, 1 worker x 2 CPUs ...", flush=True)
     results["ray_1_worker"] = ray_loop(config(name="ray1"), uri)

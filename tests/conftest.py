@@ -26,6 +26,28 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def varied_dataset(tmp_path_factory) -> Path:
+    """48 images of varied sizes and aspect ratios (odd sides included), as real datasets have."""
+    root = tmp_path_factory.mktemp("varied") / "data"
+    synthesize(
+        root,
+        SynthSpec(
+            images=48,
+            size=64,
+            seed=4,
+            val_fraction=0.25,
+            min_object=8,
+            max_object=20,
+            max_objects=3,
+            clutter=0.1,
+            aspect_ratios=(0.6, 1.6),
+            size_jitter=0.2,
+        ),
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A local Ray instance owned by this test session (shut down at the end, nothing else touched)."""
     import ray
@@ -41,6 +63,14 @@ def ray_cluster(tmp_path_factory):
 @pytest.fixture()
 def mlflow_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture()
+def tracking(mlflow_uri):
+    """The tracking context of runs logged to ``mlflow_uri`` (what a pipeline or the CLI resolves)."""
+    from detkd.engine.plan import TrackingContext
+
+    return TrackingContext(uri=mlflow_uri, experiment="detkd")
 
 
 @pytest.fixture()

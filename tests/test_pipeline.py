@@ -17,6 +17,10 @@ SHRINK = [
     "data.synth.images=40",
     "data.synth.size=64",
     "data.synth.min_object=10",
+    "data.synth.max_object=32",
+    "data.synth.aspect_ratios=[0.7, 1.4]",  # non-square images of varied (odd) sizes, long side capped
+    "data.synth.size_jitter=0.15",
+    "defaults.input.max_size=80",
     "defaults.input.size=64",
     "defaults.train.epochs=1",
     "defaults.train.batch_size=8",
@@ -27,10 +31,12 @@ SHRINK = [
 
 def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    decoy = tmp_path / "env-mlflow.db"  # the spec's tracking settings win over the environment, for every run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{decoy}")
     runner = CliRunner()
     summary = tmp_path / "summary.json"
     args = ["run", str(QUICKSTART), "--summary", str(summary), "--set", f"workdir={tmp_path / 'work'}"]
+    args += ["--set", f"tracking.tracking_uri={uri}"]
     for item in SHRINK:
         args += ["--set", item]
     result = runner.invoke(app, args)
@@ -69,6 +75,8 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
     assert distilled.data.tags["detkd.teacher.0"] == str(tmp_path / "work/models/teacher/model.pt")
     assert "train/loss_kd_ssim" in distilled.data.metrics
     assert all(r.info.status == "FINISHED" for r in runs)
+    assert not decoy.exists()
+    assert all(r.info.experiment_id == exp.experiment_id for r in runs) and len(runs) == 6
     student = client.get_run(rows[1]["mlflow_run_id"])
     assert student.data.metrics["eval/AP"] == pytest.approx(rows[1]["AP"], abs=1e-4)
     assert student.data.params["input.scale"] == "0.5" and student.data.params["model.min_level"] == "2"
@@ -156,3 +164,30 @@ def test_pipeline_spec_errors_are_named(tmp_path):
     spec.write_text("name: x\ndata: {synth: {images: 10}}\nteachers: [{name: a}, {name: a}]\n")
     result = CliRunner().invoke(app, ["run", str(spec)])
     assert result.exit_code == 2 and "unique" in result.output
+
+
+def test_pipeline_tracking_settings_have_one_source(tmp_path):
+    spec = tmp_path / "p.yaml"
+    spec.write_text(
+        "name: x\ndata: {synth: {images: 10}}\ndefaults: {tracking: {tracking_uri: 'sqlite:///elsewhere.db'}}\n"
+        "teachers: [{name: t}]\n"
+    )
+    result = CliRunner().invoke(app, ["run", str(spec)])
+    assert result.exit_code == 2
+    assert "defaults.tracking.tracking_uri" in result.output and "tracking.tracking_uri" in result.output
+    spec.write_text(
+        "name: x\ndata: {synth: {images: 10}}\nteachers: [{name: t, settings: {tracking: {experiment: other}}}]\n"
+    )
+    result = CliRunner().invoke(app, ["run", str(spec)])
+    assert result.exit_code == 2 and "t.settings.tracking.experiment" in result.output
+
+
+def test_pipeline_refuses_an_unbuildable_model_before_any_step(tmp_path):
+    spec = tmp_path / "p.yaml"
+    spec.write_text(
+        f"name: x\nworkdir: {tmp_path / 'w'}\ndata: {{synth: {{images: 10}}}}\n"
+        "teachers: [{name: t, settings: {model: {fpn_channels: 16}}}]\n"
+    )
+    result = CliRunner().invoke(app, ["run", str(spec)])
+    assert result.exit_code == 2 and "teachers[0] (t)" in result.output and "fpn_channels" in result.output
+    assert not (tmp_path / "w").exists()  # not even the data step ran

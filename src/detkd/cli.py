@@ -22,6 +22,9 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="dotted override, e.g. input.scale=0.5")]
+FreshOption = Annotated[
+    bool, typer.Option("--fresh", help="start over: discard this run's checkpoints instead of resuming them")
+]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -39,38 +42,42 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
+def _synth_default(name: str):
+    from detkd.data.synth import SynthSpec
+
+    return SynthSpec.model_fields[name].default
+
+
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option(help="output folder")],
-    images: Annotated[int, typer.Option(min=2)] = 400,
-    size: Annotated[int, typer.Option(min=16)] = 128,
-    seed: int = 0,
-    val_fraction: Annotated[float, typer.Option(min=0.01, max=0.99)] = 0.2,
-    min_object: Annotated[float, typer.Option(min=1)] = 4,
-    max_object: Annotated[float, typer.Option(min=2)] = 48,
-    max_objects: Annotated[int, typer.Option(min=1)] = 6,
-    clutter: Annotated[float, typer.Option(min=0, max=1)] = 0.5,
-    noise: Annotated[float, typer.Option(min=0, max=1)] = 0.03,
-    classes: Annotated[str, typer.Option(help="comma-separated shape names")] = "square,circle,triangle",
+    images: int = _synth_default("images"),
+    size: Annotated[int, typer.Option(help="nominal image side (sqrt of the area) in pixels")] = _synth_default("size"),
+    seed: int = _synth_default("seed"),
+    val_fraction: float = _synth_default("val_fraction"),
+    min_object: float = _synth_default("min_object"),
+    max_object: float = _synth_default("max_object"),
+    max_objects: int = _synth_default("max_objects"),
+    clutter: float = _synth_default("clutter"),
+    noise: float = _synth_default("noise"),
+    overlap: Annotated[float, typer.Option(help="max IoU between two objects")] = _synth_default("overlap"),
+    aspect_ratios: Annotated[
+        tuple[float, float], typer.Option(help="width/height range, drawn log-uniformly per image")
+    ] = _synth_default("aspect_ratios"),
+    size_jitter: Annotated[
+        float, typer.Option(help="per-image size factor drawn in [1 - j, 1 + j]")
+    ] = _synth_default("size_jitter"),
+    classes: Annotated[str, typer.Option(help="comma-separated shape names")] = ",".join(_synth_default("classes")),
 ) -> None:
-    """Write a deterministic synthetic COCO detection dataset."""
+    """Write a deterministic synthetic COCO detection dataset (square images unless asked otherwise)."""
+    options = {k: v for k, v in locals().items() if k != "out"}  # every option is a SynthSpec field
+    from detkd.config import validate_config
     from detkd.data.synth import SynthSpec, synthesize
 
     try:
-        spec = SynthSpec(
-            images=images,
-            size=size,
-            seed=seed,
-            val_fraction=val_fraction,
-            min_object=min_object,
-            max_object=max_object,
-            max_objects=max_objects,
-            clutter=clutter,
-            noise=noise,
-            classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
-        )
+        spec = validate_config(options, source="detkd data synth", model=SynthSpec)
         summary = synthesize(out, spec)
-    except ValueError as exc:
+    except _user_errors() as exc:
         _fail(exc)
     console.print_json(json.dumps(summary, default=str))
 
@@ -132,9 +139,10 @@ def train(
     summary: Annotated[Path | None, typer.Option(help="write a JSON summary row here")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="drop invalid records instead of refusing the data")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+    fresh: FreshOption = False,
 ) -> None:
     """Train a teacher or a plain student with Ray Train."""
-    _train(config, overrides, summary, skip_invalid, address, distill=False)
+    _train(config, overrides, summary, skip_invalid, address, fresh, distill=False)
 
 
 @app.command("distill")
@@ -144,15 +152,16 @@ def distill(
     summary: Annotated[Path | None, typer.Option(help="write a JSON summary row here")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="drop invalid records instead of refusing the data")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+    fresh: FreshOption = False,
 ) -> None:
     """Distill frozen teachers into a student (one stage, or progressive stages) with Ray Train."""
-    _train(config, overrides, summary, skip_invalid, address, distill=True)
+    _train(config, overrides, summary, skip_invalid, address, fresh, distill=True)
 
 
-def _train(config: Path, overrides, summary, skip_invalid: bool, address, *, distill: bool) -> None:
+def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh: bool, *, distill: bool) -> None:
     from detkd.config import ConfigError, load_config
-    from detkd.engine.datasets import open_split
-    from detkd.engine.launch import run_training, stage_configs
+    from detkd.engine.launch import run_training
+    from detkd.engine.plan import open_split, stage_configs
     from detkd.pipeline import evaluation_row, write_summary
 
     try:
@@ -165,7 +174,7 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, *, dis
             raise ConfigError(f"{config}: data.val: --summary needs a validation split to evaluate on")
         if skip_invalid:
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"skip_invalid": True})})
-        outcome = run_training(cfg, address=address)
+        outcome = run_training(cfg, address=address, fresh=fresh)
     except _user_errors() as exc:
         _fail(exc)
     console.print(f"[green]done[/green]: {outcome.model_path} (MLflow run {outcome.run_id}, {outcome.seconds:.0f}s)")
@@ -264,13 +273,14 @@ def run(
     overrides: SetOption = None,
     summary: Annotated[Path | None, typer.Option(help="write the summary rows as JSON here")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+    fresh: FreshOption = False,
 ) -> None:
     """Run a pipeline spec: data -> teachers -> students -> evaluation."""
     from detkd.pipeline import load_pipeline, print_summary, run_pipeline, write_summary
 
     try:
         spec = load_pipeline(pipeline, overrides or [])
-        rows = run_pipeline(spec, address=address, console=console)
+        rows = run_pipeline(spec, address=address, console=console, fresh=fresh)
     except _user_errors() as exc:
         _fail(exc)
     print_summary(rows, console)

@@ -52,9 +52,9 @@ class ModelConfig(_Section):
     backbone: Literal["tiny", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "mobilenet_v3_small"] = "tiny"
     num_classes: int | None = Field(None, ge=1)
     min_level: int = Field(3, ge=2, le=5)
-    max_level: int = Field(7, ge=2, le=8)
+    max_level: int = Field(7, ge=2, le=7, description="P6 and P7 come from torchvision's LastLevelP6P7")
     fpn_channels: int = Field(64, ge=8)
-    head_convs: int = Field(2, ge=1)
+    head_convs: int = Field(2, ge=1, description="conv layers per FCOS head branch (RetinaNet/Faster R-CNN: fixed)")
     anchor_sizes: list[list[float]] | None = None
     score_thresh: float = Field(0.05, ge=0, le=1)
     nms_thresh: float = Field(0.6, gt=0, le=1)

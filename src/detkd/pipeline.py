@@ -27,24 +27,15 @@ from detkd.config import (
 from detkd.data.synth import SynthSpec
 
 
-class SynthSection(_Section):
-    """Arguments of ``detkd.data.synth.SynthSpec`` (written under ``<workdir>/data``)."""
+class PipelineTracking(_Section):
+    """Where a pipeline logs: its parent run and every child run use these, and nothing else."""
 
-    images: int = Field(400, ge=2)
-    size: int = Field(128, ge=16)
-    seed: int = 0
-    val_fraction: float = Field(0.2, gt=0, lt=1)
-    classes: list[str] = Field(default_factory=lambda: ["square", "circle", "triangle"])
-    min_object: float = Field(4, gt=0)
-    max_object: float = Field(48, gt=0)
-    max_objects: int = Field(6, ge=1)
-    clutter: float = Field(0.5, ge=0, le=1)
-    noise: float = Field(0.03, ge=0, le=1)
-    overlap: float = Field(0.3, ge=0, le=1)
+    experiment: str = "detkd"
+    tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
 
 
 class PipelineData(_Section):
-    synth: SynthSection | None = None
+    synth: SynthSpec | None = None
     train: SplitConfig | None = None
     val: SplitConfig | None = None
 
@@ -57,7 +48,7 @@ class ModelEntry(_Section):
 class PipelineSpec(_Section):
     name: str
     workdir: Path = Path("runs/pipeline")
-    experiment: str = "detkd"
+    tracking: PipelineTracking = Field(default_factory=PipelineTracking)
     data: PipelineData
     defaults: dict[str, Any] = Field(default_factory=dict)
     teachers: list[ModelEntry] = Field(default_factory=list)
@@ -75,13 +66,16 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineSpe
         raise ConfigError(f"{path}: teachers/students: the pipeline has no model to train")
     if spec.data.synth is None and spec.data.train is None:
         raise ConfigError(f"{path}: data: give synth settings or a train split")
-    from detkd.engine.launch import stage_configs
+    check_tracking_settings(spec, path)
+    from detkd.engine.build import check_model_config
+    from detkd.engine.plan import stage_configs
 
     known: list[str] = []
     for role, entries in (("teacher", spec.teachers), ("student", spec.students)):
         for i, entry in enumerate(entries):
             where = f"{path}: {role}s[{i}] ({entry.name})"
             cfg = model_config(spec, entry, role=role, source=where)
+            check_model_config(cfg.model, where=where)
             if cfg.distill is not None:
                 stages = stage_configs(cfg) if cfg.distill.stages else [cfg]
                 for stage in stages:
@@ -99,6 +93,29 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineSpe
     return spec
 
 
+def check_tracking_settings(spec: PipelineSpec, path: Path) -> None:
+    """Tracking URI and experiment have one source, the spec's ``tracking`` section."""
+    places = [("defaults", spec.defaults)] + [(f"{e.name}.settings", e.settings) for e in spec.teachers + spec.students]
+    for where, settings in places:
+        for key in ("tracking_uri", "experiment"):
+            if key in (settings.get("tracking") or {}):
+                raise ConfigError(
+                    f"{path}: {where}.tracking.{key}: set it once as tracking.{key} at the top of the pipeline "
+                    "spec; it applies to the parent run and every child run"
+                )
+
+
+def tracking_context(spec: PipelineSpec, *, parent_run_id: str | None = None):
+    from detkd.engine.plan import TrackingContext
+    from detkd.tracking import resolve_tracking_uri
+
+    return TrackingContext(
+        uri=resolve_tracking_uri(spec.tracking.tracking_uri),
+        experiment=spec.tracking.experiment,
+        parent_run_id=parent_run_id,
+    )
+
+
 def data_splits(spec: PipelineSpec) -> tuple[SplitConfig, SplitConfig | None]:
     if spec.data.synth is not None:
         root = spec.workdir / "data"
@@ -114,7 +131,7 @@ def model_config(spec: PipelineSpec, entry: ModelEntry, *, role: str, source: st
     base = {
         "data": {"train": train.model_dump(), "val": val.model_dump() if val else None},
         "run": {"storage_path": str(spec.workdir / "ray"), "output_dir": str(spec.workdir / "models")},
-        "tracking": {"experiment": spec.experiment},
+        "tracking": {"experiment": spec.tracking.experiment, "tracking_uri": spec.tracking.tracking_uri},
     }
     merged = deep_merge(deep_merge(base, spec.defaults), entry.settings)
     merged.update(name=entry.name, role=role)
@@ -126,30 +143,32 @@ def ensure_synthetic_data(spec: PipelineSpec) -> dict[str, Any]:
     from detkd.data.synth import synthesize
 
     root = spec.workdir / "data"
-    settings = spec.data.synth.model_dump()
+    settings = spec.data.synth.model_dump(mode="json")
     marker = root / "synth.json"
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return {"reused": True, **settings}
-    synth = SynthSpec(**{**settings, "classes": tuple(settings["classes"])})
-    summary = synthesize(root, synth)
+    summary = synthesize(root, spec.data.synth)
     marker.write_text(json.dumps(settings, sort_keys=True))
     return {"reused": False, **summary}
 
 
-def run_pipeline(spec: PipelineSpec, *, address: str | None = None, console=None) -> list[dict[str, Any]]:
-    """Run every step; returns one summary row per trained model."""
-    from detkd.engine.datasets import open_split
+def run_pipeline(
+    spec: PipelineSpec, *, address: str | None = None, console=None, fresh: bool = False
+) -> list[dict[str, Any]]:
+    """Run every step; returns one summary row per trained model. ``fresh`` retrains every model."""
     from detkd.engine.launch import ensure_ray, run_training
-    from detkd.tracking import RunLogger, resolve_tracking_uri, run_context
+    from detkd.engine.plan import open_split
+    from detkd.tracking import RunLogger, run_context
 
     say = console.print if console else print
     spec = spec.model_copy(update={"workdir": spec.workdir.resolve()})
-    uri = resolve_tracking_uri()
+    tracking = tracking_context(spec)
+    uri = tracking.uri
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     with run_context(
         tracking_uri=uri,
-        experiment=spec.experiment,
+        experiment=tracking.experiment,
         run_name=f"pipeline:{spec.name}",
         tags={"pipeline": spec.name, "kind": "pipeline"},
     ) as parent_id:
@@ -158,7 +177,7 @@ def run_pipeline(spec: PipelineSpec, *, address: str | None = None, console=None
         if spec.data.synth is not None:
             with run_context(
                 tracking_uri=uri,
-                experiment=spec.experiment,
+                experiment=tracking.experiment,
                 run_name="data",
                 parent_run_id=parent_id,
                 tags={"pipeline": spec.name, "kind": "data"},
@@ -184,10 +203,11 @@ def run_pipeline(spec: PipelineSpec, *, address: str | None = None, console=None
                 )
                 outcome = run_training(
                     cfg,
-                    parent_run_id=parent_id,
-                    tracking_uri=uri,
+                    tracking=tracking_context(spec, parent_run_id=parent_id),
                     teacher_names=trained,
                     extra_tags={"pipeline": spec.name},
+                    address=address,
+                    fresh=fresh,
                 )
                 trained[entry.name] = outcome.model_path
                 outcomes.append((cfg, outcome))
@@ -196,7 +216,7 @@ def run_pipeline(spec: PipelineSpec, *, address: str | None = None, console=None
             val_source = open_split(val_split, skip_invalid=False)
             with run_context(
                 tracking_uri=uri,
-                experiment=spec.experiment,
+                experiment=tracking.experiment,
                 run_name="evaluate",
                 parent_run_id=parent_id,
                 tags={"pipeline": spec.name, "kind": "evaluate"},

@@ -148,7 +148,7 @@ def test_evaluate_results_file_and_argument_errors(tmp_path):
     assert result.exit_code == 2
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "not_torch"])
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "flip_byte_copied_alone", "not_torch"])
 def test_corrupt_checkpoint_is_refused_naming_the_file(tiny_dataset, tmp_path, damage):
     from detkd.models import build_detector, save_detector
 
@@ -157,9 +157,11 @@ def test_corrupt_checkpoint_is_refused_naming_the_file(tiny_dataset, tmp_path, d
     data = bytearray(path.read_bytes())
     if damage == "truncate":
         path.write_bytes(bytes(data[: len(data) // 2]))
-    elif damage == "flip_byte":
+    elif damage.startswith("flip_byte"):
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
+        if damage == "flip_byte_copied_alone":  # the checksum inside the file must catch it
+            (tmp_path / "model.pt.sha256").unlink()
     else:
         path.write_text("hello")
     result = runner.invoke(
@@ -176,7 +178,7 @@ def test_corrupt_checkpoint_is_refused_naming_the_file(tiny_dataset, tmp_path, d
     )
     assert result.exit_code == 2
     assert str(path) in result.output.replace("\n", "")
-    assert "checksum mismatch" in result.output or "not a readable" in result.output
+    assert any(word in result.output for word in ("checksum mismatch", "corrupted", "not a readable"))
 
 
 def test_train_refuses_a_batch_larger_than_the_data(tiny_dataset, tmp_path):

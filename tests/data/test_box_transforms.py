@@ -146,3 +146,13 @@ def test_to_tensor_always_gives_three_channels(mode: str) -> None:
         assert torch.allclose(tensor, torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 255)
     if mode == "I;16":
         assert torch.all(tensor == 1.0)
+
+
+def test_short_side_sizes_round_and_allow_max_size_equal_to_size() -> None:
+    # our rule rounds (torchvision's truncates: 170 here) and accepts max_size == size (torchvision refuses)
+    image, target = _sample(h=120, w=160)
+    resized, t = resize_short_side(image, target, size=128, max_size=256)
+    assert resized.shape[-2:] == (128, 171)
+    assert torch.equal(t["boxes"], target["boxes"] * t["scale"].repeat(2))
+    capped, _ = resize_short_side(image, target, size=64, max_size=64)
+    assert capped.shape[-2:] == (48, 64)

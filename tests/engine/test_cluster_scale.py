@@ -30,7 +30,7 @@ def _loss_history(uri: str, run_id: str) -> list[tuple[int, float]]:
 
 
 def test_two_workers_reproduce_one_worker_with_the_same_global_batch(
-    tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri
+    tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, tracking
 ):
     """Same global batch of 8: one worker x 8 images vs two DDP workers x 4 images.
 
@@ -49,7 +49,7 @@ def test_two_workers_reproduce_one_worker_with_the_same_global_batch(
             tracking={"log_model": False},
         )
         data["name"] = f"ddp{workers}"
-        outcome = run_training(Config.model_validate(data), tracking_uri=mlflow_uri)
+        outcome = run_training(Config.model_validate(data), tracking=tracking)
         curves[workers] = _loss_history(mlflow_uri, outcome.run_id)
     one, two = curves[1], curves[2]
     assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3, 4]
@@ -58,7 +58,9 @@ def test_two_workers_reproduce_one_worker_with_the_same_global_batch(
         assert b == pytest.approx(a, rel=0.15)
 
 
-def test_killed_worker_restarts_from_last_checkpoint(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri):
+def test_killed_worker_restarts_from_last_checkpoint(
+    tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, tracking
+):
     data = tiny_config(
         tiny_dataset,
         tmp_path,
@@ -67,7 +69,7 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_dataset, tiny_config, 
         debug={"fail_at_step": 5},
         tracking={"log_model": False},
     )
-    outcome = run_training(Config.model_validate(data), tracking_uri=mlflow_uri)
+    outcome = run_training(Config.model_validate(data), tracking=tracking)
     assert (tmp_path / "models/tiny/.fault-injected").read_text() == "5"  # the fault really fired
     assert outcome.metrics["step"] == 8
     steps = [s for s, _ in _loss_history(mlflow_uri, outcome.run_id)]
@@ -92,7 +94,7 @@ def test_corrupt_training_state_is_refused_naming_the_file(tmp_path):
         load_payload(path)
     path.write_bytes(bytes(data[:40]))
     (tmp_path / "train_state.pt.sha256").unlink()
-    with pytest.raises(CheckpointError, match=f"{path}: not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match=f"{path}: the file is corrupted"):
         load_payload(path)
 
 

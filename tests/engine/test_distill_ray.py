@@ -11,8 +11,12 @@ from typer.testing import CliRunner
 
 from detkd.cli import app
 from detkd.config import Config
-from detkd.engine.worker import build_trainable
+from detkd.engine.build import build_trainable
+from detkd.engine.plan import TrackingContext, build_plan
 from detkd.models import build_detector, load_detector, save_detector
+from detkd.models.checkpoint import load_payload
+
+TRACKING = TrackingContext(uri="sqlite:///unused.db", experiment="detkd")
 
 
 def _teacher_checkpoint(path, *, fpn_channels: int, multiscale: bool = False, seed: int = 5):
@@ -27,7 +31,7 @@ def _teacher_checkpoint(path, *, fpn_channels: int, multiscale: bool = False, se
         head_convs=1,
         multiscale=multiscale,
     )
-    save_detector(path, model, meta={"input_size": 64, "reference_size": 64, "input_scale": 1.0, "role": "teacher"})
+    save_detector(path, model, meta={"role": "teacher"})  # no run plan: configs give the teacher's input_scale
     return path
 
 
@@ -40,17 +44,25 @@ def test_init_from_teacher_and_copy_neck_head(tmp_path, tiny_dataset, tiny_confi
         tmp_path,
         input={"scale": 0.5},
         model={"min_level": 2, "max_level": 5},
-        distill={"teachers": [{"source": str(teacher_path)}], "msad": {}, "init_from_teacher": True},
+        distill={
+            "teachers": [{"source": str(teacher_path), "input_scale": 1.0}],
+            "msad": {},
+            "init_from_teacher": True,
+        },
     )
     cfg = Config.model_validate(data)
-    distiller, student = build_trainable(cfg, 3, [[str(teacher_path), 1.0]])
+    distiller, student = build_trainable(build_plan(cfg, tracking=TRACKING))
     own = student.state_dict()
     same = [k for k in own if k in shared and own[k].shape == shared[k].shape]
     assert len(same) > 0.9 * len(own)  # same family: nearly everything matches
     assert all(torch.equal(own[k], shared[k]) for k in same)
 
-    data["distill"] = {"teachers": [{"source": str(teacher_path)}], "mgd": {}, "copy_neck_head": True}
-    distiller, student = build_trainable(Config.model_validate(data), 3, [[str(teacher_path), 1.0]])
+    data["distill"] = {
+        "teachers": [{"source": str(teacher_path), "input_scale": 1.0}],
+        "mgd": {},
+        "copy_neck_head": True,
+    }
+    distiller, student = build_trainable(build_plan(Config.model_validate(data), tracking=TRACKING))
     own = student.state_dict()
     copied = [k for k in own if k.startswith(("backbone.fpn", "head")) and k in shared]
     assert copied and all(torch.equal(own[k], shared[k]) for k in copied)
@@ -73,9 +85,9 @@ def test_progressive_stages_chain_student_weights(tmp_path, tiny_dataset, tiny_c
         distill={
             "mgd": {"weight": 2e-5},
             "stages": [
-                {"teacher": {"source": str(weak)}},
+                {"teacher": {"source": str(weak), "input_scale": 1.0}},
                 # a vanishing lr: stage 2 must END where stage 1 ended if it STARTED there
-                {"teacher": {"source": str(strong)}, "settings": {"optim": {"lr": 1e-12}}},
+                {"teacher": {"source": str(strong), "input_scale": 1.0}, "settings": {"optim": {"lr": 1e-12}}},
             ],
         },
     )
@@ -89,19 +101,19 @@ def test_progressive_stages_chain_student_weights(tmp_path, tiny_dataset, tiny_c
     assert row["method"] == "progressive" and row["input_size"] == 32
 
     models = tmp_path / "models"
-    stage1 = torch.load(models / "prog-stage1/model.pt", weights_only=True)
-    stage2 = torch.load(models / "prog-stage2/model.pt", weights_only=True)
-    final = torch.load(models / "prog/model.pt", weights_only=True)
+    stage1 = load_payload(models / "prog-stage1/model.pt")
+    stage2 = load_payload(models / "prog-stage2/model.pt")
+    final = load_payload(models / "prog/model.pt")
     for payload in (stage1, stage2, final):
         # student alone: no teacher, adapter or generator tensors
         assert not any(k.startswith(("losses.", "student.", "_teachers")) for k in payload["state_dict"])
         assert payload["model"]["fpn_channels"] == 32 and payload["model"]["min_level"] == 2
-    student_keys = set(build_detector(**{**stage1["model"], "weights": None}).state_dict())
+    student_keys = set(build_detector(**stage1["model"]).state_dict())
     assert set(stage1["state_dict"]) == student_keys
     params = [k for k in stage1["state_dict"] if "running_" not in k and "num_batches" not in k]
     assert all(torch.allclose(stage1["state_dict"][k], stage2["state_dict"][k], atol=1e-6) for k in params)
     torch.manual_seed(0)
-    fresh = build_detector(**{**stage1["model"], "weights": None}).state_dict()
+    fresh = build_detector(**stage1["model"]).state_dict()
     assert not all(torch.allclose(fresh[k], stage2["state_dict"][k], atol=1e-6) for k in params)
     assert all(torch.equal(stage2["state_dict"][k], final["state_dict"][k]) for k in params)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -13,23 +14,25 @@ from detkd.data.coco import load_coco
 from detkd.engine.evaluate import evaluate_checkpoint
 from detkd.engine.launch import run_training
 from detkd.models import load_detector
+from detkd.models.checkpoint import load_payload
 
 pytestmark = pytest.mark.ray
 
 
-def test_train_evaluate_and_track(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri):
-    cfg = Config.model_validate(tiny_config(tiny_dataset, tmp_path))
-    outcome = run_training(cfg, tracking_uri=mlflow_uri)
+def test_train_evaluate_and_track(varied_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, tracking):
+    # non-square images of varied sizes with the long side capped: detkd evaluate must see the worker's view
+    cfg = Config.model_validate(tiny_config(varied_dataset, tmp_path, input={"size": 64, "max_size": 72}))
+    outcome = run_training(cfg, tracking=tracking)
 
     # the student-only checkpoint loads and rebuilds the same architecture
     model, meta = load_detector(outcome.model_path)
-    assert meta["role"] == "teacher" and meta["input_size"] == 64 and meta["step"] == 8
+    assert meta["role"] == "teacher" and meta["plan"]["input"]["size"] == 64 and meta["step"] == 8
     assert model.detkd_config["fpn_channels"] == 32
     assert outcome.metrics["step"] == 8  # 2 epochs x (36 train images // batch 8)
     assert 0.0 <= outcome.metrics["val/AP"] <= 1.0
 
     # evaluating the checkpoint reproduces the worker's final validation AP exactly
-    val = load_coco(tiny_dataset / "annotations/instances_val.json", tiny_dataset / "images/val")
+    val = load_coco(varied_dataset / "annotations/instances_val.json", varied_dataset / "images/val")
     result = evaluate_checkpoint(outcome.model_path, val, batch_size=8, score_thresh=cfg.eval.score_thresh)
     assert result.metrics["AP"] == pytest.approx(outcome.metrics["val/AP"], abs=1e-9)
     assert result.images_per_s > 0
@@ -47,18 +50,20 @@ def test_train_evaluate_and_track(tiny_dataset, tiny_config, ray_cluster, tmp_pa
     contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
     assert contexts == ["eval", "train"]
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
-    assert {"checkpoint", "config.json"} <= artifacts
+    assert {"checkpoint", "plan.json"} <= artifacts  # the run plan: config, digest, input view, teachers
+    plan = mlflow.artifacts.load_dict(f"runs:/{outcome.run_id}/plan.json")
+    assert plan["digest"] == run.data.tags["detkd.config_digest"] and plan["input"] == meta["plan"]["input"]
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert any(m.source_run_id == outcome.run_id for m in logged)
 
 
-def test_rerun_resumes_instead_of_retraining(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri):
+def test_rerun_resumes_instead_of_retraining(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, tracking):
     cfg = Config.model_validate(tiny_config(tiny_dataset, tmp_path, train={"epochs": 1}, tracking={"log_model": False}))
-    first = run_training(cfg, tracking_uri=mlflow_uri)
-    weights = torch.load(first.model_path, weights_only=True)["state_dict"]
-    second = run_training(cfg, tracking_uri=mlflow_uri)  # same config -> same Ray run name -> resume
+    first = run_training(cfg, tracking=tracking)
+    weights = load_payload(first.model_path)["state_dict"]
+    second = run_training(cfg, tracking=tracking)  # same config -> same Ray run name -> resume
     assert second.metrics["step"] == first.metrics["step"]
-    again = torch.load(second.model_path, weights_only=True)["state_dict"]
+    again = load_payload(second.model_path)["state_dict"]
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     # the training log of the second run shows no new optimizer steps
     client = MlflowClient(mlflow_uri)

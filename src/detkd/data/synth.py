@@ -8,8 +8,13 @@ blobs, partial arcs, a smooth background) gives false-positive bait. At half
 resolution the small shapes become genuinely ambiguous, which is the regime
 low-resolution distillation is about.
 
-Every image is drawn from its own generator seeded by ``(seed, index)``, so the
-output does not depend on the order or the number of images drawn before it.
+Images are square (``size`` x ``size``) by default; ``aspect_ratios`` and
+``size_jitter`` give each image its own width and height, as real datasets have,
+while objects keep their pixel sizes and stay inside the image.
+
+Every image is drawn from its own generator seeded by ``(seed, index)`` (its size
+from ``(seed, index, 1)``), so the output does not depend on the order or the
+number of images drawn before it.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["SHAPES", "SynthSpec", "render_image", "synthesize"]
+__all__ = ["SHAPES", "SynthSpec", "image_size", "render_image", "synthesize"]
 
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges
 MIN_CONTRAST = 0.35  # luminance gap between an object and what lies beneath it
@@ -84,63 +89,90 @@ SHAPES: dict[str, Callable[[ImageDraw.ImageDraw, int], None]] = {
 # --------------------------------------------------------------------------- spec
 
 
-@dataclass(frozen=True)
-class SynthSpec:
-    """What to generate. Sizes are in output pixels; the defaults make a small benchmark."""
+class SynthSpec(BaseModel):
+    """What to generate. Sizes are in output pixels; the defaults make a small benchmark.
 
-    images: int = 400
-    size: int = 128  # square images of size x size
-    seed: int = 0
-    val_fraction: float = 0.2
-    classes: tuple[str, ...] = field(default=("square", "circle", "triangle"))
-    min_object: float = 4  # px, side of the tight box
-    max_object: float = 48  # px
-    max_objects: int = 6  # per image (at least 1 is always drawn)
-    clutter: float = 0.5  # 0..1: distractor count and background gradient strength
-    noise: float = 0.03  # gaussian pixel noise sigma on the 0..1 scale
-    overlap: float = 0.3  # max IoU between two objects
+    The one spec of a synthetic dataset: the generator takes it, a pipeline's
+    ``data.synth`` section is one, and ``detkd data synth`` builds one from its
+    options, so their fields, defaults and checks cannot drift apart.
+    """
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "classes", tuple(self.classes))
-        errors = []
-        if self.images < 1:
-            errors.append(f"images must be >= 1, got {self.images}")
-        if self.size < 8:
-            errors.append(f"size must be >= 8, got {self.size}")
-        if self.seed < 0:
-            errors.append(f"seed must be >= 0, got {self.seed}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            errors.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not self.classes:
-            errors.append("classes must not be empty")
-        unknown = [c for c in self.classes if c not in SHAPES]
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    images: int = Field(400, ge=1, description="images in all, train plus val")
+    size: int = Field(128, ge=16, description="nominal image side in px (exact when the images are square)")
+    seed: int = Field(0, ge=0, description="same seed, same data")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="share of the images written as the val split")
+    classes: tuple[str, ...] = Field(
+        ("square", "circle", "triangle"), description=f"shape names (a list or comma-separated), from {sorted(SHAPES)}"
+    )
+    min_object: float = Field(4.0, ge=1, description="smallest object, px (side of its tight box)")
+    max_object: float = Field(48.0, ge=1, description="largest object, px; must fit in the smallest image side")
+    max_objects: int = Field(6, ge=1, description="objects per image at most (at least 1 is always drawn)")
+    clutter: float = Field(0.5, ge=0, le=1, description="distractor count and background gradient strength")
+    noise: float = Field(0.03, ge=0, le=1, description="gaussian pixel noise sigma on the 0..1 scale")
+    overlap: float = Field(0.3, ge=0, le=1, description="max IoU between two objects")
+    aspect_ratios: tuple[float, float] = Field(
+        (1.0, 1.0), description="range of width/height, drawn log-uniformly per image; (1, 1) keeps images square"
+    )
+    size_jitter: float = Field(
+        0.0, ge=0, lt=1, description="per image, sqrt(width*height) is size times a factor drawn in [1-j, 1+j]"
+    )
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        return tuple(c.strip() for c in value.split(",") if c.strip()) if isinstance(value, str) else value
+
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, classes: tuple[str, ...]) -> tuple[str, ...]:
+        if not classes:
+            raise ValueError("classes must not be empty")
+        unknown = [c for c in classes if c not in SHAPES]
         if unknown:
-            errors.append(f"unknown classes {unknown}; choose from {sorted(SHAPES)}")
-        if len(set(self.classes)) != len(self.classes):
-            errors.append(f"classes must be unique, got {list(self.classes)}")
-        if not 1 <= self.min_object <= self.max_object <= self.size:
-            errors.append(
-                f"need 1 <= min_object <= max_object <= size, got {self.min_object}, {self.max_object}, {self.size}"
+            raise ValueError(f"unknown classes {unknown}; choose from {sorted(SHAPES)}")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"classes must be unique, got {list(classes)}")
+        return classes
+
+    @field_validator("aspect_ratios")
+    @classmethod
+    def _ordered_ratios(cls, ratios: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = ratios
+        if not 0 < lo <= hi:
+            raise ValueError(f"aspect_ratios must be (low, high) with 0 < low <= high, got ({lo}, {hi})")
+        return ratios
+
+    @model_validator(mode="after")
+    def _objects_fit_and_val_split_exists(self) -> SynthSpec:
+        if self.min_object > self.max_object:
+            raise ValueError(f"min_object ({self.min_object}) must be <= max_object ({self.max_object})")
+        if self.max_object > self.smallest_side:
+            raise ValueError(
+                f"max_object ({self.max_object}) must fit in the smallest image side, {self.smallest_side} px "
+                f"with size {self.size}, size_jitter {self.size_jitter} and aspect_ratios {self.aspect_ratios}"
             )
-        if self.max_objects < 1:
-            errors.append(f"max_objects must be >= 1, got {self.max_objects}")
-        if not 0.0 <= self.clutter <= 1.0:
-            errors.append(f"clutter must be in [0, 1], got {self.clutter}")
-        if self.noise < 0.0:
-            errors.append(f"noise must be >= 0, got {self.noise}")
-        if not 0.0 <= self.overlap <= 1.0:
-            errors.append(f"overlap must be in [0, 1], got {self.overlap}")
-        if errors:
-            raise ValueError("invalid SynthSpec: " + "; ".join(errors))
+        if self.val_fraction > 0 and self.num_val == 0:
+            raise ValueError(
+                f"val_fraction {self.val_fraction} of {self.images} images rounds to no val image; "
+                "raise images or val_fraction, or set val_fraction 0 for no val split"
+            )
+        return self
 
     @property
     def num_val(self) -> int:
         return min(self.images - 1, round(self.images * self.val_fraction)) if self.images > 1 else 0
 
+    @property
+    def smallest_side(self) -> int:
+        """The shortest image side any draw can give, px: objects up to max_object must fit in it."""
+        lo, hi = self.aspect_ratios
+        return math.floor(self.size * (1.0 - self.size_jitter) * min(math.sqrt(lo), 1.0 / math.sqrt(hi)))
+
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["classes"] = list(self.classes)
-        return data
+        """JSON-ready fields (lists for tuples): what the COCO ``info.spec`` records."""
+        return self.model_dump(mode="json")
 
 
 # --------------------------------------------------------------------------- drawing
@@ -168,11 +200,16 @@ def _contrasting_colour(rng: np.random.Generator, beneath: np.ndarray) -> tuple[
     return r, g, b
 
 
-def _background(rng: np.random.Generator, size: int, clutter: float) -> np.ndarray:
-    """A smooth random background (size, size, 3) in [0, 1]: flat colour plus gradients."""
+def _axis(n: int, long_side: int) -> np.ndarray:
+    """Pixel centres along an axis of n pixels, centred on 0, in units of the long side (isotropic gradients)."""
+    return ((np.arange(n, dtype=np.float64) + 0.5) / n - 0.5) * (n / long_side)
+
+
+def _background(rng: np.random.Generator, *, width: int, height: int, clutter: float) -> np.ndarray:
+    """A smooth random background (height, width, 3) in [0, 1]: flat colour plus gradients."""
     base = rng.uniform(0.2, 0.8, 3)
-    coords = (np.arange(size, dtype=np.float64) + 0.5) / size - 0.5
-    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    long_side = max(width, height)
+    yy, xx = np.meshgrid(_axis(height, long_side), _axis(width, long_side), indexing="ij")
     angle = rng.uniform(0.0, 2.0 * math.pi)
     ramp = math.cos(angle) * xx + math.sin(angle) * yy  # in about [-0.7, 0.7]
     freq = rng.uniform(1.0, 3.0, 2) * 2.0 * math.pi * rng.choice([-1.0, 1.0], 2)
@@ -182,17 +219,20 @@ def _background(rng: np.random.Generator, size: int, clutter: float) -> np.ndarr
     return np.clip(base + field_, 0.0, 1.0)
 
 
-def _draw_distractors(rng: np.random.Generator, draw: ImageDraw.ImageDraw, *, size: int, clutter: float) -> None:
-    """Non-class clutter: line segments, irregular blobs and partial arcs."""
+def _draw_distractors(
+    rng: np.random.Generator, draw: ImageDraw.ImageDraw, *, width: int, height: int, clutter: float
+) -> None:
+    """Non-class clutter: line segments, irregular blobs and partial arcs, sized relative to the image."""
     ss = SUPERSAMPLE
-    full = size * ss
+    full = (width * ss, height * ss)
+    extent = math.sqrt(width * height)  # the side of a square image of the same area
     for _ in range(int(rng.poisson(clutter * 8.0))):
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
         kind = int(rng.integers(3))
         width = int(rng.integers(1, 3)) * ss
         if kind == 0:  # line segment
-            x0, y0 = rng.uniform(0, full, 2)
-            length = rng.uniform(0.1, 0.5) * full
+            x0, y0 = rng.uniform(0, full)
+            length = rng.uniform(0.1, 0.5) * extent * ss
             a = rng.uniform(0.0, 2.0 * math.pi)
             draw.line(
                 [(x0, y0), (x0 + length * math.cos(a), y0 + length * math.sin(a))],
@@ -200,7 +240,7 @@ def _draw_distractors(rng: np.random.Generator, draw: ImageDraw.ImageDraw, *, si
                 width=width,
             )
         elif kind == 1:  # irregular blob: a random star-shaped polygon
-            cx, cy = rng.uniform(0, full, 2)
+            cx, cy = rng.uniform(0, full)
             radius = rng.uniform(1.5, 6.0) * ss
             n = int(rng.integers(5, 9))
             angles = np.sort(rng.uniform(0.0, 2.0 * math.pi, n))
@@ -210,8 +250,8 @@ def _draw_distractors(rng: np.random.Generator, draw: ImageDraw.ImageDraw, *, si
                 fill=colour,
             )
         else:  # partial arc: never closed, so it is not a ring
-            cx, cy = rng.uniform(0, full, 2)
-            r = rng.uniform(3.0, size / 4) * ss
+            cx, cy = rng.uniform(0, full)
+            r = rng.uniform(3.0, extent / 4) * ss
             start = float(rng.uniform(0.0, 360.0))
             draw.arc(
                 (cx - r, cy - r, cx + r, cy + r),
@@ -230,18 +270,18 @@ def _iou(a: Box4, b: Box4) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _place_objects(rng: np.random.Generator, spec: SynthSpec) -> list[Box4]:
-    """Square boxes (supersampled px), log-uniform sizes, pairwise IoU <= spec.overlap."""
+def _place_objects(rng: np.random.Generator, spec: SynthSpec, *, width: int, height: int) -> list[Box4]:
+    """Square boxes (supersampled px) inside the image, log-uniform sizes, pairwise IoU <= spec.overlap."""
     ss = SUPERSAMPLE
-    full = spec.size * ss
+    full_w, full_h = width * ss, height * ss
     lo = math.ceil(spec.min_object * ss)
     hi = math.floor(spec.max_object * ss)
     boxes: list[Box4] = []
     for _ in range(int(rng.integers(1, spec.max_objects + 1))):
         for _ in range(PLACEMENT_TRIES):
             side = math.exp(rng.uniform(math.log(spec.min_object), math.log(spec.max_object)))
-            s = min(max(round(side * ss), lo), hi, full)
-            x, y = (int(v) for v in rng.integers(0, full - s + 1, 2))
+            s = min(max(round(side * ss), lo), hi, full_w, full_h)
+            x, y = (int(v) for v in rng.integers(0, (full_w - s + 1, full_h - s + 1)))
             box = (x, y, s, s)
             if all(_iou(box, other) <= spec.overlap for other in boxes):
                 boxes.append(box)
@@ -249,17 +289,31 @@ def _place_objects(rng: np.random.Generator, spec: SynthSpec) -> list[Box4]:
     return boxes
 
 
+def image_size(spec: SynthSpec, index: int) -> tuple[int, int]:
+    """(width, height) of image ``index``.
+
+    Drawn from a stream of its own, so the square default draws nothing from
+    the pixels' stream and writes exactly the images it always did.
+    """
+    rng = np.random.default_rng([spec.seed, index, 1])
+    lo, hi = spec.aspect_ratios
+    ratio = math.exp(rng.uniform(math.log(lo), math.log(hi)))  # width / height
+    side = spec.size * rng.uniform(1.0 - spec.size_jitter, 1.0 + spec.size_jitter)  # sqrt(width * height)
+    return max(1, round(side * math.sqrt(ratio))), max(1, round(side / math.sqrt(ratio)))
+
+
 def render_image(spec: SynthSpec, index: int) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
     """Draw image ``index``: (H, W, 3) uint8 pixels and [(class index, [x, y, w, h])] boxes."""
+    width, height = image_size(spec, index)
     rng = np.random.default_rng([spec.seed, index])
     ss = SUPERSAMPLE
-    background = _background(rng, spec.size, spec.clutter)
+    background = _background(rng, width=width, height=height, clutter=spec.clutter)
     big = np.repeat(np.repeat(np.round(background * 255.0).astype(np.uint8), ss, 0), ss, 1)
     canvas = Image.fromarray(big, "RGB")
     draw = ImageDraw.Draw(canvas)
-    _draw_distractors(rng, draw, size=spec.size, clutter=spec.clutter)
+    _draw_distractors(rng, draw, width=width, height=height, clutter=spec.clutter)
 
-    placed = _place_objects(rng, spec)
+    placed = _place_objects(rng, spec, width=width, height=height)
     classes = [int(rng.integers(len(spec.classes))) for _ in placed]
     # Largest first: a small shape may sit on a big one but is never hidden by it.
     order = sorted(range(len(placed)), key=lambda i: -placed[i][2])
@@ -306,7 +360,8 @@ def _write_split(out_dir: Path, spec: SynthSpec, split: str, indices: range) -> 
         pixels, objects = render_image(spec, index)
         pil = Image.fromarray(pixels, "RGB")
         _write_atomic(images_dir / file_name, lambda p, im=pil: im.save(p, format="PNG"))
-        images.append({"id": image_id, "file_name": file_name, "width": spec.size, "height": spec.size})
+        height, width = pixels.shape[:2]
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for class_index, bbox in objects:
             annotations.append(
                 {

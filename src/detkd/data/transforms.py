@@ -8,6 +8,15 @@ every resize records its actual per-axis ratio in ``target["scale"]``
 the explicit Random* classes, which use torch's global RNG.
 
 Targets are never mutated: every function returns a new dict.
+
+Why not torchvision.transforms.v2 (measured, benchmarks/results/transforms.md):
+torchvision sizes a short-side resize by truncating the long side where we round
+(another output size for 43 % of the shapes tried) and refuses ``max_size ==
+size``; it records no scale. So the sizing and the bookkeeping stay ours either
+way, and what torchvision would replace is one ``F.interpolate`` call (its resize
+kernel calls the same one: bit-identical output), one multiply and one flip. Its
+kernels were as fast as this code and its ``tv_tensors`` path about 1.3x slower,
+per sample and per ``scale_batch`` of 16: nothing to gain.
 """
 
 from __future__ import annotations
@@ -56,9 +65,10 @@ def _resize_to(image: torch.Tensor, target: Target, *, height: int, width: int) 
         ).squeeze(0)
     out = dict(target)
     boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
-    ratio = torch.tensor([width / w, height / h], dtype=torch.float32, device=boxes.device)
-    out["boxes"] = boxes * ratio.repeat(2)
-    out["scale"] = _scale_of(target).to(boxes.device) * ratio
+    # one 4-vector (x, y, x, y): Tensor.repeat costs more than the multiply on small inputs
+    ratio = torch.tensor([width / w, height / h, width / w, height / h], dtype=torch.float32, device=boxes.device)
+    out["boxes"] = boxes * ratio
+    out["scale"] = _scale_of(target).to(boxes.device) * ratio[:2]
     return resized, out
 
 

@@ -2,16 +2,20 @@
 
 One module per method: ``mse`` (baseline), ``ssim`` (structural), ``mgd`` (MTPD's per-stage
 loss), ``msad`` (low-resolution aligned distillation) and ``dsamkd`` (our interpretation).
-Every loss is an ``nn.Module`` called as ``loss(student_pyramid, teacher_pyramid, **context)``
-and returns a dict of named, already-weighted scalar terms. ``functional`` holds the
-stateless pieces for custom loops.
+Every loss is a ``DistillLoss`` (``base``) called as ``loss(student_pyramid, teacher_pyramid,
+masks=..., step=..., student_logits=..., teacher_logits=...)`` that returns a dict of named,
+already-weighted scalar terms; ``uses_logits`` says whether it needs the logits. ``align``
+pairs padded batches cell by cell; ``functional`` holds the stateless pieces for custom loops.
 """
 
 from detkd.distill.adapters import adapt, make_adapters
+from detkd.distill.align import LevelGrid, align_level, level_grids, valid_mask
+from detkd.distill.base import DistillLoss
 from detkd.distill.dsamkd import DSAMKDLoss
 from detkd.distill.functional import (
     gaussian_window,
     is_pyramid_shift,
+    masked_mean,
     minmax_normalize,
     msad_loss,
     mse_loss,
@@ -21,21 +25,25 @@ from detkd.distill.functional import (
     ssim_map,
 )
 from detkd.distill.mgd import MGDLoss
-from detkd.distill.msad import MSADLoss, copy_matching_weights
+from detkd.distill.msad import MSADLoss
 from detkd.distill.mse import FeatureMSELoss
 from detkd.distill.ssim import SSIMFeatureLoss
 
 __all__ = [
     "DSAMKDLoss",
+    "DistillLoss",
     "FeatureMSELoss",
+    "LevelGrid",
     "MGDLoss",
     "MSADLoss",
     "SSIMFeatureLoss",
     "adapt",
-    "copy_matching_weights",
+    "align_level",
     "gaussian_window",
     "is_pyramid_shift",
+    "level_grids",
     "make_adapters",
+    "masked_mean",
     "minmax_normalize",
     "msad_loss",
     "mse_loss",
@@ -43,4 +51,5 @@ __all__ = [
     "resize_to",
     "ssim_loss",
     "ssim_map",
+    "valid_mask",
 ]

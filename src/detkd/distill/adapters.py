@@ -6,12 +6,12 @@ student and the frozen teacher never changes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["adapt", "check_pyramids", "make_adapters"]
+__all__ = ["adapt", "make_adapters"]
 
 
 def make_adapters(
@@ -45,20 +45,3 @@ def make_adapters(
 def adapt(adapters: nn.ModuleDict, level: str, x: Tensor) -> Tensor:
     """Apply the adapter of ``level`` to the student feature ``x``, or return ``x`` if there is none."""
     return adapters[level](x) if level in adapters else x
-
-
-def check_pyramids(
-    levels: Sequence[str],
-    student: Mapping[str, Tensor],
-    teacher: Mapping[str, Tensor],
-) -> None:
-    """Raise a ValueError naming the level when a pyramid lacks it or the N, H, W differ."""
-    for level in levels:
-        if level not in student or level not in teacher:
-            raise ValueError(f"level {level!r} missing: student has {sorted(student)}, teacher has {sorted(teacher)}")
-        s, t = student[level], teacher[level]
-        if s.dim() != 4 or t.dim() != 4 or s.shape[0] != t.shape[0] or s.shape[-2:] != t.shape[-2:]:
-            raise ValueError(
-                f"level {level!r}: student {tuple(s.shape)} and teacher {tuple(t.shape)} must be "
-                "(N, C, H, W) with the same N, H, W (pair and resize levels first)"
-            )

@@ -3,24 +3,25 @@
 The low-resolution student's pyramid (shifted by one level, see ``pair_levels``) imitates the
 frozen multi-scale teacher's fused features with an L1 loss,
 alpha * T * sum_l mean |S_l - F_l|, ramped in linearly over the first ``ramp_iters`` steps so
-the imitation does not swamp the detection loss early on. ``copy_matching_weights`` covers
-"initialise the student from the teacher when shapes match" (and MTPD's neck/head copy).
+the imitation does not swamp the detection loss early on. Initialising the student from the
+teacher is ``detkd.models.copy_matching_weights``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from detkd.distill.adapters import adapt, check_pyramids, make_adapters
+from detkd.config import MSADConfig
+from detkd.distill.adapters import adapt, make_adapters
+from detkd.distill.base import DistillLoss, Masks, Pyramid, check_pyramids
 from detkd.distill.functional import msad_loss
 
-__all__ = ["MSADLoss", "copy_matching_weights"]
+__all__ = ["MSADLoss"]
 
 
-class MSADLoss(nn.Module):
+class MSADLoss(DistillLoss):
     """MSAD feature imitation with a linear warm-up; a 1x1 adapter per level only if channels differ."""
 
     def __init__(
@@ -33,16 +34,26 @@ class MSADLoss(nn.Module):
         temperature: float = 3.0,
         ramp_iters: int = 500,
     ) -> None:
-        super().__init__()
-        if not levels:
-            raise ValueError("MSADLoss needs at least one level")
+        super().__init__(levels=levels)
         if ramp_iters < 0:
             raise ValueError(f"ramp_iters must be >= 0, got {ramp_iters}")
-        self.levels = tuple(levels)
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.ramp_iters = int(ramp_iters)
         self.adapters = make_adapters(self.levels, student_channels, teacher_channels)
+
+    @classmethod
+    def from_config(
+        cls, cfg: MSADConfig, *, levels: Sequence[str], student_channels: int, teacher_channels: int
+    ) -> MSADLoss:
+        return cls(
+            levels=levels,
+            student_channels=student_channels,
+            teacher_channels=teacher_channels,
+            alpha=cfg.alpha,
+            temperature=cfg.temperature,
+            ramp_iters=cfg.ramp_iters,
+        )
 
     def ramp(self, step: int) -> float:
         """min(1, (step + 1) / ramp_iters); 1 when ramping is off (ramp_iters == 0)."""
@@ -51,36 +62,17 @@ class MSADLoss(nn.Module):
         return min(1.0, (max(int(step), 0) + 1) / self.ramp_iters)
 
     def forward(
-        self, student: dict[str, Tensor], teacher: dict[str, Tensor], *, step: int = 0, **_: object
+        self,
+        student: Pyramid,
+        teacher: Pyramid,
+        *,
+        masks: Masks | None = None,
+        step: int = 0,
+        student_logits: Pyramid | None = None,
+        teacher_logits: Pyramid | None = None,
     ) -> dict[str, Tensor]:
-        check_pyramids(self.levels, student, teacher)
+        check_pyramids(self.levels, student, teacher, masks)
         s = {lv: adapt(self.adapters, lv, student[lv]) for lv in self.levels}
         t = {lv: teacher[lv].detach() for lv in self.levels}
-        value = msad_loss(s, t, alpha=self.alpha, temperature=self.temperature, ramp=self.ramp(step))
+        value = msad_loss(s, t, alpha=self.alpha, temperature=self.temperature, ramp=self.ramp(step), masks=masks)
         return {"msad": value}
-
-
-def copy_matching_weights(
-    target: nn.Module,
-    source_state: Mapping[str, Tensor],
-    *,
-    prefixes: Sequence[str] | None = None,
-) -> list[str]:
-    """Copy every tensor of ``source_state`` whose key exists in ``target`` with the same shape.
-
-    With ``prefixes``, only keys starting with one of them are considered (e.g.
-    ``("backbone.fpn.", "head.")`` to copy a teacher's neck and head). Everything else in
-    ``target`` is left as it was. Returns the copied keys in ``source_state`` order.
-    """
-    target_state = target.state_dict()
-    chosen: dict[str, Tensor] = {}
-    for key, value in source_state.items():
-        if prefixes is not None and not any(key.startswith(p) for p in prefixes):
-            continue
-        current = target_state.get(key)
-        if current is not None and isinstance(value, Tensor) and current.shape == value.shape:
-            chosen[key] = value
-    if chosen:
-        with torch.no_grad():
-            target.load_state_dict(chosen, strict=False)
-    return list(chosen)

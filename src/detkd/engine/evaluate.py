@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, Subset
 
 from detkd.data.dataset import DetectionDataset, collate_detection
 from detkd.data.records import DetectionSource
+from detkd.engine.plan import InputSpec
 from detkd.evaluation import coco_metrics
-from detkd.models.detectors import set_inference_thresholds
+from detkd.models.detectors import set_inference_thresholds, unwrap_model
 
 
 def label_to_category(source: DetectionSource) -> dict[int, int]:
@@ -51,7 +52,7 @@ def predict(
     loader_workers: int = 0,
 ) -> Predictions:
     """Detections in COCO results format (original image coordinates)."""
-    inner = getattr(model, "module", model)
+    inner = unwrap_model(model)
     was_training = inner.training
     inner.eval()
     set_inference_thresholds(inner, score_thresh=score_thresh, detections_per_img=detections_per_img)
@@ -139,6 +140,16 @@ class CheckpointEvaluation:
     meta: dict[str, Any]
 
 
+def checkpoint_input(path, meta: dict[str, Any]) -> InputSpec:
+    """The input view a checkpoint was trained and validated with, from the run plan it stores."""
+    from detkd.engine.plan import RunPlan
+    from detkd.models.checkpoint import CheckpointError
+
+    if "plan" not in meta:
+        raise CheckpointError(f"{path}: the checkpoint stores no run plan, so its input view is unknown")
+    return RunPlan.from_dict(meta["plan"]).input
+
+
 def evaluate_checkpoint(
     model_path,
     source: DetectionSource,
@@ -146,33 +157,27 @@ def evaluate_checkpoint(
     batch_size: int = 8,
     score_thresh: float = 0.01,
     detections_per_img: int = 100,
-    reference_size: int | None = None,
     device: torch.device | None = None,
 ) -> CheckpointEvaluation:
     """Load a detkd checkpoint (teacher or student) and score it on ``source``.
 
-    The checkpoint remembers the reference view size and its own input scale, so
-    a student is evaluated at the resolution it was trained for.
+    The images are prepared by the same ``eval_transform`` of the same plan as the Ray
+    worker's ``val/AP``, so both numbers agree exactly.
     """
-    from detkd.data.transforms import Compose, ResizeShortSide, ScaleBy
+    from detkd.engine.datasets import eval_dataset
     from detkd.models.checkpoint import load_detector
 
     device = device or torch.device("cpu")
     model, meta = load_detector(model_path)
+    spec = checkpoint_input(model_path, meta)
     model.to(device)
-    size = int(reference_size or meta.get("reference_size") or meta.get("input_size") or 0)
-    if size <= 0:
-        raise ValueError(f"{model_path}: checkpoint has no input size; pass reference_size")
-    scale = float(meta.get("input_scale", 1.0))
-    steps = [ResizeShortSide(size)] + ([ScaleBy(scale)] if scale != 1.0 else [])
-    dataset = DetectionDataset(source, transform=Compose(steps), train=False)
     preds = predict(
         model,
-        dataset,
+        eval_dataset(source, spec),
         device=device,
         batch_size=batch_size,
         score_thresh=score_thresh,
         detections_per_img=detections_per_img,
     )
     metrics = coco_metrics(source.to_coco_dict(), preds.detections)
-    return CheckpointEvaluation(metrics, preds.images_per_s, int(round(size * scale)), preds.detections, meta)
+    return CheckpointEvaluation(metrics, preds.images_per_s, spec.model_size, preds.detections, meta)

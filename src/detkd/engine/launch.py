@@ -1,17 +1,17 @@
-"""Driver side of a training run: validate data, start the MLflow run, run Ray Train.
+"""Driver side of a training run: plan it, open its MLflow run, run Ray Train, publish the model.
 
-The Ray run's name carries a digest of the training-relevant config: running the
-same config again resumes (or returns) the earlier run, a changed config starts
-afresh instead of silently continuing someone else's checkpoints.
+The Ray run's name carries the plan's digest of the training-relevant settings: running
+the same config again resumes (or returns) the earlier run, a changed config starts afresh
+instead of silently continuing someone else's checkpoints. ``fresh=True`` starts over.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,11 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from detkd.config import Config, ConfigError
-from detkd.engine.datasets import build_dataset
-from detkd.engine.worker import MODEL_FILE, train_loop_per_worker
+from detkd.data.records import DetectionSource
+from detkd.engine.faults import MARKER
+from detkd.engine.plan import RunPlan, TrackingContext, build_plan, open_sources, plan_stages, stage_configs
+from detkd.engine.worker import MODEL_FILE, TRAIN_STATE, mismatch_message, train_loop_per_worker
+from detkd.models.checkpoint import CheckpointError, load_payload
 
 
 @dataclass
@@ -37,44 +40,15 @@ class TrainOutcome:
     method: str = "kd_off"
 
 
-def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
-    """Ray workers do not share the driver's cwd: make every path absolute."""
-    base = Path(base or Path.cwd())
-    data = cfg.model_dump()
+def tracking_context(cfg: Config, *, parent_run_id: str | None = None) -> TrackingContext:
+    """A run config's tracking settings (``tracking.tracking_uri`` > MLFLOW_TRACKING_URI > local SQLite)."""
+    from detkd.tracking import resolve_tracking_uri
 
-    def fix(value: Any) -> Any:
-        if value in (None, "") or "://" in str(value):  # URIs (s3://, gs://, file://) are left as given
-            return value
-        return str((base / value).resolve())
-
-    for split in ("train", "val"):
-        if data["data"][split]:
-            for key in ("coco", "images", "parquet"):
-                data["data"][split][key] = fix(data["data"][split][key])
-    for key in ("weights", "backbone_weights"):
-        data["model"][key] = fix(data["model"][key])
-    data["run"]["storage_path"] = fix(data["run"]["storage_path"])
-    data["run"]["output_dir"] = fix(data["run"]["output_dir"])
-    return Config.model_validate(data)
-
-
-def config_digest(cfg: Config, teachers: list[tuple[str, float]] | None = None) -> str:
-    """Digest of what changes the trained weights (not where results go or how they are logged).
-
-    Teachers enter by content (their checkpoint checksum), so a retrained teacher
-    never silently resumes a student distilled from its predecessor.
-    """
-    data = cfg.model_dump(mode="json", exclude={"run": True, "tracking": True, "name": True, "eval": True})
-    data["train"].pop("log_every", None)
-    data["teachers"] = [[_file_digest(Path(path)), scale] for path, scale in teachers or []]
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def _file_digest(path: Path) -> str:
-    sidecar = Path(f"{path}.sha256")
-    if sidecar.is_file():
-        return sidecar.read_text().split()[0]
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return TrackingContext(
+        uri=resolve_tracking_uri(cfg.tracking.tracking_uri),
+        experiment=cfg.tracking.experiment,
+        parent_run_id=parent_run_id,
+    )
 
 
 def storage_target(cfg: Config) -> tuple[str, Any]:
@@ -108,234 +82,257 @@ def publish_model(source_dir: Path, out_dir: Path) -> Path:
     return out_dir / MODEL_FILE
 
 
-def dataset_records(dataset) -> list[dict[str, Any]]:
-    return [
-        {"image_id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height, "boxes": len(r.boxes)}
-        for r in dataset.source.records
-    ]
-
-
 def run_training(
     cfg: Config,
     *,
-    parent_run_id: str | None = None,
-    tracking_uri: str | None = None,
+    tracking: TrackingContext | None = None,
     address: str | None = None,
     extra_tags: dict[str, str] | None = None,
     teacher_names: dict[str, Path] | None = None,
+    fresh: bool = False,
 ) -> TrainOutcome:
     """Train one detector (teacher, plain or distilled student) with Ray Train; log it to MLflow.
 
-    A config with ``distill.stages`` runs them in order (progressive distillation)
-    and returns the last stage's outcome.
+    A config with ``distill.stages`` runs them in order (progressive distillation) and
+    returns the last stage's outcome.
     """
+    tracking = tracking or tracking_context(cfg)
     if cfg.distill is not None and cfg.distill.stages:
         return run_progressive(
-            cfg,
-            parent_run_id=parent_run_id,
-            tracking_uri=tracking_uri,
-            address=address,
-            extra_tags=extra_tags,
-            teacher_names=teacher_names,
+            cfg, tracking=tracking, address=address, extra_tags=extra_tags, teacher_names=teacher_names, fresh=fresh
         )[-1]
-    from detkd.engine.teachers import resolve_teachers
-    from detkd.models.checkpoint import load_detector
-    from detkd.tracking import RunLogger, log_dataset, log_pytorch_model, resolve_tracking_uri, run_context
+    sources = open_sources(cfg)
+    plan = build_plan(cfg, tracking=tracking, teacher_names=teacher_names, sources=sources)
+    return run_plan(plan, address=address, extra_tags=extra_tags, fresh=fresh, sources=sources)
 
-    cfg = absolute_paths(cfg)
-    if cfg.data.train is None:
-        raise ValueError("config has no data.train split")
-    teachers = resolve_teachers(
-        cfg,
-        names=teacher_names,
-        cache_dir=Path(cfg.run.output_dir) / ".teachers",
-        tracking_uri=tracking_uri or cfg.tracking.tracking_uri,
-    )
-    # Validate the data here, before any worker starts: a bad dataset fails in seconds with a clear message.
-    train_set = build_dataset(cfg, "train", train=True)
-    val_set = build_dataset(cfg, "val", train=False) if cfg.data.val is not None else None
-    global_batch = cfg.train.batch_size * cfg.scaling.num_workers
-    if len(train_set) < global_batch:
-        raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} per worker x {cfg.scaling.num_workers} workers "
-            f"needs at least {global_batch} training images, the data has {len(train_set)}"
-        )
-    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
-    digest = config_digest(cfg, teachers)
-    ray_name = f"{cfg.name}-{digest}"
-    out_dir = Path(cfg.run.output_dir) / cfg.name
+
+def run_plan(
+    plan: RunPlan,
+    *,
+    address: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    fresh: bool = False,
+    sources: dict[str, DetectionSource] | None = None,
+) -> TrainOutcome:
+    """Carry out a plan: check or clear its run folder, then fit under its MLflow run and publish the model.
+
+    ``sources`` are the plan's splits when the caller already opened them (for dataset lineage)."""
+    if sources is None:
+        sources = open_sources(plan.config)
+    if fresh:
+        discard_run(plan)
+    else:
+        check_resumable(plan)
     ensure_ray(address)
-    total_cpus = int(ray.cluster_resources().get("CPU", 1))
-    cpus = cfg.scaling.cpus_per_worker or max(1, total_cpus // cfg.scaling.num_workers)
     started = time.perf_counter()
-    tags = {
-        "role": cfg.role,
-        "name": cfg.name,
-        "config_digest": digest,
-        "ray_run": ray_name,
-        "input_size": cfg.input.model_size,
-        "method": cfg.method,
-        **(extra_tags or {}),
-    }
-    for i, (path, scale) in enumerate(teachers):
-        tags[f"teacher.{i}"] = path
-        tags[f"teacher.{i}.scale"] = scale
-    resume_id = unfinished_run(uri, cfg.tracking.experiment, ray_name)
-    with run_context(
-        tracking_uri=uri,
-        experiment=cfg.tracking.experiment,
-        run_name=cfg.name,
-        tags=tags,
-        parent_run_id=parent_run_id,
-        resume_run_id=resume_id,
-    ) as run_id:
-        logger = RunLogger(tracking_uri=uri, run_id=run_id)
-        if resume_id:
-            print(f"continuing MLflow run {run_id} of the interrupted attempt at {ray_name}", flush=True)
-        else:
-            logger.params(cfg.model_dump(mode="json"))
-        logger.dict(cfg.model_dump(mode="json"), "config.json")
-        log_dataset(
-            tracking_uri=uri,
-            run_id=run_id,
-            records=dataset_records(train_set),
-            source=str(cfg.data.train.coco or cfg.data.train.parquet),
-            name=f"{cfg.name}-train",
-            context="train",
-        )
-        if val_set is not None:
-            log_dataset(
-                tracking_uri=uri,
-                run_id=run_id,
-                records=dataset_records(val_set),
-                source=str(cfg.data.val.coco or cfg.data.val.parquet),
-                name=f"{cfg.name}-val",
-                context="eval",
-            )
-        loop_config: dict[str, Any] = {
-            "config": cfg.model_dump(mode="json"),
-            "tracking_uri": uri,
-            "run_id": run_id,
-            "threads_per_worker": cpus,
-            "teachers": teachers,
-            "meta": {
-                "name": cfg.name,
-                "role": cfg.role,
-                "input_size": cfg.input.model_size,
-                "method": cfg.method,
-                "input_scale": cfg.input.scale,
-                "reference_size": cfg.input.size,
-                "mlflow_run_id": run_id,
-                "categories": [{"id": c.id, "name": c.name} for c in train_set.source.categories],
-            },
-        }
-        out_dir.mkdir(parents=True, exist_ok=True)
-        loop_config["fault_marker"] = str(out_dir / ".fault-injected")  # debug.fail_at_step fires once per run
-        storage_path, storage_filesystem = storage_target(cfg)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop_config,
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cpus}
-            ),
-            run_config=ray.train.RunConfig(
-                name=ray_name,
-                storage_path=storage_path,
-                storage_filesystem=storage_filesystem,
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            ),
-        )
-        try:
-            result = trainer.fit()
-        except (KeyboardInterrupt, SystemExit) as exc:
-            # Ray Train's own SIGINT handler aborts the run and calls sys.exit(0) inside fit()
-            print(
-                f"interrupted: checkpoints are kept under {cfg.run.storage_path}/{ray_name}; "
-                "run the same command again to resume",
-                flush=True,
-            )
-            raise KeyboardInterrupt from exc
+    with mlflow_run(plan, sources, extra_tags=extra_tags, resume=not fresh) as (run_id, logger):
+        result = fit(plan, run_id=run_id)
         if result.checkpoint is None:
-            raise RuntimeError(f"training run {ray_name} finished without a checkpoint")
+            raise RuntimeError(f"training run {plan.ray_name} finished without a checkpoint")
         with result.checkpoint.as_directory() as folder:
-            model_path = publish_model(Path(folder), out_dir)
+            model_path = publish_model(Path(folder), plan.out_dir)
         metrics = dict(result.metrics or {})
-        logger.metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        logger.artifact(model_path, "checkpoint")
-        logger.artifact(Path(f"{model_path}.sha256"), "checkpoint")
-        if cfg.tracking.log_model:
-            model, _ = load_detector(model_path)
-            log_pytorch_model(tracking_uri=uri, run_id=run_id, model=model)
+        log_outcome(plan, logger, model_path, metrics)
     return TrainOutcome(
-        name=cfg.name,
-        role=cfg.role,
+        name=plan.name,
+        role=plan.config.role,
         model_path=model_path,
         run_id=run_id,
         metrics=metrics,
-        input_size=cfg.input.model_size,
+        input_size=plan.input.model_size,
         seconds=time.perf_counter() - started,
-        method=cfg.method,
+        method=plan.config.method,
     )
 
 
-def unfinished_run(tracking_uri: str, experiment: str, ray_name: str) -> str | None:
+def fit(plan: RunPlan, *, run_id: str | None) -> ray.train.Result:
+    """Run the Ray Train job; Ctrl-C leaves a resumable run and says how to resume it."""
+    cfg = plan.config
+    total_cpus = int(ray.cluster_resources().get("CPU", 1))
+    cpus = cfg.scaling.cpus_per_worker or max(1, total_cpus // cfg.scaling.num_workers)
+    storage_path, storage_filesystem = storage_target(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": plan.to_dict(), "run_id": run_id, "threads_per_worker": cpus},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=ray.train.RunConfig(
+            name=plan.ray_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+    )
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return trainer.fit()
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ray Train's own SIGINT handler aborts the run and calls sys.exit(0) inside fit()
+        print(
+            f"interrupted: checkpoints are kept under {cfg.run.storage_path}/{plan.ray_name}; "
+            "run the same command again to resume",
+            flush=True,
+        )
+        raise KeyboardInterrupt from exc
+
+
+def local_run_folder(plan: RunPlan) -> Path | None:
+    """The Ray run folder when storage is a local path (None for URIs such as s3://)."""
+    storage = str(plan.config.run.storage_path)
+    return None if "://" in storage else Path(storage) / plan.ray_name
+
+
+def check_resumable(plan: RunPlan) -> None:
+    """Refuse, before Ray starts, a run folder whose latest checkpoint no longer fits the model."""
+    from detkd.engine.build import build_trainable
+
+    folder = local_run_folder(plan)
+    checkpoints = sorted(folder.glob(f"checkpoint_*/{TRAIN_STATE}")) if folder and folder.is_dir() else []
+    if not checkpoints:
+        return
+    try:
+        saved = load_payload(checkpoints[-1])["model"]
+    except (CheckpointError, KeyError) as exc:
+        raise ConfigError(mismatch_message(plan, f"unreadable: {exc}")) from None
+    expected = {k: tuple(v.shape) for k, v in build_trainable(plan, device="meta")[0].state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in saved.items()}
+    if expected != found:
+        extra = sorted(set(found) - set(expected))
+        missing = sorted(set(expected) - set(found))
+        reshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        parts = [
+            f"{len(keys)} {what}, e.g. {keys[0]}"
+            for keys, what in (
+                (extra, "tensors the model lacks"),
+                (missing, "tensors missing"),
+                (reshaped, "tensors of another shape"),
+            )
+            if keys
+        ]
+        raise ConfigError(mismatch_message(plan, "; ".join(parts)))
+
+
+def discard_run(plan: RunPlan) -> None:
+    """``--fresh``: forget the run folder (checkpoints) and the fault marker; start over."""
+    folder = local_run_folder(plan)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        import pyarrow.fs
+
+        filesystem, root = pyarrow.fs.FileSystem.from_uri(f"{plan.config.run.storage_path}/{plan.ray_name}")
+        if storage_target(plan.config)[1] is not None:
+            filesystem = storage_target(plan.config)[1]
+        with contextlib.suppress(FileNotFoundError, OSError):
+            filesystem.delete_dir(root)
+    (plan.out_dir / MARKER).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def mlflow_run(
+    plan: RunPlan, sources: dict[str, DetectionSource], *, extra_tags: dict[str, str] | None, resume: bool
+) -> Iterator[tuple[str, Any]]:
+    """Open the run's MLflow run (continuing an interrupted attempt at the same Ray run) with its lineage."""
+    from detkd.tracking import RunLogger, log_dataset, run_context
+
+    cfg = plan.config
+    tags = {
+        "role": cfg.role,
+        "name": cfg.name,
+        "config_digest": plan.digest,
+        "ray_run": plan.ray_name,
+        "input_size": plan.input.model_size,
+        "method": cfg.method,
+        **(extra_tags or {}),
+    }
+    for i, teacher in enumerate(plan.teachers):
+        tags[f"teacher.{i}"] = teacher.path
+        tags[f"teacher.{i}.scale"] = teacher.scale
+        if teacher.mlflow_run_id:
+            tags[f"teacher.{i}.run_id"] = teacher.mlflow_run_id
+    resume_id = unfinished_run(plan) if resume else None
+    with run_context(
+        tracking_uri=plan.tracking.uri,
+        experiment=plan.tracking.experiment,
+        run_name=cfg.name,
+        tags=tags,
+        parent_run_id=plan.tracking.parent_run_id,
+        resume_run_id=resume_id,
+    ) as run_id:
+        logger = RunLogger(tracking_uri=plan.tracking.uri, run_id=run_id)
+        if resume_id:
+            print(f"continuing MLflow run {run_id} of the interrupted attempt at {plan.ray_name}", flush=True)
+        else:
+            logger.params(cfg.model_dump(mode="json"))
+        logger.dict(plan.to_dict(), "plan.json")
+        for split, source in sources.items():
+            section = getattr(cfg.data, split)
+            log_dataset(
+                tracking_uri=plan.tracking.uri,
+                run_id=run_id,
+                records=dataset_records(source),
+                source=str(section.coco or section.parquet),
+                name=f"{cfg.name}-{split}",
+                context="train" if split == "train" else "eval",
+            )
+        yield run_id, logger
+
+
+def dataset_records(source) -> list[dict[str, Any]]:
+    return [
+        {"image_id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height, "boxes": len(r.boxes)}
+        for r in source.records
+    ]
+
+
+def log_outcome(plan: RunPlan, logger, model_path: Path, metrics: dict[str, Any]) -> None:
+    from detkd.models.checkpoint import load_detector
+    from detkd.tracking import log_pytorch_model
+
+    logger.metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    logger.artifact(model_path, "checkpoint")
+    logger.artifact(Path(f"{model_path}.sha256"), "checkpoint")
+    if plan.config.tracking.log_model:
+        model, _ = load_detector(model_path)
+        log_pytorch_model(tracking_uri=plan.tracking.uri, run_id=logger.run_id, model=model)
+
+
+def unfinished_run(plan: RunPlan) -> str | None:
     """The MLflow run of an interrupted or crashed attempt at this Ray run, to continue its history."""
     from detkd.tracking import find_runs
 
-    runs = find_runs(tracking_uri, experiment, {"detkd.ray_run": ray_name})
+    runs = find_runs(plan.tracking.uri, plan.tracking.experiment, {"detkd.ray_run": plan.ray_name})
     unfinished = [r for r in runs if r.info.status in ("RUNNING", "KILLED", "FAILED")]
     return unfinished[0].info.run_id if unfinished else None
-
-
-def stage_configs(cfg: Config) -> list[Config]:
-    """Expand ``distill.stages`` into one run config per stage (stage k starts from stage k-1)."""
-    from detkd.config import deep_merge, validate_config
-
-    base = cfg.model_dump(mode="json")
-    stages = base["distill"].pop("stages")
-    base_distill = {k: v for k, v in base.pop("distill").items() if k != "teachers"}
-    out = []
-    for k, stage in enumerate(stages, start=1):
-        data = deep_merge({**base, "distill": base_distill}, stage["settings"])
-        data["distill"]["teachers"] = [stage["teacher"]]
-        data["name"] = f"{cfg.name}-stage{k}"
-        if k > 1:
-            data["distill"]["copy_neck_head"] = False  # only the first stage may copy the teacher's neck/head
-            data["distill"]["init_from_teacher"] = False
-        out.append(validate_config(data, source=f"{cfg.name}: distill.stages[{k - 1}]"))
-    return out
 
 
 def run_progressive(
     cfg: Config,
     *,
-    parent_run_id: str | None = None,
-    tracking_uri: str | None = None,
+    tracking: TrackingContext,
     address: str | None = None,
     extra_tags: dict[str, str] | None = None,
     teacher_names: dict[str, Path] | None = None,
+    fresh: bool = False,
 ) -> list[TrainOutcome]:
     """Multi-teacher progressive distillation: only the student's weights travel between stages."""
-    outcomes: list[TrainOutcome] = []
     stages = stage_configs(cfg)
+    plan_stages(cfg, tracking=tracking, teacher_names=teacher_names)
+    outcomes: list[TrainOutcome] = []
     for k, stage in enumerate(stages, start=1):
         if outcomes:
             stage = stage.model_copy(
                 update={"model": stage.model.model_copy(update={"weights": outcomes[-1].model_path})}
             )
-        outcome = run_training(
-            stage,
-            parent_run_id=parent_run_id,
-            tracking_uri=tracking_uri,
-            address=address,
-            extra_tags={**(extra_tags or {}), "progressive": cfg.name, "stage": str(k), "stages": str(len(stages))},
-            teacher_names=teacher_names,
-        )
-        outcomes.append(outcome)
+        sources = open_sources(stage)
+        plan = build_plan(stage, tracking=tracking, teacher_names=teacher_names, sources=sources)
+        tags = {**(extra_tags or {}), "progressive": cfg.name, "stage": str(k), "stages": str(len(stages))}
+        outcomes.append(run_plan(plan, address=address, extra_tags=tags, fresh=fresh, sources=sources))
     final = outcomes[-1]
     # the progressive student's own name points at the last stage's checkpoint
-    out_dir = Path(absolute_paths(cfg).run.output_dir) / cfg.name
+    out_dir = Path(stages[-1].run.output_dir).resolve() / cfg.name
     publish_model(final.model_path.parent, out_dir)
     outcomes.append(
         TrainOutcome(

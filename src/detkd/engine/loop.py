@@ -1,17 +1,29 @@
-"""Plain-PyTorch pieces of the training loop, shared by Ray Train workers and benchmarks."""
+"""The training loop in plain PyTorch, shaped like torchvision's ``references/detection/engine.py``.
+
+``setup`` builds data, model, optimizer and schedule from a run plan; ``train_one_epoch``
+runs one pass over the loader and calls small hooks after each step (progress, step
+checkpoints, test-only fault injection). The Ray worker (``engine/worker.py``) only adds
+the distributed context, checkpoint reporting and MLflow. Benchmarks use the same pieces.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from detkd.config import OptimConfig
+from detkd.data.dataset import DetectionDataset, collate_detection
+from detkd.engine.plan import RunPlan
+from detkd.engine.sampler import EpochBatchSampler
+from detkd.models.detectors import unwrap_model
 
 
 def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
@@ -104,6 +116,10 @@ class StepResult:
     terms: dict[str, float]
     grad_norm: float
 
+    def named(self) -> dict[str, float]:
+        """``loss`` plus each term as ``loss_<term>`` (the names logged to MLflow)."""
+        return {"loss": self.loss, **{f"loss_{k}": v for k, v in self.terms.items()}}
+
 
 def train_step(
     model: nn.Module,
@@ -156,3 +172,167 @@ class Throughput:
     def reset(self) -> None:
         self.start = time.perf_counter()
         self.images = 0
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must hold to continue exactly where training stopped."""
+
+    model: nn.Module  # what the optimizer trains: a detector or a Distiller, maybe DDP-wrapped
+    student: nn.Module  # the detector that is evaluated and published
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    step: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+
+
+@dataclass
+class TrainRun:
+    """Everything ``setup`` builds for one worker."""
+
+    state: TrainState
+    loader: DataLoader
+    sampler: EpochBatchSampler
+    val_set: DetectionDataset | None
+    device: torch.device
+    amp: bool
+    total_steps: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+
+def setup(
+    plan: RunPlan,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    wrap: Callable[[nn.Module], nn.Module] = lambda module: module,
+) -> TrainRun:
+    """Datasets, loader, model, optimizer and schedule of one worker. ``wrap`` places the
+    trainable module on its device and in DDP (Ray's ``prepare_model``); the teachers stay outside."""
+    from detkd.engine.build import build_trainable
+    from detkd.engine.datasets import build_dataset
+
+    cfg = plan.config
+    device = device or torch.device("cpu")
+    train_set = build_dataset(plan, "train", train=True)
+    val_set = build_dataset(plan, "val", train=False) if cfg.data.val is not None else None
+    trainable, student = build_trainable(plan)
+    model = wrap(trainable)
+    sampler = EpochBatchSampler(
+        size=len(train_set), batch_size=cfg.train.batch_size, rank=rank, world_size=world_size, seed=cfg.seed
+    )
+    loader = DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        collate_fn=collate_detection,
+        num_workers=cfg.data.loader_workers,
+        persistent_workers=cfg.data.loader_workers > 0,
+    )
+    total_steps = cfg.train.epochs * sampler.batches_per_epoch
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, lr=scaled_lr(cfg.optim, sampler.global_batch))
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, optim=cfg.optim)
+    amp = cfg.train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
+    state = TrainState(model=model, student=student, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    return TrainRun(
+        state=state, loader=loader, sampler=sampler, val_set=val_set, device=device, amp=amp, total_steps=total_steps
+    )
+
+
+StepHook = Callable[[TrainState, StepResult, int], None]
+"""Called after every optimizer step with (state, step result, images in this worker's batch)."""
+
+
+def train_one_epoch(run: TrainRun, *, clip_grad_norm: float | None, hooks: Sequence[StepHook] = ()) -> dict[str, float]:
+    """One pass over this epoch's remaining batches (or up to ``run.total_steps``); returns the mean loss terms."""
+    state = run.state
+    state.model.train()
+    means = RunningMeans()
+    for images, targets in run.loader:
+        images = [img.to(run.device, non_blocking=True) for img in images]
+        result = train_step(
+            state.model,
+            images,
+            move_targets(targets, run.device),
+            optimizer=state.optimizer,
+            scaler=state.scaler,
+            device=run.device,
+            amp=run.amp,
+            clip_grad_norm=clip_grad_norm,
+        )
+        state.scheduler.step()
+        state.step += 1
+        means.add(result.named())
+        for hook in hooks:
+            hook(state, result, len(images))
+        if state.step >= run.total_steps:
+            break
+    return means.means()
+
+
+class ProgressLog:
+    """Step hook: every ``every`` steps, average the loss terms over workers, print a line on rank 0
+    and hand the numbers to ``sink`` (MLflow on rank 0 in the Ray worker)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        every: int,
+        total_steps: int,
+        steps_per_epoch: int,
+        epochs: int,
+        world_size: int,
+        rank: int,
+        say: Callable[[str], None],
+        sink: Callable[[dict[str, float], int], None] | None = None,
+    ) -> None:
+        self.name, self.every, self.total_steps = name, every, total_steps
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.world_size, self.rank, self.say, self.sink = world_size, rank, say, sink
+        self.means, self.speed = RunningMeans(), Throughput()
+
+    def __call__(self, state: TrainState, result: StepResult, batch_images: int) -> None:
+        self.means.add(result.named())
+        self.speed.add(batch_images * self.world_size)
+        if state.step % self.every and state.step != self.total_steps:
+            return
+        running = reduce_means(self.means.means())  # a collective: every rank takes part
+        if self.rank == 0:
+            rate, lr = self.speed.rate(), state.scheduler.get_last_lr()[0]
+            global_batch = batch_images * self.world_size
+            eta = (self.total_steps - state.step) * global_batch / max(rate, 1e-9)
+            parts = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in running.items() if k != "loss")
+            epoch = (state.step - 1) // self.steps_per_epoch + 1
+            self.say(
+                f"[{self.name}] epoch {epoch}/{self.epochs} step {state.step}/{self.total_steps} "
+                f"loss {running['loss']:.3f} ({parts}) lr {lr:.2e} {rate:.0f} img/s eta {format_eta(eta)}"
+            )
+            if self.sink is not None:
+                values = {f"train/{k}": v for k, v in running.items()}
+                self.sink(values | {"train/lr": lr, "train/images_per_s": rate}, state.step)
+        self.means.reset()
+        self.speed.reset()

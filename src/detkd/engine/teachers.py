@@ -9,14 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from detkd.config import Config, ConfigError, TeacherRef
-from detkd.models.checkpoint import read_detector_payload
+from detkd.engine.plan import TeacherSpec, file_digest
+from detkd.models.checkpoint import CheckpointError, read_detector_payload
 
 
 def resolve_source(
     source: str, *, names: dict[str, Path] | None = None, cache_dir: Path, tracking_uri: str | None = None
 ) -> Path:
     if names and source in names:
-        return names[source]
+        return Path(names[source])
     if source.startswith("mlflow:"):
         from detkd.tracking import download_checkpoint
 
@@ -33,27 +34,50 @@ def resolve_source(
 
 
 def resolve_teachers(
-    cfg: Config, *, names: dict[str, Path] | None = None, cache_dir: Path, tracking_uri: str | None = None
-) -> list[tuple[str, float]]:
-    """[(absolute checkpoint path, input scale vs the reference view)] for ``cfg.distill.teachers``."""
+    cfg: Config,
+    *,
+    num_classes: int,
+    names: dict[str, Path] | None = None,
+    tracking_uri: str | None = None,
+    where: str,
+) -> tuple[TeacherSpec, ...]:
+    """One :class:`TeacherSpec` per ``cfg.distill.teachers`` entry (checksums verified)."""
     if cfg.distill is None:
-        return []
+        return ()
+    cache_dir = Path(cfg.run.output_dir) / ".teachers"
     out = []
     for i, ref in enumerate(cfg.distill.teachers):
-        path = resolve_source(ref.source, names=names, cache_dir=cache_dir, tracking_uri=tracking_uri)
-        out.append((str(path), teacher_scale(ref, path, cfg, where=f"distill.teachers[{i}]")))
-    return out
+        key = f"{where}: distill.teachers[{i}]"
+        try:
+            path = resolve_source(ref.source, names=names, cache_dir=cache_dir, tracking_uri=tracking_uri)
+            payload = read_detector_payload(path)
+        except (ConfigError, CheckpointError) as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        meta = payload.get("meta", {})
+        out.append(
+            TeacherSpec(
+                source=ref.source,
+                path=str(path),
+                scale=teacher_scale(ref, meta, payload["model"], cfg, num_classes, path=path, where=key),
+                sha256=file_digest(path),
+                name=str(meta.get("name", path.parent.name)),
+                model=dict(payload["model"]),
+                mlflow_run_id=meta.get("mlflow_run_id"),
+            )
+        )
+    return tuple(out)
 
 
-def teacher_scale(ref: TeacherRef, path: Path, cfg: Config, *, where: str) -> float:
-    payload = read_detector_payload(path)
-    meta = payload.get("meta", {})
-    classes = payload["model"]["num_classes"]
-    if cfg.model.num_classes is not None and classes != cfg.model.num_classes:
-        raise ConfigError(f"{where}: teacher {path} has {classes} classes, the student {cfg.model.num_classes}")
+def teacher_scale(
+    ref: TeacherRef, meta: dict, model: dict, cfg: Config, num_classes: int, *, path: Path, where: str
+) -> float:
+    """The teacher's input size relative to the student's reference view (``input.size``)."""
+    if model["num_classes"] != num_classes:
+        raise ConfigError(f"{where}: teacher {path} has {model['num_classes']} classes, the student {num_classes}")
     if ref.input_scale is not None:
         return float(ref.input_scale)
-    size = meta.get("input_size")
-    if not size:
-        raise ConfigError(f"{where}: {path} records no input size; set {where}.input_scale")
-    return float(size) / cfg.input.size
+    plan = meta.get("plan")
+    if not plan:
+        raise ConfigError(f"{where}: {path} records no run plan (input size); set {where}.input_scale")
+    spec = plan["input"]
+    return float(spec["size"]) * float(spec["scale"]) / cfg.input.size

@@ -1,16 +1,46 @@
 """Detector builders, checkpoints and feature taps (plain PyTorch: no Ray, no MLflow)."""
 
-from detkd.models.checkpoint import CheckpointError, load_detector, save_detector
-from detkd.models.detectors import ARCHS, build_detector, detector_config, pyramid_strides
-from detkd.models.taps import DetectorTaps
+from detkd.models.checkpoint import (
+    CheckpointError,
+    build_model,
+    copy_matching_weights,
+    load_detector,
+    save_detector,
+)
+from detkd.models.detectors import (
+    ARCHS,
+    DETECTOR_BUILDERS,
+    build_detector,
+    build_detector_from_config,
+    build_fasterrcnn,
+    build_fcos,
+    build_retinanet,
+    detector_config,
+    pyramid_strides,
+    set_inference_thresholds,
+    unwrap_model,
+)
+from detkd.models.multiscale import MultiScaleDetector
+from detkd.models.taps import DetectorTaps, has_dense_logits
 
 __all__ = [
     "ARCHS",
+    "DETECTOR_BUILDERS",
     "CheckpointError",
     "DetectorTaps",
+    "MultiScaleDetector",
     "build_detector",
+    "build_detector_from_config",
+    "build_fasterrcnn",
+    "build_fcos",
+    "build_model",
+    "build_retinanet",
+    "copy_matching_weights",
     "detector_config",
+    "has_dense_logits",
     "load_detector",
     "pyramid_strides",
     "save_detector",
+    "set_inference_thresholds",
+    "unwrap_model",
 ]

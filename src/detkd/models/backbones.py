@@ -1,46 +1,42 @@
 """Backbone bodies and the feature pyramid built on top of them.
 
-A *body* maps an image batch to the classic ResNet stage outputs C2..C5 (strides
+A *body* maps an image batch to the classic stage outputs ``c2``..``c5`` (strides
 4..32). ``PyramidBackbone`` turns those into FPN levels ``p{min_level}`` ..
-``p{max_level}``; levels above P5 come from stride-2 convolutions on P5, the way
-RetinaNet builds P6/P7. Level names are explicit (``"p3"``) so that distillation
-code can pair student and teacher levels by number.
+``p{max_level}`` with torchvision's ``FeaturePyramidNetwork``; P6/P7 come from
+torchvision's ``LastLevelP6P7`` on P5, the way RetinaNet builds them. Level names
+are explicit (``"p3"``) so that distillation code can pair student and teacher
+levels by number. Nothing here loads weights: that is ``detkd.models.checkpoint``.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 STAGE_LEVELS = (2, 3, 4, 5)
-BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "mobilenet_v3_small")
+MAX_LEVEL = 7  # LastLevelP6P7 makes P6 and P7, nothing above
 NORMS = ("bn", "frozen_bn")
+
+
+class Body(NamedTuple):
+    """A module returning ``OrderedDict(c2=..., ..., c5=...)`` and each stage level's channels."""
+
+    module: nn.Module
+    channels: dict[int, int]
 
 
 def _norm_layer(norm: str) -> type[nn.Module]:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     return nn.BatchNorm2d if norm == "bn" else FrozenBatchNorm2d
-
-
-def _load_classifier_weights(net: nn.Module, weights: Path, *, what: str) -> None:
-    """Load a local torchvision classification state dict (no hub access ever)."""
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} weights file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    useful = [k for k in missing if not k.startswith(("fc.", "classifier."))]
-    if useful:
-        raise ValueError(f"{path}: not a {what} state dict, missing keys such as {useful[:3]}")
 
 
 class ConvBNReLU(nn.Sequential):
@@ -63,112 +59,116 @@ class TinyBody(nn.Module):
             )
             cin = cout
         self.stages = nn.ModuleList(stages)
-        self.channels = dict(zip(STAGE_LEVELS, widths, strict=True))
+        self.widths = widths
 
-    def forward(self, x: Tensor) -> dict[int, Tensor]:
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         x = self.stem(x)
-        out = {}
+        out: OrderedDict[str, Tensor] = OrderedDict()
         for level, stage in zip(STAGE_LEVELS, self.stages, strict=True):
             x = stage(x)
-            out[level] = x
+            out[f"c{level}"] = x
         return out
 
 
-class ResNetBody(nn.Module):
-    """torchvision ResNet without its classifier, returning C2..C5."""
+def build_tiny_body(*, norm: str = "bn") -> Body:
+    body = TinyBody(norm=norm)
+    return Body(body, dict(zip(STAGE_LEVELS, body.widths, strict=True)))
 
-    def __init__(self, *, name: str, weights: Path | None = None, norm: str = "bn") -> None:
-        super().__init__()
-        net = getattr(tvm, name)(weights=None, norm_layer=_norm_layer(norm))
-        if weights is not None:
-            _load_classifier_weights(net, weights, what=name)
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
-        expansion = 4 if name == "resnet50" else 1
-        self.channels = dict(
-            zip(STAGE_LEVELS, [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion], strict=True)
+
+def build_resnet_body(*, factory: Callable[..., tvm.ResNet], norm: str = "bn") -> Body:
+    """A torchvision ResNet (``tvm.resnet18``...) cut after layer1..layer4 (C2..C5), without pooling and classifier."""
+    net = factory(weights=None, norm_layer=_norm_layer(norm))
+    getter = IntermediateLayerGetter(net, return_layers={f"layer{i}": f"c{i + 1}" for i in range(1, 5)})
+    c5 = net.fc.in_features  # 512 * block expansion; every stage below halves it
+    return Body(getter, {level: c5 // 2 ** (5 - level) for level in STAGE_LEVELS})
+
+
+# Index in ``features`` of the last block at stride 4, 8, 16 and 32 (C2..C5); C5 is the final 1x1 conv.
+MOBILENET_V3_LARGE_TAPS = (3, 6, 12, 16)
+MOBILENET_V3_SMALL_TAPS = (1, 3, 8, 12)
+
+
+def build_mobilenet_v3_body(
+    *, factory: Callable[..., tvm.MobileNetV3], taps: tuple[int, int, int, int], norm: str = "bn"
+) -> Body:
+    """torchvision MobileNetV3 features, tapped at known block indices (no probe forward, meta-safe)."""
+    _norm_layer(norm)  # validates the name
+    # None keeps torchvision's own BatchNorm settings (eps 1e-3, momentum 0.01); the frozen variant keeps its eps.
+    norm_layer = None if norm == "bn" else partial(FrozenBatchNorm2d, eps=0.001)
+    net = factory(weights=None, norm_layer=norm_layer)
+    levels = dict(zip(STAGE_LEVELS, taps, strict=True))
+    getter = IntermediateLayerGetter(net.features, return_layers={str(i): f"c{lvl}" for lvl, i in levels.items()})
+    return Body(getter, {lvl: net.features[i].out_channels for lvl, i in levels.items()})
+
+
+BODY_BUILDERS: dict[str, Callable[..., Body]] = {
+    "tiny": build_tiny_body,
+    "resnet18": partial(build_resnet_body, factory=tvm.resnet18),
+    "resnet34": partial(build_resnet_body, factory=tvm.resnet34),
+    "resnet50": partial(build_resnet_body, factory=tvm.resnet50),
+    "mobilenet_v3_large": partial(
+        build_mobilenet_v3_body, factory=tvm.mobilenet_v3_large, taps=MOBILENET_V3_LARGE_TAPS
+    ),
+    "mobilenet_v3_small": partial(
+        build_mobilenet_v3_body, factory=tvm.mobilenet_v3_small, taps=MOBILENET_V3_SMALL_TAPS
+    ),
+}
+BACKBONES = tuple(BODY_BUILDERS)
+
+
+def build_body(name: str, *, norm: str = "bn") -> Body:
+    """Backbone name -> freshly initialised body (weights are loaded by ``detkd.models.checkpoint``)."""
+    if name not in BODY_BUILDERS:
+        raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
+    return BODY_BUILDERS[name](norm=norm)
+
+
+def body_state_from_classifier(backbone: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A torchvision classification state dict -> the body's keys; the classifier itself is dropped."""
+    if backbone.startswith("resnet"):
+        return {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if backbone.startswith("mobilenet_v3"):
+        return {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    raise ValueError(f"the {backbone!r} backbone has no classification weights; pass detector weights instead")
+
+
+def check_levels(min_level: int, max_level: int) -> None:
+    if not 2 <= min_level <= 5:
+        raise ValueError(f"min_level must be in 2..5 (C2..C5 exist), got {min_level}")
+    if max_level < min_level:
+        raise ValueError(f"max_level ({max_level}) must be >= min_level ({min_level})")
+    if max_level > MAX_LEVEL:
+        raise ValueError(
+            f"max_level must be <= {MAX_LEVEL} (torchvision's LastLevelP6P7 makes P6 and P7), got {max_level}"
         )
 
-    def forward(self, x: Tensor) -> dict[int, Tensor]:
-        x = self.stem(x)
-        out = {}
-        for level, stage in zip(STAGE_LEVELS, self.stages, strict=True):
-            x = stage(x)
-            out[level] = x
-        return out
 
-
-class MobileNetV3Body(nn.Module):
-    """torchvision MobileNetV3 features, cut at the last block of each stride 4..32."""
-
-    def __init__(self, *, name: str, weights: Path | None = None, norm: str = "bn") -> None:
-        super().__init__()
-        if norm != "bn":
-            # torchvision's MobileNetV3 takes a norm factory with extra kwargs; keep BN there.
-            norm = "bn"
-        net = getattr(tvm, name)(weights=None)
-        if weights is not None:
-            _load_classifier_weights(net, weights, what=name)
-        self.features = net.features
-        self.taps: dict[int, int] = {}
-        self.channels: dict[int, int] = {}
-        with torch.no_grad():
-            was_training = self.features.training
-            self.features.eval()
-            x = torch.zeros(1, 3, 64, 64)
-            for index, block in enumerate(self.features):
-                x = block(x)
-                level = (64 // x.shape[-1]).bit_length() - 1
-                if level in STAGE_LEVELS:
-                    self.taps[level] = index
-                    self.channels[level] = x.shape[1]
-            self.features.train(was_training)
-        self._tap_index = {index: level for level, index in self.taps.items()}
-
-    def forward(self, x: Tensor) -> dict[int, Tensor]:
-        out = {}
-        for index, block in enumerate(self.features):
-            x = block(x)
-            level = self._tap_index.get(index)
-            if level is not None:
-                out[level] = x
-            if len(out) == len(self.taps):
-                break
-        return out
-
-
-def build_body(name: str, *, weights: Path | None = None, norm: str = "bn") -> nn.Module:
-    """Name -> backbone body (the one string table for this family)."""
-    if name == "tiny":
-        if weights is not None:
-            raise ValueError("the tiny backbone has no classification weights; pass detector weights instead")
-        return TinyBody(norm=norm)
-    if name.startswith("resnet"):
-        return ResNetBody(name=name, weights=weights, norm=norm)
-    if name.startswith("mobilenet_v3"):
-        return MobileNetV3Body(name=name, weights=weights, norm=norm)
-    raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
+def _extra_blocks(max_level: int, channels: int) -> LastLevelP6P7 | None:
+    if max_level < 6:
+        return None
+    extra = LastLevelP6P7(channels, channels)  # in == out: P6 is computed from the FPN's P5
+    if max_level == 6:
+        # P7 is dropped in forward; an identity there leaves no conv whose weights never get a gradient (DDP).
+        extra.p7 = nn.Identity()
+    return extra
 
 
 class PyramidBackbone(nn.Module):
     """Body + FPN emitting ``OrderedDict(p{l} -> Tensor)`` for l in [min_level, max_level]."""
 
-    def __init__(self, body: nn.Module, *, min_level: int, max_level: int, out_channels: int) -> None:
+    def __init__(
+        self, body: nn.Module, *, in_channels: Mapping[int, int], min_level: int, max_level: int, out_channels: int
+    ) -> None:
         super().__init__()
-        if not 2 <= min_level <= 5:
-            raise ValueError(f"min_level must be in 2..5 (C2..C5 exist), got {min_level}")
-        if max_level < min_level:
-            raise ValueError(f"max_level ({max_level}) must be >= min_level ({min_level})")
+        check_levels(min_level, max_level)
         self.body = body
         self.min_level, self.max_level = min_level, max_level
-        self.fpn_levels = [lvl for lvl in STAGE_LEVELS if min_level <= lvl <= max_level]
-        self.fpn = FeaturePyramidNetwork([body.channels[lvl] for lvl in self.fpn_levels], out_channels)
-        self.extra = nn.ModuleList(
-            nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1) for _ in range(max(0, max_level - 5))
+        self.fpn_levels = tuple(lvl for lvl in STAGE_LEVELS if min_level <= lvl <= max_level)
+        self.fpn = FeaturePyramidNetwork(
+            [in_channels[lvl] for lvl in self.fpn_levels],
+            out_channels,
+            extra_blocks=_extra_blocks(max_level, out_channels),
         )
-        for conv in self.extra:
-            nn.init.kaiming_uniform_(conv.weight, a=1)
-            nn.init.constant_(conv.bias, 0)
         self.out_channels = out_channels
 
     @property
@@ -181,10 +181,15 @@ class PyramidBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         stages = self.body(x)
-        fpn_in = OrderedDict((f"p{lvl}", stages[lvl]) for lvl in self.fpn_levels)
-        pyramid = self.fpn(fpn_in)
-        last = pyramid[f"p{self.fpn_levels[-1]}"]
-        for i, conv in enumerate(self.extra):
-            last = conv(last if i == 0 else torch.relu(last))
-            pyramid[f"p{6 + i}"] = last
-        return pyramid
+        pyramid = self.fpn(OrderedDict((f"p{lvl}", stages[f"c{lvl}"]) for lvl in self.fpn_levels))
+        return OrderedDict((name, pyramid[name]) for name in self.level_names)
+
+
+def build_pyramid_backbone(
+    *, backbone: str, min_level: int, max_level: int, fpn_channels: int, norm: str = "bn"
+) -> PyramidBackbone:
+    check_levels(min_level, max_level)
+    body = build_body(backbone, norm=norm)
+    return PyramidBackbone(
+        body.module, in_channels=body.channels, min_level=min_level, max_level=max_level, out_channels=fpn_channels
+    )

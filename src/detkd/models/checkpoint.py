@@ -1,9 +1,16 @@
-"""Detector checkpoints: one self-describing file, written atomically, loaded safely.
+"""Checkpoints that verify themselves, and every way weights get into a detector.
 
-A checkpoint holds the builder keyword arguments next to the weights, so any
-detkd detector (teacher or student) can be rebuilt from the file alone. Loading
-always uses ``weights_only=True``; a SHA-256 of the file is stored beside it and
-checked on load, so a truncated or corrupted file is refused, never half-used.
+A checkpoint file is one header line and the ``torch.save`` bytes of a dict::
+
+    DETKD-CHECKPOINT 2 sha256=<hex of the payload bytes> bytes=<payload length>\\n<payload>
+
+so a copied file carries its own checksum: a flipped byte or a truncated copy is
+refused on load with or without the ``<file>.sha256`` sidecar (the SHA-256 of the
+whole file, for ``sha256sum -c``) that is still written beside it. Loading always
+uses ``weights_only=True``; files are written atomically.
+
+A detector checkpoint holds ``build_detector``'s keywords next to the weights, so
+any detkd detector (teacher or student) is rebuilt from the file alone.
 """
 
 from __future__ import annotations
@@ -11,14 +18,32 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-FORMAT = "detkd.detector/1"
+from detkd.models.backbones import body_state_from_classifier
+from detkd.models.detectors import (
+    build_detector,
+    build_detector_from_config,
+    pyramid_backbone,
+    single_scale,
+    unwrap_model,
+)
+
+if TYPE_CHECKING:
+    from detkd.config import ModelConfig
+
+FORMAT = "detkd.detector/2"
+MAGIC = b"DETKD-CHECKPOINT"
+HEADER_VERSION = 2
+_HEADER = re.compile(rb"^DETKD-CHECKPOINT (\d+) sha256=([0-9a-f]{64}) bytes=(\d+)\n")
+_MAX_HEADER = 160  # bytes: the header line is about 110
 
 
 class CheckpointError(ValueError):
@@ -46,31 +71,79 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def save_payload(path: Path, payload: dict[str, Any]) -> str:
-    """Serialise ``payload`` with torch.save, write it and its checksum atomically."""
+    """Write header + ``torch.save(payload)`` and the ``.sha256`` sidecar, each atomically.
+
+    Returns the SHA-256 of the whole file (the sidecar's value).
+    """
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    data = buffer.getvalue()
+    body = buffer.getvalue()
+    header = b"%s %d sha256=%s bytes=%d\n" % (MAGIC, HEADER_VERSION, _sha256(body).encode(), len(body))
+    data = header + body
     digest = _sha256(data)
     atomic_write_bytes(Path(path), data)
     atomic_write_bytes(Path(f"{path}.sha256"), f"{digest}  {Path(path).name}\n".encode())
     return digest
 
 
+def _check_sidecar(path: Path, data: bytes) -> bool:
+    """True when a ``.sha256`` sidecar exists and matches; a mismatch raises."""
+    sidecar = Path(f"{path}.sha256")
+    if not sidecar.is_file():
+        return False
+    text = sidecar.read_text().split()
+    expected = text[0] if text else ""
+    if _sha256(data) != expected:
+        raise CheckpointError(
+            f"{path}: checksum mismatch with {sidecar.name}: the file is corrupted or truncated"
+            f" (expected {expected[:12]}...)"
+        )
+    return True
+
+
+def _verified_body(path: Path, data: bytes) -> bytes:
+    """The payload bytes after a header whose checksum and length they match."""
+    newline = data.find(b"\n", 0, _MAX_HEADER)
+    match = _HEADER.match(data[: newline + 1]) if newline >= 0 else None
+    if match is None:
+        raise CheckpointError(f"{path}: the file is corrupted: its checkpoint header is damaged or truncated")
+    version, expected, length = int(match[1]), match[2].decode(), int(match[3])
+    if version != HEADER_VERSION:
+        raise CheckpointError(f"{path}: checkpoint header version {version}, this detkd reads {HEADER_VERSION}")
+    body = data[match.end() :]
+    if len(body) != length:
+        raise CheckpointError(f"{path}: the file is corrupted: truncated ({len(body)} of {length} payload bytes)")
+    if _sha256(body) != expected:
+        raise CheckpointError(
+            f"{path}: checksum mismatch: the file is corrupted (its contents do not match the checksum inside it)"
+        )
+    return body
+
+
 def load_payload(path: Path, *, verify: bool = True) -> dict[str, Any]:
-    """Read a payload written by :func:`save_payload`, refusing corrupt files."""
+    """Read a dict written by :func:`save_payload`, refusing corrupt or unverifiable files.
+
+    A header's checksum and a sidecar's, when present, are always checked. A file
+    without a header (the previous format) is accepted when its sidecar matches;
+    without one it cannot be verified and is refused, unless ``verify=False``, which
+    accepts such a plain ``torch.save`` file (e.g. a state dict from elsewhere).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     data = path.read_bytes()
-    sidecar = Path(f"{path}.sha256")
-    if verify and sidecar.is_file():
-        expected = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
-        if _sha256(data) != expected:
-            raise CheckpointError(
-                f"{path}: checksum mismatch (file is corrupted or truncated; expected {expected[:12]}...)"
-            )
+    sidecar_ok = _check_sidecar(path, data)
+    if data.startswith(MAGIC):
+        body = _verified_body(path, data)
+    elif sidecar_ok or not verify:
+        body = data
+    else:
+        raise CheckpointError(
+            f"{path}: cannot be verified: it carries no checksum (an old-format or foreign file)"
+            f" and no {path.name}.sha256 lies beside it"
+        )
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for broken archives
         raise CheckpointError(
             f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]
@@ -81,8 +154,8 @@ def load_payload(path: Path, *, verify: bool = True) -> dict[str, Any]:
 
 
 def save_detector(path: Path, model: nn.Module, *, meta: dict[str, Any] | None = None) -> str:
-    """Save a detector (unwrapped from DDP) with its builder config. Returns the SHA-256."""
-    model = getattr(model, "module", model)
+    """Save a detector (unwrapped from DDP) with its builder config. Returns the file's SHA-256."""
+    model = unwrap_model(model)
     payload = {
         "format": FORMAT,
         "model": dict(model.detkd_config),
@@ -95,40 +168,97 @@ def save_detector(path: Path, model: nn.Module, *, meta: dict[str, Any] | None =
 def read_detector_payload(path: Path) -> dict[str, Any]:
     payload = load_payload(Path(path))
     if payload.get("format") != FORMAT or "model" not in payload or "state_dict" not in payload:
-        raise CheckpointError(f"{path}: not a detkd detector checkpoint (format={payload.get('format')!r})")
+        raise CheckpointError(
+            f"{path}: not a detkd detector checkpoint of format {FORMAT} (format={payload.get('format')!r})"
+        )
     return payload
 
 
 def load_detector(path: Path, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the detector stored in ``path``; returns (model in eval mode, meta)."""
-    from detkd.models.detectors import build_detector
-
     payload = read_detector_payload(Path(path))
-    kwargs = {**payload["model"], **overrides, "weights": None, "backbone_weights": None}
-    model = build_detector(**kwargs)
+    model = build_detector(**{**payload["model"], **overrides})
     _load_state(model, payload["state_dict"], Path(path))
     model.eval()
     return model, dict(payload.get("meta", {}))
 
 
+def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
+    """Build from the config, then load ``cfg.backbone_weights`` and ``cfg.weights`` when set (local files only)."""
+    model = build_detector_from_config(cfg, num_classes=num_classes)
+    if cfg.backbone_weights is not None:
+        load_backbone_weights(model, Path(cfg.backbone_weights), backbone=cfg.backbone)
+    if cfg.weights is not None:
+        load_state_into(model, Path(cfg.weights))
+    return model
+
+
+def load_backbone_weights(model: nn.Module, path: Path, *, backbone: str) -> None:
+    """Load a local torchvision ``backbone`` classification state dict into the body (its classifier is dropped)."""
+    path = Path(path)
+    state = load_payload(path, verify=False)
+    state = state.get("state_dict", state)
+    try:
+        body_state = body_state_from_classifier(backbone, state)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    body = pyramid_backbone(single_scale(model)).body
+    _load_state(body, body_state, path, what=f"a torchvision {backbone} state dict")
+
+
 def load_state_into(model: nn.Module, path: Path) -> None:
     """Load weights from a detkd checkpoint or a raw state dict into ``model``."""
-    payload = load_payload(Path(path))
+    payload = load_payload(Path(path), verify=False)
     state = payload["state_dict"] if "state_dict" in payload else payload
-    _load_state(model, state, Path(path))
+    _load_state(unwrap_model(model), state, Path(path))
 
 
-def _load_state(model: nn.Module, state: dict[str, Any], path: Path) -> None:
+def _load_state(model: nn.Module, state: dict[str, Any], path: Path, *, what: str = "the model") -> None:
     own = model.state_dict()
-    wrong = [k for k, v in state.items() if k in own and hasattr(v, "shape") and own[k].shape != v.shape]
+    wrong = [k for k, v in state.items() if k in own and isinstance(v, Tensor) and own[k].shape != v.shape]
     if wrong:
         k = wrong[0]
         raise CheckpointError(
-            f"{path}: shape mismatch for {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-            f" ({len(wrong)} tensors differ)"
+            f"{path}: does not match {what}: shape mismatch for {k}: checkpoint {tuple(state[k].shape)}"
+            f" vs model {tuple(own[k].shape)} ({len(wrong)} tensors differ)"
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+        raise CheckpointError(f"{path}: does not match {what}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+_FPN_BLOCK = re.compile(r"^backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.")
+
+
+def _by_level(key: str, fpn_levels: Sequence[int]) -> str:
+    """Name FPN blocks by pyramid level (``inner_blocks.1.`` -> ``inner_blocks.p3.``); other keys unchanged."""
+    match = _FPN_BLOCK.match(key)
+    if match is None:
+        return key
+    return f"backbone.fpn.{match[1]}.p{fpn_levels[int(match[2])]}.{key[match.end() :]}"
+
+
+def copy_matching_weights(target: nn.Module, source: nn.Module, *, prefixes: Sequence[str] | None = None) -> list[str]:
+    """Copy every ``source`` tensor whose name and shape match one of ``target``; return the target keys.
+
+    FPN blocks are matched by pyramid level, not position, so a P3-P7 teacher's P3 convs
+    land in a P2-P6 student's P3 blocks. A multi-scale source gives its shared detector;
+    the target must be a single-scale detector. With ``prefixes`` only target keys starting
+    with one of them are considered (e.g. ``("backbone.fpn.", "head.")`` for MTPD's
+    neck-and-head copy). This is MSAD's "initialise the student from the teacher".
+    """
+    target, source = unwrap_model(target), single_scale(source)
+    target_levels = pyramid_backbone(target).fpn_levels
+    source_levels = pyramid_backbone(source).fpn_levels
+    source_state = {_by_level(k, source_levels): v for k, v in source.state_dict().items()}
+    chosen: dict[str, Tensor] = {}
+    for key, current in target.state_dict().items():
+        if prefixes is not None and not key.startswith(tuple(prefixes)):
+            continue
+        value = source_state.get(_by_level(key, target_levels))
+        if value is not None and value.shape == current.shape:
+            chosen[key] = value
+    if chosen:
+        with torch.no_grad():
+            target.load_state_dict(chosen, strict=False)
+    return list(chosen)

@@ -1,18 +1,19 @@
-"""Flat, explicit detector builders on top of torchvision's detection models.
+"""One builder per architecture (torchvision style) on top of torchvision's detection models.
 
 Resizing is done by the data pipeline (so a student's low-resolution view stays
 exactly aligned with its teacher's view); the detector's own transform therefore
 only normalises and pads. Padding is to a multiple of the coarsest stride, so a
 half-resolution model with levels shifted down by one sees feature maps of exactly
-the teacher's sizes.
+the teacher's sizes. Builders never load weights: ``detkd.models.checkpoint`` does.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
@@ -20,11 +21,15 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from detkd.models.backbones import PyramidBackbone, build_body
+from detkd.models.backbones import BACKBONES, PyramidBackbone, build_pyramid_backbone
+from detkd.models.multiscale import MultiScaleDetector, level_shift
 
-ARCHS = ("fcos", "retinanet", "fasterrcnn")
+if TYPE_CHECKING:
+    from detkd.config import ModelConfig
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+_TORCHVISION_SIZES = dict(min_size=1, max_size=1 << 16)  # replaced by NormalizeAndPad right after construction
 
 
 class NormalizeAndPad(GeneralizedRCNNTransform):
@@ -44,6 +49,11 @@ class NormalizeAndPad(GeneralizedRCNNTransform):
 
     def postprocess(self, result, image_shapes, original_image_sizes):
         return result
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel, else ``model`` itself."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def default_anchor_sizes(arch: str, min_level: int, max_level: int) -> list[list[float]]:
@@ -73,9 +83,178 @@ def fcos_head(channels: int, anchors: int, classes: int, *, num_convs: int) -> F
     return head
 
 
-def _anchor_generator(arch: str, sizes: list[list[float]]) -> AnchorGenerator:
-    ratios = (1.0,) if arch == "fcos" else (0.5, 1.0, 2.0)
-    return AnchorGenerator(tuple(tuple(s) for s in sizes), (ratios,) * len(sizes))
+def _anchors(
+    arch: str, sizes: list[list[float]] | None, *, min_level: int, max_level: int, ratios: tuple[float, ...]
+) -> AnchorGenerator:
+    sizes = sizes if sizes is not None else default_anchor_sizes(arch, min_level, max_level)
+    _check_anchor_levels(sizes, min_level=min_level, max_level=max_level)
+    return AnchorGenerator(tuple(tuple(float(v) for v in s) for s in sizes), (ratios,) * len(sizes))
+
+
+def _check_anchor_levels(sizes: list[list[float]], *, min_level: int, max_level: int) -> None:
+    n_levels = max_level - min_level + 1
+    if len(sizes) != n_levels:
+        raise ValueError(f"anchor_sizes has {len(sizes)} levels, the pyramid P{min_level}-P{max_level} has {n_levels}")
+
+
+def _check_classes(num_classes: int) -> int:
+    """Index 0 is background for every arch (one label space everywhere): K + 1 outputs."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return num_classes + 1
+
+
+def build_fcos(
+    *,
+    backbone: str,
+    num_classes: int,
+    min_level: int = 3,
+    max_level: int = 7,
+    fpn_channels: int = 64,
+    head_convs: int = 2,
+    anchor_sizes: list[list[float]] | None = None,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.6,
+    detections_per_img: int = 100,
+    norm: str = "bn",
+) -> FCOS:
+    """FCOS (one point per location). ``num_classes`` excludes background (labels are 1..num_classes)."""
+    classes = _check_classes(num_classes)
+    if fpn_channels % 32:
+        raise ValueError(f"fcos heads use GroupNorm(32): fpn_channels must be a multiple of 32, got {fpn_channels}")
+    pyramid = build_pyramid_backbone(
+        backbone=backbone, min_level=min_level, max_level=max_level, fpn_channels=fpn_channels, norm=norm
+    )
+    anchors = _anchors("fcos", anchor_sizes, min_level=min_level, max_level=max_level, ratios=(1.0,))
+    model = FCOS(
+        pyramid,
+        classes,
+        anchor_generator=anchors,
+        head=fcos_head(fpn_channels, anchors.num_anchors_per_location()[0], classes, num_convs=head_convs),
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        **_TORCHVISION_SIZES,
+    )
+    model.transform = NormalizeAndPad(size_divisible=max(32, 2**max_level))
+    return model
+
+
+def build_retinanet(
+    *,
+    backbone: str,
+    num_classes: int,
+    min_level: int = 3,
+    max_level: int = 7,
+    fpn_channels: int = 64,
+    anchor_sizes: list[list[float]] | None = None,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.6,
+    detections_per_img: int = 100,
+    norm: str = "bn",
+) -> RetinaNet:
+    """RetinaNet (9 anchors per location); torchvision's head (4 convs per branch) with GroupNorm."""
+    classes = _check_classes(num_classes)
+    groups = min(32, fpn_channels // 4)
+    if groups < 1 or fpn_channels % groups:
+        raise ValueError(f"retinanet heads use GroupNorm({groups}): fpn_channels={fpn_channels} does not divide")
+    pyramid = build_pyramid_backbone(
+        backbone=backbone, min_level=min_level, max_level=max_level, fpn_channels=fpn_channels, norm=norm
+    )
+    anchors = _anchors("retinanet", anchor_sizes, min_level=min_level, max_level=max_level, ratios=(0.5, 1.0, 2.0))
+    head = RetinaNetHead(
+        fpn_channels, anchors.num_anchors_per_location()[0], classes, norm_layer=lambda c: nn.GroupNorm(groups, c)
+    )
+    model = RetinaNet(
+        pyramid,
+        classes,
+        anchor_generator=anchors,
+        head=head,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        **_TORCHVISION_SIZES,
+    )
+    model.transform = NormalizeAndPad(size_divisible=max(32, 2**max_level))
+    return model
+
+
+def build_fasterrcnn(
+    *,
+    backbone: str,
+    num_classes: int,
+    min_level: int = 3,
+    max_level: int = 7,
+    fpn_channels: int = 64,
+    anchor_sizes: list[list[float]] | None = None,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.6,
+    detections_per_img: int = 100,
+    norm: str = "bn",
+) -> FasterRCNN:
+    """Faster R-CNN; RoIs are pooled from the levels up to P5 (P6/P7 only feed the RPN)."""
+    classes = _check_classes(num_classes)
+    pyramid = build_pyramid_backbone(
+        backbone=backbone, min_level=min_level, max_level=max_level, fpn_channels=fpn_channels, norm=norm
+    )
+    anchors = _anchors("fasterrcnn", anchor_sizes, min_level=min_level, max_level=max_level, ratios=(0.5, 1.0, 2.0))
+    roi_levels = [f"p{lvl}" for lvl in pyramid.fpn_levels]
+    model = FasterRCNN(
+        pyramid,
+        classes,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2),
+        box_score_thresh=score_thresh,
+        box_nms_thresh=nms_thresh,
+        box_detections_per_img=detections_per_img,
+        **_TORCHVISION_SIZES,
+    )
+    model.transform = NormalizeAndPad(size_divisible=max(32, 2**max_level))
+    return model
+
+
+DETECTOR_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "fcos": build_fcos,
+    "retinanet": build_retinanet,
+    "fasterrcnn": build_fasterrcnn,
+}
+ARCHS = tuple(DETECTOR_BUILDERS)
+
+
+def build_multiscale_detector(
+    *,
+    arch: str,
+    low_res_scale: float,
+    fused_loss_weight: float,
+    min_level: int,
+    max_level: int,
+    anchor_sizes: list[list[float]],
+    **inner: Any,
+) -> MultiScaleDetector:
+    """MSAD's aligned multi-scale teacher around one shared ``arch`` network spanning P(min_level - k)..P(max_level).
+
+    ``inner`` holds the remaining keywords of the ``arch`` builder (backbone, num_classes, ...).
+    """
+    if arch not in ("fcos", "retinanet"):
+        raise ValueError(f"the multi-scale (MSAD) teacher needs a one-stage arch (fcos or retinanet), got {arch!r}")
+    _check_anchor_levels(anchor_sizes, min_level=min_level, max_level=max_level)
+    shift = level_shift(low_res_scale)
+    low_min = min_level - shift
+    if low_min < 2:
+        raise ValueError(
+            f"min_level {min_level} leaves no level P{low_min} for the low-resolution branch; "
+            f"use min_level >= {2 + shift}"
+        )
+    detector = DETECTOR_BUILDERS[arch](min_level=low_min, max_level=max_level, anchor_sizes=None, **inner)
+    return MultiScaleDetector(
+        detector,
+        min_level=min_level,
+        max_level=max_level,
+        anchor_sizes=anchor_sizes,
+        low_res_scale=low_res_scale,
+        fused_loss_weight=fused_loss_weight,
+        low_res_transform=NormalizeAndPad(size_divisible=max(32, 2 ** (max_level - shift))),
+    )
 
 
 def build_detector(
@@ -92,31 +271,48 @@ def build_detector(
     nms_thresh: float = 0.6,
     detections_per_img: int = 100,
     norm: str = "bn",
-    backbone_weights: str | Path | None = None,
-    weights: str | Path | None = None,
     multiscale: bool = False,
     low_res_scale: float = 0.5,
     fused_loss_weight: float = 0.4,
 ) -> nn.Module:
-    """Build a detector. ``num_classes`` excludes background (labels are 1..num_classes).
+    """Validate, dispatch to the ``arch`` builder and record the keywords in ``model.detkd_config``.
 
-    ``weights`` is a local detkd checkpoint or raw state dict of the whole detector;
-    ``backbone_weights`` a local torchvision classification state dict. Nothing is
-    ever downloaded. ``multiscale=True`` builds MSAD's aligned multi-scale teacher
-    (one-stage archs): the shared network also runs on the input scaled by
-    ``low_res_scale`` and predicts from the C-FF fused pyramid.
+    ``num_classes`` excludes background (labels are 1..num_classes). ``head_convs`` sets
+    FCOS's tower depth (torchvision's RetinaNet and Faster R-CNN heads have a fixed depth).
+    ``multiscale=True`` builds MSAD's aligned multi-scale teacher (one-stage archs): the
+    shared network also runs on the input scaled by ``low_res_scale`` and predicts from the
+    C-FF fused pyramid. Weights are loaded by ``detkd.models.checkpoint.build_model``.
     """
-    if arch not in ARCHS:
+    if arch not in DETECTOR_BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if arch == "fcos" and fpn_channels % 32:
-        raise ValueError(f"fcos heads use GroupNorm(32): fpn_channels must be a multiple of 32, got {fpn_channels}")
-    n_levels = max_level - min_level + 1
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
     sizes = anchor_sizes if anchor_sizes is not None else default_anchor_sizes(arch, min_level, max_level)
-    if len(sizes) != n_levels:
-        raise ValueError(f"anchor_sizes has {len(sizes)} levels, the pyramid P{min_level}-P{max_level} has {n_levels}")
-    config = dict(
+    sizes = [[float(v) for v in s] for s in sizes]
+    shared: dict[str, Any] = dict(
+        backbone=backbone,
+        num_classes=num_classes,
+        fpn_channels=fpn_channels,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        norm=norm,
+    )
+    if arch == "fcos":
+        shared["head_convs"] = head_convs
+    if multiscale:
+        model: nn.Module = build_multiscale_detector(
+            arch=arch,
+            low_res_scale=low_res_scale,
+            fused_loss_weight=fused_loss_weight,
+            min_level=min_level,
+            max_level=max_level,
+            anchor_sizes=sizes,
+            **shared,
+        )
+    else:
+        model = DETECTOR_BUILDERS[arch](min_level=min_level, max_level=max_level, anchor_sizes=sizes, **shared)
+    model.detkd_config = dict(
         arch=arch,
         backbone=backbone,
         num_classes=num_classes,
@@ -124,121 +320,74 @@ def build_detector(
         max_level=max_level,
         fpn_channels=fpn_channels,
         head_convs=head_convs,
-        anchor_sizes=[list(map(float, s)) for s in sizes],
+        anchor_sizes=sizes,
         score_thresh=score_thresh,
         nms_thresh=nms_thresh,
         detections_per_img=detections_per_img,
         norm=norm,
-        backbone_weights=None,
-        weights=None,
         multiscale=multiscale,
         low_res_scale=low_res_scale,
         fused_loss_weight=fused_loss_weight,
     )
-    if multiscale:
-        model = _build_multiscale(config)
-        if weights is not None:
-            from detkd.models.checkpoint import load_state_into
-
-            load_state_into(model, Path(weights))
-        return model
-    body = build_body(backbone, weights=Path(backbone_weights) if backbone_weights else None, norm=norm)
-    pyramid = PyramidBackbone(body, min_level=min_level, max_level=max_level, out_channels=fpn_channels)
-    anchors = _anchor_generator(arch, sizes)
-    n_anchors = anchors.num_anchors_per_location()[0]
-    classes = num_classes + 1  # index 0 is background for every arch: one label space everywhere
-    common = dict(min_size=1, max_size=1 << 16)
-    if arch == "fcos":
-        model = FCOS(
-            pyramid,
-            classes,
-            anchor_generator=anchors,
-            head=fcos_head(fpn_channels, n_anchors, classes, num_convs=head_convs),
-            score_thresh=score_thresh,
-            nms_thresh=nms_thresh,
-            detections_per_img=detections_per_img,
-            **common,
-        )
-    elif arch == "retinanet":
-        head = RetinaNetHead(fpn_channels, n_anchors, classes, norm_layer=lambda c: nn.GroupNorm(min(32, c // 4), c))
-        model = RetinaNet(
-            pyramid,
-            classes,
-            anchor_generator=anchors,
-            head=head,
-            score_thresh=score_thresh,
-            nms_thresh=nms_thresh,
-            detections_per_img=detections_per_img,
-            **common,
-        )
-    else:
-        roi_levels = [name for name in pyramid.level_names if int(name[1:]) <= 5]
-        model = FasterRCNN(
-            pyramid,
-            classes,
-            rpn_anchor_generator=anchors,
-            box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2),
-            box_score_thresh=score_thresh,
-            box_nms_thresh=nms_thresh,
-            box_detections_per_img=detections_per_img,
-            **common,
-        )
-    model.transform = NormalizeAndPad(size_divisible=max(32, 2**max_level))
-    model.detkd_config = config
-    if weights is not None:
-        from detkd.models.checkpoint import load_state_into
-
-        load_state_into(model, Path(weights))
     return model
 
 
-def _build_multiscale(config: dict[str, Any]) -> nn.Module:
-    import math
-
-    from detkd.models.multiscale import MultiScaleDetector
-
-    if config["arch"] == "fasterrcnn":
-        raise ValueError("the multi-scale (MSAD) teacher needs a one-stage arch (fcos or retinanet)")
-    shift = -math.log2(config["low_res_scale"])
-    if config["low_res_scale"] >= 1 or abs(shift - round(shift)) > 1e-6:
-        raise ValueError(f"low_res_scale must be 1/2**k (0.5, 0.25, ...), got {config['low_res_scale']}")
-    low_min = config["min_level"] - int(round(shift))
-    if low_min < 2:
-        raise ValueError(
-            f"min_level {config['min_level']} leaves no level P{low_min} for the low-resolution branch; "
-            f"use min_level >= {2 + int(round(shift))}"
-        )
-    inner_kwargs = {**config, "multiscale": False, "min_level": low_min, "anchor_sizes": None}
-    inner = build_detector(**inner_kwargs)
-    model = MultiScaleDetector(
-        inner,
-        min_level=config["min_level"],
-        max_level=config["max_level"],
-        anchor_sizes=config["anchor_sizes"],
-        low_res_scale=config["low_res_scale"],
-        fused_loss_weight=config["fused_loss_weight"],
-        low_res_transform=NormalizeAndPad(size_divisible=max(32, 2 ** (config["max_level"] - int(round(shift))))),
+def build_detector_from_config(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
+    """Build (no weights) from the run config's model section; ``cfg.num_classes`` wins when set."""
+    return build_detector(
+        arch=cfg.arch,
+        backbone=cfg.backbone,
+        num_classes=cfg.num_classes if cfg.num_classes is not None else num_classes,
+        min_level=cfg.min_level,
+        max_level=cfg.max_level,
+        fpn_channels=cfg.fpn_channels,
+        head_convs=cfg.head_convs,
+        anchor_sizes=cfg.anchor_sizes,
+        score_thresh=cfg.score_thresh,
+        nms_thresh=cfg.nms_thresh,
+        detections_per_img=cfg.detections_per_img,
+        norm=cfg.norm,
+        multiscale=cfg.multiscale,
+        low_res_scale=cfg.low_res_scale,
+        fused_loss_weight=cfg.fused_loss_weight,
     )
-    model.detkd_config = config
-    return model
+
+
+def single_scale(model: nn.Module) -> nn.Module:
+    """The network that holds the weights: a multi-scale teacher's shared detector, else the model."""
+    model = unwrap_model(model)
+    return model.detector if isinstance(model, MultiScaleDetector) else model
+
+
+def pyramid_backbone(model: nn.Module) -> PyramidBackbone:
+    """The body + FPN of a single-scale detkd detector (TypeError for anything else)."""
+    model = unwrap_model(model)
+    if isinstance(model, (FCOS, RetinaNet, FasterRCNN)) and isinstance(model.backbone, PyramidBackbone):
+        return model.backbone
+    raise TypeError(f"not a single-scale detkd detector: {type(model).__name__}")
 
 
 def pyramid_strides(model: nn.Module) -> dict[str, int]:
     """Level name -> stride in input pixels, e.g. {"p3": 8, ...}."""
-    return dict(model.strides) if hasattr(model, "fusions") else dict(model.backbone.strides)
+    model = unwrap_model(model)
+    if isinstance(model, MultiScaleDetector):
+        return dict(model.strides)
+    return dict(pyramid_backbone(model).strides)
 
 
 def detector_config(model: nn.Module) -> dict[str, Any]:
     """The keyword arguments that rebuild ``model`` with ``build_detector``."""
-    return dict(model.detkd_config)
+    return dict(unwrap_model(model).detkd_config)
 
 
 def set_inference_thresholds(model: nn.Module, *, score_thresh: float, detections_per_img: int) -> None:
     """COCO evaluation wants low score thresholds; deployment wants higher ones."""
-    model = getattr(model, "detector", model)  # the multi-scale teacher predicts through its inner detector
+    model = single_scale(model)  # the multi-scale teacher predicts through its shared detector
     if isinstance(model, FasterRCNN):
         model.roi_heads.score_thresh = score_thresh
         model.roi_heads.detections_per_img = detections_per_img
-    else:
+    elif isinstance(model, (FCOS, RetinaNet)):
         model.score_thresh = score_thresh
         model.detections_per_img = detections_per_img
+    else:
+        raise TypeError(f"not a detkd detector: {type(model).__name__}")

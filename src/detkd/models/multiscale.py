@@ -2,8 +2,8 @@
 
 The same backbone, FPN and head run on the high-resolution input and on its
 exactly downsampled copy. Because the low-resolution copy is 2**k times smaller,
-its level P(l-k) has the spatial size of the high-resolution P(l); a crossing
-feature-level fusion (C-FF) mixes the aligned pair per level, and the fused
+its level P(l-k) has the spatial size of the high-resolution P(l); one crossing
+feature-level fusion (C-FF) module, shared by all levels, mixes each aligned pair, and the fused
 pyramid goes through the shared head as a third branch. Training loss:
 L_hr + L_lr + fused_loss_weight * L_fused; prediction uses the fused branch.
 """
@@ -16,35 +16,56 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection import FCOS
+from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from detkd.data.transforms import scale_batch
 
 
 class CrossFeatureFusion(nn.Module):
-    """C-FF: GAP(concat(F_hr, F_lr)) -> FC -> ReLU -> FC -> softmax over the 2 inputs."""
+    """C-FF as in MSAD's reference code: GAP(concat(F_hr, F_lr)) -> FC -> ReLU -> FC -> softmax over the 2 inputs.
 
-    def __init__(self, channels: int, *, reduction: int = 4) -> None:
+    One module serves every level (the reference shares it too): FC 2C -> 2C/16 -> 2, both without
+    bias, initialised like detectron2's ``c2_xavier_fill``. Each sample and level gets its own pair
+    (the reference's active line applies the first sample's pair to the whole batch; its
+    commented-out per-sample line is what is done here).
+    """
+
+    def __init__(self, channels: int, *, reduction: int = 16) -> None:
         super().__init__()
-        hidden = max(8, channels // reduction)
-        self.fc1 = nn.Linear(2 * channels, hidden)
-        self.fc2 = nn.Linear(hidden, 2)
+        hidden = max(1, 2 * channels // reduction)
+        self.fc = nn.Sequential(
+            nn.Linear(2 * channels, hidden, bias=False), nn.ReLU(inplace=True), nn.Linear(hidden, 2, bias=False)
+        )
+        for layer in (self.fc[0], self.fc[2]):
+            nn.init.kaiming_uniform_(layer.weight, a=1)
 
     def weights(self, high: Tensor, low: Tensor) -> Tensor:
         """(N, 2) fusion weights, positive and summing to one."""
         pooled = torch.cat([high, low], dim=1).mean(dim=(2, 3))
-        return torch.softmax(self.fc2(torch.relu(self.fc1(pooled))), dim=1)
+        return torch.softmax(self.fc(pooled), dim=1)
 
-    def forward(self, high: Tensor, low: Tensor) -> Tensor:
+    def forward(self, high: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+        """(fused feature, its (N, 2) weights)."""
         if low.shape[-2:] != high.shape[-2:]:  # odd input sizes: padding may differ by one cell
             low = F.interpolate(low, size=high.shape[-2:], mode="bilinear", align_corners=False)
         w = self.weights(high, low)
-        return w[:, 0, None, None, None] * high + w[:, 1, None, None, None] * low
+        return w[:, 0, None, None, None] * high + w[:, 1, None, None, None] * low, w
+
+
+def level_shift(low_res_scale: float) -> int:
+    """k for a low-resolution branch at scale 1/2**k; anything else cannot be aligned by level."""
+    shift = -math.log2(low_res_scale) if 0 < low_res_scale < 1 else 0.5
+    if abs(shift - round(shift)) > 1e-6:
+        raise ValueError(f"low_res_scale must be 1/2**k (0.5, 0.25, ...), got {low_res_scale}")
+    return int(round(shift))
 
 
 class MultiScaleDetector(nn.Module):
-    """Wrap a one-stage torchvision detector whose pyramid spans P(min_level - k)..P(max_level)."""
+    """Wrap a one-stage torchvision detector whose pyramid spans P(min_level - k)..P(max_level).
+
+    ``last_fusion_weights`` maps each level to the (N, 2) C-FF weights of the last forward pass.
+    """
 
     def __init__(
         self,
@@ -58,19 +79,15 @@ class MultiScaleDetector(nn.Module):
         low_res_transform: nn.Module,
     ) -> None:
         super().__init__()
-        shift = -math.log2(low_res_scale)
-        if low_res_scale >= 1 or abs(shift - round(shift)) > 1e-6:
-            raise ValueError(f"low_res_scale must be 1/2**k (0.5, 0.25, ...), got {low_res_scale}")
-        self.shift = int(round(shift))
+        if not isinstance(detector, (FCOS, RetinaNet)):
+            raise ValueError("the multi-scale (MSAD) teacher needs a one-stage detector (FCOS or RetinaNet)")
+        self.shift = level_shift(low_res_scale)
         self.detector = detector
         self.low_res_transform = low_res_transform
         self.min_level, self.max_level = min_level, max_level
         self.low_res_scale = low_res_scale
         self.fused_loss_weight = fused_loss_weight
-        channels = detector.backbone.out_channels
-        self.fusions = nn.ModuleDict(
-            {f"p{lvl}": CrossFeatureFusion(channels) for lvl in range(min_level, max_level + 1)}
-        )
+        self.fusion = CrossFeatureFusion(detector.backbone.out_channels)
         ratios = (1.0,) if isinstance(detector, FCOS) else (0.5, 1.0, 2.0)
         self.high_anchors = AnchorGenerator(tuple(tuple(s) for s in anchor_sizes), (ratios,) * len(anchor_sizes))
         self.low_anchors = AnchorGenerator(
@@ -103,8 +120,8 @@ class MultiScaleDetector(nn.Module):
         )
         fused = OrderedDict()
         for name in high:
-            fused[name] = self.fusions[name](high[name], low[name])
-            self.last_fusion_weights[name] = self.fusions[name].weights(high[name], low[name]).detach()
+            fused[name], weights = self.fusion(high[name], low[name])
+            self.last_fusion_weights[name] = weights.detach()
         return (high_list, high_targets, high), (low_list, low_targets, low), fused
 
     def fused_pyramid(self, images: list[Tensor]) -> OrderedDict[str, Tensor]:

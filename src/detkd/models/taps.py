@@ -12,6 +12,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from torch import Tensor, nn
+from torchvision.models.detection import FCOS, RetinaNet
+
+from detkd.models.detectors import unwrap_model
+from detkd.models.multiscale import MultiScaleDetector
 
 
 def dense_logits_by_level(dense: Tensor, pyramid: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
@@ -31,8 +35,8 @@ def dense_logits_by_level(dense: Tensor, pyramid: OrderedDict[str, Tensor]) -> O
 
 
 def has_dense_logits(model: nn.Module) -> bool:
-    head = getattr(model, "head", None)
-    return head is not None and hasattr(head, "classification_head") and not hasattr(model, "fusions")
+    """One-stage detectors (FCOS, RetinaNet) have dense class logits; Faster R-CNN and the multi-scale teacher not."""
+    return isinstance(unwrap_model(model), (FCOS, RetinaNet))
 
 
 class DetectorTaps:
@@ -44,7 +48,7 @@ class DetectorTaps:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = getattr(model, "module", model)
+        self.model = unwrap_model(model)
         self.pyramid: OrderedDict[str, Tensor] = OrderedDict()
         self._dense_logits: Tensor | None = None
         self._handles: list = []
@@ -86,14 +90,16 @@ class Features:
     class_logits: OrderedDict[str, Tensor] | None
 
 
-def extract_features(model: nn.Module, images: list[Tensor]) -> Features:
-    """A teacher's pyramid (the fused one for a multi-scale teacher) and dense logits, no decoding."""
-    model = getattr(model, "module", model)
-    if hasattr(model, "fused_pyramid"):
+def extract_features(model: nn.Module, images: list[Tensor], *, logits: bool = True) -> Features:
+    """A teacher's pyramid (the fused one for a multi-scale teacher) and, when ``logits`` and the model
+    has them, its dense class logits; no box decoding. The class head is ~40% of a tiny FCOS forward,
+    so feature-only losses skip it."""
+    model = unwrap_model(model)
+    if isinstance(model, MultiScaleDetector):
         return Features(model.fused_pyramid(images), None)
     image_list, _ = model.transform(images)
     pyramid = OrderedDict(model.backbone(image_list.tensors))
-    logits = None
-    if has_dense_logits(model):
-        logits = dense_logits_by_level(model.head.classification_head(list(pyramid.values())), pyramid)
-    return Features(pyramid, logits)
+    dense = None
+    if logits and has_dense_logits(model):
+        dense = dense_logits_by_level(model.head.classification_head(list(pyramid.values())), pyramid)
+    return Features(pyramid, dense)

@@ -1,0 +1,69 @@
+"""Build what a run trains from its plan: the student detector, or a Distiller around it.
+
+The same function runs on the driver on the meta device (to validate a plan: shapes,
+level pairs, adapters, nothing allocated, no weights read) and in each worker for real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from detkd.config import ConfigError, ModelConfig
+from detkd.engine.plan import RunPlan
+
+log = logging.getLogger("detkd.train")
+
+
+def build_trainable(plan: RunPlan, *, device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module]:
+    """(module to optimise, student detector): the detector itself, or a Distiller around it.
+
+    ``device="meta"`` builds the architecture only: no weights are loaded and teachers are
+    built from the builder config stored in their checkpoints.
+    """
+    from detkd.distill.distiller import Distiller, Teacher
+    from detkd.models.checkpoint import build_model, copy_matching_weights, load_detector
+    from detkd.models.detectors import build_detector, build_detector_from_config
+
+    cfg = plan.config
+    meta = torch.device(device).type == "meta"
+    if not meta:
+        torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        if meta:
+            student = build_detector_from_config(cfg.model, num_classes=plan.num_classes)
+        else:
+            student = build_model(cfg.model, num_classes=plan.num_classes)
+        if not plan.distilling:
+            return student, student
+        if meta:
+            teachers = [Teacher(build_detector(**t.model), t.scale) for t in plan.teachers]
+        else:
+            teachers = [Teacher(load_detector(t.path)[0], t.scale) for t in plan.teachers]
+        if not meta and (cfg.distill.init_from_teacher or cfg.distill.copy_neck_head):
+            prefixes = None if cfg.distill.init_from_teacher else ("backbone.fpn", "head")
+            copied = copy_matching_weights(student, teachers[0].model, prefixes=prefixes)
+            log.info(f"[{cfg.name}] copied {len(copied)} tensors from teacher {plan.teachers[0].name}")
+        distiller = Distiller.from_config(
+            cfg.distill, student=student, student_scale=cfg.input.scale, teachers=teachers
+        )
+    return distiller, student
+
+
+def check_model_config(cfg: ModelConfig, *, where: str) -> None:
+    """Build the detector of ``cfg`` on the meta device (any class count): a ConfigError if it cannot be built.
+
+    Lets a pipeline refuse a bad model entry before its first step runs, when the data and
+    teachers that a full plan needs do not exist yet.
+    """
+    from detkd.models.detectors import build_detector_from_config
+
+    try:
+        with torch.device("meta"):
+            build_detector_from_config(cfg, num_classes=cfg.num_classes or 1)
+    except (ValueError, RuntimeError, TypeError, KeyError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{where}: model: the detector cannot be built: {message}") from exc

@@ -1,0 +1,291 @@
+"""The plan of one training run, built once on the driver before Ray starts.
+
+A :class:`RunPlan` holds everything that decides what a run does: the validated
+config (absolute paths), its digest, the resolved teachers, the input view and the
+tracking context. The launcher, the Ray worker, the checkpoint and ``detkd evaluate``
+all read the same plan, and every checkpoint stores it, so a model file says how it
+was trained and how it must be fed. Building a plan also builds the model (and the
+distiller) on the meta device: a config that cannot be carried out fails here with a
+:class:`ConfigError`, not inside a retried Ray worker.
+
+Plain Python + PyTorch: importable and testable without Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from detkd.config import Config, ConfigError, SplitConfig, deep_merge, validate_config
+from detkd.data.records import DetectionSource
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How images reach the model: resize the short side to ``size`` (long side capped at
+    ``max_size``), then scale by ``scale``; the model normalises with ``mean``/``std``."""
+
+    size: int
+    max_size: int | None
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def model_size(self) -> int:
+        """The model's short side in pixels (before any ``max_size`` cap)."""
+        return int(round(self.size * self.scale))
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A frozen teacher resolved to a checkpoint file, with its input scale vs the student's reference view."""
+
+    source: str
+    path: str
+    scale: float
+    sha256: str
+    name: str
+    model: dict[str, Any] = field(default_factory=dict)  # the builder config stored in its checkpoint
+    mlflow_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TrackingContext:
+    """Where the run is logged: one URI and experiment for a pipeline's parent run and all its children."""
+
+    uri: str
+    experiment: str
+    parent_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    config: Config
+    digest: str
+    teachers: tuple[TeacherSpec, ...]
+    input: InputSpec
+    tracking: TrackingContext
+    categories: tuple[tuple[int, str], ...]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.model.num_classes or len(self.categories)
+
+    @property
+    def ray_name(self) -> str:
+        """The Ray run folder name: the same training settings resume the same run."""
+        return f"{self.config.name}-{self.digest}"
+
+    @property
+    def out_dir(self) -> Path:
+        """Where the finished model is published (``<out_dir>/model.pt``)."""
+        return Path(self.config.run.output_dir) / self.config.name
+
+    @property
+    def distilling(self) -> bool:
+        return bool(self.teachers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (stored in checkpoints and sent to Ray workers)."""
+        return {
+            "version": PLAN_VERSION,
+            "config": self.config.model_dump(mode="json"),
+            "digest": self.digest,
+            "teachers": [asdict(t) for t in self.teachers],
+            "input": {**asdict(self.input), "mean": list(self.input.mean), "std": list(self.input.std)},
+            "tracking": asdict(self.tracking),
+            "categories": [list(c) for c in self.categories],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunPlan:
+        if data.get("version") != PLAN_VERSION:
+            raise ConfigError(f"run plan version {data.get('version')!r} is not {PLAN_VERSION}")
+        spec = data["input"]
+        return cls(
+            config=Config.model_validate(data["config"]),
+            digest=data["digest"],
+            teachers=tuple(TeacherSpec(**t) for t in data["teachers"]),
+            input=InputSpec(
+                size=spec["size"],
+                max_size=spec["max_size"],
+                scale=spec["scale"],
+                mean=tuple(spec["mean"]),
+                std=tuple(spec["std"]),
+            ),
+            tracking=TrackingContext(**data["tracking"]),
+            categories=tuple((int(i), str(n)) for i, n in data["categories"]),
+        )
+
+
+def input_spec(cfg: Config) -> InputSpec:
+    from detkd.models.detectors import IMAGENET_MEAN, IMAGENET_STD
+
+    return InputSpec(
+        size=cfg.input.size,
+        max_size=cfg.input.max_size,
+        scale=cfg.input.scale,
+        mean=tuple(IMAGENET_MEAN),
+        std=tuple(IMAGENET_STD),
+    )
+
+
+def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
+    """Ray workers do not share the driver's cwd: make every path absolute (URIs are left as given)."""
+    base = Path(base or Path.cwd())
+    data = cfg.model_dump()
+
+    def fix(value: Any) -> Any:
+        if value in (None, "") or "://" in str(value):
+            return value
+        return str((base / value).resolve())
+
+    for split in ("train", "val"):
+        if data["data"][split]:
+            for key in ("coco", "images", "parquet"):
+                data["data"][split][key] = fix(data["data"][split][key])
+    for key in ("weights", "backbone_weights"):
+        data["model"][key] = fix(data["model"][key])
+    data["run"]["storage_path"] = fix(data["run"]["storage_path"])
+    data["run"]["output_dir"] = fix(data["run"]["output_dir"])
+    return Config.model_validate(data)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's contents (a checkpoint's embedded checksum covers the same bytes' payload)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def config_digest(cfg: Config, teachers: tuple[TeacherSpec, ...]) -> str:
+    """Digest of what changes the trained weights (not where results go or how they are logged).
+
+    Teachers and initial weights enter by content, so a retrained teacher (or a retrained
+    previous progressive stage) never silently resumes a student trained from its predecessor.
+    """
+    data = cfg.model_dump(mode="json", exclude={"run": True, "tracking": True, "name": True, "eval": True})
+    data["train"].pop("log_every", None)
+    for key in ("weights", "backbone_weights"):
+        value = data["model"].pop(key)
+        data["model"][f"{key}_sha256"] = file_digest(Path(value)) if value and Path(value).is_file() else value
+    data["teachers"] = [[t.sha256, t.scale] for t in teachers]
+    if data.get("distill"):
+        data["distill"] = {k: v for k, v in data["distill"].items() if k != "teachers"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def open_split(split: SplitConfig, *, skip_invalid: bool) -> DetectionSource:
+    from detkd.data import open_source
+
+    return open_source(coco=split.coco, images=split.images, parquet=split.parquet, skip_invalid=skip_invalid)
+
+
+def open_sources(cfg: Config) -> dict[str, DetectionSource]:
+    """The config's splits ("train", and "val" when given), read and validated."""
+    return {
+        split: open_split(section, skip_invalid=cfg.data.skip_invalid)
+        for split in ("train", "val")
+        if (section := getattr(cfg.data, split)) is not None
+    }
+
+
+def build_plan(
+    cfg: Config,
+    *,
+    tracking: TrackingContext,
+    teacher_names: dict[str, Path] | None = None,
+    sources: dict[str, DetectionSource] | None = None,
+    where: str | None = None,
+) -> RunPlan:
+    """Validate ``cfg`` against its data, teachers and model and return the run's plan.
+
+    ``teacher_names`` maps pipeline model names to their checkpoints; ``sources`` are the
+    splits if the caller already opened them (``open_sources``). Raises ConfigError (or
+    the data's DatasetError) naming ``where`` (default: the run name).
+    """
+    from detkd.engine.teachers import resolve_teachers
+
+    where = where or cfg.name
+    if cfg.distill is not None and cfg.distill.stages:
+        raise ConfigError(f"{where}: distill.stages: plan each stage with stage_configs() first")
+    cfg = absolute_paths(cfg)
+    if cfg.data.train is None:
+        raise ConfigError(f"{where}: data.train: the config has no training split")
+    train = (sources if sources is not None else open_sources(cfg))["train"]
+    categories = tuple((c.id, c.name) for c in train.sorted_categories)
+    if cfg.model.num_classes is not None and cfg.model.num_classes != len(categories):
+        raise ConfigError(
+            f"{where}: model.num_classes: {cfg.model.num_classes}, "
+            f"but the training data has {len(categories)} categories"
+        )
+    global_batch = cfg.train.batch_size * cfg.scaling.num_workers
+    if len(train.records) < global_batch:
+        raise ConfigError(
+            f"{where}: train.batch_size: {cfg.train.batch_size} per worker x {cfg.scaling.num_workers} workers "
+            f"needs at least {global_batch} training images, the data has {len(train.records)}"
+        )
+    num_classes = cfg.model.num_classes or len(categories)
+    teachers = resolve_teachers(
+        cfg, num_classes=num_classes, names=teacher_names, tracking_uri=tracking.uri, where=where
+    )
+    plan = RunPlan(
+        config=cfg,
+        digest=config_digest(cfg, teachers),
+        teachers=teachers,
+        input=input_spec(cfg),
+        tracking=tracking,
+        categories=categories,
+    )
+    check_buildable(plan, where=where)
+    return plan
+
+
+def stage_configs(cfg: Config) -> list[Config]:
+    """Expand ``distill.stages`` into one run config per stage (stage k starts from stage k-1)."""
+    base = cfg.model_dump(mode="json")
+    stages = base["distill"].pop("stages")
+    base_distill = {k: v for k, v in base.pop("distill").items() if k != "teachers"}
+    out = []
+    for k, stage in enumerate(stages, start=1):
+        data = deep_merge({**base, "distill": base_distill}, stage["settings"])
+        data["distill"]["teachers"] = [stage["teacher"]]
+        data["name"] = f"{cfg.name}-stage{k}"
+        if k > 1:
+            data["distill"]["copy_neck_head"] = False  # only the first stage may copy the teacher's neck/head
+            data["distill"]["init_from_teacher"] = False
+        out.append(validate_config(data, source=f"{cfg.name}: distill.stages[{k - 1}]"))
+    return out
+
+
+def plan_stages(
+    cfg: Config, *, tracking: TrackingContext, teacher_names: dict[str, Path] | None = None
+) -> list[RunPlan]:
+    """Validate every progressive stage before training any (stage k > 1 planned without its start weights)."""
+    return [
+        build_plan(stage, tracking=tracking, teacher_names=teacher_names, where=f"{cfg.name}: distill.stages[{k}]")
+        for k, stage in enumerate(stage_configs(cfg))
+    ]
+
+
+def check_buildable(plan: RunPlan, *, where: str) -> None:
+    """Build the trainable module on the meta device: every construction error becomes a ConfigError."""
+    from detkd.engine.build import build_trainable
+
+    try:
+        build_trainable(plan, device="meta")
+    except (ValueError, RuntimeError, TypeError, KeyError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{where}: the model cannot be built from this config: {message}") from exc

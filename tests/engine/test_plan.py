@@ -1,0 +1,93 @@
+"""The run plan: built once on the driver, without Ray or MLflow, and refusing what cannot run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from detkd.cli import app
+from detkd.config import Config, ConfigError
+from detkd.engine.launch import run_training
+from detkd.engine.plan import RunPlan, TrackingContext, build_plan
+from detkd.engine.worker import TRAIN_STATE
+from detkd.models.checkpoint import save_payload
+
+TRACKING = TrackingContext(uri="sqlite:///unused.db", experiment="detkd")
+
+
+def test_plan_holds_the_run_and_round_trips(tiny_dataset, tiny_config, tmp_path):
+    cfg = Config.model_validate(tiny_config(tiny_dataset, tmp_path, input={"size": 64, "max_size": 80, "scale": 0.5}))
+    plan = build_plan(cfg, tracking=TRACKING)
+    assert plan.input.size == 64 and plan.input.max_size == 80 and plan.input.scale == 0.5
+    assert plan.input.model_size == 32 and len(plan.input.mean) == 3
+    assert plan.num_classes == len(plan.categories) > 0
+    assert plan.ray_name == f"tiny-{plan.digest}" and len(plan.digest) == 8
+    assert Path(plan.config.data.train.coco).is_absolute()  # workers do not share the driver's cwd
+    again = RunPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan
+    # where results go does not change the digest; what is trained does
+    moved = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": tmp_path / "elsewhere"})})
+    assert build_plan(moved, tracking=TRACKING).digest == plan.digest
+    wider = cfg.model_copy(update={"model": cfg.model.model_copy(update={"fpn_channels": 64})})
+    assert build_plan(wider, tracking=TRACKING).digest != plan.digest
+
+
+def test_plan_needs_neither_ray_nor_mlflow(tiny_dataset, tiny_config, tmp_path):
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(tiny_config(tiny_dataset, tmp_path)))
+    code = (
+        "import sys, json\n"
+        "from detkd.config import Config\n"
+        "from detkd.engine.plan import TrackingContext, build_plan\n"
+        f"cfg = Config.model_validate(json.load(open({str(cfg_path)!r})))\n"
+        "plan = build_plan(cfg, tracking=TrackingContext(uri='sqlite:///x.db', experiment='e'))\n"
+        "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"model": {"fpn_channels": 16}}, "fpn_channels"),  # FCOS heads use GroupNorm(32)
+        ({"model": {"arch": "fasterrcnn", "multiscale": True}}, "one-stage"),
+        ({"model": {"num_classes": 7}}, "model.num_classes"),
+        ({"train": {"batch_size": 500}}, "train.batch_size"),
+    ],
+)
+def test_a_plan_that_cannot_run_fails_while_it_is_built(tiny_dataset, tiny_config, tmp_path, override, expected):
+    data = tiny_config(tiny_dataset, tmp_path)
+    for key, value in override.items():
+        data[key] = {**data[key], **value}
+    with pytest.raises(ConfigError, match=expected):
+        build_plan(Config.model_validate(data), tracking=TRACKING)
+
+
+def test_cli_refuses_an_unbuildable_model_with_one_line_and_exit_2(tiny_dataset, tiny_config, tmp_path):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(json.dumps(tiny_config(tiny_dataset, tmp_path)))
+    result = CliRunner().invoke(app, ["train", str(cfg_path), "--set", "model.fpn_channels=16"])
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "fpn_channels" in errors[0] and "Traceback" not in result.output
+    assert not (tmp_path / "ray").exists()  # refused before any Ray run started
+
+
+def test_a_checkpoint_that_no_longer_fits_is_refused_naming_the_run_folder(tiny_dataset, tiny_config, tmp_path):
+    """A rerun after a code change: the run folder's checkpoint has other tensors than the model now built."""
+    cfg = Config.model_validate(tiny_config(tiny_dataset, tmp_path))
+    plan = build_plan(cfg, tracking=TRACKING)
+    folder = Path(plan.config.run.storage_path) / plan.ray_name / "checkpoint_2026-01-01_00-00-00.000000"
+    state = {"model": {"backbone.old_layer.weight": torch.zeros(3)}, "step": 4, "rng": []}
+    save_payload(folder / TRAIN_STATE, state)
+    with pytest.raises(ConfigError) as caught:
+        run_training(cfg, tracking=TRACKING)
+    message = str(caught.value)
+    assert str(folder.parent) in message and "--fresh" in message and "backbone.old_layer.weight" in message
