@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -85,6 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved plain / Ray runs (medians reported)")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_throughput")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="detkd-bench-"))
@@ -113,11 +115,17 @@ def main() -> None:
         "steps": args.steps,
         "batch_per_step": args.batch,
     }
-    print("plain PyTorch loop ...", flush=True)
-    results["plain_images_per_s"] = plain_loop(config(name="plain"), uri=uri)
     ensure_ray()
-    print("Ray Train, 1 worker x 2 CPUs ...", flush=True)
-    results["ray_1_worker"] = ray_loop(config(name="ray1"), uri)
+    plain, ray1 = [], []
+    for i in range(args.repeats):  # interleaved: run-to-run noise on a shared 2-core machine is ~10 %
+        print(f"[{i + 1}/{args.repeats}] plain PyTorch loop ...", flush=True)
+        plain.append(plain_loop(config(name=f"plain{i}"), uri=uri))
+        print(f"[{i + 1}/{args.repeats}] Ray Train, 1 worker x 2 CPUs ...", flush=True)
+        ray1.append(ray_loop(config(name=f"ray1-{i}"), uri))
+    results["plain_runs"] = [round(r, 1) for r in plain]
+    results["ray_1_worker_runs"] = [round(r["images_per_s"], 1) for r in ray1]
+    results["plain_images_per_s"] = statistics.median(plain)
+    results["ray_1_worker"] = sorted(ray1, key=lambda r: r["images_per_s"])[len(ray1) // 2]
     print("Ray Train, 2 workers x 1 CPU (same global batch) ...", flush=True)
     results["ray_2_workers"] = ray_loop(
         config(name="ray2", train={"batch_size": args.batch // 2}, scaling={"num_workers": 2, "cpus_per_worker": 1}),
@@ -153,6 +161,8 @@ def markdown(r: dict) -> str:
 Command: `{r["command"]}`
 Machine: {m["cpus"]} CPUs ({m["processor"]}), Python {m["python"]}, torch {m["torch"]}.
 Model: {r["model"]}; {r["steps"]} steps of {r["batch_per_step"]} images per step (global batch).
+
+Medians of {len(r["plain_runs"])} interleaved runs each: plain {r["plain_runs"]}, Ray 1 worker {r["ray_1_worker_runs"]}.
 
 | loop | images/s | relative |
 |---|---|---|
