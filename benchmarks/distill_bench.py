@@ -235,13 +235,9 @@ def main() -> None:
     start = time.perf_counter()
     rows = run_pipeline(spec)
     wall = time.perf_counter() - start + previous.get("meta", {}).get("wall_s", 0.0)
-    if only:  # keep the earlier rows of the rows not rerun
+    if only:  # keep the earlier rows of the rows not rerun; the teachers were retrained with these
         fresh = {r["name"] for r in rows}
-        rows = (
-            [r for r in previous["rows"] if r["name"] not in fresh and r["role"] == "student"]
-            + [r for r in rows if r["role"] == "student"]
-            + [r for r in previous["rows"] if r["role"] == "teacher"]
-        )
+        rows = [r for r in previous["rows"] if r["name"] not in fresh and r["role"] == "student"] + rows
     table = summarise(rows, budget["seeds"])
     import ray
 

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from detkd.config import Config
+from detkd.config import Config, ConfigError
 from detkd.data.coco import load_coco
 from detkd.engine.evaluate import evaluate_checkpoint
 from detkd.engine.launch import run_training
+from detkd.engine.worker import TRAIN_STATE
 from detkd.models import load_detector
-from detkd.models.checkpoint import load_payload
+from detkd.models.checkpoint import load_payload, save_payload
 
 pytestmark = pytest.mark.ray
 
@@ -68,6 +70,19 @@ def test_rerun_resumes_instead_of_retraining(tiny_dataset, tiny_config, ray_clus
     # the training log of the second run shows no new optimizer steps
     client = MlflowClient(mlflow_uri)
     assert client.get_metric_history(second.run_id, "train/loss") == []
+
+    # after a code change the run folder's checkpoint no longer fits: refused, then --fresh starts over
+    folder = next(Path(cfg.run.storage_path).glob("tiny-*"))
+    state_file = sorted(folder.glob(f"checkpoint_*/{TRAIN_STATE}"))[-1]
+    state = load_payload(state_file)
+    state["model"] = {f"renamed.{k}": v for k, v in state["model"].items()}  # what a refactor does to keys
+    save_payload(state_file, state)
+    with pytest.raises(ConfigError, match="--fresh") as refused:
+        run_training(cfg, tracking=tracking)
+    assert str(folder) in str(refused.value)
+    third = run_training(cfg, tracking=tracking, fresh=True)
+    assert third.run_id != second.run_id and third.metrics["step"] == first.metrics["step"]
+    assert [m.step for m in client.get_metric_history(third.run_id, "train/loss")] == [2, 4]
 
 
 def test_summary_json_from_cli(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, monkeypatch):
