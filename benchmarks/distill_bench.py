@@ -166,6 +166,7 @@ def markdown(table: list[dict], meta: dict) -> str:
         "the upper reference see 128 px, every other student 64 px. Scores on the held-out split (mean +- std",
         f"over seeds {meta['seeds']}); gain = difference to the half-resolution baseline.",
         "",
+        *([meta["note"], ""] if meta.get("note") else []),
         "| row | method | input | AP | AP50 | APs | gain AP | gain APs |",
         "|---|---|---|---|---|---|---|---|",
     ]
