@@ -64,9 +64,9 @@ def data_synth(
     aspect_ratios: Annotated[
         tuple[float, float], typer.Option(help="width/height range, drawn log-uniformly per image")
     ] = _synth_default("aspect_ratios"),
-    size_jitter: Annotated[
-        float, typer.Option(help="per-image size factor drawn in [1 - j, 1 + j]")
-    ] = _synth_default("size_jitter"),
+    size_jitter: Annotated[float, typer.Option(help="per-image size factor drawn in [1 - j, 1 + j]")] = _synth_default(
+        "size_jitter"
+    ),
     classes: Annotated[str, typer.Option(help="comma-separated shape names")] = ",".join(_synth_default("classes")),
 ) -> None:
     """Write a deterministic synthetic COCO detection dataset (square images unless asked otherwise)."""

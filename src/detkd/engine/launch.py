@@ -319,14 +319,15 @@ def run_progressive(
 ) -> list[TrainOutcome]:
     """Multi-teacher progressive distillation: only the student's weights travel between stages."""
     stages = stage_configs(cfg)
-    plan_stages(cfg, tracking=tracking, teacher_names=teacher_names)
+    shared = open_sources(cfg)  # read once; a stage whose settings change the data reads its own
+    plan_stages(cfg, tracking=tracking, teacher_names=teacher_names, sources=shared)
     outcomes: list[TrainOutcome] = []
     for k, stage in enumerate(stages, start=1):
         if outcomes:
             stage = stage.model_copy(
                 update={"model": stage.model.model_copy(update={"weights": outcomes[-1].model_path})}
             )
-        sources = open_sources(stage)
+        sources = shared if stage.data == cfg.data else open_sources(stage)
         plan = build_plan(stage, tracking=tracking, teacher_names=teacher_names, sources=sources)
         tags = {**(extra_tags or {}), "progressive": cfg.name, "stage": str(k), "stages": str(len(stages))}
         outcomes.append(run_plan(plan, address=address, extra_tags=tags, fresh=fresh, sources=sources))

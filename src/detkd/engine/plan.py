@@ -271,11 +271,25 @@ def stage_configs(cfg: Config) -> list[Config]:
 
 
 def plan_stages(
-    cfg: Config, *, tracking: TrackingContext, teacher_names: dict[str, Path] | None = None
+    cfg: Config,
+    *,
+    tracking: TrackingContext,
+    teacher_names: dict[str, Path] | None = None,
+    sources: dict[str, DetectionSource] | None = None,
 ) -> list[RunPlan]:
-    """Validate every progressive stage before training any (stage k > 1 planned without its start weights)."""
+    """Validate every progressive stage before training any (stage k > 1 planned without its start weights).
+
+    ``sources`` (the splits of ``cfg``) are read once and shared by the stages that keep ``cfg``'s data.
+    """
+    sources = sources if sources is not None else open_sources(cfg)
     return [
-        build_plan(stage, tracking=tracking, teacher_names=teacher_names, where=f"{cfg.name}: distill.stages[{k}]")
+        build_plan(
+            stage,
+            tracking=tracking,
+            teacher_names=teacher_names,
+            sources=sources if stage.data == cfg.data else None,
+            where=f"{cfg.name}: distill.stages[{k}]",
+        )
         for k, stage in enumerate(stage_configs(cfg))
     ]
 
