@@ -222,11 +222,11 @@ def discard_run(plan: RunPlan) -> None:
     else:
         import pyarrow.fs
 
-        filesystem, root = pyarrow.fs.FileSystem.from_uri(f"{plan.config.run.storage_path}/{plan.ray_name}")
-        if storage_target(plan.config)[1] is not None:
-            filesystem = storage_target(plan.config)[1]
+        path, filesystem = storage_target(plan.config)  # the same filesystem Ray Train writes through
+        if filesystem is None:
+            filesystem, path = pyarrow.fs.FileSystem.from_uri(path)
         with contextlib.suppress(FileNotFoundError, OSError):
-            filesystem.delete_dir(root)
+            filesystem.delete_dir(f"{path}/{plan.ray_name}")
     (plan.out_dir / MARKER).unlink(missing_ok=True)
 
 
