@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+
+from detkd.config import format_validation_error
 
 app = typer.Typer(
     add_completion=False,
@@ -55,6 +58,9 @@ def data_synth(
     size: Annotated[int, typer.Option(help="nominal image side (sqrt of the area) in pixels")] = _synth_default("size"),
     seed: int = _synth_default("seed"),
     val_fraction: float = _synth_default("val_fraction"),
+    test_images: Annotated[
+        int, typer.Option(help="extra images in a held-out test split (train/val unchanged)")
+    ] = _synth_default("test_images"),
     min_object: float = _synth_default("min_object"),
     max_object: float = _synth_default("max_object"),
     max_objects: int = _synth_default("max_objects"),
@@ -170,8 +176,8 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh:
             raise ConfigError(f"{config}: distill: needs distill.teachers (or distill.stages) and a method")
         if cfg.distill is not None and cfg.distill.stages:
             stage_configs(cfg)  # validate every stage before training any
-        if summary is not None and cfg.data.val is None:
-            raise ConfigError(f"{config}: data.val: --summary needs a validation split to evaluate on")
+        if summary is not None and cfg.data.val is None and cfg.data.test is None:
+            raise ConfigError(f"{config}: data.val: --summary needs a validation (or data.test) split to evaluate on")
         if skip_invalid:
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"skip_invalid": True})})
         outcome = run_training(cfg, address=address, fresh=fresh)
@@ -179,8 +185,9 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh:
         _fail(exc)
     console.print(f"[green]done[/green]: {outcome.model_path} (MLflow run {outcome.run_id}, {outcome.seconds:.0f}s)")
     if summary is not None:
-        source = open_split(cfg.data.val, skip_invalid=cfg.data.skip_invalid)
-        row, _ = evaluation_row(cfg, outcome, source, batch_size=cfg.eval.batch_size)
+        split_name = "test" if cfg.data.test is not None else "val"
+        source = open_split(getattr(cfg.data, split_name), skip_invalid=cfg.data.skip_invalid)
+        row, _ = evaluation_row(cfg, outcome, source, batch_size=cfg.eval.batch_size, split=split_name)
         write_summary([row], summary)
 
 
@@ -221,6 +228,7 @@ def evaluate(
                             metrics=metrics,
                             images_per_s=0.0,
                             run_id=None,
+                            split=str(gt),
                         )
                     ],
                     summary,
@@ -257,6 +265,7 @@ def evaluate(
                     images_per_s=result.images_per_s,
                     run_id=meta.get("mlflow_run_id"),
                     method=meta.get("method"),
+                    split=str(coco or parquet),
                 )
             ],
             summary,
@@ -287,6 +296,46 @@ def run(
     if summary:
         write_summary(rows, summary)
         console.print(f"summary: {summary}")
+
+
+@app.command("tune")
+def tune_command(
+    space: Annotated[Path, typer.Argument(help="search space YAML (search_spaces/*.yaml)")],
+    samples: Annotated[
+        int | None, typer.Option(min=1, help="trials to draw (random/optuna) or repeats of the grid (grid)")
+    ] = None,
+    max_concurrent: Annotated[int | None, typer.Option(min=1, help="trials running at once")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="asha (stops weak trials early) or fifo")] = None,
+    search: Annotated[str | None, typer.Option(help="random, grid or optuna")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the interrupted sweep (the same command again does too)")
+    ] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="discard the sweep's folder and start over")] = False,
+) -> None:
+    """Ray Tune sweep: one Ray Train run per trial, ranked on val, the chosen one scored on test."""
+    from detkd.sweeps.space import load_space
+    from detkd.sweeps.tuner import SweepOptions, run_sweep
+
+    if resume and fresh:
+        _fail(ValueError("--resume and --fresh contradict each other"))
+    try:
+        loaded = load_space(space)
+        options = SweepOptions.from_budget(
+            loaded.space.budget,
+            samples=samples,
+            max_concurrent=max_concurrent,
+            scheduler=scheduler,
+            search=search,
+        )
+        outcome = run_sweep(loaded, options=options, address=address, resume=resume, fresh=fresh, console=console)
+    except _user_errors() as exc:
+        _fail(exc)
+    except ValidationError as exc:
+        _fail(ValueError(format_validation_error(exc, "detkd tune")))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    console.print(f"results: {outcome.workdir} (trials.parquet, best_config.yaml, plots/)")
 
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Inspect and control jobs on a Ray cluster.")

@@ -41,6 +41,9 @@ class SplitConfig(_Section):
 class DataConfig(_Section):
     train: SplitConfig | None = None
     val: SplitConfig | None = None
+    test: SplitConfig | None = Field(
+        None, description="held out: never read by training; sweeps score their chosen config on it"
+    )
     skip_invalid: bool = False
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
 
@@ -118,7 +121,9 @@ class TrainConfig(_Section):
 class ScalingSection(_Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: int | None = Field(None, ge=1, description="default: all CPUs / num_workers")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="default: all CPUs / num_workers (a fraction shares a CPU, e.g. in sweeps)"
+    )
 
 
 class RunSection(_Section):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import Field
 
@@ -38,6 +38,7 @@ class PipelineData(_Section):
     synth: SynthSpec | None = None
     train: SplitConfig | None = None
     val: SplitConfig | None = None
+    test: SplitConfig | None = Field(None, description="held out: models are scored on it when it is given")
 
 
 class ModelEntry(_Section):
@@ -116,20 +117,40 @@ def tracking_context(spec: PipelineSpec, *, parent_run_id: str | None = None):
     )
 
 
-def data_splits(spec: PipelineSpec) -> tuple[SplitConfig, SplitConfig | None]:
+class DataSplits(NamedTuple):
+    train: SplitConfig
+    val: SplitConfig | None
+    test: SplitConfig | None
+
+    def scoring(self) -> tuple[str, SplitConfig] | None:
+        """The split a pipeline scores its models on: the held-out test split when there is one."""
+        if self.test is not None:
+            return "test", self.test
+        return ("val", self.val) if self.val is not None else None
+
+
+def data_splits(spec: PipelineSpec) -> DataSplits:
     if spec.data.synth is not None:
         root = spec.workdir / "data"
-        return (
-            SplitConfig(coco=root / "annotations/instances_train.json", images=root / "images/train"),
-            SplitConfig(coco=root / "annotations/instances_val.json", images=root / "images/val"),
+
+        def synthetic(split: str) -> SplitConfig:
+            return SplitConfig(coco=root / f"annotations/instances_{split}.json", images=root / f"images/{split}")
+
+        synth = spec.data.synth
+        return DataSplits(
+            train=synthetic("train"),
+            val=synthetic("val") if synth.num_val else None,
+            test=synthetic("test") if synth.test_images else None,
         )
-    return spec.data.train, spec.data.val
+    return DataSplits(train=spec.data.train, val=spec.data.val, test=spec.data.test)
 
 
 def model_config(spec: PipelineSpec, entry: ModelEntry, *, role: str, source: str | None = None) -> Config:
-    train, val = data_splits(spec)
+    splits = data_splits(spec)
     base = {
-        "data": {"train": train.model_dump(), "val": val.model_dump() if val else None},
+        "data": {
+            split: section.model_dump() if section is not None else None for split, section in splits._asdict().items()
+        },
         "run": {"storage_path": str(spec.workdir / "ray"), "output_dir": str(spec.workdir / "models")},
         "tracking": {"experiment": spec.tracking.experiment, "tracking_uri": spec.tracking.tracking_uri},
     }
@@ -211,9 +232,11 @@ def run_pipeline(
                 )
                 trained[entry.name] = outcome.model_path
                 outcomes.append((cfg, outcome))
-        _, val_split = data_splits(spec)
-        if val_split is not None:
-            val_source = open_split(val_split, skip_invalid=False)
+        scoring = data_splits(spec).scoring()
+        if scoring is not None:
+            split_name, split = scoring
+            say(f"evaluate: every model on the {split_name} split")
+            eval_source = open_split(split, skip_invalid=False)
             with run_context(
                 tracking_uri=uri,
                 experiment=tracking.experiment,
@@ -223,15 +246,17 @@ def run_pipeline(
             ) as eval_id:
                 eval_logger = RunLogger(tracking_uri=uri, run_id=eval_id)
                 for cfg, outcome in outcomes:
-                    row, result = evaluation_row(cfg, outcome, val_source, batch_size=spec.eval_batch_size)
+                    row, result = evaluation_row(
+                        cfg, outcome, eval_source, batch_size=spec.eval_batch_size, split=split_name
+                    )
                     rows.append(row)
                     eval_logger.metrics(
-                        {f"{cfg.name}/{k}": v for k, v in result.metrics.items()}
+                        {f"{cfg.name}/{split_name}/{k}": v for k, v in result.metrics.items()}
                         | {f"{cfg.name}/images_per_s": result.images_per_s}
                     )
                     if outcome.run_id:
                         RunLogger(tracking_uri=uri, run_id=outcome.run_id).metrics(
-                            {f"eval/{k}": v for k, v in result.metrics.items()}
+                            {f"eval/{split_name}/{k}": v for k, v in result.metrics.items()}
                             | {"eval/images_per_s": result.images_per_s}
                         )
                 eval_logger.dict(rows, "summary.json")
@@ -240,8 +265,8 @@ def run_pipeline(
     return rows
 
 
-def evaluation_row(cfg: Config, outcome, source, *, batch_size: int):
-    """Evaluate a trained model's checkpoint on ``source``: (summary row, CheckpointEvaluation)."""
+def evaluation_row(cfg: Config, outcome, source, *, batch_size: int, split: str):
+    """Evaluate a trained model's checkpoint on ``source`` (the ``split``): (summary row, CheckpointEvaluation)."""
     from detkd.engine.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(outcome.model_path, source, batch_size=batch_size, score_thresh=cfg.eval.score_thresh)
@@ -253,6 +278,7 @@ def evaluation_row(cfg: Config, outcome, source, *, batch_size: int):
         images_per_s=result.images_per_s,
         run_id=outcome.run_id,
         method=cfg.method,
+        split=split,
     )
     return row, result
 
@@ -265,12 +291,14 @@ def summary_row(
     metrics: dict[str, float],
     images_per_s: float,
     run_id: str | None,
+    split: str,
     method: str | None = None,
 ) -> dict[str, Any]:
     row = {
         "name": name,
         "role": role,
         "input_size": input_size,
+        "split": split,
         "AP": round(metrics["AP"], 4),
         "AP50": round(metrics["AP50"], 4),
         "APs": round(metrics["APs"], 4),
@@ -291,11 +319,13 @@ def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
 def print_summary(rows: list[dict[str, Any]], console) -> None:
     from rich.table import Table
 
-    columns = ["name", "role", "method", "input_size", "AP", "AP50", "APs", "images_per_s", "mlflow_run_id"]
+    columns = ["name", "role", "method", "input_size", "split", "AP", "AP50", "APs", "images_per_s", "mlflow_run_id"]
     columns = [c for c in columns if any(c in row for row in rows)]
     table = Table(title="detkd summary")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("name", "role", "method", "mlflow_run_id") else "right")
+        table.add_column(
+            column, justify="left" if column in ("name", "role", "method", "split", "mlflow_run_id") else "right"
+        )
     for row in rows:
         table.add_row(*[f"{row[c]:.4f}" if c in ("AP", "AP50", "APs") else str(row.get(c, "")) for c in columns])
     console.print(table)

@@ -194,3 +194,26 @@ def find_runs(tracking_uri: str, experiment: str, tags: dict[str, str]) -> list[
         return []
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     return client.search_runs([found.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+
+
+def max_metric(tracking_uri: str, run_id: str, key: str) -> float | None:
+    """The largest value a run logged for ``key`` (None if it never did)."""
+    history = MlflowClient(tracking_uri).get_metric_history(run_id, key)
+    return max((m.value for m in history), default=None)
+
+
+def child_runs(tracking_uri: str, run_id: str) -> list[Any]:
+    """The runs whose parent is ``run_id`` (in the parent's experiment)."""
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(run_id)
+    return client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+
+
+def close_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """End a run left RUNNING by a process that was stopped (e.g. a trial ASHA ended), with its children."""
+    client = MlflowClient(tracking_uri)
+    for child in child_runs(tracking_uri, run_id):
+        if child.info.status == "RUNNING":
+            close_run(tracking_uri, child.info.run_id, status)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status=status)

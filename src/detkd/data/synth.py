@@ -35,7 +35,7 @@ __all__ = ["SHAPES", "SynthSpec", "image_size", "render_image", "synthesize"]
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges
 MIN_CONTRAST = 0.35  # luminance gap between an object and what lies beneath it
 PLACEMENT_TRIES = 30
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 Box4 = tuple[int, int, int, int]  # x, y, w, h in supersampled pixels
 
@@ -100,6 +100,9 @@ class SynthSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     images: int = Field(400, ge=1, description="images in all, train plus val")
+    test_images: int = Field(
+        0, ge=0, description="extra images written as a held-out test split (train and val stay the same)"
+    )
     size: int = Field(128, ge=16, description="nominal image side in px (exact when the images are square)")
     seed: int = Field(0, ge=0, description="same seed, same data")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="share of the images written as the val split")
@@ -399,16 +402,24 @@ def _write_split(out_dir: Path, spec: SynthSpec, split: str, indices: range) -> 
 def synthesize(out_dir: Path, spec: SynthSpec) -> dict[str, Any]:
     """Write a synthetic COCO dataset under ``out_dir`` and return a summary.
 
-    Layout: ``images/{train,val}/NNNNNN.png`` and
-    ``annotations/instances_{train,val}.json``. Image ids are global (train
-    first, then val); annotation ids count from 1 per split. Each file is
+    Layout: ``images/{train,val,test}/NNNNNN.png`` and
+    ``annotations/instances_{train,val,test}.json`` (test only with ``test_images``).
+    Image ids are global (train first, then val, then test); annotation ids count
+    from 1 per split. Test images come after the others, so adding a test split
+    leaves train and val exactly as they were. Each file is
     written to a temporary name and renamed, so a crash never leaves half a file.
     """
     out_dir = Path(out_dir)
     n_train = spec.images - spec.num_val
-    splits = {"train": range(n_train), "val": range(n_train, spec.images)}
+    splits = {
+        "train": range(n_train),
+        "val": range(n_train, spec.images),
+        "test": range(spec.images, spec.images + spec.test_images),
+    }
     summary: dict[str, Any] = {"path": str(out_dir), "spec": spec.to_dict()}
     for split in SPLITS:
+        if split == "test" and not spec.test_images:
+            continue
         summary[split] = _write_split(out_dir, spec, split, splits[split])
     summary["categories"] = [{"id": i + 1, "name": n} for i, n in enumerate(spec.classes)]
     return summary

@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ from detkd.engine.faults import MARKER
 from detkd.engine.plan import RunPlan, TrackingContext, build_plan, open_sources, plan_stages, stage_configs
 from detkd.engine.worker import MODEL_FILE, TRAIN_STATE, mismatch_message, train_loop_per_worker
 from detkd.models.checkpoint import CheckpointError, load_payload
+
+CallbackFactory = Callable[[RunPlan, int], list[Any]]  # (plan, stage index) -> Ray Train callbacks
 
 
 @dataclass
@@ -90,20 +92,35 @@ def run_training(
     extra_tags: dict[str, str] | None = None,
     teacher_names: dict[str, Path] | None = None,
     fresh: bool = False,
+    callbacks: CallbackFactory | None = None,
 ) -> TrainOutcome:
     """Train one detector (teacher, plain or distilled student) with Ray Train; log it to MLflow.
 
     A config with ``distill.stages`` runs them in order (progressive distillation) and
-    returns the last stage's outcome.
+    returns the last stage's outcome. ``callbacks(plan, stage_index)`` gives the Ray Train
+    callbacks of each run (a sweep's trial forwards its reports to Ray Tune with them).
     """
     tracking = tracking or tracking_context(cfg)
     if cfg.distill is not None and cfg.distill.stages:
         return run_progressive(
-            cfg, tracking=tracking, address=address, extra_tags=extra_tags, teacher_names=teacher_names, fresh=fresh
+            cfg,
+            tracking=tracking,
+            address=address,
+            extra_tags=extra_tags,
+            teacher_names=teacher_names,
+            fresh=fresh,
+            callbacks=callbacks,
         )[-1]
     sources = open_sources(cfg)
     plan = build_plan(cfg, tracking=tracking, teacher_names=teacher_names, sources=sources)
-    return run_plan(plan, address=address, extra_tags=extra_tags, fresh=fresh, sources=sources)
+    return run_plan(
+        plan,
+        address=address,
+        extra_tags=extra_tags,
+        fresh=fresh,
+        sources=sources,
+        callbacks=callbacks(plan, 0) if callbacks else None,
+    )
 
 
 def run_plan(
@@ -113,6 +130,7 @@ def run_plan(
     extra_tags: dict[str, str] | None = None,
     fresh: bool = False,
     sources: dict[str, DetectionSource] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> TrainOutcome:
     """Carry out a plan: check or clear its run folder, then fit under its MLflow run and publish the model.
 
@@ -126,7 +144,7 @@ def run_plan(
     ensure_ray(address)
     started = time.perf_counter()
     with mlflow_run(plan, sources, extra_tags=extra_tags, resume=not fresh) as (run_id, logger):
-        result = fit(plan, run_id=run_id)
+        result = fit(plan, run_id=run_id, callbacks=callbacks)
         if result.checkpoint is None:
             raise RuntimeError(f"training run {plan.ray_name} finished without a checkpoint")
         with result.checkpoint.as_directory() as folder:
@@ -145,7 +163,7 @@ def run_plan(
     )
 
 
-def fit(plan: RunPlan, *, run_id: str | None) -> ray.train.Result:
+def fit(plan: RunPlan, *, run_id: str | None, callbacks: list[Any] | None = None) -> ray.train.Result:
     """Run the Ray Train job; Ctrl-C leaves a resumable run and says how to resume it."""
     cfg = plan.config
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -153,7 +171,7 @@ def fit(plan: RunPlan, *, run_id: str | None) -> ray.train.Result:
     storage_path, storage_filesystem = storage_target(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan.to_dict(), "run_id": run_id, "threads_per_worker": cpus},
+        train_loop_config={"plan": plan.to_dict(), "run_id": run_id, "threads_per_worker": max(1, round(cpus))},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cpus}
         ),
@@ -163,6 +181,7 @@ def fit(plan: RunPlan, *, run_id: str | None) -> ray.train.Result:
             storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks or None,
         ),
     )
     plan.out_dir.mkdir(parents=True, exist_ok=True)
@@ -316,6 +335,7 @@ def run_progressive(
     extra_tags: dict[str, str] | None = None,
     teacher_names: dict[str, Path] | None = None,
     fresh: bool = False,
+    callbacks: CallbackFactory | None = None,
 ) -> list[TrainOutcome]:
     """Multi-teacher progressive distillation: only the student's weights travel between stages."""
     stages = stage_configs(cfg)
@@ -330,7 +350,16 @@ def run_progressive(
         sources = shared if stage.data == cfg.data else open_sources(stage)
         plan = build_plan(stage, tracking=tracking, teacher_names=teacher_names, sources=sources)
         tags = {**(extra_tags or {}), "progressive": cfg.name, "stage": str(k), "stages": str(len(stages))}
-        outcomes.append(run_plan(plan, address=address, extra_tags=tags, fresh=fresh, sources=sources))
+        outcomes.append(
+            run_plan(
+                plan,
+                address=address,
+                extra_tags=tags,
+                fresh=fresh,
+                sources=sources,
+                callbacks=callbacks(plan, k - 1) if callbacks else None,
+            )
+        )
     final = outcomes[-1]
     # the progressive student's own name points at the last stage's checkpoint
     out_dir = Path(stages[-1].run.output_dir).resolve() / cfg.name

@@ -150,7 +150,7 @@ def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
             return value
         return str((base / value).resolve())
 
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         if data["data"][split]:
             for key in ("coco", "images", "parquet"):
                 data["data"][split][key] = fix(data["data"][split][key])
@@ -177,6 +177,7 @@ def config_digest(cfg: Config, teachers: tuple[TeacherSpec, ...]) -> str:
     previous progressive stage) never silently resumes a student trained from its predecessor.
     """
     data = cfg.model_dump(mode="json", exclude={"run": True, "tracking": True, "name": True, "eval": True})
+    data["data"].pop("test", None)  # held out: never read by training
     data["train"].pop("log_every", None)
     for key in ("weights", "backbone_weights"):
         value = data["model"].pop(key)

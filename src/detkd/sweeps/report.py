@@ -1,0 +1,329 @@
+"""A sweep's results: the live and final tables, trials.parquet, best_config.yaml, plots, MLflow.
+
+Every number says its split: trials are ranked on ``val/*``; only the chosen trial's
+model is scored on the held-out test split (``test/*``), which no trial read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from ray import tune
+
+from detkd.config import Config
+from detkd.sweeps.space import value_label
+from detkd.sweeps.trial import TRIAL_EPOCH, SweepJob, stage_epochs
+
+PLOTS = ("metric_vs_parameters.png", "learning_curves.png")
+
+
+class LiveTable(tune.Callback):
+    """Prints the trials (state, epoch, metric, parameters) while the sweep runs: on every
+    trial's start and end, and at most every ``every_s`` seconds in between."""
+
+    def __init__(self, *, metric_key: str, parameters: list[str], every_s: float = 30.0) -> None:
+        self.metric_key = metric_key
+        self.parameters = parameters
+        self.every_s = every_s
+        self.last_print = 0.0
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.show(trials)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if time.monotonic() - self.last_print >= self.every_s:
+            self.show(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.show(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.show(trials)
+
+    def show(self, trials) -> None:
+        self.last_print = time.monotonic()
+        rows = [
+            {
+                "trial": t.trial_id,
+                "state": t.status,
+                "epoch": (t.last_result or {}).get(TRIAL_EPOCH, 0),
+                self.metric_key: (t.last_result or {}).get(self.metric_key),
+                **{p: t.config.get(p) for p in self.parameters},
+            }
+            for t in trials
+        ]
+        print_table(rows, title=f"trials ({self.metric_key} on the validation split)")
+
+
+def print_table(rows: list[dict[str, Any]], *, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    table = Table(title=title)
+    for column in rows[0]:
+        table.add_column(str(column), overflow="fold")
+    for row in rows:
+        table.add_row(*[_cell(v) for v in row.values()])
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def trial_rows(results, *, job: SweepJob, planned_epochs: int) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+    """(one row per trial, one row per trial epoch) from Tune's experiment state."""
+    from ray.tune import ExperimentAnalysis
+
+    from detkd.tracking import find_runs
+
+    analysis = ExperimentAnalysis(results.experiment_path)
+    frames = analysis.trial_dataframes
+    rows, epoch_frames = [], []
+    for trial in analysis.trials:
+        values = job.decode(trial.config)
+        cfg = job.trial_config(values, trial.trial_id)
+        planned = sum(stage_epochs(cfg))
+        reports = frames.get(trial.trial_id, pd.DataFrame())
+        if job.metric_key in reports:
+            reports = reports[reports[job.metric_key].notna()].sort_values(TRIAL_EPOCH)
+        else:
+            reports = pd.DataFrame(columns=[TRIAL_EPOCH, job.metric_key])
+        done = int(reports[TRIAL_EPOCH].max()) if len(reports) else 0
+        runs = find_runs(
+            job.tracking.uri,
+            job.tracking.experiment,
+            {"detkd.sweep_run": str(job.tracking.parent_run_id), "detkd.trial_id": trial.trial_id},
+        )
+        model = Path(cfg.run.output_dir) / cfg.name / "model.pt"
+        row = {
+            "trial_id": trial.trial_id,
+            "state": trial.status,
+            "stopped_early": trial.status == "TERMINATED" and done < planned,
+            "epochs": done,
+            "planned_epochs": planned,
+            job.metric_key: float(reports[job.metric_key].iloc[-1]) if len(reports) else float("nan"),
+            f"best_{job.metric_key}": float(reports[job.metric_key].max()) if len(reports) else float("nan"),
+            **{f"param.{k}": value_label(v) for k, v in values.items()},
+            "attempts": int(runs[0].data.metrics.get("attempt", 0)) if runs else 0,
+            "mlflow_run_id": runs[0].info.run_id if runs else None,
+            "model_path": str(model) if model.is_file() and trial.status == "TERMINATED" else None,
+        }
+        rows.append(row)
+        if len(reports):
+            keep = [c for c in reports.columns if c in (TRIAL_EPOCH, "stage") or c.startswith(("val/", "train/"))]
+            epoch_frames.append(reports[keep].assign(trial_id=trial.trial_id))
+    epochs = pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame()
+    return rows, epochs
+
+
+def write_tables(workdir: Path, rows: list[dict[str, Any]], epochs: pd.DataFrame) -> None:
+    """``trials.parquet`` (one row per trial) and ``epochs.parquet`` (every reported epoch)."""
+    for name, frame in (("trials.parquet", pd.DataFrame(rows)), ("epochs.parquet", epochs)):
+        tmp = workdir / f".{name}.tmp"
+        frame.astype({c: "string" for c in frame.columns if c.startswith("param.")}).to_parquet(tmp, index=False)
+        tmp.replace(workdir / name)
+
+
+def close_trial_runs(rows: list[dict[str, Any]], *, tracking_uri: str) -> None:
+    """Trials ASHA stopped (or that failed) leave their MLflow runs RUNNING: end them, say why."""
+    from detkd.tracking import RunLogger, close_run
+
+    for row in rows:
+        if not row["mlflow_run_id"] or row["state"] not in ("TERMINATED", "ERROR"):
+            continue
+        logger = RunLogger(tracking_uri=tracking_uri, run_id=row["mlflow_run_id"])
+        logger.tags({"stopped_early": str(row["stopped_early"]).lower(), "trial_state": row["state"]})
+        status = "FAILED" if row["state"] == "ERROR" else "KILLED" if row["stopped_early"] else "FINISHED"
+        close_run(tracking_uri, row["mlflow_run_id"], status)
+
+
+# --------------------------------------------------------------------------- the chosen trial
+
+
+def choose_best(rows: list[dict[str, Any]], metric_key: str) -> dict[str, Any] | None:
+    """The trial with the best last validation score among those that trained their whole budget."""
+    scored = [r for r in rows if r["model_path"] and not math.isnan(r[metric_key])]
+    complete = [r for r in scored if not r["stopped_early"]]
+    pool = complete or scored
+    return max(pool, key=lambda r: r[metric_key]) if pool else None
+
+
+def shippable_config(job: SweepJob, best: dict[str, Any]) -> Config:
+    """The best trial's config as a standalone run config that ``detkd distill`` runs as is:
+    teacher names become their checkpoint paths, and the target's data (test split
+    included), storage, tracking and checkpoint settings come back."""
+    values = {p.name: p.decode(best[f"param.{p.name}"]) for p in job.parameters if f"param.{p.name}" in best}
+    trial = job.trial_config(values, best["trial_id"]).model_dump(mode="json")
+    base = job.base.model_dump(mode="json")
+    trial["name"] = f"{job.base.name}-tuned"
+    for section in ("run", "tracking", "scaling", "eval", "debug"):
+        trial[section] = base[section]
+    trial["data"] = base["data"]
+    for key in ("eval_every", "checkpoint_every", "checkpoint_every_steps", "log_every"):
+        trial["train"][key] = base["train"][key]
+    distill = trial.get("distill") or {}
+    for ref in distill.get("teachers", []) + [s["teacher"] for s in distill.get("stages", [])]:
+        if ref["source"] in job.teacher_checkpoints:
+            ref["source"] = str(Path(job.teacher_checkpoints[ref["source"]]).resolve())
+    return Config.model_validate(trial)
+
+
+def finish(outcome, *, job: SweepJob, epochs: pd.DataFrame, sweep_log, say) -> None:
+    """Choose the best trial, score it on the test split, write best_config.yaml, plots, summary; log them."""
+    from detkd.engine.evaluate import evaluate_checkpoint
+    from detkd.engine.plan import open_split
+    from detkd.models.checkpoint import atomic_write_bytes
+    from detkd.tracking import RunLogger
+
+    workdir, rows, metric = outcome.workdir, outcome.trials, job.metric_key
+    best = choose_best(rows, metric)
+    plots = write_plots(workdir / "plots", rows, epochs, job=job, best=best)
+    print_table(
+        [{k.removeprefix("param."): v for k, v in r.items() if k not in ("model_path", "mlflow_run_id")} for r in rows],
+        title=f"sweep {job.name}: {len(rows)} trials ({metric} on the validation split)",
+    )
+    summary: dict[str, Any] = {
+        "sweep": job.name,
+        "trials": len(rows),
+        "stopped_early": sum(bool(r["stopped_early"]) for r in rows),
+        "failed": sum(r["state"] == "ERROR" for r in rows),
+        "trial_epochs": int(sum(r["epochs"] for r in rows)),
+        "metric": metric,
+        "best": None,
+    }
+    if best is not None:
+        cfg = shippable_config(job, best)
+        header = (
+            f"# Best configuration of sweep {job.name}: trial {best['trial_id']}, "
+            f"{metric} {best[metric]:.4f} (validation split, used to choose it).\n"
+        )
+        scores: dict[str, float] = {metric: best[metric]}
+        if job.base.data.test is not None:
+            test = evaluate_checkpoint(
+                Path(best["model_path"]),
+                open_split(job.base.data.test, skip_invalid=False),
+                batch_size=job.base.eval.batch_size,
+                score_thresh=job.base.eval.score_thresh,
+            )
+            scores |= {f"test/{k}": v for k, v in test.metrics.items()}
+            header += f"# Held-out test split (no trial saw it): test/AP {test.metrics['AP']:.4f}.\n"
+        else:
+            header += "# The target has no test split: the validation score above is optimistic.\n"
+        header += f"# Run it: detkd distill {workdir / 'best_config.yaml'}\n"
+        text = header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        atomic_write_bytes(workdir / "best_config.yaml", text.encode())
+        outcome.best, outcome.best_config, outcome.best_model = (
+            {**best, **scores},
+            workdir / "best_config.yaml",
+            Path(best["model_path"]),
+        )
+        summary["best"] = {
+            "trial_id": best["trial_id"],
+            "params": {k.removeprefix("param."): v for k, v in best.items() if k.startswith("param.")},
+            "scores": scores,
+            "model_path": best["model_path"],
+            "mlflow_run_id": best["mlflow_run_id"],
+        }
+        if best["mlflow_run_id"]:
+            trial_log = RunLogger(tracking_uri=job.tracking.uri, run_id=best["mlflow_run_id"])
+            trial_log.tags({"best": "true"})
+            trial_log.metrics({k: v for k, v in scores.items() if k.startswith("test/")})
+        sweep_log.tags({"best_trial": best["trial_id"], "best_run": best["mlflow_run_id"] or ""})
+        sweep_log.metrics({f"best/{k}": v for k, v in scores.items()})
+        test_line = f", test/AP {scores['test/AP']:.4f} (held out)" if "test/AP" in scores else ""
+        say(f"best: trial {best['trial_id']} {metric} {best[metric]:.4f} (validation){test_line}")
+        say(f"best configuration: {workdir / 'best_config.yaml'}")
+    atomic_write_bytes(workdir / "summary.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
+    sweep_log.metrics(
+        {"trials": len(rows), "stopped_early": summary["stopped_early"], "trial_epochs": summary["trial_epochs"]}
+    )
+    for name in ("trials.parquet", "epochs.parquet", "summary.json", "best_config.yaml"):
+        if (workdir / name).is_file():
+            sweep_log.artifact(workdir / name)
+    for path in plots:
+        sweep_log.artifact(path, "plots")
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def write_plots(
+    folder: Path, rows: list[dict[str, Any]], epochs: pd.DataFrame, *, job: SweepJob, best: dict[str, Any] | None
+) -> list[Path]:
+    """The final validation metric against each parameter, and every trial's learning curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    metric = job.metric_key
+    best_id = best["trial_id"] if best else None
+    params = [p for p in job.parameters if any(f"param.{p.name}" in r for r in rows)]
+    fig, axes = plt.subplots(1, max(1, len(params)), figsize=(4.5 * max(1, len(params)), 3.8), squeeze=False)
+    for ax, p in zip(axes[0], params, strict=False):
+        labels = [r[f"param.{p.name}"] for r in rows]
+        if p.categorical:
+            order = [value_label(v) for v in p.values]
+            xs = [order.index(x) for x in labels]
+            ax.set_xticks(range(len(order)), [str(o) for o in order], rotation=20, ha="right", fontsize=7)
+        else:
+            xs = [float(x) for x in labels]
+            if p.kind == "loguniform":
+                ax.set_xscale("log")
+        for x, r in zip(xs, rows, strict=True):
+            style = dict(marker="*", s=160, color="C3") if r["trial_id"] == best_id else dict(marker="o", s=40, color="C0")
+            if r["stopped_early"]:
+                style = dict(marker="o", s=40, facecolors="none", edgecolors="C7")
+            ax.scatter([x], [r[metric]], **style)
+        ax.set_xlabel(p.name)
+        ax.set_ylabel(f"{metric} (last epoch)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{job.name}: {metric} per parameter (hollow: stopped early by ASHA, star: chosen)")
+    fig.tight_layout()
+    paths = [folder / PLOTS[0]]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        curve = epochs[epochs["trial_id"] == r["trial_id"]] if len(epochs) else epochs
+        if not len(curve):
+            continue
+        chosen = r["trial_id"] == best_id
+        ax.plot(
+            curve[TRIAL_EPOCH],
+            curve[metric],
+            linestyle="--" if r["stopped_early"] else "-",
+            linewidth=2.5 if chosen else 1.2,
+            color="C3" if chosen else None,
+            label=f"{r['trial_id']}{' (chosen)' if chosen else ''}",
+        )
+        if r["stopped_early"]:
+            ax.scatter(curve[TRIAL_EPOCH].iloc[-1:], curve[metric].iloc[-1:], marker="x", color="k", zorder=3)
+    ax.set_xlabel("trial epoch")
+    ax.set_ylabel(f"{metric} (validation)")
+    ax.set_title(f"{job.name}: learning curves (dashed, x: stopped early)")
+    ax.grid(alpha=0.3)
+    if len(rows) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(folder / PLOTS[1])
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,164 @@
+"""One sweep trial: a Ray Tune function that drives a full Ray Train run (Train V2).
+
+The trial's MLflow run is a child of the sweep's run; its training run (one per
+progressive stage) is a child of the trial's. Every epoch's report travels from the
+Train workers to Tune through :class:`TrialReport` (so ASHA can stop the trial between
+epochs) and into the trial's MLflow run with the trial's own epoch count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from detkd.config import Config
+from detkd.engine.plan import RunPlan, TrackingContext, stage_configs
+from detkd.sweeps.space import Parameter, apply_trial, trial_settings, value_label
+
+TRIAL_EPOCH = "trial_epoch"  # epochs the trial has trained, over all its stages: ASHA's time axis
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """What every trial of a sweep shares (sent once to the trials with ``tune.with_parameters``)."""
+
+    name: str
+    base: Config
+    parameters: tuple[Parameter, ...]
+    workdir: Path
+    tracking: TrackingContext  # parent_run_id: the sweep's MLflow run
+    metric_key: str
+    teacher_checkpoints: dict[str, Path] = field(default_factory=dict)  # pipeline teacher name -> model.pt
+    teacher_runs: dict[str, str] = field(default_factory=dict)  # pipeline teacher name -> MLflow run id
+    cpus_per_worker: float | None = None
+
+    def decode(self, sampled: dict[str, Any]) -> dict[str, Any]:
+        """Tune's sampled labels -> the YAML values of the space."""
+        return {p.name: p.decode(sampled[p.name]) for p in self.parameters if p.name in sampled}
+
+    def trial_config(self, values: dict[str, Any], trial_id: str) -> Config:
+        """The run config of one trial: the space's values over the base, set up to report every epoch.
+
+        The test split is removed: no trial reads it, only the chosen configuration is scored on it.
+        """
+        settings, sequence = trial_settings(self.base, self.parameters, values)
+        cfg = apply_trial(self.base, settings, sequence, source=f"{self.name}: trial {trial_id}")
+        data = cfg.model_dump(mode="json")
+        data["name"] = f"{self.base.name}-{trial_id}"
+        data["data"]["test"] = None
+        data["train"].update(eval_every=1, checkpoint_every=1, checkpoint_every_steps=0)
+        data["run"].update(storage_path=str(self.workdir / "train"), output_dir=str(self.workdir / "models"))
+        data["tracking"]["log_model"] = False  # the checkpoint artifact is logged; the chosen model is the product
+        if self.cpus_per_worker and not data["scaling"]["cpus_per_worker"]:
+            data["scaling"]["cpus_per_worker"] = self.cpus_per_worker
+        return Config.model_validate(data)
+
+
+def stage_epochs(cfg: Config) -> list[int]:
+    """Epochs of each run a trial makes: one entry, or one per progressive stage."""
+    if cfg.distill is not None and cfg.distill.stages:
+        return [stage.train.epochs for stage in stage_configs(cfg)]
+    return [cfg.train.epochs]
+
+
+def sequence_of(cfg: Config) -> list[str]:
+    """The teacher names a config distils from, in stage order."""
+    if cfg.distill is None:
+        return []
+    if cfg.distill.stages:
+        return [s.teacher.source for s in cfg.distill.stages]
+    return [t.source for t in cfg.distill.teachers]
+
+
+class TrialReport(TuneReportCallback):
+    """A Ray Train callback: forwards each epoch's report to Tune and logs it to the trial's MLflow run.
+
+    Only epoch reports carrying the validation metric go to Tune; the epoch becomes the
+    trial's epoch (``epoch_offset`` = epochs of the earlier progressive stages).
+    """
+
+    def __init__(self, *, metric_key: str, tracking_uri: str, trial_run_id: str, epoch_offset: int, stage: int):
+        super().__init__()
+        self.metric_key = metric_key
+        self.tracking_uri = tracking_uri
+        self.trial_run_id = trial_run_id
+        self.epoch_offset = epoch_offset
+        self.stage = stage
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        first = metrics[0]
+        if self.metric_key not in first:
+            return
+        from detkd.tracking import RunLogger
+
+        epoch = self.epoch_offset + int(first["epoch"])
+        scores = {k: v for k, v in first.items() if k.startswith(("val/", "train/")) and isinstance(v, (int, float))}
+        RunLogger(tracking_uri=self.tracking_uri, run_id=self.trial_run_id).metrics(scores, step=epoch)
+        super().after_report(run_context, [{**first, TRIAL_EPOCH: epoch, "stage": self.stage}], checkpoint)
+
+
+def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
+    """Ray Tune function: train one configuration; Tune hears every epoch through TrialReport."""
+    from detkd.engine.launch import run_training
+    from detkd.tracking import RunLogger, find_runs, max_metric, run_context
+
+    trial_id = tune.get_context().get_trial_id()
+    values = job.decode(sampled)
+    cfg = job.trial_config(values, trial_id)
+    sequence = sequence_of(cfg)
+    tags = {
+        "kind": "trial",
+        "sweep": job.name,
+        "sweep_run": job.tracking.parent_run_id,
+        "trial_id": trial_id,
+        "teacher_sequence": " > ".join(sequence),
+    }
+    for k, name in enumerate(sequence):
+        if name in job.teacher_runs:
+            tags[f"teacher.{k}.run_id"] = job.teacher_runs[name]
+    earlier = find_runs(
+        job.tracking.uri,
+        job.tracking.experiment,
+        {"detkd.sweep_run": str(job.tracking.parent_run_id), "detkd.trial_id": trial_id},
+    )
+    with run_context(
+        tracking_uri=job.tracking.uri,
+        experiment=job.tracking.experiment,
+        run_name=f"trial {trial_id}",
+        tags=tags,
+        parent_run_id=job.tracking.parent_run_id,
+        resume_run_id=earlier[0].info.run_id if earlier else None,
+    ) as trial_run_id:
+        logger = RunLogger(tracking_uri=job.tracking.uri, run_id=trial_run_id)
+        attempt = int(max_metric(job.tracking.uri, trial_run_id, "attempt") or 0) + 1
+        logger.metrics({"attempt": attempt}, step=attempt)
+        if attempt == 1:
+            logger.params({f"tune.{k}": value_label(v) for k, v in values.items()})
+        offsets = [sum(stage_epochs(cfg)[:k]) for k in range(len(stage_epochs(cfg)))]
+
+        def callbacks(plan: RunPlan, stage: int) -> list[Any]:
+            return [
+                TrialReport(
+                    metric_key=job.metric_key,
+                    tracking_uri=job.tracking.uri,
+                    trial_run_id=trial_run_id,
+                    epoch_offset=offsets[stage],
+                    stage=stage + 1,
+                )
+            ]
+
+        outcome = run_training(
+            cfg,
+            tracking=TrackingContext(
+                uri=job.tracking.uri, experiment=job.tracking.experiment, parent_run_id=trial_run_id
+            ),
+            teacher_names=job.teacher_checkpoints,
+            extra_tags={"sweep": job.name, "trial_id": trial_id},
+            callbacks=callbacks,
+        )
+        logger.tags({"model_path": str(outcome.model_path), "train_run": outcome.run_id or ""})
+        logger.metrics({f"final/{k}": v for k, v in outcome.metrics.items() if k.startswith("val/")})

@@ -1,0 +1,296 @@
+"""Run, resume and finish a sweep with Ray Tune (each trial a Ray Train run, see ``trial``).
+
+A sweep's folder holds the Tune experiment (``tune/``), the trials' Train runs
+(``train/``) and models (``models/``), and the results: ``trials.parquet``,
+``epochs.parquet``, ``best_config.yaml``, ``summary.json`` and ``plots/``. Running the
+same command again continues an interrupted sweep without redoing finished trials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from detkd.config import ConfigError
+from detkd.engine.plan import TrackingContext
+from detkd.sweeps.space import LoadedSpace, Parameter, SweepBudget, student_epochs
+from detkd.sweeps.trial import TRIAL_EPOCH, SweepJob, run_trial
+
+STATE_FILE = "sweep.json"
+TRIAL_DRIVER_CPU = 0.01  # the Tune function only waits on its Train run; the workers hold the CPUs
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """How a sweep searches (``detkd tune``'s options over the space's ``budget``)."""
+
+    samples: int
+    max_concurrent: int
+    scheduler: str
+    search: str
+    grace_epochs: int
+    reduction_factor: float
+    max_failures: int
+    seed: int
+
+    @classmethod
+    def from_budget(cls, budget: SweepBudget, **overrides: Any) -> SweepOptions:
+        values = budget.model_dump()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        checked = SweepBudget.model_validate(values)  # the same checks as the space file's budget
+        return cls(**checked.model_dump())
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    workdir: Path
+    complete: bool
+    sweep_run_id: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # the best trial's row, with test scores when there is a test split
+    best_config: Path | None = None
+    best_model: Path | None = None
+
+
+def run_sweep(
+    loaded: LoadedSpace,
+    *,
+    options: SweepOptions,
+    address: str | None = None,
+    resume: bool = False,
+    fresh: bool = False,
+    tracking: TrackingContext | None = None,
+    console=None,
+) -> SweepOutcome:
+    """Run (or continue) a sweep; ``tracking.parent_run_id`` nests it in a pipeline's run."""
+    from detkd.engine.launch import ensure_ray
+    from detkd.sweeps import report
+    from detkd.tracking import RunLogger, run_context
+
+    say = console.print if console else print
+    workdir = loaded.workdir()
+    tune_dir = workdir / "tune"
+    digest = sweep_digest(loaded, options)
+    if fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    state = read_state(workdir)
+    restorable = tune.Tuner.can_restore(str(tune_dir))
+    if resume and not restorable:
+        raise ConfigError(f"--resume: no sweep to resume under {workdir}; run without --resume to start it")
+    if restorable and state.get("digest") != digest:
+        raise ConfigError(
+            f"{workdir}: the sweep there was started from another space, target or budget; "
+            "start over with --fresh, or set the space's workdir elsewhere"
+        )
+    tracking = tracking or target_tracking(loaded)
+    ensure_ray(address)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with run_context(
+        tracking_uri=tracking.uri,
+        experiment=tracking.experiment,
+        run_name=f"sweep:{loaded.name}",
+        tags={"kind": "sweep", "sweep": loaded.name, "space": str(loaded.path), "workdir": str(workdir)},
+        parent_run_id=tracking.parent_run_id,
+        resume_run_id=state.get("sweep_run_id") if restorable else None,
+    ) as sweep_run_id:
+        sweep_log = RunLogger(tracking_uri=tracking.uri, run_id=sweep_run_id)
+        if not restorable:
+            write_state(workdir, {"digest": digest, "sweep_run_id": sweep_run_id, "complete": False})
+            sweep_log.params({"space": loaded.space.model_dump(mode="json"), "options": options.__dict__})
+        say(f"sweep {loaded.name}: {'continuing' if restorable else 'starting'} under {workdir}")
+        checkpoints, runs = prepare_teachers(loaded, tracking=replace(tracking, parent_run_id=sweep_run_id), say=say)
+        job = SweepJob(
+            name=loaded.name,
+            base=loaded.base,
+            parameters=loaded.parameters,
+            workdir=workdir,
+            tracking=replace(tracking, parent_run_id=sweep_run_id),
+            metric_key=loaded.space.metric_key,
+            teacher_checkpoints=checkpoints,
+            teacher_runs=runs,
+            cpus_per_worker=worker_cpus(loaded, options),
+        )
+        table = report.LiveTable(metric_key=job.metric_key, parameters=[p.name for p in loaded.parameters])
+        trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": TRIAL_DRIVER_CPU})
+        space = param_space(loaded.parameters, options.search, where=str(loaded.path))
+        if restorable:
+            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True, param_space=space)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=space,
+                tune_config=tune_config(loaded, options),
+                run_config=tune.RunConfig(
+                    name="tune",
+                    storage_path=str(workdir),
+                    failure_config=tune.FailureConfig(max_failures=options.max_failures),
+                    callbacks=[table],
+                    verbose=0,
+                ),
+            )
+        results = tuner.fit()
+        complete = results.num_terminated + results.num_errors == len(results)
+        rows, epochs = report.trial_rows(results, job=job, planned_epochs=student_epochs(loaded.base))
+        outcome = SweepOutcome(
+            name=loaded.name, workdir=workdir, complete=complete, sweep_run_id=sweep_run_id, trials=rows
+        )
+        report.write_tables(workdir, rows, epochs)
+        report.close_trial_runs(rows, tracking_uri=tracking.uri)
+        if not complete:
+            say(f"interrupted: finished trials are kept under {workdir}; run the same command again to continue")
+            raise KeyboardInterrupt
+        report.finish(outcome, job=job, epochs=epochs, sweep_log=sweep_log, say=say)
+        write_state(workdir, {"digest": digest, "sweep_run_id": sweep_run_id, "complete": True})
+    return outcome
+
+
+def target_tracking(loaded: LoadedSpace) -> TrackingContext:
+    if loaded.pipeline is not None:
+        from detkd.pipeline import tracking_context
+
+        return tracking_context(loaded.pipeline)
+    from detkd.engine.launch import tracking_context
+
+    return tracking_context(loaded.base)
+
+
+def sweep_digest(loaded: LoadedSpace, options: SweepOptions) -> str:
+    """What decides the trials: the space, its target's config and the search (not the concurrency)."""
+    data = {
+        "space": loaded.space.model_dump(mode="json", exclude={"budget"}),
+        "base": loaded.base.model_dump(mode="json"),
+        "search": {k: v for k, v in options.__dict__.items() if k != "max_concurrent"},
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def read_state(workdir: Path) -> dict[str, Any]:
+    path = workdir / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_state(workdir: Path, state: dict[str, Any]) -> None:
+    from detkd.models.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(workdir / STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
+
+
+def worker_cpus(loaded: LoadedSpace, options: SweepOptions) -> float:
+    """CPUs per Train worker so that ``max_concurrent`` trials (and their drivers) fit the cluster."""
+    import ray
+
+    if loaded.base.scaling.cpus_per_worker:
+        return loaded.base.scaling.cpus_per_worker
+    total = float(ray.cluster_resources().get("CPU", 1))
+    per_trial = (total - options.max_concurrent * TRIAL_DRIVER_CPU) / options.max_concurrent
+    return max(0.05, int(100 * per_trial / loaded.base.scaling.num_workers) / 100)
+
+
+def param_space(parameters: tuple[Parameter, ...], search: str, *, where: str) -> dict[str, Any]:
+    """Tune's search space: categorical values as their labels, ranges as Tune distributions."""
+    space: dict[str, Any] = {}
+    errors = []
+    for p in parameters:
+        key = f"{where}: parameters.{p.name}"
+        if p.categorical:
+            labels = list(p.labels())
+            if p.kind == "grid" and search == "optuna":
+                errors.append(f"{key}: grid cannot be searched by optuna; make it a choice")
+            elif p.kind == "grid" or search == "grid":
+                space[p.name] = tune.grid_search(labels)
+            else:
+                space[p.name] = tune.choice(labels)
+        elif search == "grid":
+            errors.append(f"{key}: {p.kind} cannot be enumerated by --search grid; give choice or grid values")
+        elif p.kind == "uniform":
+            space[p.name] = tune.uniform(p.low, p.high)
+        elif p.kind == "loguniform":
+            space[p.name] = tune.loguniform(p.low, p.high)
+        elif p.kind == "randint":
+            space[p.name] = tune.randint(int(p.low), int(p.high))
+        elif p.kind == "quniform":
+            space[p.name] = tune.quniform(p.low, p.high, p.q)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return space
+
+
+def tune_config(loaded: LoadedSpace, options: SweepOptions) -> tune.TuneConfig:
+    epochs = student_epochs(loaded.base)
+    if options.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr=TRIAL_EPOCH,
+            max_t=epochs,
+            grace_period=min(options.grace_epochs, epochs),
+            reduction_factor=options.reduction_factor,
+            stop_last_trials=False,  # a trial that reaches the last epoch finishes: publishes its model, ends its runs
+        )
+    else:
+        scheduler = FIFOScheduler()
+    if options.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(seed=options.seed)
+        except (ImportError, AssertionError) as exc:
+            raise ConfigError("--search optuna needs optuna: pip install 'detkd[optuna]'") from exc
+    else:
+        search_alg = BasicVariantGenerator(random_state=options.seed)
+    return tune.TuneConfig(
+        metric=loaded.space.metric_key,
+        mode="max",
+        num_samples=options.samples,
+        max_concurrent_trials=options.max_concurrent,
+        scheduler=scheduler,
+        search_alg=search_alg,
+    )
+
+
+def prepare_teachers(loaded: LoadedSpace, *, tracking: TrackingContext, say) -> tuple[dict[str, Path], dict[str, str]]:
+    """Train the pipeline teachers the trials use, once (or find them again): name -> (checkpoint, run id)."""
+    if loaded.pipeline is None or not loaded.needed_teachers:
+        return {}, {}
+    from detkd.pipeline import ensure_synthetic_data, model_config
+
+    spec = loaded.pipeline
+    if spec.data.synth is not None:
+        ensure_synthetic_data(spec)
+    checkpoints: dict[str, Path] = {}
+    runs: dict[str, str] = {}
+    for entry in spec.teachers:
+        if entry.name not in loaded.needed_teachers:
+            continue
+        cfg = model_config(spec, entry, role="teacher")
+        path, run_id = find_or_train(cfg, tracking=tracking, names=checkpoints, say=say)
+        checkpoints[entry.name], runs[entry.name] = path, run_id
+    return checkpoints, runs
+
+
+def find_or_train(cfg, *, tracking: TrackingContext, names: dict[str, Path], say) -> tuple[Path, str]:
+    """A teacher's published checkpoint when it was trained from this exact plan, else train it now."""
+    from detkd.engine.launch import run_training
+    from detkd.engine.plan import build_plan
+    from detkd.models.checkpoint import CheckpointError, read_detector_payload
+
+    plan = build_plan(cfg, tracking=tracking, teacher_names=names)
+    published = plan.out_dir / "model.pt"
+    if published.is_file():
+        try:
+            meta = read_detector_payload(published).get("meta", {})
+        except CheckpointError:
+            meta = {}
+        if meta.get("plan", {}).get("digest") == plan.digest:
+            say(f"teacher {cfg.name}: found {published} (MLflow run {meta.get('mlflow_run_id')})")
+            return published, str(meta.get("mlflow_run_id") or "")
+    say(f"teacher {cfg.name}: training it once for the sweep")
+    outcome = run_training(cfg, tracking=tracking, teacher_names=names)
+    return outcome.model_path, outcome.run_id or ""
