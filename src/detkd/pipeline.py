@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from pydantic import Field
 
@@ -46,6 +46,21 @@ class ModelEntry(_Section):
     settings: dict[str, Any] = Field(default_factory=dict, description="partial run config over the defaults")
 
 
+class TuneStep(_Section):
+    """A sweep inside a pipeline: its best configuration becomes a final student named ``name``.
+
+    The space's target student must be a student of this pipeline (its ``target.pipeline``
+    is replaced by this spec); the budget keys override the space's.
+    """
+
+    name: str
+    space: Path
+    samples: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    scheduler: Literal["asha", "fifo"] | None = None
+    search: Literal["random", "grid", "optuna"] | None = None
+
+
 class PipelineSpec(_Section):
     name: str
     workdir: Path = Path("runs/pipeline")
@@ -54,13 +69,14 @@ class PipelineSpec(_Section):
     defaults: dict[str, Any] = Field(default_factory=dict)
     teachers: list[ModelEntry] = Field(default_factory=list)
     students: list[ModelEntry] = Field(default_factory=list)
+    tune: list[TuneStep] = Field(default_factory=list, description="sweeps whose best config is a final student")
     eval_batch_size: int = Field(8, ge=1)
 
 
 def load_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineSpec:
     data = apply_overrides(read_yaml(path), overrides or [])
     spec: PipelineSpec = validate_config(data, source=str(path), model=PipelineSpec)
-    names = [e.name for e in spec.teachers + spec.students]
+    names = [e.name for e in spec.teachers + spec.students] + [t.name for t in spec.tune]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: model names must be unique, got {names}")
     if not names:
@@ -91,6 +107,13 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineSpe
                                 f"pipeline ({known}), a checkpoint file, nor mlflow:<run_id>"
                             )
             known.append(entry.name)
+    from detkd.sweeps.space import load_space
+
+    for i, step in enumerate(spec.tune):
+        try:
+            load_space(step.space, pipeline=spec)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: tune[{i}] ({step.name}): {exc}") from None
     return spec
 
 
@@ -232,6 +255,8 @@ def run_pipeline(
                 )
                 trained[entry.name] = outcome.model_path
                 outcomes.append((cfg, outcome))
+        for step in spec.tune:
+            outcomes.append(run_tune_step(spec, step, parent_run_id=parent_id, address=address, say=say))
         scoring = data_splits(spec).scoring()
         if scoring is not None:
             split_name, split = scoring
@@ -265,6 +290,41 @@ def run_pipeline(
     return rows
 
 
+def run_tune_step(spec: PipelineSpec, step: TuneStep, *, parent_run_id: str, address: str | None, say):
+    """Run a pipeline's sweep (a child of its run) and publish the chosen model as the student ``step.name``."""
+    from detkd.config import load_config
+    from detkd.engine.launch import TrainOutcome, publish_model
+    from detkd.sweeps.space import load_space
+    from detkd.sweeps.tuner import SweepOptions, run_sweep
+
+    loaded = load_space(step.space, pipeline=spec)
+    options = SweepOptions.from_budget(
+        loaded.space.budget,
+        samples=step.samples,
+        max_concurrent=step.max_concurrent,
+        scheduler=step.scheduler,
+        search=step.search,
+    )
+    say(f"tune {step.name}: sweep {loaded.name} over {loaded.space.target.student} ({options.samples} samples)")
+    sweep = run_sweep(
+        loaded, options=options, address=address, tracking=tracking_context(spec, parent_run_id=parent_run_id)
+    )
+    if sweep.best is None or sweep.best_model is None or sweep.best_config is None:
+        raise ConfigError(f"tune {step.name}: sweep {loaded.name} finished without a trial that trained to the end")
+    cfg = load_config(sweep.best_config)
+    cfg = cfg.model_copy(update={"name": step.name})
+    model_path = publish_model(sweep.best_model.parent, spec.workdir.resolve() / "models" / step.name)
+    outcome = TrainOutcome(
+        name=step.name,
+        role="student",
+        model_path=model_path,
+        run_id=sweep.best.get("mlflow_run_id"),
+        metrics={k: v for k, v in sweep.best.items() if k.startswith(("val/", "test/"))},
+        method=f"{cfg.method} (tuned)",
+    )
+    return cfg, outcome
+
+
 def evaluation_row(cfg: Config, outcome, source, *, batch_size: int, split: str):
     """Evaluate a trained model's checkpoint on ``source`` (the ``split``): (summary row, CheckpointEvaluation)."""
     from detkd.engine.evaluate import evaluate_checkpoint
@@ -277,7 +337,7 @@ def evaluation_row(cfg: Config, outcome, source, *, batch_size: int, split: str)
         metrics=result.metrics,
         images_per_s=result.images_per_s,
         run_id=outcome.run_id,
-        method=cfg.method,
+        method=outcome.method,
         split=split,
     )
     return row, result

@@ -210,10 +210,11 @@ def child_runs(tracking_uri: str, run_id: str) -> list[Any]:
 
 
 def close_run(tracking_uri: str, run_id: str, status: str) -> None:
-    """End a run left RUNNING by a process that was stopped (e.g. a trial ASHA ended), with its children."""
+    """Give a run that did not finish (e.g. a trial ASHA stopped: its process was ended mid-epoch,
+    so it reads RUNNING or FAILED) its real ``status``, and its unfinished children too."""
     client = MlflowClient(tracking_uri)
     for child in child_runs(tracking_uri, run_id):
-        if child.info.status == "RUNNING":
+        if child.info.status != "FINISHED":
             close_run(tracking_uri, child.info.run_id, status)
-    if client.get_run(run_id).info.status == "RUNNING":
+    if client.get_run(run_id).info.status != "FINISHED":
         client.set_terminated(run_id, status=status)

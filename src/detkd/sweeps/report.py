@@ -85,7 +85,7 @@ def _cell(value: Any) -> str:
 # --------------------------------------------------------------------------- tables
 
 
-def trial_rows(results, *, job: SweepJob, planned_epochs: int) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+def trial_rows(results, *, job: SweepJob) -> tuple[list[dict[str, Any]], pd.DataFrame]:
     """(one row per trial, one row per trial epoch) from Tune's experiment state."""
     from ray.tune import ExperimentAnalysis
 
@@ -287,7 +287,9 @@ def write_plots(
             if p.kind == "loguniform":
                 ax.set_xscale("log")
         for x, r in zip(xs, rows, strict=True):
-            style = dict(marker="*", s=160, color="C3") if r["trial_id"] == best_id else dict(marker="o", s=40, color="C0")
+            style = (
+                dict(marker="*", s=160, color="C3") if r["trial_id"] == best_id else dict(marker="o", s=40, color="C0")
+            )
             if r["stopped_early"]:
                 style = dict(marker="o", s=40, facecolors="none", edgecolors="C7")
             ax.scatter([x], [r[metric]], **style)

@@ -245,8 +245,9 @@ def apply_trial(base: Config, settings: dict[str, Any], sequence: list[str] | No
     data = base.model_dump(mode="json")
     for key, value in settings.items():
         set_dotted(data, key, value)
-    if "input.scale" in settings and not {"model.min_level", "model.max_level"} & set(settings):
-        data["model"]["min_level"], data["model"]["max_level"] = levels_for_scale(base, float(data["input"]["scale"]))
+    scale = settings.get("input.scale")
+    if _is_number(scale) and scale > 0 and not {"model.min_level", "model.max_level"} & set(settings):
+        data["model"]["min_level"], data["model"]["max_level"] = levels_for_scale(base, float(scale))
     if sequence is not None:
         data["distill"] = teacher_sequence_section(base, data.get("distill"), sequence)
     return validate_config(data, source=source)

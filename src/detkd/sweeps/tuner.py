@@ -138,8 +138,10 @@ def run_sweep(
                 ),
             )
         results = tuner.fit()
-        complete = results.num_terminated + results.num_errors == len(results)
-        rows, epochs = report.trial_rows(results, job=job, planned_epochs=student_epochs(loaded.base))
+        rows, epochs = report.trial_rows(results, job=job)
+        complete = len(rows) == expected_trials(loaded.parameters, options) and all(
+            row["state"] in ("TERMINATED", "ERROR") for row in rows
+        )
         outcome = SweepOutcome(
             name=loaded.name, workdir=workdir, complete=complete, sweep_run_id=sweep_run_id, trials=rows
         )
@@ -151,6 +153,15 @@ def run_sweep(
         report.finish(outcome, job=job, epochs=epochs, sweep_log=sweep_log, say=say)
         write_state(workdir, {"digest": digest, "sweep_run_id": sweep_run_id, "complete": True})
     return outcome
+
+
+def expected_trials(parameters: tuple[Parameter, ...], options: SweepOptions) -> int:
+    """How many trials the sweep makes: ``samples`` times every grid point."""
+    count = options.samples
+    for p in parameters:
+        if p.kind == "grid" or (p.categorical and options.search == "grid"):
+            count *= len(p.values)
+    return count
 
 
 def target_tracking(loaded: LoadedSpace) -> TrackingContext:
@@ -244,12 +255,13 @@ def tune_config(loaded: LoadedSpace, options: SweepOptions) -> tune.TuneConfig:
         except (ImportError, AssertionError) as exc:
             raise ConfigError("--search optuna needs optuna: pip install 'detkd[optuna]'") from exc
     else:
-        search_alg = BasicVariantGenerator(random_state=options.seed)
+        search_alg = BasicVariantGenerator(random_state=options.seed, max_concurrent=options.max_concurrent)
     return tune.TuneConfig(
         metric=loaded.space.metric_key,
         mode="max",
         num_samples=options.samples,
-        max_concurrent_trials=options.max_concurrent,
+        # a Searcher (optuna) is limited here; the variant generator above limits itself
+        max_concurrent_trials=options.max_concurrent if options.search == "optuna" else None,
         scheduler=scheduler,
         search_alg=search_alg,
     )
