@@ -109,3 +109,14 @@ def test_searches_refuse_what_they_cannot_enumerate(sweep_files):
     with pytest.raises(ConfigError, match=r"train\.epochs: grid cannot be searched by optuna"):
         param_space(loaded.parameters, "optuna", where=str(space))
     assert set(param_space(loaded.parameters, "random", where=str(space))) == {"optim.lr", "train.epochs"}
+
+
+def test_every_shipped_space_loads_against_its_target(monkeypatch):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)  # targets are relative to the repository root, where the README runs them
+    spaces = sorted(Path("search_spaces").glob("*.yaml"))
+    assert {p.stem for p in spaces} >= {"teacher_sequence", "resolution", "loss_weights"}
+    for path in spaces:
+        assert load_space(path).parameters, path

@@ -144,3 +144,27 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(ray_cluste
     assert all(attempts[t] == 1 for t in done_before)  # finished trials were not started again
     for trial in runs_of(mlflow_uri, kind="trial", sweep="resumable"):
         assert len(children(mlflow_uri, trial.info.run_id)) == 1  # one training run per trial, resumed in place
+
+
+def test_a_pipeline_tune_step_adds_the_tuned_student_beside_the_others(ray_cluster, sweep_files, mlflow_uri):
+    from detkd.pipeline import load_pipeline, run_pipeline
+
+    space, pipeline = sweep_files(
+        {"optim.lr": {"grid": [2.0e-3, 4.0e-3]}},
+        budget={"samples": 1, "max_concurrent": 2, "scheduler": "fifo"},
+        name="in_pipeline",
+    )
+    data = yaml.safe_load(pipeline.read_text())
+    data["tune"] = [{"name": "student_tuned", "space": str(space)}]
+    pipeline.write_text(yaml.safe_dump(data))
+    rows = run_pipeline(load_pipeline(pipeline))
+
+    by_name = {row["name"]: row for row in rows}
+    assert set(by_name) == {"t_small", "t_wide", "student", "student_tuned"}
+    assert {row["split"] for row in rows} == {"test"}  # the pipeline has a held-out split: all are scored on it
+    assert by_name["student_tuned"]["method"] == "mgd (tuned)"
+    assert (pipeline.parent / "work/models/student_tuned/model.pt").is_file()
+    sweep_run = runs_of(mlflow_uri, kind="sweep", sweep="in_pipeline")[0]
+    pipeline_run = runs_of(mlflow_uri, kind="pipeline")[0]
+    assert sweep_run.data.tags["mlflow.parentRunId"] == pipeline_run.info.run_id
+    assert len(runs_of(mlflow_uri, name="t_small")) == 1  # the sweep found the pipeline's teacher again
