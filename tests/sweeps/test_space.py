@@ -120,3 +120,18 @@ def test_every_shipped_space_loads_against_its_target(monkeypatch):
     assert {p.stem for p in spaces} >= {"teacher_sequence", "resolution", "loss_weights"}
     for path in spaces:
         assert load_space(path).parameters, path
+
+
+def test_optuna_searches_the_ranges_and_choices_through_ray_tune(sweep_files):
+    pytest.importorskip("optuna", reason="the optuna extra is not installed")
+    from ray.tune.search.optuna import OptunaSearch
+
+    from detkd.sweeps.tuner import SweepOptions, tune_config
+
+    space, _ = sweep_files({"optim.lr": {"loguniform": [1e-4, 1e-2]}, "distill.mgd.weight": {"choice": [1e-5, 2e-5]}})
+    loaded = load_space(space)
+    options = SweepOptions.from_budget(loaded.space.budget, search="optuna", samples=3)
+    config = tune_config(loaded, options)
+    assert isinstance(config.search_alg, OptunaSearch) and config.num_samples == 3
+    assert config.max_concurrent_trials == options.max_concurrent
+    assert set(param_space(loaded.parameters, "optuna", where=str(space))) == {"optim.lr", "distill.mgd.weight"}
