@@ -135,3 +135,21 @@ def test_optuna_searches_the_ranges_and_choices_through_ray_tune(sweep_files):
     assert isinstance(config.search_alg, OptunaSearch) and config.num_samples == 3
     assert config.max_concurrent_trials == options.max_concurrent
     assert set(param_space(loaded.parameters, "optuna", where=str(space))) == {"optim.lr", "distill.mgd.weight"}
+
+
+def test_the_cli_ends_a_bad_space_or_option_with_error_lines_and_exit_2(sweep_files):
+    from typer.testing import CliRunner
+
+    from detkd.cli import app
+
+    space, _ = sweep_files({"optim.lr": {"uniform": [0.01, 0.001]}, "model.fpn_channel": {"choice": [32]}})
+    result = CliRunner().invoke(app, ["tune", str(space)])
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all(str(space) in line for line in errors)
+
+    good, _ = sweep_files({"optim.lr": {"choice": [0.001]}}, name="good")
+    result = CliRunner().invoke(app, ["tune", str(good), "--scheduler", "hyperband"])
+    assert result.exit_code == 2 and "error: detkd tune: scheduler:" in result.output
+    result = CliRunner().invoke(app, ["tune", str(good), "--resume"])
+    assert result.exit_code == 2 and "--resume: no sweep to resume" in " ".join(result.output.split())

@@ -124,6 +124,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(ray_cluste
     command = [sys.executable, "-m", "detkd.cli", "tune", str(space), "--address", address]
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 400
+    finished = []
     while time.monotonic() < deadline and first.poll() is None:
         finished = [r for r in runs_of(mlflow_uri, kind="trial", sweep="resumable") if r.info.status == "FINISHED"]
         if finished:
