@@ -15,6 +15,7 @@ pytestmark = pytest.mark.ray
 QUICKSTART = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yaml"
 SHRINK = [
     "data.synth.images=40",
+    "data.synth.test_images=12",  # the quickstart's held-out split, small
     "data.synth.size=64",
     "data.synth.min_object=10",
     "data.synth.max_object=32",
@@ -53,6 +54,7 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
             "role",
             "method",
             "input_size",
+            "split",
             "AP",
             "AP50",
             "APs",
@@ -60,6 +62,7 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
             "mlflow_run_id",
         }
         assert row["images_per_s"] > 0 and 0 <= row["AP"] <= row["AP50"] <= 1
+        assert row["split"] == "test"  # the quickstart has a held-out split: every model is scored on it
     assert "teacher" in result.output and rows[0]["mlflow_run_id"] in result.output  # the printed table
 
     # lineage: one parent run, children for data, each model and evaluation
@@ -78,7 +81,7 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
     assert not decoy.exists()
     assert all(r.info.experiment_id == exp.experiment_id for r in runs) and len(runs) == 6
     student = client.get_run(rows[1]["mlflow_run_id"])
-    assert student.data.metrics["eval/AP"] == pytest.approx(rows[1]["AP"], abs=1e-4)
+    assert student.data.metrics["eval/test/AP"] == pytest.approx(rows[1]["AP"], abs=1e-4)
     assert student.data.params["input.scale"] == "0.5" and student.data.params["model.min_level"] == "2"
 
     # the student checkpoint evaluates identically from COCO JSON and from Parquet shards
@@ -93,9 +96,9 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
             "--checkpoint",
             str(model),
             "--coco",
-            str(data / "annotations/instances_val.json"),
+            str(data / "annotations/instances_test.json"),
             "--images",
-            str(data / "images/val"),
+            str(data / "images/test"),
             "--out",
             str(dets),
             "--summary",
@@ -109,9 +112,9 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
             "data",
             "to-parquet",
             "--coco",
-            str(data / "annotations/instances_val.json"),
+            str(data / "annotations/instances_test.json"),
             "--images",
-            str(data / "images/val"),
+            str(data / "images/test"),
             "--out",
             str(tmp_path / "pq"),
             "--shard-size",
@@ -142,7 +145,7 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
         [
             "evaluate",
             "--gt",
-            str(data / "annotations/instances_val.json"),
+            str(data / "annotations/instances_test.json"),
             "--detections",
             str(dets),
             "--summary",

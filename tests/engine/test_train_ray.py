@@ -103,6 +103,7 @@ def test_summary_json_from_cli(tiny_dataset, tiny_config, ray_cluster, tmp_path,
         "role",
         "method",
         "input_size",
+        "split",
         "AP",
         "AP50",
         "APs",
@@ -110,5 +111,6 @@ def test_summary_json_from_cli(tiny_dataset, tiny_config, ray_cluster, tmp_path,
         "mlflow_run_id",
     }
     assert rows[0]["method"] == "kd_off"
+    assert rows[0]["split"] == "val"  # the config has no test split: scored on val, and says so
     assert rows[0]["input_size"] == 64 and rows[0]["images_per_s"] > 0
     assert MlflowClient(mlflow_uri).get_run(rows[0]["mlflow_run_id"]).info.status == "FINISHED"
