@@ -315,7 +315,7 @@ def tune_command(
 ) -> None:
     """Ray Tune sweep: one Ray Train run per trial, ranked on val, the chosen one scored on test."""
     from detkd.sweeps.space import load_space
-    from detkd.sweeps.tuner import SweepOptions, run_sweep
+    from detkd.sweeps.tuner import SweepFailed, SweepOptions, run_sweep
 
     if resume and fresh:
         _fail(ValueError("--resume and --fresh contradict each other"))
@@ -335,6 +335,9 @@ def tune_command(
         _fail(ValueError(format_validation_error(exc, "detkd tune")))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except SweepFailed as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     console.print(f"results: {outcome.workdir} (trials.parquet, best_config.yaml, plots/)")
 
 

@@ -28,6 +28,7 @@ from detkd.config import (
     read_yaml,
     validate_config,
 )
+from detkd.engine.plan import absolute_paths
 
 TEACHER_SEQUENCE = "teacher_sequence"
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
@@ -320,6 +321,7 @@ def load_space(path: Path, *, pipeline: Any = None) -> LoadedSpace:
     if not space.parameters:
         raise ConfigError(f"{where}: parameters: the space varies nothing")
     base, spec, teachers = target_config(space, where=where, pipeline=pipeline)
+    base = absolute_paths(base)  # trials run in Tune's trial folders (and on other nodes), not in this cwd
     errors: list[str] = []
     parameters: list[Parameter] = []
     for name, raw in space.parameters.items():

@@ -152,7 +152,17 @@ def run_sweep(
             raise KeyboardInterrupt
         report.finish(outcome, job=job, epochs=epochs, sweep_log=sweep_log, say=say)
         write_state(workdir, {"digest": digest, "sweep_run_id": sweep_run_id, "complete": True})
+        if outcome.best is None:
+            failed = [r["trial_id"] for r in rows if r["state"] == "ERROR"]
+            raise SweepFailed(
+                f"sweep {loaded.name}: no trial trained to the end ({len(failed)} of {len(rows)} failed); "
+                f"their errors are under {tune_dir}/*/error.txt"
+            )
     return outcome
+
+
+class SweepFailed(RuntimeError):
+    """A sweep ended without a trial that trained its whole budget."""
 
 
 def expected_trials(parameters: tuple[Parameter, ...], options: SweepOptions) -> int:
