@@ -77,9 +77,11 @@ def print_table(rows: list[dict[str, Any]], *, title: str) -> None:
 
 
 def _cell(value: Any) -> str:
+    from rich.markup import escape
+
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.4g}"
-    return "" if value is None else str(value)
+    return "" if value is None else escape(str(value))  # "[a, b]" would otherwise read as rich markup
 
 
 # --------------------------------------------------------------------------- tables
