@@ -18,8 +18,8 @@ import yaml
 from ray import tune
 
 from detkd.config import Config
-from detkd.sweeps.space import value_label
-from detkd.sweeps.trial import TRIAL_EPOCH, SweepJob, stage_epochs
+from detkd.sweeps.space import student_epochs, value_label
+from detkd.sweeps.trial import TRIAL_EPOCH, SweepJob
 
 PLOTS = ("metric_vs_parameters.png", "learning_curves.png")
 
@@ -99,7 +99,7 @@ def trial_rows(results, *, job: SweepJob) -> tuple[list[dict[str, Any]], pd.Data
     for trial in analysis.trials:
         values = job.decode(trial.config)
         cfg = job.trial_config(values, trial.trial_id)
-        planned = sum(stage_epochs(cfg))
+        planned = student_epochs(cfg)
         reports = frames.get(trial.trial_id, pd.DataFrame())
         if job.metric_key in reports:
             reports = reports[reports[job.metric_key].notna()].sort_values(TRIAL_EPOCH)

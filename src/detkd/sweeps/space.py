@@ -28,7 +28,7 @@ from detkd.config import (
     read_yaml,
     validate_config,
 )
-from detkd.engine.plan import absolute_paths
+from detkd.engine.plan import absolute_paths, stage_configs
 
 TEACHER_SEQUENCE = "teacher_sequence"
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
@@ -300,11 +300,16 @@ def teacher_sequence_section(base: Config, distill: dict[str, Any] | None, seque
     return section
 
 
+def stage_epochs(cfg: Config) -> list[int]:
+    """Epochs of each run a config makes: one entry, or one per progressive stage."""
+    if cfg.distill is not None and cfg.distill.stages:
+        return [stage.train.epochs for stage in stage_configs(cfg)]
+    return [cfg.train.epochs]
+
+
 def student_epochs(cfg: Config) -> int:
     """The student's whole budget in epochs: its stages' sum when it is progressive."""
-    if cfg.distill is not None and cfg.distill.stages:
-        return sum(int(s.settings.get("train", {}).get("epochs", cfg.train.epochs)) for s in cfg.distill.stages)
-    return cfg.train.epochs
+    return sum(stage_epochs(cfg))
 
 
 # --------------------------------------------------------------------------- loading

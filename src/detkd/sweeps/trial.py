@@ -8,6 +8,7 @@ epochs) and into the trial's MLflow run with the trial's own epoch count.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from detkd.config import Config
-from detkd.engine.plan import RunPlan, TrackingContext, stage_configs
-from detkd.sweeps.space import Parameter, apply_trial, trial_settings, value_label
+from detkd.engine.plan import RunPlan, TrackingContext
+from detkd.sweeps.space import Parameter, apply_trial, stage_epochs, trial_settings, value_label
 
 TRIAL_EPOCH = "trial_epoch"  # epochs the trial has trained, over all its stages: ASHA's time axis
 
@@ -56,13 +57,6 @@ class SweepJob:
         if self.cpus_per_worker and not data["scaling"]["cpus_per_worker"]:
             data["scaling"]["cpus_per_worker"] = self.cpus_per_worker
         return Config.model_validate(data)
-
-
-def stage_epochs(cfg: Config) -> list[int]:
-    """Epochs of each run a trial makes: one entry, or one per progressive stage."""
-    if cfg.distill is not None and cfg.distill.stages:
-        return [stage.train.epochs for stage in stage_configs(cfg)]
-    return [cfg.train.epochs]
 
 
 def sequence_of(cfg: Config) -> list[str]:
@@ -138,7 +132,7 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
         logger.metrics({"attempt": attempt}, step=attempt)
         if attempt == 1:
             logger.params({f"tune.{k}": value_label(v) for k, v in values.items()})
-        offsets = [sum(stage_epochs(cfg)[:k]) for k in range(len(stage_epochs(cfg)))]
+        offsets = [0, *itertools.accumulate(stage_epochs(cfg))]  # epochs before each stage
 
         def callbacks(plan: RunPlan, stage: int) -> list[Any]:
             return [
