@@ -202,12 +202,13 @@ def run_pipeline(
     """Run every step; returns one summary row per trained model. ``fresh`` retrains every model."""
     from detkd.engine.launch import ensure_ray, run_training
     from detkd.engine.plan import open_split
-    from detkd.tracking import RunLogger, run_context
+    from detkd.tracking import RunLogger, check_tracking_uri, run_context
 
     say = console.print if console else print
     spec = spec.model_copy(update={"workdir": spec.workdir.resolve()})
     tracking = tracking_context(spec)
     uri = tracking.uri
+    check_tracking_uri(uri)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     with run_context(

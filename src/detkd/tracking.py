@@ -20,7 +20,16 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from detkd.config import ConfigError
+
 TAG_PREFIX = "detkd."
+# MLflow 3 opens experiments without this tag on its GenAI overview (traces, token usage).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+REACHABLE_TIMEOUT_S = 5.0
+
+
+class TrackingUnreachable(ConfigError):
+    """The tracking store cannot be used; raised before any training starts."""
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
@@ -31,17 +40,61 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+_checked: set[str] = set()
+
+
+def check_tracking_uri(tracking_uri: str) -> None:
+    """Fail in seconds, naming the URI, when the tracking store is unusable.
+
+    MLflow's own client retries an unreachable server for minutes and then prints a long
+    traceback; this asks a server's ``/health`` once with a short timeout (and checks that a
+    SQLite file's folder exists) before Ray or any training starts.
+    """
+    if tracking_uri in _checked:
+        return
+    if tracking_uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=REACHABLE_TIMEOUT_S) as response:
+                response.read(64)
+        except urllib.error.HTTPError as exc:
+            if exc.code >= 500:
+                raise TrackingUnreachable(
+                    f"MLflow tracking server {tracking_uri} answered {exc.code} on /health; "
+                    "check the server (MLFLOW_TRACKING_URI or tracking.tracking_uri)"
+                ) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingUnreachable(
+                f"MLflow tracking server {tracking_uri} is unreachable ({reason}); start it, or point "
+                "MLFLOW_TRACKING_URI / tracking.tracking_uri at a running one (unset: a local mlflow.db)"
+            ) from None
+    elif tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise TrackingUnreachable(f"MLflow tracking store {tracking_uri}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise TrackingUnreachable(f"MLflow tracking store {tracking_uri}: the folder {folder} is not writable")
+    _checked.add(tracking_uri)
+
+
 def experiment_id(tracking_uri: str, name: str) -> str:
     """Get or create the experiment; local stores keep artifacts beside the database."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if any(found.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):  # made before detkd tagged them
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:///"):
         location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:  # created concurrently
         return client.get_experiment_by_name(name).experiment_id
 
@@ -171,8 +224,6 @@ def log_pytorch_model(*, tracking_uri: str, run_id: str, model: Any, name: str =
 
 def download_checkpoint(*, run_id: str, tracking_uri: str | None, dest: Path) -> Path:
     """Fetch a run's ``checkpoint/model.pt`` (and its checksum) into ``dest``."""
-    from detkd.config import ConfigError
-
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
     try:
         client.get_run(run_id)

@@ -100,7 +100,10 @@ def run_training(
     returns the last stage's outcome. ``callbacks(plan, stage_index)`` gives the Ray Train
     callbacks of each run (a sweep's trial forwards its reports to Ray Tune with them).
     """
+    from detkd.tracking import check_tracking_uri
+
     tracking = tracking or tracking_context(cfg)
+    check_tracking_uri(tracking.uri)  # seconds, not MLflow's minutes of retries, before Ray starts
     if cfg.distill is not None and cfg.distill.stages:
         return run_progressive(
             cfg,

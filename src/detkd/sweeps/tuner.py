@@ -74,7 +74,7 @@ def run_sweep(
     """Run (or continue) a sweep; ``tracking.parent_run_id`` nests it in a pipeline's run."""
     from detkd.engine.launch import ensure_ray
     from detkd.sweeps import report
-    from detkd.tracking import RunLogger, run_context
+    from detkd.tracking import RunLogger, check_tracking_uri, run_context
 
     say = console.print if console else print
     workdir = loaded.workdir()
@@ -92,6 +92,7 @@ def run_sweep(
             "start over with --fresh, or set the space's workdir elsewhere"
         )
     tracking = tracking or target_tracking(loaded)
+    check_tracking_uri(tracking.uri)
     ensure_ray(address)
     workdir.mkdir(parents=True, exist_ok=True)
     with run_context(
