@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -73,7 +74,7 @@ def tracking(mlflow_uri):
     return TrackingContext(uri=mlflow_uri, experiment="detkd")
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def tiny_config():
     """Factory: ``tiny_config(dataset, workdir, train={...})`` -> run config dict."""
     return tiny_config_dict
@@ -118,9 +119,15 @@ def free_port() -> int:
 
 
 @pytest.fixture()
-def dead_server_uri() -> str:
+def unused_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a server a test starts)."""
+    return free_port()
+
+
+@pytest.fixture()
+def dead_server_uri(unused_port) -> str:
     """An http URI on 127.0.0.1 where nothing listens."""
-    return f"http://127.0.0.1:{free_port()}"
+    return f"http://127.0.0.1:{unused_port}"
 
 
 @pytest.fixture(scope="session")
@@ -171,3 +178,24 @@ def mlflow_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         server.kill()
     log.close()
+
+
+class TrainedDetector(NamedTuple):
+    tracking_uri: str
+    run_id: str
+    model_path: Path
+
+
+@pytest.fixture(scope="session")
+def trained_detector(tiny_dataset, tiny_config, ray_cluster, tmp_path_factory):
+    """A tiny FCOS trained 3 epochs through Ray Train and logged to its own SQLite store (with its
+    pyfunc model); the tests that deploy a model share it."""
+    from detkd.config import Config
+    from detkd.engine.launch import run_training
+    from detkd.engine.plan import TrackingContext
+
+    work = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    cfg = Config.model_validate(tiny_config(tiny_dataset, work, train={"epochs": 3}))
+    outcome = run_training(cfg, tracking=TrackingContext(uri=uri, experiment="detkd"))
+    return TrainedDetector(uri, outcome.run_id, outcome.model_path)

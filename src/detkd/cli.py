@@ -276,6 +276,33 @@ def _print_metrics(metrics: dict[str, float], names) -> None:
     console.print("  ".join(f"{name} {metrics[name]:.4f}" for name in names))
 
 
+@app.command("export")
+def export(
+    model: Annotated[Path, typer.Argument(help="detkd checkpoint (model.pt) of a student or teacher")],
+    format: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = ...,
+    out: Annotated[Path, typer.Option("--out", help="file to write")] = ...,
+    score_threshold: Annotated[
+        float, typer.Option(min=0, max=1, help="lowest score the exported graph keeps (fixed in it)")
+    ] = 0.05,
+    max_detections: Annotated[int, typer.Option(min=1, help="detections per image kept (fixed in the graph)")] = 100,
+) -> None:
+    """Export a detector for deployment; the file is checked against PyTorch before it is written."""
+    from detkd.export import FORMATS, ExportError, export_detector
+
+    if format not in FORMATS:
+        _fail(ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}"))
+    try:
+        result = export_detector(
+            model, format=format, out=out, score_thresh=score_threshold, detections_per_img=max_detections
+        )
+    except (*_user_errors(), ExportError) as exc:
+        _fail(exc)
+    console.print(
+        f"{format}: {out} ({out.stat().st_size / 1e6:.1f} MB; boxes within "
+        f"{result.max_box_difference_px:.2g} px of PyTorch on a probe image)"
+    )
+
+
 @app.command("run")
 def run(
     pipeline: Annotated[Path, typer.Argument(help="pipeline spec YAML")],

@@ -202,22 +202,82 @@ def log_dataset(
     return dataset.digest
 
 
-def log_pytorch_model(*, tracking_uri: str, run_id: str, model: Any, name: str = "model") -> str:
-    """Log the detector with mlflow.pytorch; returns the model URI."""
+def detector_signature():
+    """Encoded images in; per image boxes, scores, category ids and names out; two inference params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    from detkd.pyfunc_model import DEFAULT_MAX_DETECTIONS, DEFAULT_SCORE_THRESHOLD
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema(
+            [
+                ColSpec(Array(Array("double")), "boxes"),
+                ColSpec(Array("double"), "scores"),
+                ColSpec(Array("long"), "category_ids"),
+                ColSpec(Array("string"), "names"),
+            ]
+        ),
+        params=ParamSchema(
+            [
+                ParamSpec("score_threshold", "double", DEFAULT_SCORE_THRESHOLD),
+                ParamSpec("max_detections", "long", DEFAULT_MAX_DETECTIONS),
+            ]
+        ),
+    )
+
+
+def example_image(size: int) -> bytes:
+    """A PNG of a square on grey, ``size`` px: the logged model's input example."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (118, 118, 118))
+    ImageDraw.Draw(image).rectangle([size // 4, size // 4, size // 2, size // 2], fill=(220, 40, 40))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def log_detector_model(
+    *, tracking_uri: str, run_id: str, checkpoint: Path, example_size: int, name: str = "model"
+) -> str:
+    """Log a detkd checkpoint as an MLflow pyfunc built from code (``detkd.pyfunc_model``); returns its URI.
+
+    Nothing in it is pickled: MLflow runs the model file on load, which reads the checkpoint
+    with ``weights_only=True``.
+    """
+    import pandas as pd
     import torch
     import torchvision
 
     import detkd
+    import detkd.pyfunc_model as model_code
+    from detkd.pyfunc_model import CHECKPOINT_ARTIFACT
 
     mlflow.set_tracking_uri(tracking_uri)
     requirements = [
         f"torch=={torch.__version__.split('+')[0]}",
         f"torchvision=={torchvision.__version__.split('+')[0]}",
         f"detkd=={detkd.__version__}",
+        f"mlflow=={mlflow.__version__}",
+        "pandas",
+        "pillow",
     ]
-    with mlflow.start_run(run_id=run_id, nested=True) as active:
-        info = mlflow.pytorch.log_model(model, name=name, pip_requirements=requirements, serialization_format="pickle")
-        # start_run(run_id) ends the run on exit; the owner of the run sets its final status.
+    with mlflow.start_run(run_id=run_id, nested=True) as active, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about example formats are noise here
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=model_code.__file__,
+            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+            signature=detector_signature(),
+            input_example=pd.DataFrame({"image": [example_image(example_size)]}),
+            pip_requirements=requirements,
+        )
+    # start_run(run_id) ends the run on exit; the owner of the run sets its final status.
     MlflowClient(tracking_uri).update_run(active.info.run_id, status="RUNNING")
     return info.model_uri
 

@@ -310,15 +310,15 @@ def dataset_records(source) -> list[dict[str, Any]]:
 
 
 def log_outcome(plan: RunPlan, logger, model_path: Path, metrics: dict[str, Any]) -> None:
-    from detkd.models.checkpoint import load_detector
-    from detkd.tracking import log_pytorch_model
+    from detkd.tracking import log_detector_model
 
     logger.metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     logger.artifact(model_path, "checkpoint")
     logger.artifact(Path(f"{model_path}.sha256"), "checkpoint")
     if plan.config.tracking.log_model:
-        model, _ = load_detector(model_path)
-        log_pytorch_model(tracking_uri=plan.tracking.uri, run_id=logger.run_id, model=model)
+        log_detector_model(
+            tracking_uri=plan.tracking.uri, run_id=logger.run_id, checkpoint=model_path, example_size=plan.input.size
+        )
 
 
 def unfinished_run(plan: RunPlan) -> str | None:

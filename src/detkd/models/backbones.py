@@ -61,12 +61,14 @@ class TinyBody(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.widths = widths
 
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+    def forward(self, x: Tensor) -> dict[str, Tensor]:  # TorchScript-able: detkd export --format torchscript
         x = self.stem(x)
-        out: OrderedDict[str, Tensor] = OrderedDict()
-        for level, stage in zip(STAGE_LEVELS, self.stages, strict=True):
+        out: dict[str, Tensor] = OrderedDict()
+        level = 2  # C2 (STAGE_LEVELS[0]); TorchScript cannot read module globals
+        for stage in self.stages:
             x = stage(x)
-            out[f"c{level}"] = x
+            out["c" + str(level)] = x
+            level += 1
         return out
 
 
@@ -156,6 +158,8 @@ def _extra_blocks(max_level: int, channels: int) -> LastLevelP6P7 | None:
 class PyramidBackbone(nn.Module):
     """Body + FPN emitting ``OrderedDict(p{l} -> Tensor)`` for l in [min_level, max_level]."""
 
+    __jit_unused_properties__ = ["level_names", "strides"]  # Python-side helpers, not part of the scripted graph
+
     def __init__(
         self, body: nn.Module, *, in_channels: Mapping[int, int], min_level: int, max_level: int, out_channels: int
     ) -> None:
@@ -179,10 +183,16 @@ class PyramidBackbone(nn.Module):
     def strides(self) -> dict[str, int]:
         return {f"p{lvl}": 2**lvl for lvl in range(self.min_level, self.max_level + 1)}
 
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+    def forward(self, x: Tensor) -> dict[str, Tensor]:  # written for TorchScript: loops, no comprehensions
         stages = self.body(x)
-        pyramid = self.fpn(OrderedDict((f"p{lvl}", stages[f"c{lvl}"]) for lvl in self.fpn_levels))
-        return OrderedDict((name, pyramid[name]) for name in self.level_names)
+        inputs: dict[str, Tensor] = OrderedDict()
+        for lvl in self.fpn_levels:
+            inputs["p" + str(lvl)] = stages["c" + str(lvl)]
+        pyramid = self.fpn(inputs)
+        out: dict[str, Tensor] = OrderedDict()
+        for lvl in range(self.min_level, self.max_level + 1):
+            out["p" + str(lvl)] = pyramid["p" + str(lvl)]
+        return out
 
 
 def build_pyramid_backbone(

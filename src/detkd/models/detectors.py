@@ -44,10 +44,15 @@ class NormalizeAndPad(GeneralizedRCNNTransform):
             size_divisible=size_divisible,
         )
 
-    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor] | None]:
         return image, target
 
-    def postprocess(self, result, image_shapes, original_image_sizes):
+    def postprocess(
+        self,
+        result: list[dict[str, Tensor]],
+        image_shapes: list[tuple[int, int]],
+        original_image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:  # typed for TorchScript
         return result
 
 

@@ -1,0 +1,229 @@
+"""Export a detkd checkpoint to ONNX or TorchScript, and run the exported file.
+
+The exported graph is the whole detector for one prepared image: normalisation, padding,
+backbone, FPN, head, box decoding and NMS. Preparing the image (short-side resize to the
+checkpoint's input view) and mapping boxes back to original pixels stay in
+:class:`detkd.inference.Predictor`, so eager PyTorch, ONNX Runtime and TorchScript return the
+same detections (``EXPORT_TOLERANCE_PX``) from the same code around the network.
+
+The score threshold and detections-per-image cap are fixed in the exported graph; a
+predictor over an exported file can only raise the threshold. The checkpoint's input view
+and categories travel inside the file (ONNX metadata / TorchScript extra file), so the file
+alone is enough to predict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from detkd.models.checkpoint import CheckpointError
+
+Format = Literal["onnx", "torchscript"]
+FORMATS: tuple[str, ...] = ("onnx", "torchscript")
+META_KEY = "detkd"  # ONNX metadata_props key / TorchScript extra file holding input view and categories
+ONNX_OPSET = 17
+EXPORT_SCORE_THRESH = 0.05  # torchvision's default: lower keeps many more candidates through NMS
+EXPORT_TOLERANCE_PX = 0.01  # max box difference vs eager PyTorch measured on the tests' images (float32)
+
+
+class ExportError(ValueError):
+    """A model that cannot be exported in the asked format; the message says why."""
+
+
+class SingleImageDetector(nn.Module):
+    """One prepared image (3, H, W, floats in [0, 1]) -> (boxes, scores, labels), the exported signature."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        output = self.detector([image])
+        if isinstance(output, tuple):  # a scripted torchvision detector returns (losses, detections)
+            output = output[1]
+        detections = output[0]
+        return detections["boxes"], detections["scores"], detections["labels"]
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    score_thresh: float
+    detections_per_img: int
+    max_box_difference_px: float  # exported vs eager on a probe image
+
+
+def export_detector(
+    checkpoint: Path,
+    *,
+    format: Format,
+    out: Path,
+    score_thresh: float = EXPORT_SCORE_THRESH,
+    detections_per_img: int = 100,
+) -> ExportResult:
+    """Write ``out`` atomically and check it against eager PyTorch on a probe image."""
+    from detkd.engine.plan import RunPlan
+    from detkd.models.checkpoint import load_detector
+    from detkd.models.detectors import set_inference_thresholds
+
+    if format not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    checkpoint = Path(checkpoint)
+    model, meta = load_detector(checkpoint)
+    if "plan" not in meta:
+        raise CheckpointError(f"{checkpoint}: the checkpoint stores no run plan, so its input view is unknown")
+    plan = RunPlan.from_dict(meta["plan"])
+    if type(model).__name__ == "MultiScaleDetector":
+        raise ExportError(
+            f"{checkpoint}: the multi-scale MSAD teacher runs two resolutions and fuses them; "
+            "it is a training-time teacher and is not exported (export its students)"
+        )
+    set_inference_thresholds(model, score_thresh=score_thresh, detections_per_img=detections_per_img)
+    wrapper = SingleImageDetector(model).eval()
+    info = {
+        "format": format,
+        "input": {
+            "size": plan.input.size,
+            "max_size": plan.input.max_size,
+            "scale": plan.input.scale,
+            "mean": list(plan.input.mean),
+            "std": list(plan.input.std),
+        },
+        "categories": [list(c) for c in plan.categories],
+        "score_thresh": score_thresh,
+        "detections_per_img": detections_per_img,
+        "source_checkpoint": checkpoint.name,
+        "model": meta.get("plan", {}).get("name", ""),
+    }
+    probe = probe_image(plan.input)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if format == "onnx":
+            write_onnx(wrapper, probe, tmp, info)
+        else:
+            write_torchscript(wrapper, tmp, info)
+        runner = load_runner(tmp)
+        with torch.inference_mode():
+            expected = wrapper(probe)
+        difference = max_box_difference(expected, runner(probe))
+        if difference > EXPORT_TOLERANCE_PX:
+            raise ExportError(
+                f"{checkpoint}: the {format} model's detections differ from PyTorch's (max box difference "
+                f"{difference:.4g} px, tolerance {EXPORT_TOLERANCE_PX}); nothing written to {out}"
+            )
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportResult(out, format, score_thresh, detections_per_img, difference)
+
+
+def probe_image(spec: Any) -> Tensor:
+    """A deterministic non-square image at the model's input size (so dynamic height/width get exercised)."""
+    generator = torch.Generator().manual_seed(0)
+    height = spec.model_size
+    return torch.rand(3, height, height + height // 2, generator=generator)
+
+
+def write_onnx(wrapper: nn.Module, probe: Tensor, path: Path, info: dict[str, Any]) -> None:
+    import onnx
+
+    with warnings.catch_warnings():  # the tracer's notes on Python values in torchvision's postprocessing
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                wrapper,
+                (probe,),
+                str(path),
+                dynamo=False,  # torchvision detectors export through the TorchScript-based exporter
+                opset_version=ONNX_OPSET,
+                input_names=["image"],
+                output_names=["boxes", "scores", "labels"],
+                dynamic_axes={
+                    "image": {1: "height", 2: "width"},
+                    "boxes": {0: "n"},
+                    "scores": {0: "n"},
+                    "labels": {0: "n"},
+                },
+            )
+        except Exception as exc:  # the exporter raises many kinds; the user needs the model and the reason
+            raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    wrapper.eval()  # torch.onnx.export restores the mode it found; keep eval for the check
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(info)
+    onnx.save(proto, str(path))
+
+
+def write_torchscript(wrapper: nn.Module, path: Path, info: dict[str, Any]) -> None:
+    try:
+        scripted = torch.jit.script(wrapper)
+    except Exception as exc:
+        raise ExportError(f"TorchScript export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    torch.jit.save(scripted, str(path), _extra_files={META_KEY: json.dumps(info)})
+
+
+def max_box_difference(expected: tuple[Tensor, ...], got: tuple[Tensor, ...]) -> float:
+    if expected[0].shape != got[0].shape or not torch.equal(expected[2], got[2]):
+        return float("inf")
+    return float((expected[0] - got[0]).abs().max()) if expected[0].numel() else 0.0
+
+
+Runner = Any  # callable: prepared image tensor -> (boxes, scores, labels)
+
+
+def read_info(path: Path) -> dict[str, Any]:
+    """The input view, categories and baked thresholds stored in an exported file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such exported model")
+    if path.read_bytes()[:2] == b"PK":  # TorchScript files are zip archives
+        files = {META_KEY: ""}
+        torch.jit.load(str(path), _extra_files=files)
+        text = files[META_KEY]
+    else:
+        import onnx
+
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:
+            raise ExportError(f"{path}: neither a TorchScript archive nor an ONNX model ({exc})") from None
+        text = next((p.value for p in proto.metadata_props if p.key == META_KEY), "")
+    if not text:
+        raise ExportError(f"{path}: not a detkd export (no '{META_KEY}' metadata)")
+    return json.loads(text)
+
+
+def load_runner(path: Path) -> Runner:
+    """A callable running the exported graph: ONNX Runtime (CPU) or torch.jit."""
+    path = Path(path)
+    if path.read_bytes()[:2] == b"PK":
+        module = torch.jit.load(str(path)).eval()
+
+        def run_script(image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            with torch.inference_mode():
+                return module(image)
+
+        return run_script
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run_onnx(image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        boxes, scores, labels = session.run(None, {"image": image.contiguous().numpy()})
+        return torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels)
+
+    return run_onnx

@@ -1,0 +1,190 @@
+"""Detections on raw images from a detkd checkpoint: what a deployed model does.
+
+:class:`Predictor` prepares each image with the checkpoint's own evaluation view
+(the one its ``val/AP`` was measured on), runs the detector and maps boxes back to
+the original image's pixels, with COCO category ids and names instead of the model's
+contiguous labels. The MLflow pyfunc (``detkd.pyfunc_model``) and ``detkd export``
+build on it, so every deployed form returns the same detections.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from detkd.models.checkpoint import CheckpointError
+
+ImageInput = bytes | bytearray | Image.Image | np.ndarray | torch.Tensor
+
+
+@dataclass
+class Detections:
+    """One image's detections in its original pixel coordinates (x1, y1, x2, y2)."""
+
+    boxes: list[list[float]]
+    scores: list[float]
+    category_ids: list[int]
+    names: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"boxes": self.boxes, "scores": self.scores, "category_ids": self.category_ids, "names": self.names}
+
+
+def image_tensor(image: ImageInput) -> torch.Tensor:
+    """A float CHW tensor in [0, 1] from encoded bytes (PNG/JPEG), a PIL image, an HWC uint8 array or a CHW tensor."""
+    from detkd.data.transforms import to_tensor
+
+    if isinstance(image, bytes | bytearray):
+        try:
+            image = Image.open(io.BytesIO(bytes(image)))
+            image.load()
+        except Exception as exc:  # PIL raises several kinds for undecodable bytes
+            raise ValueError(f"not a decodable image ({len(image)} bytes): {exc}") from None
+    if isinstance(image, Image.Image):
+        return to_tensor(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"an image array must be HxWx3 uint8, got shape {image.shape} dtype {image.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"an image tensor must be 3xHxW, got shape {tuple(image.shape)}")
+        return image.float()
+    raise TypeError(f"unsupported image type {type(image).__name__}")
+
+
+class EagerBackend:
+    """The detector as a PyTorch module (thresholds set on it per call)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model.eval()
+
+    def detect(
+        self, images: list[torch.Tensor], *, score_thresh: float, detections_per_img: int
+    ) -> list[dict[str, torch.Tensor]]:
+        from detkd.models.detectors import set_inference_thresholds
+
+        set_inference_thresholds(self.model, score_thresh=score_thresh, detections_per_img=detections_per_img)
+        return self.model(images)
+
+
+class ExportedBackend:
+    """An exported graph (ONNX Runtime or TorchScript): one image per call, thresholds fixed at export."""
+
+    def __init__(self, runner: Any, *, score_thresh: float, detections_per_img: int, path: Path) -> None:
+        self.runner = runner
+        self.score_thresh = score_thresh
+        self.detections_per_img = detections_per_img
+        self.path = path
+
+    def detect(
+        self, images: list[torch.Tensor], *, score_thresh: float, detections_per_img: int
+    ) -> list[dict[str, torch.Tensor]]:
+        if score_thresh < self.score_thresh - 1e-9:
+            raise ValueError(
+                f"{self.path}: exported with score threshold {self.score_thresh}; it cannot return scores "
+                f"below that (asked {score_thresh}); export again with a lower --score-threshold"
+            )
+        outputs = []
+        for image in images:
+            boxes, scores, labels = self.runner(image)
+            keep = (scores >= score_thresh).nonzero().flatten()[:detections_per_img]  # already sorted by score
+            outputs.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return outputs
+
+
+class Predictor:
+    """A detector backend plus the input view and categories it was trained with."""
+
+    def __init__(
+        self,
+        backend: EagerBackend | ExportedBackend,
+        *,
+        input_spec: Any,
+        categories: Sequence[tuple[int, str]],
+        score_thresh: float = 0.3,
+        detections_per_img: int = 100,
+    ) -> None:
+        from detkd.engine.datasets import eval_transform
+
+        self.backend = backend
+        self.input_spec = input_spec
+        self.transform = eval_transform(input_spec)
+        self.categories = [(int(i), str(n)) for i, n in categories]  # label k (1..K) is categories[k - 1]
+        self.score_thresh = score_thresh
+        self.detections_per_img = detections_per_img
+
+    @classmethod
+    def from_checkpoint(cls, path: Path | str, **options: Any) -> Predictor:
+        """Eager PyTorch; the checkpoint is loaded with ``weights_only=True`` and verified by its checksum."""
+        from detkd.engine.plan import RunPlan
+        from detkd.models.checkpoint import load_detector
+
+        model, meta = load_detector(Path(path))
+        if "plan" not in meta:
+            raise CheckpointError(f"{path}: the checkpoint stores no run plan, so its input view is unknown")
+        plan = RunPlan.from_dict(meta["plan"])
+        return cls(EagerBackend(model), input_spec=plan.input, categories=plan.categories, **options)
+
+    @classmethod
+    def from_export(cls, path: Path | str, **options: Any) -> Predictor:
+        """A ``detkd export`` file (ONNX, run by ONNX Runtime on CPU, or TorchScript)."""
+        from detkd.engine.plan import InputSpec
+        from detkd.export import load_runner, read_info
+
+        info = read_info(Path(path))
+        spec = info["input"]
+        backend = ExportedBackend(
+            load_runner(Path(path)),
+            score_thresh=float(info["score_thresh"]),
+            detections_per_img=int(info["detections_per_img"]),
+            path=Path(path),
+        )
+        input_spec = InputSpec(
+            size=int(spec["size"]),
+            max_size=spec["max_size"],
+            scale=float(spec["scale"]),
+            mean=tuple(spec["mean"]),
+            std=tuple(spec["std"]),
+        )
+        return cls(backend, input_spec=input_spec, categories=[tuple(c) for c in info["categories"]], **options)
+
+    def prepare(self, images: Sequence[ImageInput]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Model inputs and each one's (x, y) scale from original pixels."""
+        tensors, scales = [], []
+        for image in images:
+            tensor = image_tensor(image)
+            empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}
+            prepared, target = self.transform(tensor, empty)
+            tensors.append(prepared)
+            scales.append(torch.as_tensor(target.get("scale", torch.ones(2)), dtype=torch.float32))
+        return tensors, scales
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[ImageInput]) -> list[Detections]:
+        if not len(images):
+            return []
+        tensors, scales = self.prepare(images)
+        outputs = self.backend.detect(
+            tensors, score_thresh=self.score_thresh, detections_per_img=self.detections_per_img
+        )
+        return [self.to_original(output, scale) for output, scale in zip(outputs, scales, strict=True)]
+
+    def to_original(self, output: dict[str, torch.Tensor], scale: torch.Tensor) -> Detections:
+        boxes = output["boxes"].float().cpu() / torch.cat([scale, scale])
+        labels = output["labels"].cpu().tolist()
+        known = [i for i, label in enumerate(labels) if 1 <= label <= len(self.categories)]
+        return Detections(
+            boxes=[[round(v, 2) for v in boxes[i].tolist()] for i in known],
+            scores=[round(float(output["scores"][i]), 5) for i in known],
+            category_ids=[self.categories[labels[i] - 1][0] for i in known],
+            names=[self.categories[labels[i] - 1][1] for i in known],
+        )

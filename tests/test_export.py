@@ -1,0 +1,76 @@
+"""detkd export: ONNX (run by ONNX Runtime) and TorchScript give PyTorch's detections; bad input is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from detkd.cli import app
+from detkd.export import EXPORT_TOLERANCE_PX, read_info
+from detkd.inference import Predictor
+
+pytestmark = pytest.mark.ray
+runner = CliRunner()
+
+
+def images_of(dataset: Path, split: str = "val", count: int = 6) -> list[bytes]:
+    coco = json.loads((dataset / f"annotations/instances_{split}.json").read_text())
+    return [(dataset / f"images/{split}" / im["file_name"]).read_bytes() for im in coco["images"][:count]]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_gives_pytorch_detections(fmt, trained_detector, varied_dataset, tmp_path):
+    out = tmp_path / f"student.{fmt}"
+    result = runner.invoke(app, ["export", str(trained_detector.model_path), "--format", fmt, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+    info = read_info(out)
+    assert info["format"] == fmt and info["score_thresh"] == 0.05 and len(info["categories"]) == 3
+
+    # images of other sizes and aspect ratios than the training ones: dynamic height and width
+    images = images_of(varied_dataset)
+    eager = Predictor.from_checkpoint(trained_detector.model_path, score_thresh=0.05)(images)
+    exported = Predictor.from_export(out, score_thresh=0.05)(images)
+    assert sum(len(d.boxes) for d in eager) > 0
+    for want, got in zip(eager, exported, strict=True):
+        assert got.category_ids == want.category_ids and got.names == want.names
+        assert got.scores == pytest.approx(want.scores, abs=1e-4)
+        for a, b in zip(want.boxes, got.boxes, strict=True):
+            assert b == pytest.approx(a, abs=EXPORT_TOLERANCE_PX + 0.01)  # + the 0.01 px rounding of reported boxes
+
+
+def test_exported_threshold_is_a_floor(trained_detector, tiny_dataset, tmp_path):
+    out = tmp_path / "strict.onnx"
+    result = runner.invoke(
+        app,
+        ["export", str(trained_detector.model_path), "--format", "onnx", "--out", str(out), "--score-threshold", "0.5"],
+    )
+    assert result.exit_code == 0, result.output
+    predictor = Predictor.from_export(out, score_thresh=0.6)
+    assert all(min(d.scores, default=1.0) >= 0.6 for d in predictor(images_of(tiny_dataset)))
+    predictor.score_thresh = 0.1
+    with pytest.raises(ValueError, match="exported with score threshold 0.5"):
+        predictor(images_of(tiny_dataset, count=1))
+
+
+def test_bad_export_requests_are_refused_and_write_nothing(trained_detector, tmp_path):
+    out = tmp_path / "model.onnx"
+    result = runner.invoke(app, ["export", str(trained_detector.model_path), "--format", "tflite", "--out", str(out)])
+    assert result.exit_code == 2 and "--format must be one of onnx, torchscript" in result.output
+
+    missing = tmp_path / "absent.pt"
+    result = runner.invoke(app, ["export", str(missing), "--format", "onnx", "--out", str(out)])
+    assert result.exit_code == 2 and str(missing) in result.output
+
+    corrupt = tmp_path / "corrupt.pt"
+    shutil.copyfile(trained_detector.model_path, corrupt)
+    data = bytearray(corrupt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    result = runner.invoke(app, ["export", str(corrupt), "--format", "torchscript", "--out", str(out)])
+    assert result.exit_code == 2 and "corrupt" in result.output
+    assert not out.exists() and not list(tmp_path.glob(".model.onnx.*"))
