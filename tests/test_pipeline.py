@@ -49,7 +49,7 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
         ("student_ssim", "student", "ssim", 32),
     ]
     for row in rows:
-        assert set(row) == {
+        assert set(row) - {"registered"} == {
             "name",
             "role",
             "method",
@@ -72,14 +72,28 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
     parents = [r for r in runs if r.data.tags.get("detkd.kind") == "pipeline"]
     assert len(parents) == 1
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"data", "teacher", "student_baseline", "student_ssim", "evaluate"}
+    assert set(children) == {"data", "teacher", "student_baseline", "student_ssim", "evaluate", "register"}
     distilled = children["student_ssim"]
     assert distilled.data.tags["detkd.method"] == "ssim"
     assert distilled.data.tags["detkd.teacher.0"] == str(tmp_path / "work/models/teacher/model.pt")
     assert "train/loss_kd_ssim" in distilled.data.metrics
     assert all(r.info.status == "FINISHED" for r in runs)
     assert not decoy.exists()
-    assert all(r.info.experiment_id == exp.experiment_id for r in runs) and len(runs) == 6
+    assert all(r.info.experiment_id == exp.experiment_id for r in runs) and len(runs) == 7
+
+    # the quickstart ends by registering its distilled student behind the gate
+    assert "registered" in rows[2] and "registered" not in rows[1]
+    versions = client.search_model_versions("name = 'detkd-quickstart-student'")
+    assert len(versions) == 1 and versions[0].run_id == rows[2]["mlflow_run_id"]
+    tags = versions[0].tags
+    assert tags["detkd.split"] == "test" and float(tags["detkd.ap"]) == pytest.approx(rows[2]["AP"], abs=1e-4)
+    assert float(tags["detkd.gate.baseline_ap"]) == pytest.approx(rows[1]["AP"], abs=1e-4)
+    passed = rows[2]["AP"] >= max(0.5, rows[1]["AP"] - 0.02)
+    assert tags["detkd.gate.passed"] == str(passed).lower()
+    alias = "champion" if passed else "challenger"
+    assert rows[2]["registered"] == f"detkd-quickstart-student v1 @{alias}"
+    assert client.get_model_version_by_alias("detkd-quickstart-student", alias).version == "1"
+    assert children["register"].data.tags["detkd.alias"] == alias
     student = client.get_run(rows[1]["mlflow_run_id"])
     assert student.data.metrics["eval/test/AP"] == pytest.approx(rows[1]["AP"], abs=1e-4)
     assert student.data.params["input.scale"] == "0.5" and student.data.params["model.min_level"] == "2"
@@ -194,3 +208,24 @@ def test_pipeline_refuses_an_unbuildable_model_before_any_step(tmp_path):
     result = CliRunner().invoke(app, ["run", str(spec)])
     assert result.exit_code == 2 and "teachers[0] (t)" in result.output and "fpn_channels" in result.output
     assert not (tmp_path / "w").exists()  # not even the data step ran
+
+
+@pytest.mark.parametrize(
+    ("register", "message"),
+    [
+        ("{model: m, student: nobody}", "register.student: 'nobody' is not a student of this pipeline"),
+        ("{model: m, student: s, baseline: t}", "register.baseline: 't' is not a student"),
+        ("{model: 'a/b', student: s}", "register.model: 'a/b' cannot be a registered model name"),
+        ("{model: m, student: s, gate: {min_ap: 2}}", "register.gate.min_ap"),
+    ],
+)
+def test_register_step_errors_are_named(register, message, tmp_path):
+    spec = tmp_path / "p.yaml"
+    spec.write_text(
+        f"name: x\nworkdir: {tmp_path / 'w'}\ndata: {{synth: {{images: 10}}}}\n"
+        f"teachers: [{{name: t}}]\nstudents: [{{name: s}}]\nregister: {register}\n"
+    )
+    result = CliRunner().invoke(app, ["run", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "w").exists()

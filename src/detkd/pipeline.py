@@ -61,6 +61,24 @@ class TuneStep(_Section):
     search: Literal["random", "grid", "optuna"] | None = None
 
 
+class RegisterGate(_Section):
+    """Promotion floors, all on the pipeline's scoring split (test when it has one)."""
+
+    min_gain: float = Field(0.0, description="candidate AP >= baseline AP + min_gain (negative: may trail it)")
+    min_ap: float = Field(0.0, ge=0, le=1)
+    min_images_per_s: float | None = Field(None, gt=0)
+
+
+class RegisterStep(_Section):
+    """Register ``student`` as a new version of ``model``; ``champion`` moves only if the gate passes
+    and it beats the current champion on the same split, else the version is ``challenger``."""
+
+    model: str = Field(min_length=1)
+    student: str = Field(description="the student (or tune step) to register")
+    baseline: str | None = Field(None, description="the student the gate's min_gain compares with")
+    gate: RegisterGate = Field(default_factory=RegisterGate)
+
+
 class PipelineSpec(_Section):
     name: str
     workdir: Path = Path("runs/pipeline")
@@ -71,6 +89,10 @@ class PipelineSpec(_Section):
     students: list[ModelEntry] = Field(default_factory=list)
     tune: list[TuneStep] = Field(default_factory=list, description="sweeps whose best config is a final student")
     eval_batch_size: int = Field(8, ge=1)
+    # spelled ``register`` in the YAML (the attribute name would shadow pydantic's BaseModel.register)
+    registration: RegisterStep | None = Field(
+        None, alias="register", description="register the chosen student in the MLflow registry"
+    )
 
 
 def load_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineSpec:
@@ -114,7 +136,24 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineSpe
             load_space(step.space, pipeline=spec)
         except ConfigError as exc:
             raise ConfigError(f"{path}: tune[{i}] ({step.name}): {exc}") from None
+    check_register(spec, path)
     return spec
+
+
+def check_register(spec: PipelineSpec, path: Path) -> None:
+    """The register step names models of this pipeline and has a split to score them on."""
+    if spec.registration is None:
+        return
+    students = [e.name for e in spec.students] + [t.name for t in spec.tune]
+    for key in ("student", "baseline"):
+        name = getattr(spec.registration, key)
+        if name is not None and name not in students:
+            raise ConfigError(f"{path}: register.{key}: {name!r} is not a student of this pipeline ({students})")
+    model = spec.registration.model
+    if model.endswith(".registering") or any(c in model for c in "/@:"):
+        raise ConfigError(f"{path}: register.model: {model!r} cannot be a registered model name")
+    if data_splits(spec).scoring() is None:
+        raise ConfigError(f"{path}: register: the pipeline has no val or test split to score the candidate on")
 
 
 def check_tracking_settings(spec: PipelineSpec, path: Path) -> None:
@@ -218,7 +257,7 @@ def run_pipeline(
         tags={"pipeline": spec.name, "kind": "pipeline"},
     ) as parent_id:
         parent = RunLogger(tracking_uri=uri, run_id=parent_id)
-        parent.params({"pipeline": spec.model_dump(mode="json")})
+        parent.params({"pipeline": spec.model_dump(mode="json", by_alias=True)})
         if spec.data.synth is not None:
             with run_context(
                 tracking_uri=uri,
@@ -286,9 +325,69 @@ def run_pipeline(
                             | {"eval/images_per_s": result.images_per_s}
                         )
                 eval_logger.dict(rows, "summary.json")
+            if spec.registration is not None:
+                outcome_of = {cfg.name: outcome for cfg, outcome in outcomes}
+                run_register_step(spec, rows, outcome_of, eval_source, split_name, parent_run_id=parent_id, say=say)
         parent.dict(rows, "summary.json")
         parent.metrics({"pipeline_seconds": time.perf_counter() - started})
     return rows
+
+
+def run_register_step(
+    spec: PipelineSpec, rows: list[dict[str, Any]], outcomes: dict[str, Any], source, split: str, *, parent_run_id, say
+):
+    """Register the chosen student behind the gate (a child run ``register``); its row gets the outcome."""
+    from detkd.engine.launch import dataset_records
+    from detkd.registry import Candidate, Gate, logged_model_uri, register_candidate
+    from detkd.tracking import RunLogger, dataset_digest, run_context
+
+    step = spec.registration
+    tracking = tracking_context(spec)
+    digest = dataset_digest(dataset_records(source))
+    row_of = {row["name"]: row for row in rows}
+
+    def candidate(name: str) -> Candidate:
+        row, outcome = row_of[name], outcomes[name]
+        if outcome.run_id is None:
+            raise ConfigError(f"register: {name} has no MLflow run to register from")
+        return Candidate(name, outcome.run_id, outcome.model_path, row["AP"], row["images_per_s"], split, digest)
+
+    chosen = candidate(step.student)
+    baseline = candidate(step.baseline) if step.baseline else None
+    with run_context(
+        tracking_uri=tracking.uri,
+        experiment=tracking.experiment,
+        run_name="register",
+        parent_run_id=parent_run_id,
+        tags={"pipeline": spec.name, "kind": "register", "candidate_run": chosen.run_id},
+    ) as register_id:
+        model_uri = logged_model_uri(
+            tracking.uri, chosen.run_id, checkpoint=chosen.checkpoint, example_size=row_of[step.student]["input_size"]
+        )
+        result = register_candidate(
+            tracking_uri=tracking.uri,
+            model=step.model,
+            candidate=chosen,
+            baseline=baseline,
+            gate=Gate(**step.gate.model_dump()),
+            model_uri=model_uri,
+            split_source=source,
+            owner=parent_run_id,
+            extra_tags={"detkd.pipeline": spec.name, "detkd.pipeline_run": parent_run_id},
+        )
+        logger = RunLogger(tracking_uri=tracking.uri, run_id=register_id)
+        logger.tags(
+            {
+                "registered_model": result.model,
+                "registered_version": result.version,
+                "alias": result.alias,
+                "verdict": result.verdict,
+            }
+        )
+        logger.dict({"registration": result.tags, "gate": result.gate.numbers}, "registration.json")
+    row_of[step.student]["registered"] = f"{result.model} v{result.version} @{result.alias}"
+    say(f"register: {result.model} v{result.version} -> {result.alias} ({result.verdict})")
+    return result
 
 
 def run_tune_step(spec: PipelineSpec, step: TuneStep, *, parent_run_id: str, address: str | None, say):
@@ -380,12 +479,25 @@ def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
 def print_summary(rows: list[dict[str, Any]], console) -> None:
     from rich.table import Table
 
-    columns = ["name", "role", "method", "input_size", "split", "AP", "AP50", "APs", "images_per_s", "mlflow_run_id"]
+    columns = [
+        "name",
+        "role",
+        "method",
+        "input_size",
+        "split",
+        "AP",
+        "AP50",
+        "APs",
+        "images_per_s",
+        "mlflow_run_id",
+        "registered",
+    ]
     columns = [c for c in columns if any(c in row for row in rows)]
     table = Table(title="detkd summary")
     for column in columns:
         table.add_column(
-            column, justify="left" if column in ("name", "role", "method", "split", "mlflow_run_id") else "right"
+            column,
+            justify="left" if column in ("name", "role", "method", "split", "mlflow_run_id", "registered") else "right",
         )
     for row in rows:
         table.add_row(*[f"{row[c]:.4f}" if c in ("AP", "AP50", "APs") else str(row.get(c, "")) for c in columns])

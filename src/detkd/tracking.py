@@ -182,6 +182,15 @@ class RunLogger:
         self.client.log_text(self.run_id, text, name)
 
 
+def dataset_digest(records: list[dict[str, Any]]) -> str:
+    """MLflow's digest of a split's image records: the one ``log_dataset`` records for the same data."""
+    import pandas as pd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_pandas(pd.DataFrame.from_records(records), source="digest").digest
+
+
 def log_dataset(
     *, tracking_uri: str, run_id: str, records: list[dict[str, Any]], source: str, name: str, context: str
 ) -> str:
@@ -259,6 +268,7 @@ def log_detector_model(
     from detkd.pyfunc_model import CHECKPOINT_ARTIFACT
 
     mlflow.set_tracking_uri(tracking_uri)
+    status = MlflowClient(tracking_uri).get_run(run_id).info.status  # a finished run is logged into, then restored
     requirements = [
         f"torch=={torch.__version__.split('+')[0]}",
         f"torchvision=={torchvision.__version__.split('+')[0]}",
@@ -277,8 +287,8 @@ def log_detector_model(
             input_example=pd.DataFrame({"image": [example_image(example_size)]}),
             pip_requirements=requirements,
         )
-    # start_run(run_id) ends the run on exit; the owner of the run sets its final status.
-    MlflowClient(tracking_uri).update_run(active.info.run_id, status="RUNNING")
+    # start_run(run_id) ends the run on exit; give it back the status it had (its owner finishes a running one).
+    MlflowClient(tracking_uri).update_run(active.info.run_id, status=status)
     return info.model_uri
 
 

@@ -1,0 +1,200 @@
+"""The gated registry on a real MLflow store: promotion, refusal, re-scoring, rollback, locking, concurrency."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from detkd.data.coco import load_coco
+from detkd.engine.evaluate import evaluate_checkpoint
+from detkd.engine.launch import dataset_records
+from detkd.inference import Predictor
+from detkd.models import build_detector, load_detector, save_detector
+from detkd.registry import (
+    CHALLENGER,
+    CHAMPION,
+    LOCK_SUFFIX,
+    Candidate,
+    Gate,
+    RegistryBusy,
+    logged_model_uri,
+    register_candidate,
+)
+from detkd.tracking import dataset_digest, experiment_id
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def models(trained_detector, tiny_dataset, tmp_path_factory):
+    """The trained detector and an untrained one of the same plan, both logged and scored on the tiny val split."""
+    uri = trained_detector.tracking_uri
+    source = load_coco(tiny_dataset / "annotations/instances_val.json", tiny_dataset / "images/val")
+    digest = dataset_digest(dataset_records(source))
+    _, meta = load_detector(trained_detector.model_path)
+    torch.manual_seed(0)
+    untrained = build_detector(**load_detector(trained_detector.model_path)[0].detkd_config)
+    weak_path = tmp_path_factory.mktemp("weak") / "model.pt"
+    save_detector(weak_path, untrained, meta={"plan": meta["plan"], "role": "student"})
+    client = MlflowClient(uri)
+    weak_run = client.create_run(experiment_id(uri, "detkd"), run_name="weak").info.run_id
+    client.set_terminated(weak_run)
+
+    def candidate(name, run_id, path) -> Candidate:
+        result = evaluate_checkpoint(path, source)
+        return Candidate(name, run_id, path, result.metrics["AP"], result.images_per_s, "val", digest)
+
+    strong = candidate("strong", trained_detector.run_id, trained_detector.model_path)
+    weak = candidate("weak", weak_run, weak_path)
+    assert strong.ap > weak.ap + 0.05  # the comparison below means something
+    uris = {c.name: logged_model_uri(uri, c.run_id, checkpoint=c.checkpoint, example_size=64) for c in (strong, weak)}
+    assert client.get_run(weak_run).info.status == "FINISHED"  # logging into a finished run keeps it finished
+    mlflow.set_tracking_uri(uri)
+    return {"uri": uri, "source": source, "strong": strong, "weak": weak, "model_uri": uris}
+
+
+def register(models, name, who, *, gate=None, baseline=None, candidate=None, **kwargs):
+    chosen = candidate or models[who]
+    return register_candidate(
+        tracking_uri=models["uri"],
+        model=name,
+        candidate=chosen,
+        baseline=baseline,
+        gate=gate or Gate(),
+        model_uri=models["model_uri"][who],
+        split_source=models["source"],
+        owner=f"test-{who}",
+        **kwargs,
+    )
+
+
+def test_gate_promotes_the_better_and_refuses_the_worse(models, tiny_dataset):
+    client = MlflowClient(models["uri"])
+    first = register(models, "gated", "weak")
+    assert (first.alias, first.verdict) == (CHAMPION, "gate passed; first champion")
+
+    better = register(models, "gated", "strong")
+    assert better.alias == CHAMPION and better.champion_before == first.version
+    assert better.champion_before_ap == pytest.approx(models["weak"].ap)
+
+    again = register(models, "gated", "weak")  # passes the floors, does not beat the champion
+    assert again.alias == CHALLENGER and "does not beat champion" in again.verdict
+
+    gated = register(models, "gated", "weak", baseline=models["strong"], gate=Gate(min_gain=0.0, min_ap=0.0))
+    assert gated.alias == CHALLENGER and not gated.gate.passed
+    assert "baseline strong" in gated.gate.reasons[0]
+    tags = client.get_model_version("gated", gated.version).tags
+    assert tags["detkd.gate.passed"] == "false" and tags["detkd.gate.baseline"] == "strong"
+    assert float(tags["detkd.gate.baseline_ap"]) == pytest.approx(models["strong"].ap, abs=1e-4)
+    assert tags["detkd.champion_before"] == better.version
+
+    floor = register(models, "gated", "strong", gate=Gate(min_ap=0.99))
+    assert floor.alias == CHALLENGER and "floor 0.99" in floor.verdict
+
+    assert client.get_model_version_by_alias("gated", CHAMPION).version == better.version
+    assert client.get_model_version_by_alias("gated", CHALLENGER).version == floor.version
+    assert not [v for v in client.search_model_versions("name = 'gated'") if v.current_stage != "None"]  # no stages
+
+    # the champion loads by alias, without pickles, and predicts like the checkpoint it was registered from
+    images = [p.read_bytes() for p in sorted((tiny_dataset / "images/val").iterdir())[:3]]
+    served = mlflow.pyfunc.load_model("models:/gated@champion").predict(pd.DataFrame({"image": images}))
+    local = Predictor.from_checkpoint(models["strong"].checkpoint)(images)
+    assert [list(r) for r in served["category_ids"]] == [d.category_ids for d in local]
+
+
+def test_champion_measured_elsewhere_is_rescored_on_this_split(models):
+    elsewhere = Candidate(**{**models["strong"].__dict__, "split_digest": "another-split", "ap": 0.0})
+    register(models, "rescored", "strong", candidate=elsewhere)
+    result = register(models, "rescored", "weak")
+    assert result.champion_before_ap == pytest.approx(models["strong"].ap, abs=1e-6)  # re-scored, not the 0.0 tag
+    assert result.alias == CHALLENGER
+
+
+def test_failure_mid_registration_leaves_no_version_and_no_alias_move(models):
+    client = MlflowClient(models["uri"])
+    elsewhere = Candidate(**{**models["weak"].__dict__, "split_digest": "another-split"})
+    champion = register(models, "rollback", "weak", candidate=elsewhere)
+    # the champion's checkpoint becomes unreadable: re-scoring it fails after the new version was created
+    source = client.get_model_version("rollback", champion.version).source
+    model_id = source.removeprefix("models:/")
+    root = Path(unquote(urlparse(client.get_logged_model(model_id).artifact_location).path))
+    original = (root / "artifacts/model.pt").read_bytes()
+    (root / "artifacts/model.pt").write_bytes(original[: len(original) // 2])
+    try:
+        with pytest.raises(Exception, match="truncated|corrupt"):
+            register(models, "rollback", "strong")
+    finally:
+        (root / "artifacts/model.pt").write_bytes(original)
+    versions = client.search_model_versions("name = 'rollback'")
+    assert [v.version for v in versions] == [champion.version]
+    assert client.get_model_version_by_alias("rollback", CHAMPION).version == champion.version
+    assert not client.search_registered_models(f"name = 'rollback{LOCK_SUFFIX}'")  # the lock was released
+
+
+def test_a_held_lock_makes_registration_wait_then_refuse(models):
+    client = MlflowClient(models["uri"])
+    client.create_registered_model(f"locked{LOCK_SUFFIX}", tags={"detkd.lock_since": f"{time.time():.3f}"})
+    with pytest.raises(RegistryBusy, match="another registration holds it"):
+        register(models, "locked", "strong", lock_wait_s=1.0)
+    assert not client.search_model_versions("name = 'locked'")
+    # a lock left by a crashed registration (older than the stale limit) is taken over
+    client.set_registered_model_tag(f"locked{LOCK_SUFFIX}", "detkd.lock_since", f"{time.time() - 3600:.3f}")
+    assert register(models, "locked", "strong", lock_wait_s=1.0).alias == CHAMPION
+
+
+CONCURRENT = """
+import json, sys, time
+from pathlib import Path
+from detkd.data.coco import load_coco
+from detkd.registry import Candidate, Gate, register_candidate
+args = json.loads(sys.argv[1])
+source = load_coco(Path(args["data"]) / "annotations/instances_val.json", Path(args["data"]) / "images/val")
+candidate = Candidate(**{**args["candidate"], "checkpoint": Path(args["candidate"]["checkpoint"])})
+while time.time() < args["start_at"]:
+    time.sleep(0.005)
+result = register_candidate(tracking_uri=args["uri"], model="raced", candidate=candidate, baseline=None, gate=Gate(),
+                            model_uri=args["model_uri"], split_source=source, owner=candidate.name)
+print(json.dumps({"version": result.version, "alias": result.alias}))
+"""
+
+
+def test_two_registrations_at_once_leave_the_champion_on_the_better(models, tiny_dataset):
+    start_at = time.time() + 15  # both processes import detkd first, then start together
+    procs = []
+    for who in ("weak", "strong"):
+        chosen = models[who]
+        args = {
+            "uri": models["uri"],
+            "data": str(tiny_dataset),
+            "start_at": start_at,
+            "model_uri": models["model_uri"][who],
+            "candidate": {**chosen.__dict__, "checkpoint": str(chosen.checkpoint)},
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", CONCURRENT, json.dumps(args)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    client = MlflowClient(models["uri"])
+    champion = client.get_model_version_by_alias("raced", CHAMPION)
+    assert champion.run_id == models["strong"].run_id
+    assert len(client.search_model_versions("name = 'raced'")) == 2
+    assert not client.search_registered_models(f"name = 'raced{LOCK_SUFFIX}'")
