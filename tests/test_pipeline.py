@@ -75,7 +75,20 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
     assert set(children) == {"data", "teacher", "student_baseline", "student_ssim", "evaluate", "register"}
     distilled = children["student_ssim"]
     assert distilled.data.tags["detkd.method"] == "ssim"
-    assert distilled.data.tags["detkd.teacher.0"] == str(tmp_path / "work/models/teacher/model.pt")
+    teacher_run = children["teacher"].info.run_id
+    assert distilled.data.tags["detkd.teacher.0"] == teacher_run  # linked by MLflow run, the file beside it
+    assert distilled.data.tags["detkd.teacher.0.path"] == str(tmp_path / "work/models/teacher/model.pt")
+    assert json.loads(distilled.data.tags["detkd.teacher_runs"]) == [teacher_run]
+    # the same data has the same digest on every component that read it
+    data_tags = children["data"].data.tags
+    assert {f"detkd.dataset.{s}" for s in ("train", "val", "test")} <= set(data_tags)
+    for name in ("teacher", "student_baseline", "student_ssim"):
+        tags = children[name].data.tags
+        assert tags["detkd.dataset.train"] == data_tags["detkd.dataset.train"]
+        assert tags["detkd.dataset.val"] == data_tags["detkd.dataset.val"]
+        assert tags["detkd.pipeline_run"] == parents[0].info.run_id and tags["detkd.version"]
+    assert children["evaluate"].data.tags["detkd.dataset.test"] == data_tags["detkd.dataset.test"]
+    assert children["register"].data.tags["detkd.dataset.test"] == data_tags["detkd.dataset.test"]
     assert "train/loss_kd_ssim" in distilled.data.metrics
     assert all(r.info.status == "FINISHED" for r in runs)
     assert not decoy.exists()
@@ -94,6 +107,25 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
     assert rows[2]["registered"] == f"detkd-quickstart-student v1 @{alias}"
     assert client.get_model_version_by_alias("detkd-quickstart-student", alias).version == "1"
     assert children["register"].data.tags["detkd.alias"] == alias
+
+    # detkd lineage of the registered version: the tree back to the data, by digest and run
+    shown = runner.invoke(app, ["lineage", "models:/detkd-quickstart-student/1", "--json", "--tracking-uri", uri])
+    assert shown.exit_code == 0, shown.output
+    tree = json.loads(shown.output)
+    assert tree["kind"] == "registered" and tree["label"].startswith("registered detkd-quickstart-student v1")
+    (student_node,) = tree["children"]
+    assert student_node["run_id"] == rows[2]["mlflow_run_id"]
+    datasets = {c["label"] for c in student_node["children"] if c["kind"] == "dataset"}
+    assert f"dataset train: {data_tags['detkd.dataset.train']}" in datasets
+    (teacher_node,) = [c for c in student_node["children"] if c.get("run_id") == teacher_run]
+    assert teacher_node["label"].startswith("teacher 0 <- teacher: teacher")
+    assert any(c["kind"] == "dataset" for c in teacher_node["children"])
+    by_alias = runner.invoke(app, ["lineage", f"models:/detkd-quickstart-student@{alias}", "--tracking-uri", uri])
+    assert by_alias.exit_code == 0 and "teacher 0 <- teacher: teacher" in by_alias.output
+    unknown = runner.invoke(app, ["lineage", "models:/nobody@champion", "--tracking-uri", uri])
+    assert unknown.exit_code == 2 and "models:/nobody@champion: not found" in unknown.output
+    assert (tmp_path / "work/lineage.png").is_file()
+    assert "lineage.png" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     student = client.get_run(rows[1]["mlflow_run_id"])
     assert student.data.metrics["eval/test/AP"] == pytest.approx(rows[1]["AP"], abs=1e-4)
     assert student.data.params["input.scale"] == "0.5" and student.data.params["model.min_level"] == "2"

@@ -303,6 +303,30 @@ def export(
     )
 
 
+@app.command("lineage")
+def lineage(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or a run id")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the tree as JSON")] = False,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    ] = None,
+) -> None:
+    """Where a model came from: datasets -> teachers -> stages -> student -> registered version."""
+    from detkd.lineage import lineage_tree, render
+    from detkd.tracking import check_tracking_uri, resolve_tracking_uri
+
+    try:
+        uri = resolve_tracking_uri(tracking_uri)
+        check_tracking_uri(uri)
+        tree = lineage_tree(model, uri)
+    except _user_errors() as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(tree.as_dict(), indent=2))
+    else:
+        console.print(render(tree))
+
+
 @app.command("run")
 def run(
     pipeline: Annotated[Path, typer.Argument(help="pipeline spec YAML")],

@@ -241,7 +241,7 @@ def run_pipeline(
     """Run every step; returns one summary row per trained model. ``fresh`` retrains every model."""
     from detkd.engine.launch import ensure_ray, run_training
     from detkd.engine.plan import open_split
-    from detkd.tracking import RunLogger, check_tracking_uri, run_context
+    from detkd.tracking import RunLogger, check_tracking_uri, code_version_tags, run_context
 
     say = console.print if console else print
     spec = spec.model_copy(update={"workdir": spec.workdir.resolve()})
@@ -254,7 +254,7 @@ def run_pipeline(
         tracking_uri=uri,
         experiment=tracking.experiment,
         run_name=f"pipeline:{spec.name}",
-        tags={"pipeline": spec.name, "kind": "pipeline"},
+        tags={"pipeline": spec.name, "kind": "pipeline", "component": "pipeline", **code_version_tags()},
     ) as parent_id:
         parent = RunLogger(tracking_uri=uri, run_id=parent_id)
         parent.params({"pipeline": spec.model_dump(mode="json", by_alias=True)})
@@ -264,7 +264,7 @@ def run_pipeline(
                 experiment=tracking.experiment,
                 run_name="data",
                 parent_run_id=parent_id,
-                tags={"pipeline": spec.name, "kind": "data"},
+                tags={"pipeline": spec.name, "kind": "data", "component": "data", "pipeline_run": parent_id},
             ) as data_id:
                 say(
                     f"[bold]data[/bold]: synthesizing {spec.data.synth.images} images under {spec.workdir / 'data'}"
@@ -273,6 +273,7 @@ def run_pipeline(
                 )
                 summary = ensure_synthetic_data(spec)
                 RunLogger(tracking_uri=uri, run_id=data_id).dict(summary, "synth_summary.json")
+                log_splits(spec, uri, data_id)
         ensure_ray(address)
         outcomes = []
         trained: dict[str, Path] = {}  # model name -> checkpoint, so later entries can name earlier ones as teachers
@@ -289,7 +290,7 @@ def run_pipeline(
                     cfg,
                     tracking=tracking_context(spec, parent_run_id=parent_id),
                     teacher_names=trained,
-                    extra_tags={"pipeline": spec.name},
+                    extra_tags={"pipeline": spec.name, "pipeline_run": parent_id},
                     address=address,
                     fresh=fresh,
                 )
@@ -307,9 +308,13 @@ def run_pipeline(
                 experiment=tracking.experiment,
                 run_name="evaluate",
                 parent_run_id=parent_id,
-                tags={"pipeline": spec.name, "kind": "evaluate"},
+                tags={"pipeline": spec.name, "kind": "evaluate", "component": "evaluate", "pipeline_run": parent_id},
             ) as eval_id:
                 eval_logger = RunLogger(tracking_uri=uri, run_id=eval_id)
+                eval_logger.tags(
+                    {f"dataset.{split_name}": log_split(uri, eval_id, split_name, split, eval_source)}
+                    | {"evaluated_runs": json.dumps([o.run_id for _, o in outcomes])}
+                )
                 for cfg, outcome in outcomes:
                     row, result = evaluation_row(
                         cfg, outcome, eval_source, batch_size=spec.eval_batch_size, split=split_name
@@ -330,7 +335,39 @@ def run_pipeline(
                 run_register_step(spec, rows, outcome_of, eval_source, split_name, parent_run_id=parent_id, say=say)
         parent.dict(rows, "summary.json")
         parent.metrics({"pipeline_seconds": time.perf_counter() - started})
+        from detkd.lineage import pipeline_lineage_png
+
+        picture = pipeline_lineage_png(uri, parent_id, spec.workdir / "lineage.png")
+        parent.artifact(picture)
+        say(f"lineage: {picture} (and on the pipeline's MLflow run)")
     return rows
+
+
+def log_split(uri: str, run_id: str, name: str, split: SplitConfig, source) -> str:
+    """Log one split as a dataset input of ``run_id``; returns its digest (the same wherever it is used)."""
+    from detkd.engine.launch import dataset_records
+    from detkd.tracking import log_dataset
+
+    return log_dataset(
+        tracking_uri=uri,
+        run_id=run_id,
+        records=dataset_records(source),
+        source=str(split.coco or split.parquet),
+        name=name,
+        context=name,
+    )
+
+
+def log_splits(spec: PipelineSpec, uri: str, run_id: str) -> None:
+    """The data component's lineage: every split it produced, with digests as ``detkd.dataset.<split>`` tags."""
+    from detkd.engine.plan import open_split
+    from detkd.tracking import RunLogger
+
+    digests = {}
+    for name, split in data_splits(spec)._asdict().items():
+        if split is not None:
+            digests[f"dataset.{name}"] = log_split(uri, run_id, name, split, open_split(split, skip_invalid=False))
+    RunLogger(tracking_uri=uri, run_id=run_id).tags(digests)
 
 
 def run_register_step(
@@ -359,7 +396,14 @@ def run_register_step(
         experiment=tracking.experiment,
         run_name="register",
         parent_run_id=parent_run_id,
-        tags={"pipeline": spec.name, "kind": "register", "candidate_run": chosen.run_id},
+        tags={
+            "pipeline": spec.name,
+            "kind": "register",
+            "component": "register",
+            "pipeline_run": parent_run_id,
+            "candidate_run": chosen.run_id,
+            f"dataset.{split}": digest,
+        },
     ) as register_id:
         model_uri = logged_model_uri(
             tracking.uri, chosen.run_id, checkpoint=chosen.checkpoint, example_size=row_of[step.student]["input_size"]

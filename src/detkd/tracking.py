@@ -9,6 +9,7 @@ Ray workers log into it by id through :class:`RunLogger` (rank 0 only).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import warnings
@@ -38,6 +39,32 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+@functools.cache
+def code_version_tags() -> dict[str, str]:
+    """``version`` of detkd and, when it runs from a git checkout, its ``git_commit`` (+ ``-dirty``)."""
+    import subprocess
+
+    import detkd
+
+    tags = {"version": detkd.__version__}
+    source = Path(detkd.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        tags["git_commit"] = commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass  # an installed wheel, or no git: the version alone
+    return tags
 
 
 _checked: set[str] = set()

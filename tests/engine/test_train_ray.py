@@ -50,7 +50,7 @@ def test_train_evaluate_and_track(varied_dataset, tiny_config, ray_cluster, tmp_
     assert history[-1].value < history[0].value  # it learned something
     assert run.data.metrics["final/val/AP"] == pytest.approx(outcome.metrics["val/AP"])
     contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
-    assert contexts == ["eval", "train"]
+    assert contexts == ["train", "val"]
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"checkpoint", "plan.json"} <= artifacts  # the run plan: config, digest, input view, teachers
     plan = mlflow.artifacts.load_dict(f"runs:/{outcome.run_id}/plan.json")

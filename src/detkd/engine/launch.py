@@ -8,6 +8,7 @@ instead of silently continuing someone else's checkpoints. ``fresh=True`` starts
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -257,20 +258,25 @@ def mlflow_run(
     plan: RunPlan, sources: dict[str, DetectionSource], *, extra_tags: dict[str, str] | None, resume: bool
 ) -> Iterator[tuple[str, Any]]:
     """Open the run's MLflow run (continuing an interrupted attempt at the same Ray run) with its lineage."""
-    from detkd.tracking import RunLogger, log_dataset, run_context
+    from detkd.tracking import RunLogger, code_version_tags, log_dataset, run_context
 
     cfg = plan.config
     tags = {
         "role": cfg.role,
+        "component": "stage" if extra_tags and "stage" in extra_tags else cfg.role,
         "name": cfg.name,
         "config_digest": plan.digest,
         "ray_run": plan.ray_name,
         "input_size": plan.input.model_size,
         "method": cfg.method,
+        **code_version_tags(),
         **(extra_tags or {}),
     }
+    # lineage: teachers by MLflow run, in order (the file and scale alongside)
+    tags["teacher_runs"] = json.dumps([t.mlflow_run_id or "" for t in plan.teachers])
     for i, teacher in enumerate(plan.teachers):
-        tags[f"teacher.{i}"] = teacher.path
+        tags[f"teacher.{i}"] = teacher.mlflow_run_id or teacher.path
+        tags[f"teacher.{i}.path"] = teacher.path
         tags[f"teacher.{i}.scale"] = teacher.scale
         if teacher.mlflow_run_id:
             tags[f"teacher.{i}.run_id"] = teacher.mlflow_run_id
@@ -289,16 +295,18 @@ def mlflow_run(
         else:
             logger.params(cfg.model_dump(mode="json"))
         logger.dict(plan.to_dict(), "plan.json")
+        digests = {}
         for split, source in sources.items():
             section = getattr(cfg.data, split)
-            log_dataset(
+            digests[f"dataset.{split}"] = log_dataset(
                 tracking_uri=plan.tracking.uri,
                 run_id=run_id,
                 records=dataset_records(source),
                 source=str(section.coco or section.parquet),
-                name=f"{cfg.name}-{split}",
-                context="train" if split == "train" else "eval",
+                name=f"{split}",
+                context=split,
             )
+        logger.tags(digests)
         yield run_id, logger
 
 
@@ -353,6 +361,8 @@ def run_progressive(
         sources = shared if stage.data == cfg.data else open_sources(stage)
         plan = build_plan(stage, tracking=tracking, teacher_names=teacher_names, sources=sources)
         tags = {**(extra_tags or {}), "progressive": cfg.name, "stage": str(k), "stages": str(len(stages))}
+        if outcomes and outcomes[-1].run_id:
+            tags["previous_stage_run"] = outcomes[-1].run_id
         outcomes.append(
             run_plan(
                 plan,

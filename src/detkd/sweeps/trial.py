@@ -9,6 +9,7 @@ epochs) and into the trial's MLflow run with the trial's own epoch count.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
     sequence = sequence_of(cfg)
     tags = {
         "kind": "trial",
+        "component": "trial",
         "sweep": job.name,
         "sweep_run": job.tracking.parent_run_id,
         "trial_id": trial_id,
@@ -114,6 +116,7 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
     for k, name in enumerate(sequence):
         if name in job.teacher_runs:
             tags[f"teacher.{k}.run_id"] = job.teacher_runs[name]
+    tags["teacher_runs"] = json.dumps([job.teacher_runs.get(name, "") for name in sequence])
     earlier = find_runs(
         job.tracking.uri,
         job.tracking.experiment,

@@ -99,7 +99,13 @@ def run_sweep(
         tracking_uri=tracking.uri,
         experiment=tracking.experiment,
         run_name=f"sweep:{loaded.name}",
-        tags={"kind": "sweep", "sweep": loaded.name, "space": str(loaded.path), "workdir": str(workdir)},
+        tags={
+            "kind": "sweep",
+            "component": "sweep",
+            "sweep": loaded.name,
+            "space": str(loaded.path),
+            "workdir": str(workdir),
+        },
         parent_run_id=tracking.parent_run_id,
         resume_run_id=state.get("sweep_run_id") if restorable else None,
     ) as sweep_run_id:
