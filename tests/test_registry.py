@@ -198,3 +198,47 @@ def test_two_registrations_at_once_leave_the_champion_on_the_better(models, tiny
     assert champion.run_id == models["strong"].run_id
     assert len(client.search_model_versions("name = 'raced'")) == 2
     assert not client.search_registered_models(f"name = 'raced{LOCK_SUFFIX}'")
+
+
+def test_registered_models_go_wherever_checkpoints_go(models, tiny_dataset, tiny_config, tmp_path, monkeypatch):
+    """models:/NAME@ALIAS as a teacher (pinned to its version), for detkd evaluate and for detkd export."""
+    from typer.testing import CliRunner
+
+    from detkd.cli import app
+    from detkd.config import Config, ConfigError
+    from detkd.engine.plan import TrackingContext, build_plan
+
+    shipped = register(models, "shipped", "strong")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", models["uri"])
+    monkeypatch.setenv("DETKD_CACHE", str(tmp_path / "cache"))
+    runner = CliRunner()
+    val = ["--coco", str(tiny_dataset / "annotations/instances_val.json"), "--images", str(tiny_dataset / "images/val")]
+    summary = tmp_path / "row.json"
+    result = runner.invoke(
+        app, ["evaluate", "models:/shipped@champion", *val, "--score-thresh", "0.05", "--summary", str(summary)]
+    )
+    assert result.exit_code == 0, result.output
+    row = json.loads(summary.read_text())[0]
+    assert row["AP"] == pytest.approx(models["strong"].ap, abs=1e-4) and row["mlflow_run_id"] == models["strong"].run_id
+    assert f"models:/shipped/{shipped.version}" in result.output  # the alias is pinned to a version
+
+    out = tmp_path / "shipped.onnx"
+    result = runner.invoke(app, ["export", f"models:/shipped/{shipped.version}", "--format", "onnx", "--out", str(out)])
+    assert result.exit_code == 0 and out.is_file(), result.output
+
+    student = tiny_config(
+        tiny_dataset,
+        tmp_path,
+        input={"size": 64, "scale": 0.5},
+        model={"min_level": 2, "max_level": 5},
+        distill={"teachers": [{"source": "models:/shipped@champion"}], "mse": {}},
+    )
+    plan = build_plan(Config.model_validate(student), tracking=TrackingContext(uri=models["uri"], experiment="detkd"))
+    (teacher,) = plan.teachers
+    assert teacher.source == "models:/shipped@champion" and f"shipped-v{shipped.version}-" in teacher.path
+    assert teacher.mlflow_run_id == models["strong"].run_id  # lineage reaches the teacher's training run
+    assert Path(teacher.path).read_bytes() == models["strong"].checkpoint.read_bytes()
+
+    missing = {**student, "distill": {"teachers": [{"source": "models:/shipped@nobody"}], "mse": {}}}
+    with pytest.raises(ConfigError, match="models:/shipped@nobody: no such registered model version"):
+        build_plan(Config.model_validate(missing), tracking=TrackingContext(uri=models["uri"], experiment="detkd"))

@@ -45,6 +45,25 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
+def _local_model(ref: str | Path) -> Path:
+    """A checkpoint path, or the checkpoint of a registered ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``
+    (downloaded once per version into ~/.cache/detkd/models, or $DETKD_CACHE/models)."""
+    text = str(ref)
+    if not text.startswith("models:/"):
+        return Path(text)
+    import os
+
+    from detkd.registry import registered_checkpoint
+    from detkd.tracking import check_tracking_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(None)
+    check_tracking_uri(uri)
+    cache = Path(os.environ.get("DETKD_CACHE", Path.home() / ".cache" / "detkd")) / "models"
+    path, pinned = registered_checkpoint(text, tracking_uri=uri, cache_dir=cache)
+    err_console.print(f"{text}: {pinned}", highlight=False)
+    return path
+
+
 def _synth_default(name: str):
     from detkd.data.synth import SynthSpec
 
@@ -193,7 +212,12 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh:
 
 @app.command("evaluate")
 def evaluate(
-    checkpoint: Annotated[Path | None, typer.Option(help="detkd model checkpoint (model.pt)")] = None,
+    model: Annotated[
+        str | None, typer.Argument(help="checkpoint file or models:/NAME@ALIAS (same as --checkpoint)")
+    ] = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="detkd model checkpoint (model.pt), or models:/NAME@ALIAS|VERSION")
+    ] = None,
     coco: Annotated[Path | None, typer.Option(help="COCO JSON of the split to evaluate")] = None,
     images: Annotated[Path | None, typer.Option(help="image folder of that split")] = None,
     parquet: Annotated[Path | None, typer.Option(help="Parquet shards of the split")] = None,
@@ -210,6 +234,9 @@ def evaluate(
 
     if backend not in ("faster", "pycocotools"):
         _fail(ValueError(f"--backend must be faster or pycocotools, got {backend!r}"))
+    if model is not None and checkpoint is not None:
+        _fail(ValueError("give the model once: as the argument or as --checkpoint"))
+    checkpoint = model if model is not None else checkpoint
     try:
         if gt is not None or detections is not None:
             if gt is None or detections is None or checkpoint is not None:
@@ -241,7 +268,8 @@ def evaluate(
         from detkd.models.checkpoint import atomic_write_bytes
 
         source = open_source(coco=coco, images=images, parquet=parquet)
-        result = evaluate_checkpoint(checkpoint, source, batch_size=batch_size, score_thresh=score_thresh)
+        local = _local_model(checkpoint)
+        result = evaluate_checkpoint(local, source, batch_size=batch_size, score_thresh=score_thresh)
     except _user_errors() as exc:
         _fail(exc)
     except ValueError as exc:
@@ -258,7 +286,7 @@ def evaluate(
         write_summary(
             [
                 summary_row(
-                    name=str(meta.get("name", checkpoint.stem)),
+                    name=str(meta.get("name", local.stem)),
                     role=str(meta.get("role", "model")),
                     input_size=result.input_size,
                     metrics=result.metrics,
@@ -278,7 +306,7 @@ def _print_metrics(metrics: dict[str, float], names) -> None:
 
 @app.command("export")
 def export(
-    model: Annotated[Path, typer.Argument(help="detkd checkpoint (model.pt) of a student or teacher")],
+    model: Annotated[str, typer.Argument(help="checkpoint (model.pt) of a student or teacher, or models:/NAME@ALIAS")],
     format: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = ...,
     out: Annotated[Path, typer.Option("--out", help="file to write")] = ...,
     score_threshold: Annotated[
@@ -293,7 +321,7 @@ def export(
         _fail(ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}"))
     try:
         result = export_detector(
-            model, format=format, out=out, score_thresh=score_threshold, detections_per_img=max_detections
+            _local_model(model), format=format, out=out, score_thresh=score_threshold, detections_per_img=max_detections
         )
     except (*_user_errors(), ExportError) as exc:
         _fail(exc)

@@ -147,7 +147,7 @@ class EvalConfig(_Section):
 
 
 class TeacherRef(_Section):
-    """A frozen teacher: a pipeline model name, a checkpoint path, or ``mlflow:<run_id>``."""
+    """A frozen teacher: a pipeline model name, a checkpoint path, ``mlflow:<run_id>`` or ``models:/NAME@ALIAS``."""
 
     source: str
     input_scale: float | None = Field(

@@ -122,11 +122,11 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineSpe
                         if (
                             ref.source not in known
                             and not Path(ref.source).is_file()
-                            and not ref.source.startswith("mlflow:")
+                            and not ref.source.startswith(("mlflow:", "models:/"))
                         ):
                             raise ConfigError(
                                 f"{where}: teacher {ref.source!r} is neither an earlier model of this "
-                                f"pipeline ({known}), a checkpoint file, nor mlflow:<run_id>"
+                                f"pipeline ({known}), a checkpoint file, mlflow:<run_id> nor models:/NAME@ALIAS"
                             )
             known.append(entry.name)
     from detkd.sweeps.space import load_space

@@ -15,6 +15,7 @@ no half-registered version, and the alias is only ever moved as the last step.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -248,3 +249,39 @@ def register_candidate(
         verdict=why,
         tags={**tags, **decision},
     )
+
+
+def registered_checkpoint(uri: str, *, tracking_uri: str, cache_dir: Path) -> tuple[Path, str]:
+    """The detkd checkpoint inside ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, downloaded once
+    per version into ``cache_dir``; returns (checkpoint path, the pinned ``models:/NAME/VERSION``).
+
+    An alias is resolved now, so a run records the exact version it used even if the alias moves."""
+    from detkd.config import ConfigError
+
+    client = MlflowClient(tracking_uri)
+    rest = uri.removeprefix("models:/")
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        elif "/" in rest:
+            name, number = rest.split("/", 1)
+            version = client.get_model_version(name, number)
+        else:
+            raise ConfigError(f"{uri}: give models:/NAME@ALIAS or models:/NAME/VERSION")
+    except MlflowException as exc:
+        raise ConfigError(f"{uri}: no such registered model version ({exc.message.splitlines()[0]})") from None
+    pinned = f"models:/{version.name}/{version.version}"
+    store = hashlib.sha1(tracking_uri.encode()).hexdigest()[:8]  # the same name and version in two stores differ
+    folder = Path(cache_dir) / f"{version.name}-v{version.version}-{store}"
+    path = folder / "artifacts" / "model.pt"
+    if not path.is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder.parent) as staging:
+            local = Path(mlflow.artifacts.download_artifacts(pinned, dst_path=staging, tracking_uri=tracking_uri))
+            if not (local / "artifacts" / "model.pt").is_file():
+                raise ConfigError(f"{uri} ({pinned}): not a detkd model (no artifacts/model.pt)")
+            if folder.exists():  # another process finished the same download first
+                return path, pinned
+            local.rename(folder)
+    return path, pinned

@@ -95,6 +95,20 @@ def command_for(spec: Path, project_root: Path, overrides: list[str]) -> list[st
     return command
 
 
+def check_model_references(spec: Path, env: dict[str, str]) -> None:
+    """Teachers named ``models:/...`` or ``mlflow:<run_id>`` are fetched on the cluster, from the tracking
+    server passed on to the job; a local store (the default ./mlflow.db) is not there to fetch from."""
+    text = Path(spec).read_text()
+    if "models:/" not in text and "mlflow:" not in text:
+        return
+    uri = env.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://", "databricks")):
+        raise ConfigError(
+            f"{spec}: names models:/ or mlflow: teachers, which the job fetches from MLflow on the cluster; "
+            "set MLFLOW_TRACKING_URI (or --env MLFLOW_TRACKING_URI=...) to a tracking server the cluster can reach"
+        )
+
+
 def runtime_env(project_root: Path, *, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     env = {"PYTHONPATH": "src", "RAY_TRAIN_V2_ENABLED": "1", **(extra_env or {})}
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -111,13 +125,15 @@ def submit(
     extra_env: dict[str, str] | None = None,
 ) -> str:
     entrypoint = shlex.join(command_for(spec, project_root, overrides or []))
+    env = runtime_env(project_root, extra_env=extra_env)
+    check_model_references(spec, env["env_vars"])
     jobs = client(address)
     deadline = time.monotonic() + 90
     while True:  # a freshly started head answers before its job agent is ready
         try:
             return jobs.submit_job(
                 entrypoint=entrypoint,
-                runtime_env=runtime_env(project_root, extra_env=extra_env),
+                runtime_env=env,
                 metadata={"detkd.spec": str(spec)},
             )
         except RuntimeError as exc:

@@ -202,3 +202,16 @@ def test_submit_refuses_specs_outside_a_project(tmp_path):
     result = CliRunner().invoke(app, ["submit", str(spec), "--address", "http://127.0.0.1:1"])
     assert result.exit_code == 2
     assert "no detkd project folder" in result.output
+
+
+def test_submit_refuses_registry_teachers_without_a_reachable_tracking_server(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "src/detkd").mkdir(parents=True)
+    (project / "pyproject.toml").write_text('[project]\nname = "detkd"\n')
+    spec = project / "distill.yaml"
+    spec.write_text("name: s\ndistill:\n  teachers: [{source: 'models:/teachers@champion'}]\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(project)
+    result = CliRunner().invoke(app, ["submit", str(spec), "--address", "http://127.0.0.1:1"])
+    assert result.exit_code == 2, result.output
+    assert "models:/ or mlflow: teachers" in result.output and "MLFLOW_TRACKING_URI" in result.output

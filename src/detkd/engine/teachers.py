@@ -1,7 +1,9 @@
 """Resolve teacher references to checkpoint files on the driver, before any worker starts.
 
 A reference is a checkpoint path, ``mlflow:<run_id>`` (the run's ``checkpoint/model.pt``
-artifact), or — inside a pipeline — the name of a model trained earlier in it.
+artifact), a registered model ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (pinned to
+the version the alias points at now), or — inside a pipeline — the name of a model trained
+earlier in it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ def resolve_source(
 ) -> Path:
     if names and source in names:
         return Path(names[source])
+    if source.startswith("models:/"):
+        from detkd.registry import registered_checkpoint
+        from detkd.tracking import resolve_tracking_uri
+
+        path, _ = registered_checkpoint(source, tracking_uri=resolve_tracking_uri(tracking_uri), cache_dir=cache_dir)
+        return path
     if source.startswith("mlflow:"):
         from detkd.tracking import download_checkpoint
 
@@ -30,7 +38,9 @@ def resolve_source(
     if path.is_file():
         return path.resolve()
     known = f"; pipeline models: {sorted(names)}" if names else ""
-    raise ConfigError(f"teacher {source!r}: no such checkpoint file, pipeline model or mlflow:<run_id>{known}")
+    raise ConfigError(
+        f"teacher {source!r}: no such checkpoint file, pipeline model, mlflow:<run_id> or models:/NAME@ALIAS{known}"
+    )
 
 
 def resolve_teachers(

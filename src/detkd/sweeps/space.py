@@ -406,11 +406,11 @@ def check_teacher_sequence(param: Parameter, base: Config, *, teacher_names: tup
             errors.append(f"{key}: {value!r} is not a non-empty list of teacher names")
             continue
         for name in value:
-            known = name in teacher_names or Path(name).is_file() or name.startswith("mlflow:")
+            known = name in teacher_names or Path(name).is_file() or name.startswith(("mlflow:", "models:/"))
             if not known:
                 errors.append(
                     f"{key}: unknown teacher {name!r} (teachers of the target pipeline: {list(teacher_names)}; "
-                    "or a checkpoint file, or mlflow:<run_id>)"
+                    "or a checkpoint file, mlflow:<run_id> or models:/NAME@ALIAS)"
                 )
         try:
             apply_trial(base, {}, value, source=key)
