@@ -52,6 +52,10 @@ def test_two_workers_reproduce_one_worker_with_the_same_global_batch(
         outcome = run_training(Config.model_validate(data), tracking=tracking)
         curves[workers] = _loss_history(mlflow_uri, outcome.run_id)
     one, two = curves[1], curves[2]
+    # rank 0 alone logs: one MLflow run per training run, whatever the number of workers
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("detkd").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["ddp1", "ddp2"]
     assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3, 4]
     assert two[0][1] == pytest.approx(one[0][1], rel=0.05)  # identical weights and images at step 1
     for (_, a), (_, b) in zip(one, two, strict=True):
