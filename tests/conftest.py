@@ -130,9 +130,14 @@ def dead_server_uri(unused_port) -> str:
     return f"http://127.0.0.1:{unused_port}"
 
 
+class MlflowServer(NamedTuple):
+    uri: str
+    artifacts: Path  # the server's artifact root (what mlflow-artifacts:/ URIs point into)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, local artifact root); yields its URI."""
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, local artifact root)."""
     import subprocess
     import sys
     import time
@@ -171,7 +176,7 @@ def mlflow_server(tmp_path_factory):
                 log_tail = (root / "server.log").read_text()[-2000:]
                 raise RuntimeError(f"mlflow server did not come up: {log_tail}") from exc
             time.sleep(0.5)
-    yield uri
+    yield MlflowServer(uri, root / "artifacts")
     server.terminate()
     try:
         server.wait(timeout=20)

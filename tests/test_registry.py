@@ -35,10 +35,15 @@ from detkd.tracking import dataset_digest, experiment_id
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def models(trained_detector, tiny_dataset, tmp_path_factory):
-    """The trained detector and an untrained one of the same plan, both logged and scored on the tiny val split."""
-    uri = trained_detector.tracking_uri
+@pytest.fixture(scope="module", params=["sqlite", "mlflow server"])
+def models(request, trained_detector, tiny_dataset, tmp_path_factory):
+    """The trained detector and an untrained one of the same plan, both logged and scored on the tiny val
+    split, in the embedded SQLite store and in a real ``mlflow server`` on 127.0.0.1."""
+    if request.param == "sqlite":
+        uri, artifacts = trained_detector.tracking_uri, None
+    else:
+        server = request.getfixturevalue("mlflow_server")
+        uri, artifacts = server.uri, server.artifacts
     source = load_coco(tiny_dataset / "annotations/instances_val.json", tiny_dataset / "images/val")
     digest = dataset_digest(dataset_records(source))
     _, meta = load_detector(trained_detector.model_path)
@@ -47,20 +52,33 @@ def models(trained_detector, tiny_dataset, tmp_path_factory):
     weak_path = tmp_path_factory.mktemp("weak") / "model.pt"
     save_detector(weak_path, untrained, meta={"plan": meta["plan"], "role": "student"})
     client = MlflowClient(uri)
-    weak_run = client.create_run(experiment_id(uri, "detkd"), run_name="weak").info.run_id
-    client.set_terminated(weak_run)
+
+    def finished_run(name: str) -> str:
+        run_id = client.create_run(experiment_id(uri, "detkd"), run_name=name).info.run_id
+        client.set_terminated(run_id)
+        return run_id
+
+    strong_run = trained_detector.run_id if request.param == "sqlite" else finished_run("strong")
 
     def candidate(name, run_id, path) -> Candidate:
         result = evaluate_checkpoint(path, source)
         return Candidate(name, run_id, path, result.metrics["AP"], result.images_per_s, "val", digest)
 
-    strong = candidate("strong", trained_detector.run_id, trained_detector.model_path)
-    weak = candidate("weak", weak_run, weak_path)
+    strong = candidate("strong", strong_run, trained_detector.model_path)
+    weak = candidate("weak", finished_run("weak"), weak_path)
     assert strong.ap > weak.ap + 0.05  # the comparison below means something
     uris = {c.name: logged_model_uri(uri, c.run_id, checkpoint=c.checkpoint, example_size=64) for c in (strong, weak)}
-    assert client.get_run(weak_run).info.status == "FINISHED"  # logging into a finished run keeps it finished
+    assert client.get_run(weak.run_id).info.status == "FINISHED"  # logging into a finished run keeps it finished
     mlflow.set_tracking_uri(uri)
-    return {"uri": uri, "source": source, "strong": strong, "weak": weak, "model_uri": uris}
+    return {
+        "uri": uri,
+        "artifacts": artifacts,
+        "source": source,
+        "strong": strong,
+        "weak": weak,
+        "model_uri": uris,
+        "trained_run": trained_detector.run_id,
+    }
 
 
 def register(models, name, who, *, gate=None, baseline=None, candidate=None, **kwargs):
@@ -126,8 +144,11 @@ def test_failure_mid_registration_leaves_no_version_and_no_alias_move(models):
     champion = register(models, "rollback", "weak", candidate=elsewhere)
     # the champion's checkpoint becomes unreadable: re-scoring it fails after the new version was created
     source = client.get_model_version("rollback", champion.version).source
-    model_id = source.removeprefix("models:/")
-    root = Path(unquote(urlparse(client.get_logged_model(model_id).artifact_location).path))
+    location = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+    if location.startswith("mlflow-artifacts:"):  # proxied by the server into its artifact root
+        root = models["artifacts"] / unquote(urlparse(location).path).lstrip("/")
+    else:
+        root = Path(unquote(urlparse(location).path))
     original = (root / "artifacts/model.pt").read_bytes()
     (root / "artifacts/model.pt").write_bytes(original[: len(original) // 2])
     try:
@@ -219,7 +240,7 @@ def test_registered_models_go_wherever_checkpoints_go(models, tiny_dataset, tiny
     )
     assert result.exit_code == 0, result.output
     row = json.loads(summary.read_text())[0]
-    assert row["AP"] == pytest.approx(models["strong"].ap, abs=1e-4) and row["mlflow_run_id"] == models["strong"].run_id
+    assert row["AP"] == pytest.approx(models["strong"].ap, abs=1e-4) and row["mlflow_run_id"] == models["trained_run"]
     assert f"models:/shipped/{shipped.version}" in result.output  # the alias is pinned to a version
 
     out = tmp_path / "shipped.onnx"
@@ -236,7 +257,7 @@ def test_registered_models_go_wherever_checkpoints_go(models, tiny_dataset, tiny
     plan = build_plan(Config.model_validate(student), tracking=TrackingContext(uri=models["uri"], experiment="detkd"))
     (teacher,) = plan.teachers
     assert teacher.source == "models:/shipped@champion" and f"shipped-v{shipped.version}-" in teacher.path
-    assert teacher.mlflow_run_id == models["strong"].run_id  # lineage reaches the teacher's training run
+    assert teacher.mlflow_run_id == models["trained_run"]  # lineage reaches the teacher's training run
     assert Path(teacher.path).read_bytes() == models["strong"].checkpoint.read_bytes()
 
     missing = {**student, "distill": {"teachers": [{"source": "models:/shipped@nobody"}], "mse": {}}}

@@ -26,9 +26,9 @@ def test_sqlite_store_in_a_missing_folder_is_refused(tmp_path):
 
 
 def test_real_server_passes_and_gets_tagged_experiments(mlflow_server):
-    check_tracking_uri(mlflow_server)
-    exp_id = experiment_id(mlflow_server, "tagged")
-    tags = MlflowClient(mlflow_server).get_experiment(exp_id).tags
+    check_tracking_uri(mlflow_server.uri)
+    exp_id = experiment_id(mlflow_server.uri, "tagged")
+    tags = MlflowClient(mlflow_server.uri).get_experiment(exp_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
 
 
