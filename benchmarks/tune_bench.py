@@ -1,7 +1,9 @@
 """What sweeps buy: tuned loss weights vs defaults, ASHA vs no early stopping, teacher sequences.
 
 Every part runs real sweeps (``detkd.sweeps``) on the quickstart data with a held-out
-test split (150 images no trial reads) and writes ``benchmarks/results/tune_bench_<part>.{json,md}``:
+test split (150 images no trial reads) and writes ``benchmarks/results/tune_bench_<part>.json`` plus a
+summary of every part recorded so far, ``tune_bench.md`` and ``tune_bench.png`` (``--part report`` rewrites
+only those):
 
     python benchmarks/tune_bench.py --part weights    # SSIM, MGD, DSAMKD: tuned on val vs defaults, 3 seeds, test AP
     python benchmarks/tune_bench.py --part asha       # the same search with ASHA and with FIFO: trial-epochs spent
@@ -25,6 +27,7 @@ from typing import Any
 import yaml
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = ("sequence", "asha", "weights")
 SEEDS = (0, 1, 2)
 HALF = {"input": {"scale": 0.5}, "model": {"min_level": 2, "max_level": 6}}
 METHODS: dict[str, tuple[dict, dict]] = {
@@ -267,12 +270,125 @@ def part_sequence(workdir: Path) -> dict:
     return {"table": table}
 
 
+def write_report(out: Path) -> Path:
+    """``tune_bench.md`` and ``tune_bench.png`` from every part's JSON recorded so far."""
+    parts = {
+        p: json.loads((out / f"tune_bench_{p}.json").read_text())
+        for p in PARTS
+        if (out / f"tune_bench_{p}.json").is_file()
+    }
+    lines = ["# What sweeps buy (`benchmarks/tune_bench.py`)", ""]
+    lines += [
+        "Quickstart data (765 train / 135 val / 150 held-out test images, 128 px), two teachers of useful strength",
+        "(`teacher`: FCOS P3-P7; `teacher_narrow`: FPN 32 channels, 1 head conv, 6 epochs), 64 px students",
+        "(P2-P6), 8 student epochs. Sweeps choose on val; every reported test number is on the held-out split.",
+        "",
+    ]
+    if "sequence" in parts:
+        table = sorted(parts["sequence"]["table"], key=lambda r: -r["test_AP"])
+        lines += [
+            "## Teacher sequences at equal student budget (c)",
+            "",
+            f"`{parts['sequence']['meta']['command']}` ({parts['sequence']['meta']['wall_s'] / 60:.0f} min; "
+            f"{parts['sequence']['meta']['machine']}; {parts['sequence']['meta']['versions']})",
+            "",
+            "| teacher sequence | val AP (mean ± std) | test AP (mean ± std) | seeds |",
+            "|---|---|---|---|",
+        ]
+        for r in table:
+            lines.append(
+                f"| {r['sequence']} | {r['val_AP']:.3f} ± {r['val_AP_std']:.3f} | "
+                f"{r['test_AP']:.3f} ± {r['test_AP_std']:.3f} | {r['n']} |"
+            )
+        lines.append("")
+    if "asha" in parts:
+        a = parts["asha"]
+        lines += [
+            "## ASHA against the same search without early stopping (b)",
+            "",
+            f"`{a['meta']['command']}` ({a['meta']['wall_s'] / 60:.0f} min)",
+            "",
+            "| scheduler | trial-epochs | stopped early | best val AP | its test AP | wall |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in ("asha", "fifo"):
+            r = a[name]
+            test = f"{r['best_test_AP']:.3f}" if r.get("best_test_AP") is not None else "-"
+            lines.append(
+                f"| {name} | {r['trial_epochs']} | {r['stopped_early']} | {r['best_val_AP']:.3f} | {test} | "
+                f"{r['wall_s'] / 60:.1f} min |"
+            )
+        lines.append("")
+    if "weights" in parts:
+        w = parts["weights"]
+        lines += [
+            "## Tuned loss weights against the defaults (a)",
+            "",
+            f"`{w['meta']['command']}` ({w['meta']['wall_s'] / 60:.0f} min)",
+            "",
+            "| method | weights | test AP (mean ± std, 3 seeds) |",
+            "|---|---|---|",
+        ]
+        for r in w["table"]:
+            lines.append(f"| {r['method']} | {r['variant']} | {r['test_AP']:.3f} ± {r['test_AP_std']:.3f} |")
+        lines += ["", "Chosen on val:", ""]
+        for method, chosen in w["chosen"].items():
+            lines.append(f"- {method}: " + ", ".join(f"{k} = {v:.3g}" for k, v in chosen.items()))
+        lines.append("")
+    path = out / "tune_bench.md"
+    path.write_text("\n".join(lines) + "\n")
+    write_plot(parts, out / "tune_bench.png")
+    return path
+
+
+def write_plot(parts: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in ("sequence", "asha", "weights") if p in parts]
+    if not panels:
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, part in zip(axes[0], panels, strict=True):
+        if part == "sequence":
+            table = sorted(parts[part]["table"], key=lambda r: -r["test_AP"])
+            ax.barh(
+                [r["sequence"] for r in table], [r["test_AP"] for r in table], xerr=[r["test_AP_std"] for r in table]
+            )
+            ax.set_xlabel("test AP (3 seeds)")
+            ax.set_title("teacher sequences, equal budget")
+            ax.invert_yaxis()
+        elif part == "asha":
+            for name, marker in (("asha", "o"), ("fifo", "s")):
+                trials = parts[part][name]["trials"]
+                ax.scatter([t["epochs"] for t in trials], [t["val/AP"] for t in trials], marker=marker, label=name)
+            ax.set_xlabel("epochs the trial ran")
+            ax.set_ylabel("final val AP")
+            ax.set_title("ASHA vs FIFO: epochs spent per trial")
+            ax.legend()
+        else:
+            table = parts[part]["table"]
+            labels = [f"{r['method']}\n{r['variant']}" for r in table]
+            ax.bar(labels, [r["test_AP"] for r in table], yerr=[r["test_AP_std"] for r in table])
+            ax.set_ylabel("test AP (3 seeds)")
+            ax.set_title("tuned vs default loss weights")
+            ax.tick_params(axis="x", labelsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["weights", "asha", "sequence"], required=True)
+    parser.add_argument("--part", choices=[*PARTS, "report"], required=True, help="report: only rewrite the summary")
     parser.add_argument("--workdir", type=Path, default=Path("runs/tune_bench"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.part == "report":
+        print(f"written: {write_report(args.out)}")
+        return
     import ray
     import torch
 
@@ -292,7 +408,7 @@ def main() -> None:
     path = args.out / f"tune_bench_{args.part}.json"
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1, default=str))
-    print(f"written: {path}")
+    print(f"written: {path}, {write_report(args.out)}")
 
 
 if __name__ == "__main__":
