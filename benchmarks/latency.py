@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICKSTART = Path("runs/quickstart")
+BACKENDS = ("pytorch eager", "onnx runtime", "torchscript")
 
 
 def timed(fn, *, repeats: int) -> float:
@@ -89,6 +91,59 @@ def eager_breakdown(predictor, images: list[bytes], *, repeats: int) -> dict[str
     return {k: round(v, 3) for k, v in parts.items()}
 
 
+def measure(model: str, checkpoint: Path, backend: str, files: list[Path], *, repeats: int) -> dict[str, Any]:
+    """One model through one backend, in this process alone (see ``main``)."""
+    from detkd.export import export_detector
+    from detkd.inference import Predictor, image_tensor
+
+    encoded = [f.read_bytes() for f in files]
+    decoded = [image_tensor(b) for b in encoded]
+    with tempfile.TemporaryDirectory() as folder:
+        if backend == "pytorch eager":
+            predictor = Predictor.from_checkpoint(checkpoint, score_thresh=0.3)
+        else:
+            fmt = "onnx" if backend == "onnx runtime" else "torchscript"
+            export_detector(checkpoint, format=fmt, out=Path(folder) / f"model.{fmt}")
+            predictor = Predictor.from_export(Path(folder) / f"model.{fmt}", score_thresh=0.3)
+        rows = []
+        for batch in (1, 8):
+            rows.append(
+                {
+                    "model": model,
+                    "input_px": predictor.input_spec.model_size,
+                    "backend": backend,
+                    "batch": batch,
+                    "images_per_s": round(throughput(predictor, decoded, batch, repeats=repeats), 1),
+                    "end_to_end_images_per_s": round(throughput(predictor, encoded, batch, repeats=repeats), 1),
+                }
+            )
+        breakdown = eager_breakdown(predictor, encoded[:16], repeats=repeats) if backend == "pytorch eager" else None
+    return {"rows": rows, "breakdown": breakdown}
+
+
+def network_flops(checkpoint: Path) -> dict[str, float]:
+    """MFLOPs of backbone + FPN and of the head on one image at the model's input size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from detkd.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(checkpoint)
+    model, size = predictor.backend.model, predictor.input_spec.model_size
+    with torch.inference_mode():
+        batch = model.transform([torch.rand(3, size, size)])[0]
+        with FlopCounterMode(display=False) as counter:
+            features = model.backbone(batch.tensors)
+        backbone = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            model.head(list(features.values()))
+        head = counter.get_total_flops()
+    return {
+        "backbone_fpn_mflop": round(backbone / 1e6, 1),
+        "head_mflop": round(head / 1e6, 1),
+        "levels": {name: list(f.shape[-2:]) for name, f in features.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", type=Path, default=QUICKSTART / "models/teacher/model.pt")
@@ -96,51 +151,38 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=QUICKSTART / "data/images/test")
     parser.add_argument("--count", type=int, default=64, help="images per timed pass")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--one", nargs=3, metavar=("MODEL", "CHECKPOINT", "BACKEND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    files = sorted(args.images.glob("*.png"))[: args.count]
+    if args.one:  # a worker process: one model, one backend
+        model, checkpoint, backend = args.one
+        print(json.dumps(measure(model, Path(checkpoint), backend, files, repeats=args.repeats)))
+        return
     for path in (args.teacher, args.student):
         if not path.is_file():
             sys.exit(f"error: {path}: no checkpoint; run `detkd run pipelines/quickstart.yaml` first")
-    files = sorted(args.images.glob("*.png"))[: args.count]
     if not files:
         sys.exit(f"error: {args.images}: no PNG images")
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-
-    from detkd.export import export_detector
-    from detkd.inference import Predictor, image_tensor
-
-    encoded = [f.read_bytes() for f in files]
-    decoded = [image_tensor(b) for b in encoded]
-    rows, breakdown = [], {}
-    with tempfile.TemporaryDirectory() as folder:
-        for name, checkpoint in (("teacher", args.teacher), ("student", args.student)):
-            predictors = {"pytorch eager": Predictor.from_checkpoint(checkpoint, score_thresh=0.3)}
-            for fmt, backend in (("onnx", "onnx runtime"), ("torchscript", "torchscript")):
-                out = Path(folder) / f"{name}.{fmt}"
-                export_detector(checkpoint, format=fmt, out=out)
-                predictors[backend] = Predictor.from_export(out, score_thresh=0.3)
-            size = predictors["pytorch eager"].input_spec.model_size
-            for backend, predictor in predictors.items():
-                for batch in (1, 8):
-                    model_ips = throughput(predictor, decoded, batch, repeats=args.repeats)
-                    e2e_ips = throughput(predictor, encoded, batch, repeats=args.repeats)
-                    rows.append(
-                        {
-                            "model": name,
-                            "input_px": size,
-                            "backend": backend,
-                            "batch": batch,
-                            "images_per_s": round(model_ips, 1),
-                            "end_to_end_images_per_s": round(e2e_ips, 1),
-                        }
-                    )
-                    print(json.dumps(rows[-1]), flush=True)
-            breakdown[name] = eager_breakdown(predictors["pytorch eager"], encoded[:16], repeats=args.repeats)
-            print(name, json.dumps(breakdown[name]), flush=True)
+    # Each (model, backend) runs in a fresh process: PyTorch's OpenMP threads keep spinning after
+    # eager work and would slow an ONNX Runtime session measured next in the same process.
+    rows, breakdown, flops = [], {}, {}
+    for name, checkpoint in (("teacher", args.teacher), ("student", args.student)):
+        flops[name] = network_flops(checkpoint)
+        for backend in BACKENDS:
+            command = [sys.executable, __file__, "--images", str(args.images), "--count", str(args.count)]
+            command += ["--repeats", str(args.repeats), "--one", name, str(checkpoint), backend]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                sys.exit(f"error: measuring {name} with {backend} failed:\n{done.stderr[-3000:]}")
+            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            rows += measured["rows"]
+            if measured["breakdown"]:
+                breakdown[name] = measured["breakdown"]
+            for row in measured["rows"]:
+                print(json.dumps(row), flush=True)
     ratios = []
-    for backend in ("pytorch eager", "onnx runtime", "torchscript"):
+    for backend in BACKENDS:
         for batch in (1, 8):
             pick = {r["model"]: r for r in rows if r["backend"] == backend and r["batch"] == batch}
             ratios.append(
@@ -159,10 +201,11 @@ def main() -> None:
         "rows": rows,
         "ratios": ratios,
         "eager_breakdown_ms_per_image": breakdown,
+        "flops": flops,
         "meta": {
             "command": " ".join(["python", *sys.argv]),
             "images": f"{len(files)} PNGs from {args.images}",
-            "threads": args.threads,
+            "threads": torch.get_num_threads(),
             "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, no GPU used",
             "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
             f"onnxruntime {onnxruntime.__version__}",
@@ -193,6 +236,11 @@ def write_markdown(result: dict, path: Path) -> None:
     lines += ["", "| backend | batch | student / teacher | same, PNG bytes in |", "|---|---|---|---|"]
     for r in result["ratios"]:
         lines.append(f"| {r['backend']} | {r['batch']} | {r['student_over_teacher']}x | {r['end_to_end']}x |")
+    lines += ["", "Network cost per image (torch.utils.flop_counter):", ""]
+    lines += ["| model | feature maps | backbone + FPN MFLOP | head MFLOP |", "|---|---|---|---|"]
+    for name, f in result["flops"].items():
+        maps = ", ".join(f"{k} {v[0]}x{v[1]}" for k, v in f["levels"].items())
+        lines.append(f"| {name} | {maps} | {f['backbone_fpn_mflop']} | {f['head_mflop']} |")
     lines += ["", "Eager PyTorch, batch 1, milliseconds per image:", ""]
     names = list(result["eager_breakdown_ms_per_image"])
     lines.append("| part | " + " | ".join(names) + " |")

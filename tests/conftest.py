@@ -193,7 +193,7 @@ class TrainedDetector(NamedTuple):
 
 @pytest.fixture(scope="session")
 def trained_detector(tiny_dataset, tiny_config, ray_cluster, tmp_path_factory):
-    """A tiny FCOS trained 3 epochs through Ray Train and logged to its own SQLite store (with its
+    """A tiny FCOS trained 12 epochs through Ray Train and logged to its own SQLite store (with its
     pyfunc model); the tests that deploy a model share it."""
     from detkd.config import Config
     from detkd.engine.launch import run_training
@@ -201,6 +201,6 @@ def trained_detector(tiny_dataset, tiny_config, ray_cluster, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    cfg = Config.model_validate(tiny_config(tiny_dataset, work, train={"epochs": 3}))
+    cfg = Config.model_validate(tiny_config(tiny_dataset, work, train={"epochs": 12}, optim={"lr": 0.004}))
     outcome = run_training(cfg, tracking=TrackingContext(uri=uri, experiment="detkd"))
     return TrainedDetector(uri, outcome.run_id, outcome.model_path)

@@ -33,14 +33,23 @@ def test_export_gives_pytorch_detections(fmt, trained_detector, varied_dataset, 
 
     # images of other sizes and aspect ratios than the training ones: dynamic height and width
     images = images_of(varied_dataset)
-    eager = Predictor.from_checkpoint(trained_detector.model_path, score_thresh=0.05)(images)
-    exported = Predictor.from_export(out, score_thresh=0.05)(images)
-    assert sum(len(d.boxes) for d in eager) > 0
+    # a threshold above the export's 0.05 and fewer than 100 detections per image: no detection sits at a
+    # cut-off where a 1e-6 score difference could keep it in one runtime and drop it in the other
+    eager = Predictor.from_checkpoint(trained_detector.model_path, score_thresh=0.2)(images)
+    exported = Predictor.from_export(out, score_thresh=0.2)(images)
+    assert sum(len(d.boxes) for d in eager) > 0 and max(len(d.boxes) for d in eager) < 100
     for want, got in zip(eager, exported, strict=True):
-        assert got.category_ids == want.category_ids and got.names == want.names
-        assert got.scores == pytest.approx(want.scores, abs=1e-4)
-        for a, b in zip(want.boxes, got.boxes, strict=True):
-            assert b == pytest.approx(a, abs=EXPORT_TOLERANCE_PX + 0.01)  # + the 0.01 px rounding of reported boxes
+        # the same detections; equal scores (a box kept for two classes) may come in either order
+        want_items, got_items = canonical(want), canonical(got)
+        assert [w[:2] for w in want_items] == [g[:2] for g in got_items]  # categories and names
+        for w, g in zip(want_items, got_items, strict=True):
+            assert g[2] == pytest.approx(w[2], abs=1e-4)
+            assert g[3] == pytest.approx(w[3], abs=EXPORT_TOLERANCE_PX + 0.01)  # + the 0.01 px rounding of boxes
+
+
+def canonical(detections) -> list[tuple]:
+    items = zip(detections.category_ids, detections.names, detections.scores, detections.boxes, strict=True)
+    return sorted(items, key=lambda d: (d[0], round(d[2], 3), [round(v, 1) for v in d[3]]))
 
 
 def test_exported_threshold_is_a_floor(trained_detector, tiny_dataset, tmp_path):

@@ -62,7 +62,11 @@ def image_tensor(image: ImageInput) -> torch.Tensor:
 
 
 class EagerBackend:
-    """The detector as a PyTorch module (thresholds set on it per call)."""
+    """The detector as a PyTorch module (thresholds set on it per call).
+
+    Images are batched only with others of the same prepared size: torchvision pads a batch to
+    its largest image and the FCOS head's GroupNorm sees the padding, so a mixed-size batch would
+    give an image other detections than it gets alone (or from an exported, one-image graph)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval()
@@ -73,7 +77,14 @@ class EagerBackend:
         from detkd.models.detectors import set_inference_thresholds
 
         set_inference_thresholds(self.model, score_thresh=score_thresh, detections_per_img=detections_per_img)
-        return self.model(images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(tuple(image.shape), []).append(index)
+        outputs: list[dict[str, torch.Tensor]] = [{}] * len(images)
+        for indices in groups.values():
+            for index, output in zip(indices, self.model([images[i] for i in indices]), strict=True):
+                outputs[index] = output
+        return outputs
 
 
 class ExportedBackend:

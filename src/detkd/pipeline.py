@@ -523,25 +523,14 @@ def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
 def print_summary(rows: list[dict[str, Any]], console) -> None:
     from rich.table import Table
 
-    columns = [
-        "name",
-        "role",
-        "method",
-        "input_size",
-        "split",
-        "AP",
-        "AP50",
-        "APs",
-        "images_per_s",
-        "mlflow_run_id",
-        "registered",
-    ]
+    # the registration is its own line (``register: ...``) and a key of the JSON rows, not a column
+    columns = ["name", "role", "method", "input_size", "split", "AP", "AP50", "APs", "images_per_s", "mlflow_run_id"]
     columns = [c for c in columns if any(c in row for row in rows)]
     table = Table(title="detkd summary")
     for column in columns:
         table.add_column(
             column,
-            justify="left" if column in ("name", "role", "method", "split", "mlflow_run_id", "registered") else "right",
+            justify="left" if column in ("name", "role", "method", "split", "mlflow_run_id") else "right",
         )
     for row in rows:
         table.add_row(*[f"{row[c]:.4f}" if c in ("AP", "AP50", "APs") else str(row.get(c, "")) for c in columns])

@@ -211,7 +211,10 @@ def register_candidate(
             **{f"{TAG}gate.{k}": str(v) for k, v in verdict.numbers.items()},
             **(extra_tags or {}),
         }
-        version = client.create_model_version(model, source=model_uri, run_id=candidate.run_id, tags=tags)
+        logged_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+        version = client.create_model_version(
+            model, source=model_uri, run_id=candidate.run_id, tags=tags, model_id=logged_id
+        )
         try:
             try:
                 current = client.get_model_version_by_alias(model, CHAMPION)
@@ -230,7 +233,7 @@ def register_candidate(
                 )
             decision = {
                 f"{TAG}verdict": why,
-                f"{TAG}champion_before": current.version if current else "none",
+                f"{TAG}champion_before": str(current.version) if current else "none",
                 f"{TAG}champion_before_ap": f"{current_ap:.6f}" if current_ap is not None else "none",
             }
             for key, value in decision.items():
@@ -241,10 +244,10 @@ def register_candidate(
             raise
     return Registration(
         model=model,
-        version=version.version,
+        version=str(version.version),
         alias=alias,
         gate=verdict,
-        champion_before=current.version if current else None,
+        champion_before=str(current.version) if current else None,
         champion_before_ap=current_ap,
         verdict=why,
         tags={**tags, **decision},
