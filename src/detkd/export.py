@@ -220,7 +220,12 @@ def load_runner(path: Path) -> Runner:
         return run_script
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    # One image per run of a small detector: a second intra-op thread (spinning between runs, beside
+    # PyTorch's pool that prepares the images) made it 2.3x slower per image on 2 cores, not faster
+    # (benchmarks/results/latency.md). DETKD_ORT_THREADS sets another count for bigger models.
+    options.intra_op_num_threads = int(os.environ.get("DETKD_ORT_THREADS", "1"))
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run_onnx(image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         boxes, scores, labels = session.run(None, {"image": image.contiguous().numpy()})
