@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -135,54 +137,57 @@ class MlflowServer(NamedTuple):
     artifacts: Path  # the server's artifact root (what mlflow-artifacts:/ URIs point into)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, local artifact root)."""
+@contextlib.contextmanager
+def serving(command: list[str], *, ready_url: str, log_path: Path, env: dict | None = None, wait_s: float = 180):
+    """Run a server process until the block ends; it must answer ``ready_url`` within ``wait_s``."""
     import subprocess
-    import sys
     import time
     import urllib.request
 
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "w")  # noqa: SIM115 - open for the server's lifetime
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 120
-    while True:
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                break
-        except OSError as exc:
-            if server.poll() is not None or time.monotonic() > deadline:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    with urllib.request.urlopen(ready_url, timeout=2):
+                        break
+                except OSError as exc:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"{command[:3]} did not come up: {log_path.read_text()[-3000:]}") from exc
+                    time.sleep(0.5)
+            yield server
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
                 server.kill()
-                log_tail = (root / "server.log").read_text()[-2000:]
-                raise RuntimeError(f"mlflow server did not come up: {log_tail}") from exc
-            time.sleep(0.5)
-    yield MlflowServer(uri, root / "artifacts")
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+
+
+@pytest.fixture(scope="session")
+def server_process():
+    """``serving`` for tests that start a server of their own (``mlflow models serve``)."""
+    return serving
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, local artifact root)."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    uri = f"http://127.0.0.1:{free_port()}"
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1"]
+    command += [
+        "--port",
+        uri.rsplit(":", 1)[1],
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+    ]
+    command += ["--artifacts-destination", str(root / "artifacts")]
+    with serving(command, ready_url=f"{uri}/health", log_path=root / "server.log", wait_s=120):
+        yield MlflowServer(uri, root / "artifacts")
 
 
 class TrainedDetector(NamedTuple):

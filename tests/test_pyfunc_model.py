@@ -9,9 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -90,51 +88,20 @@ def test_undecodable_image_is_refused_naming_it(logged):
         model.predict(pd.DataFrame({"image": [b"not a png"]}))
 
 
-def test_mlflow_models_serve_answers_a_real_image(logged, tiny_dataset, unused_port, tmp_path):
+def test_mlflow_models_serve_answers_a_real_image(logged, tiny_dataset, unused_port, server_process, tmp_path):
     uri, run_id, _ = logged
     port = unused_port
     # mlflow models serve execs uvicorn by name: this interpreter's scripts folder goes first on PATH
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "models",
-            "serve",
-            "-m",
-            f"runs:/{run_id}/model",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "mlflow models serve did not come up"
-                time.sleep(0.5)
-        images = val_images(tiny_dataset, 2)
-        body = {
-            "dataframe_split": {
-                "columns": ["image"],
-                "data": [[base64.b64encode(img).decode()] for img in images],
-            },
-            "params": {"score_threshold": 0.05},
-        }
+    command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"runs:/{run_id}/model"]
+    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    images = val_images(tiny_dataset, 2)
+    body = {
+        "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(img).decode()] for img in images]},
+        "params": {"score_threshold": 0.05},
+    }
+    with server_process(command, ready_url=f"http://127.0.0.1:{port}/ping", log_path=tmp_path / "serve.log", env=env):
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
             data=json.dumps(body).encode(),
@@ -142,13 +109,6 @@ def test_mlflow_models_serve_answers_a_real_image(logged, tiny_dataset, unused_p
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             served = json.loads(response.read())["predictions"]
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
     local = Predictor.from_checkpoint(logged[2], score_thresh=0.05)(images)
     assert len(served) == 2
     for row, expected in zip(served, local, strict=True):
