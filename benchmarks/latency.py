@@ -15,30 +15,18 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from throughput import timed  # the benchmarks' one timing helper (this folder is on sys.path when run)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICKSTART = Path("runs/quickstart")
 BACKENDS = ("pytorch eager", "onnx runtime", "torchscript")
-
-
-def timed(fn, *, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def throughput(predictor, images: list[Any], batch: int, *, repeats: int) -> float:
@@ -48,7 +36,7 @@ def throughput(predictor, images: list[Any], batch: int, *, repeats: int) -> flo
         for i in range(0, len(images), batch):
             predictor(images[i : i + batch])
 
-    return len(images) / timed(run, repeats=repeats)
+    return len(images) / timed(run, repeats=repeats, warmup=1)
 
 
 def eager_breakdown(predictor, images: list[bytes], *, repeats: int) -> dict[str, float]:
@@ -63,7 +51,7 @@ def eager_breakdown(predictor, images: list[bytes], *, repeats: int) -> dict[str
     parts: dict[str, float] = {}
 
     def part(name, fn) -> None:
-        parts[name] = timed(lambda: [fn(i) for i in range(len(images))], repeats=repeats) / len(images) * 1e3
+        parts[name] = timed(lambda: [fn(i) for i in range(len(images))], repeats=repeats, warmup=1) / len(images) * 1e3
 
     part("decode PNG", lambda i: image_tensor(images[i]))
     part("resize to input view", lambda i: predictor.prepare([decoded[i]]))
@@ -86,7 +74,7 @@ def eager_breakdown(predictor, images: list[bytes], *, repeats: int) -> dict[str
         part("decode boxes + NMS", post)
         outputs = [model([p])[0] for p in prepared]
         part("map to original pixels", lambda i: predictor.to_original(outputs[i], scales[i]))
-        total = timed(lambda: [model([p]) for p in prepared], repeats=repeats) / len(images) * 1e3
+        total = timed(lambda: [model([p]) for p in prepared], repeats=repeats, warmup=1) / len(images) * 1e3
     parts["whole forward (for reference)"] = total
     return {k: round(v, 3) for k, v in parts.items()}
 

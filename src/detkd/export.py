@@ -25,8 +25,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from detkd.models.checkpoint import CheckpointError
-
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
 META_KEY = "detkd"  # ONNX metadata_props key / TorchScript extra file holding input view and categories
@@ -72,7 +70,7 @@ def export_detector(
     detections_per_img: int = 100,
 ) -> ExportResult:
     """Write ``out`` atomically and check it against eager PyTorch on a probe image."""
-    from detkd.engine.plan import RunPlan
+    from detkd.engine.evaluate import checkpoint_plan
     from detkd.models.checkpoint import load_detector
     from detkd.models.detectors import set_inference_thresholds
 
@@ -80,9 +78,7 @@ def export_detector(
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     checkpoint = Path(checkpoint)
     model, meta = load_detector(checkpoint)
-    if "plan" not in meta:
-        raise CheckpointError(f"{checkpoint}: the checkpoint stores no run plan, so its input view is unknown")
-    plan = RunPlan.from_dict(meta["plan"])
+    plan = checkpoint_plan(checkpoint, meta)
     if type(model).__name__ == "MultiScaleDetector":
         raise ExportError(
             f"{checkpoint}: the multi-scale MSAD teacher runs two resolutions and fuses them; "
@@ -92,18 +88,12 @@ def export_detector(
     wrapper = SingleImageDetector(model).eval()
     info = {
         "format": format,
-        "input": {
-            "size": plan.input.size,
-            "max_size": plan.input.max_size,
-            "scale": plan.input.scale,
-            "mean": list(plan.input.mean),
-            "std": list(plan.input.std),
-        },
+        "input": plan.input.to_dict(),
         "categories": [list(c) for c in plan.categories],
         "score_thresh": score_thresh,
         "detections_per_img": detections_per_img,
         "source_checkpoint": checkpoint.name,
-        "model": meta.get("plan", {}).get("name", ""),
+        "model": plan.config.name,
     }
     probe = probe_image(plan.input)
     out = Path(out)
@@ -116,7 +106,7 @@ def export_detector(
             write_onnx(wrapper, probe, tmp, info)
         else:
             write_torchscript(wrapper, tmp, info)
-        runner = load_runner(tmp)
+        _, runner = load_export(tmp)
         with torch.inference_mode():
             expected = wrapper(probe)
         difference = max_box_difference(expected, runner(probe))
@@ -185,41 +175,51 @@ def max_box_difference(expected: tuple[Tensor, ...], got: tuple[Tensor, ...]) ->
 Runner = Any  # callable: prepared image tensor -> (boxes, scores, labels)
 
 
+def is_torchscript(path: Path) -> bool:
+    """TorchScript files are zip archives; anything else is read as ONNX."""
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"PK"
+
+
 def read_info(path: Path) -> dict[str, Any]:
     """The input view, categories and baked thresholds stored in an exported file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such exported model")
-    if path.read_bytes()[:2] == b"PK":  # TorchScript files are zip archives
-        files = {META_KEY: ""}
-        torch.jit.load(str(path), _extra_files=files)
-        text = files[META_KEY]
-    else:
-        import onnx
+    if is_torchscript(path):
+        return load_export(path)[0]
+    import onnx
 
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:
-            raise ExportError(f"{path}: neither a TorchScript archive nor an ONNX model ({exc})") from None
-        text = next((p.value for p in proto.metadata_props if p.key == META_KEY), "")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ExportError(f"{path}: neither a TorchScript archive nor an ONNX model ({exc})") from None
+    return parse_info(path, next((p.value for p in proto.metadata_props if p.key == META_KEY), ""))
+
+
+def parse_info(path: Path, text: str) -> dict[str, Any]:
     if not text:
         raise ExportError(f"{path}: not a detkd export (no '{META_KEY}' metadata)")
     return json.loads(text)
 
 
-def load_runner(path: Path) -> Runner:
-    """A callable running the exported graph: ONNX Runtime (CPU) or torch.jit."""
+def load_export(path: Path) -> tuple[dict[str, Any], Runner]:
+    """The file's info and a callable running its graph: torch.jit, or ONNX Runtime on CPU (each loaded once)."""
     path = Path(path)
-    if path.read_bytes()[:2] == b"PK":
-        module = torch.jit.load(str(path)).eval()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such exported model")
+    if is_torchscript(path):
+        files = {META_KEY: ""}
+        module = torch.jit.load(str(path), _extra_files=files).eval()
 
         def run_script(image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             with torch.inference_mode():
                 return module(image)
 
-        return run_script
+        return parse_info(path, files[META_KEY]), run_script
     import onnxruntime
 
+    info = read_info(path)
     options = onnxruntime.SessionOptions()
     # One image per run of a small detector: a second intra-op thread (spinning between runs, beside
     # PyTorch's pool that prepares the images) made it 2.3x slower per image on 2 cores, not faster
@@ -231,4 +231,4 @@ def load_runner(path: Path) -> Runner:
         boxes, scores, labels = session.run(None, {"image": image.contiguous().numpy()})
         return torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels)
 
-    return run_onnx
+    return info, run_onnx

@@ -20,8 +20,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from detkd.models.checkpoint import CheckpointError
-
 ImageInput = bytes | bytearray | Image.Image | np.ndarray | torch.Tensor
 
 
@@ -148,36 +146,27 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: Path | str, **options: Any) -> Predictor:
         """Eager PyTorch; the checkpoint is loaded with ``weights_only=True`` and verified by its checksum."""
-        from detkd.engine.plan import RunPlan
+        from detkd.engine.evaluate import checkpoint_plan
         from detkd.models.checkpoint import load_detector
 
         model, meta = load_detector(Path(path))
-        if "plan" not in meta:
-            raise CheckpointError(f"{path}: the checkpoint stores no run plan, so its input view is unknown")
-        plan = RunPlan.from_dict(meta["plan"])
+        plan = checkpoint_plan(path, meta)
         return cls(EagerBackend(model), input_spec=plan.input, categories=plan.categories, **options)
 
     @classmethod
     def from_export(cls, path: Path | str, **options: Any) -> Predictor:
         """A ``detkd export`` file (ONNX, run by ONNX Runtime on CPU, or TorchScript)."""
         from detkd.engine.plan import InputSpec
-        from detkd.export import load_runner, read_info
+        from detkd.export import load_export
 
-        info = read_info(Path(path))
-        spec = info["input"]
+        info, runner = load_export(Path(path))
         backend = ExportedBackend(
-            load_runner(Path(path)),
+            runner,
             score_thresh=float(info["score_thresh"]),
             detections_per_img=int(info["detections_per_img"]),
             path=Path(path),
         )
-        input_spec = InputSpec(
-            size=int(spec["size"]),
-            max_size=spec["max_size"],
-            scale=float(spec["scale"]),
-            mean=tuple(spec["mean"]),
-            std=tuple(spec["std"]),
-        )
+        input_spec = InputSpec.from_dict(info["input"])
         return cls(backend, input_spec=input_spec, categories=[tuple(c) for c in info["categories"]], **options)
 
     def prepare(self, images: Sequence[ImageInput]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -54,18 +54,14 @@ class Node:
 def resolve(ref: str, client: MlflowClient) -> tuple[str, Any | None]:
     """(run id, registered model version or None) of ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
     ``models:/<logged model id>``, ``runs:/RUN_ID[/path]`` or a bare run id."""
+    from detkd.registry import model_version
+
     try:
         if ref.startswith("models:/"):
-            rest = ref.removeprefix("models:/")
-            if "@" in rest:
-                name, alias = rest.split("@", 1)
-                version = client.get_model_version_by_alias(name, alias)
+            version = model_version(client, ref)
+            if version is not None:
                 return version.run_id, version
-            if "/" in rest:
-                name, number = rest.split("/", 1)
-                version = client.get_model_version(name, number)
-                return version.run_id, version
-            return client.get_logged_model(rest).source_run_id, None
+            return client.get_logged_model(ref.removeprefix("models:/")).source_run_id, None
         if ref.startswith("runs:/"):
             run_id = ref.removeprefix("runs:/").split("/", 1)[0]
             client.get_run(run_id)

@@ -239,7 +239,7 @@ def run_pipeline(
     spec: PipelineSpec, *, address: str | None = None, console=None, fresh: bool = False
 ) -> list[dict[str, Any]]:
     """Run every step; returns one summary row per trained model. ``fresh`` retrains every model."""
-    from detkd.engine.launch import ensure_ray, run_training
+    from detkd.engine.launch import ensure_ray, log_split, run_training
     from detkd.engine.plan import open_split
     from detkd.tracking import RunLogger, check_tracking_uri, code_version_tags, run_context
 
@@ -311,9 +311,12 @@ def run_pipeline(
                 tags={"pipeline": spec.name, "kind": "evaluate", "component": "evaluate", "pipeline_run": parent_id},
             ) as eval_id:
                 eval_logger = RunLogger(tracking_uri=uri, run_id=eval_id)
+                split_digest = log_split(uri, eval_id, split_name, split, eval_source)
                 eval_logger.tags(
-                    {f"dataset.{split_name}": log_split(uri, eval_id, split_name, split, eval_source)}
-                    | {"evaluated_runs": json.dumps([o.run_id for _, o in outcomes])}
+                    {
+                        f"dataset.{split_name}": split_digest,
+                        "evaluated_runs": json.dumps([o.run_id for _, o in outcomes]),
+                    }
                 )
                 for cfg, outcome in outcomes:
                     row, result = evaluation_row(
@@ -332,7 +335,9 @@ def run_pipeline(
                 eval_logger.dict(rows, "summary.json")
             if spec.registration is not None:
                 outcome_of = {cfg.name: outcome for cfg, outcome in outcomes}
-                run_register_step(spec, rows, outcome_of, eval_source, split_name, parent_run_id=parent_id, say=say)
+                run_register_step(
+                    spec, rows, outcome_of, eval_source, split_name, split_digest, parent_run_id=parent_id, say=say
+                )
         parent.dict(rows, "summary.json")
         parent.metrics({"pipeline_seconds": time.perf_counter() - started})
         from detkd.lineage import pipeline_lineage_png
@@ -343,23 +348,9 @@ def run_pipeline(
     return rows
 
 
-def log_split(uri: str, run_id: str, name: str, split: SplitConfig, source) -> str:
-    """Log one split as a dataset input of ``run_id``; returns its digest (the same wherever it is used)."""
-    from detkd.engine.launch import dataset_records
-    from detkd.tracking import log_dataset
-
-    return log_dataset(
-        tracking_uri=uri,
-        run_id=run_id,
-        records=dataset_records(source),
-        source=str(split.coco or split.parquet),
-        name=name,
-        context=name,
-    )
-
-
 def log_splits(spec: PipelineSpec, uri: str, run_id: str) -> None:
     """The data component's lineage: every split it produced, with digests as ``detkd.dataset.<split>`` tags."""
+    from detkd.engine.launch import log_split
     from detkd.engine.plan import open_split
     from detkd.tracking import RunLogger
 
@@ -371,16 +362,24 @@ def log_splits(spec: PipelineSpec, uri: str, run_id: str) -> None:
 
 
 def run_register_step(
-    spec: PipelineSpec, rows: list[dict[str, Any]], outcomes: dict[str, Any], source, split: str, *, parent_run_id, say
+    spec: PipelineSpec,
+    rows: list[dict[str, Any]],
+    outcomes: dict[str, Any],
+    source,
+    split: str,
+    digest: str,
+    *,
+    parent_run_id,
+    say,
 ):
-    """Register the chosen student behind the gate (a child run ``register``); its row gets the outcome."""
-    from detkd.engine.launch import dataset_records
+    """Register the chosen student behind the gate (a child run ``register``); its row gets the outcome.
+
+    ``source`` is the scoring split the rows were measured on and ``digest`` its dataset digest."""
     from detkd.registry import Candidate, Gate, logged_model_uri, register_candidate
-    from detkd.tracking import RunLogger, dataset_digest, run_context
+    from detkd.tracking import RunLogger, run_context
 
     step = spec.registration
     tracking = tracking_context(spec)
-    digest = dataset_digest(dataset_records(source))
     row_of = {row["name"]: row for row in rows}
 
     def candidate(name: str) -> Candidate:

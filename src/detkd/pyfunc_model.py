@@ -28,11 +28,8 @@ class DetkdDetector(PythonModel):
     """Images in, detections in original coordinates out (see :class:`detkd.inference.Predictor`)."""
 
     def load_context(self, context) -> None:
-        import torch
-
         from detkd.inference import Predictor
 
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.predictor = Predictor.from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:

@@ -254,6 +254,19 @@ def register_candidate(
     )
 
 
+def model_version(client: MlflowClient, uri: str) -> Any | None:
+    """The version ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names (MlflowException when the store
+    has none); None for a URI of another form (``models:/<logged model id>``)."""
+    rest = uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    if "/" in rest:
+        name, number = rest.split("/", 1)
+        return client.get_model_version(name, number)
+    return None
+
+
 def registered_checkpoint(uri: str, *, tracking_uri: str, cache_dir: Path) -> tuple[Path, str]:
     """The detkd checkpoint inside ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, downloaded once
     per version into ``cache_dir``; returns (checkpoint path, the pinned ``models:/NAME/VERSION``).
@@ -261,19 +274,12 @@ def registered_checkpoint(uri: str, *, tracking_uri: str, cache_dir: Path) -> tu
     An alias is resolved now, so a run records the exact version it used even if the alias moves."""
     from detkd.config import ConfigError
 
-    client = MlflowClient(tracking_uri)
-    rest = uri.removeprefix("models:/")
     try:
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        elif "/" in rest:
-            name, number = rest.split("/", 1)
-            version = client.get_model_version(name, number)
-        else:
-            raise ConfigError(f"{uri}: give models:/NAME@ALIAS or models:/NAME/VERSION")
+        version = model_version(MlflowClient(tracking_uri), uri)
     except MlflowException as exc:
         raise ConfigError(f"{uri}: no such registered model version ({exc.message.splitlines()[0]})") from None
+    if version is None:
+        raise ConfigError(f"{uri}: give models:/NAME@ALIAS or models:/NAME/VERSION")
     pinned = f"models:/{version.name}/{version.version}"
     store = hashlib.sha1(tracking_uri.encode()).hexdigest()[:8]  # the same name and version in two stores differ
     folder = Path(cache_dir) / f"{version.name}-v{version.version}-{store}"

@@ -209,28 +209,31 @@ class RunLogger:
         self.client.log_text(self.run_id, text, name)
 
 
-def dataset_digest(records: list[dict[str, Any]]) -> str:
-    """MLflow's digest of a split's image records: the one ``log_dataset`` records for the same data."""
+def pandas_dataset(records: list[dict[str, Any]], *, source: str, name: str | None = None):
+    """An MLflow dataset of image records; its digest depends on the records alone."""
     import pandas as pd
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # MLflow's source-type and integer-column hints are noise here
         warnings.simplefilter("ignore", UserWarning)
-        return mlflow.data.from_pandas(pd.DataFrame.from_records(records), source="digest").digest
+        return mlflow.data.from_pandas(pd.DataFrame.from_records(records), source=source, name=name)
+
+
+def dataset_digest(records: list[dict[str, Any]]) -> str:
+    """MLflow's digest of a split's image records: the one ``log_dataset`` records for the same data."""
+    return pandas_dataset(records, source="digest").digest
 
 
 def log_dataset(
     *, tracking_uri: str, run_id: str, records: list[dict[str, Any]], source: str, name: str, context: str
 ) -> str:
     """Record a dataset input (digest of its image records) on the run for lineage."""
-    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
 
     mlflow.set_tracking_uri(tracking_uri)
-    frame = pd.DataFrame.from_records(records)
-    with warnings.catch_warnings():  # MLflow's source-type and integer-column hints are noise here
+    dataset = pandas_dataset(records, source=source, name=name)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name)
         entity = dataset._to_mlflow_entity()
-    from mlflow.entities import DatasetInput, InputTag
 
     MlflowClient(tracking_uri).log_inputs(
         run_id, datasets=[DatasetInput(dataset=entity, tags=[InputTag("mlflow.data.context", context)])]

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from detkd.data.dataset import DetectionDataset, collate_detection
 from detkd.data.records import DetectionSource
-from detkd.engine.plan import InputSpec
+from detkd.engine.plan import InputSpec, RunPlan
 from detkd.evaluation import coco_metrics
 from detkd.models.detectors import set_inference_thresholds, unwrap_model
 
@@ -140,14 +140,18 @@ class CheckpointEvaluation:
     meta: dict[str, Any]
 
 
-def checkpoint_input(path, meta: dict[str, Any]) -> InputSpec:
-    """The input view a checkpoint was trained and validated with, from the run plan it stores."""
-    from detkd.engine.plan import RunPlan
+def checkpoint_plan(path, meta: dict[str, Any]) -> RunPlan:
+    """The run plan a checkpoint stores (its input view, categories and config)."""
     from detkd.models.checkpoint import CheckpointError
 
     if "plan" not in meta:
         raise CheckpointError(f"{path}: the checkpoint stores no run plan, so its input view is unknown")
-    return RunPlan.from_dict(meta["plan"]).input
+    return RunPlan.from_dict(meta["plan"])
+
+
+def checkpoint_input(path, meta: dict[str, Any]) -> InputSpec:
+    """The input view a checkpoint was trained and validated with, from the run plan it stores."""
+    return checkpoint_plan(path, meta).input
 
 
 def evaluate_checkpoint(

@@ -258,7 +258,7 @@ def mlflow_run(
     plan: RunPlan, sources: dict[str, DetectionSource], *, extra_tags: dict[str, str] | None, resume: bool
 ) -> Iterator[tuple[str, Any]]:
     """Open the run's MLflow run (continuing an interrupted attempt at the same Ray run) with its lineage."""
-    from detkd.tracking import RunLogger, code_version_tags, log_dataset, run_context
+    from detkd.tracking import RunLogger, code_version_tags, run_context
 
     cfg = plan.config
     tags = {
@@ -295,18 +295,12 @@ def mlflow_run(
         else:
             logger.params(cfg.model_dump(mode="json"))
         logger.dict(plan.to_dict(), "plan.json")
-        digests = {}
-        for split, source in sources.items():
-            section = getattr(cfg.data, split)
-            digests[f"dataset.{split}"] = log_dataset(
-                tracking_uri=plan.tracking.uri,
-                run_id=run_id,
-                records=dataset_records(source),
-                source=str(section.coco or section.parquet),
-                name=f"{split}",
-                context=split,
-            )
-        logger.tags(digests)
+        logger.tags(
+            {
+                f"dataset.{split}": log_split(plan.tracking.uri, run_id, split, getattr(cfg.data, split), source)
+                for split, source in sources.items()
+            }
+        )
         yield run_id, logger
 
 
@@ -315,6 +309,20 @@ def dataset_records(source) -> list[dict[str, Any]]:
         {"image_id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height, "boxes": len(r.boxes)}
         for r in source.records
     ]
+
+
+def log_split(uri: str, run_id: str, name: str, split, source: DetectionSource) -> str:
+    """Log one split as a dataset input of ``run_id``; returns its digest (the same wherever it is used)."""
+    from detkd.tracking import log_dataset
+
+    return log_dataset(
+        tracking_uri=uri,
+        run_id=run_id,
+        records=dataset_records(source),
+        source=str(split.coco or split.parquet),
+        name=name,
+        context=name,
+    )
 
 
 def log_outcome(plan: RunPlan, logger, model_path: Path, metrics: dict[str, Any]) -> None:

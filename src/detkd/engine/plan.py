@@ -41,6 +41,19 @@ class InputSpec:
         """The model's short side in pixels (before any ``max_size`` cap)."""
         return int(round(self.size * self.scale))
 
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
+        return cls(
+            size=data["size"],
+            max_size=data["max_size"],
+            scale=data["scale"],
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+        )
+
 
 @dataclass(frozen=True)
 class TeacherSpec:
@@ -102,7 +115,7 @@ class RunPlan:
             "config": self.config.model_dump(mode="json"),
             "digest": self.digest,
             "teachers": [asdict(t) for t in self.teachers],
-            "input": {**asdict(self.input), "mean": list(self.input.mean), "std": list(self.input.std)},
+            "input": self.input.to_dict(),
             "tracking": asdict(self.tracking),
             "categories": [list(c) for c in self.categories],
         }
@@ -111,18 +124,11 @@ class RunPlan:
     def from_dict(cls, data: dict[str, Any]) -> RunPlan:
         if data.get("version") != PLAN_VERSION:
             raise ConfigError(f"run plan version {data.get('version')!r} is not {PLAN_VERSION}")
-        spec = data["input"]
         return cls(
             config=Config.model_validate(data["config"]),
             digest=data["digest"],
             teachers=tuple(TeacherSpec(**t) for t in data["teachers"]),
-            input=InputSpec(
-                size=spec["size"],
-                max_size=spec["max_size"],
-                scale=spec["scale"],
-                mean=tuple(spec["mean"]),
-                std=tuple(spec["std"]),
-            ),
+            input=InputSpec.from_dict(data["input"]),
             tracking=TrackingContext(**data["tracking"]),
             categories=tuple((int(i), str(n)) for i, n in data["categories"]),
         )
