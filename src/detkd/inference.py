@@ -81,17 +81,7 @@ class EagerBackend:
         outputs: list[dict[str, torch.Tensor]] = [{}] * len(images)
         for indices in groups.values():
             batch = [images[i] for i in indices]
-            try:
-                results = self.model(batch)
-            except ValueError as exc:
-                if "more than 1 value per channel" not in str(exc):
-                    raise
-                # torch refuses GroupNorm over one value per group when the batch is 1 (eval included)
-                raise ValueError(
-                    f"a {tuple(batch[0].shape[-2:])} image leaves this detector's top pyramid level at 1x1, where "
-                    "its head's GroupNorm has one value per group (fpn_channels 32 with 32 groups); "
-                    "send larger images, or use a model with fpn_channels >= 64"
-                ) from exc
+            results = self.model(batch)
             for index, output in zip(indices, results, strict=True):
                 outputs[index] = output
         return outputs

@@ -60,9 +60,17 @@ def test_multiscale_teacher_builds_on_meta(arch):
     assert all(t.is_meta for t in model.state_dict().values())
 
 
-def test_fcos_with_too_few_channels_for_its_group_norm_is_refused_clearly():
-    with pytest.raises(ValueError, match="fpn_channels must be a multiple of 32, got 16"):
-        build_detector(arch="fcos", backbone="tiny", num_classes=2, fpn_channels=16)
+@pytest.mark.parametrize(("channels", "groups"), [(16, 8), (32, 16), (64, 32), (128, 32)])
+def test_fcos_head_keeps_two_or_more_channels_per_norm_group(channels, groups):
+    model = build_detector(arch="fcos", backbone="tiny", num_classes=2, fpn_channels=channels)
+    norms = [m for m in model.head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == groups and m.num_channels == channels for m in norms)
+
+
+@pytest.mark.parametrize("channels", [33, 80])
+def test_fcos_with_channels_its_group_norm_cannot_split_is_refused_clearly(channels):
+    with pytest.raises(ValueError, match=f"fpn_channels={channels}: fpn_channels must be even below 64"):
+        build_detector(arch="fcos", backbone="tiny", num_classes=2, fpn_channels=channels)
 
 
 def test_max_level_above_seven_is_refused_clearly():

@@ -10,13 +10,15 @@ the teacher's sizes. Builders never load weights: ``detkd.models.checkpoint`` do
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
@@ -75,15 +77,48 @@ def default_anchor_sizes(arch: str, min_level: int, max_level: int) -> list[list
     return out
 
 
+def head_norm_groups(channels: int) -> int:
+    """GroupNorm groups in an FCOS head: torchvision's 32 from 64 channels up, two channels per group below.
+
+    torchvision's GroupNorm(32) on a 32-channel head has one channel per group, so a 1x1 top
+    level normalises a single value, which torch refuses for a lone image: a narrow student
+    could not predict one small image. Two channels per group keeps every level valid.
+    """
+    groups = min(32, channels // 2)
+    if groups < 1 or channels % groups:
+        raise ValueError(
+            f"fcos heads use GroupNorm({max(groups, 1)}) over fpn_channels={channels}: "
+            "fpn_channels must be even below 64 and a multiple of 32 from 64 up"
+        )
+    return groups
+
+
+class GroupNormFCOSHead(FCOSHead):
+    """torchvision's FCOS head with the GroupNorm group count as a parameter (torchvision fixes 32).
+
+    Builds the same two branches in the same order as ``FCOSHead.__init__``, so seeded weights
+    are unchanged where the group count is torchvision's.
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, *, num_convs: int, groups: int) -> None:
+        nn.Module.__init__(self)
+        norm = partial(nn.GroupNorm, groups)
+        self.box_coder = BoxLinearCoder(normalize_by_size=True)
+        self.classification_head = FCOSClassificationHead(
+            in_channels, num_anchors, num_classes, num_convs, norm_layer=norm
+        )
+        self.regression_head = FCOSRegressionHead(in_channels, num_anchors, num_convs, norm_layer=norm)
+
+
 def fcos_head(channels: int, anchors: int, classes: int, *, num_convs: int) -> FCOSHead:
-    """torchvision's FCOS head with softplus in front of its ReLU on the box distances.
+    """An FCOS head (groups from :func:`head_norm_groups`) with softplus in front of its ReLU on the box distances.
 
     A ReLU whose input turns negative at every positive location never recovers (zero
     gradient): measured here, 1 seed in 3 of a small 64 px FCOS ended with its box loss
     stuck at 1.0 and AP 0. relu(softplus(x)) = softplus(x) keeps the distances positive
-    with a gradient everywhere; the rest of the head is unchanged.
+    with a gradient everywhere.
     """
-    head = FCOSHead(channels, anchors, classes, num_convs=num_convs)
+    head = GroupNormFCOSHead(channels, anchors, classes, num_convs=num_convs, groups=head_norm_groups(channels))
     head.regression_head.bbox_reg = nn.Sequential(head.regression_head.bbox_reg, nn.Softplus())
     return head
 
@@ -125,8 +160,7 @@ def build_fcos(
 ) -> FCOS:
     """FCOS (one point per location). ``num_classes`` excludes background (labels are 1..num_classes)."""
     classes = _check_classes(num_classes)
-    if fpn_channels % 32:
-        raise ValueError(f"fcos heads use GroupNorm(32): fpn_channels must be a multiple of 32, got {fpn_channels}")
+    head_norm_groups(fpn_channels)  # refuse a width the head cannot normalise before building anything
     pyramid = build_pyramid_backbone(
         backbone=backbone, min_level=min_level, max_level=max_level, fpn_channels=fpn_channels, norm=norm
     )
