@@ -109,6 +109,19 @@ def measure(model: str, checkpoint: Path, backend: str, files: list[Path], *, re
     return {"rows": rows, "breakdown": breakdown}
 
 
+def measure_apart(
+    model: str, checkpoint: Path, backend: str, images: Path, *, count: int, repeats: int
+) -> dict[str, Any]:
+    """:func:`measure` in a fresh process: PyTorch's OpenMP threads keep spinning after eager work and
+    would slow an ONNX Runtime session measured next in the same process."""
+    command = [sys.executable, __file__, "--images", str(images), "--count", str(count)]
+    command += ["--repeats", str(repeats), "--one", model, str(checkpoint), backend]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"error: measuring {model} with {backend} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def network_flops(checkpoint: Path) -> dict[str, float]:
     """MFLOPs of backbone + FPN and of the head on one image at the model's input size."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -152,18 +165,11 @@ def main() -> None:
             sys.exit(f"error: {path}: no checkpoint; run `detkd run pipelines/quickstart.yaml` first")
     if not files:
         sys.exit(f"error: {args.images}: no PNG images")
-    # Each (model, backend) runs in a fresh process: PyTorch's OpenMP threads keep spinning after
-    # eager work and would slow an ONNX Runtime session measured next in the same process.
     rows, breakdown, flops = [], {}, {}
     for name, checkpoint in (("teacher", args.teacher), ("student", args.student)):
         flops[name] = network_flops(checkpoint)
         for backend in BACKENDS:
-            command = [sys.executable, __file__, "--images", str(args.images), "--count", str(args.count)]
-            command += ["--repeats", str(args.repeats), "--one", name, str(checkpoint), backend]
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                sys.exit(f"error: measuring {name} with {backend} failed:\n{done.stderr[-3000:]}")
-            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            measured = measure_apart(name, checkpoint, backend, args.images, count=args.count, repeats=args.repeats)
             rows += measured["rows"]
             if measured["breakdown"]:
                 breakdown[name] = measured["breakdown"]

@@ -377,6 +377,30 @@ def run(
         console.print(f"summary: {summary}")
 
 
+@app.command("plan")
+def plan(
+    pipeline: Annotated[Path, typer.Argument(help="pipeline spec YAML")],
+    overrides: SetOption = None,
+    png: Annotated[Path | None, typer.Option(help="where to draw the DAG (default: <workdir>/plan.png)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the steps as JSON instead of text")] = False,
+) -> None:
+    """Show a pipeline's steps, what each needs and which can run together (text and a PNG); trains nothing."""
+    from detkd.dag import build_dag, dag_png, format_dag
+    from detkd.pipeline import load_pipeline
+
+    try:
+        spec = load_pipeline(pipeline, overrides or [])
+        dag = build_dag(spec)
+    except _user_errors() as exc:
+        _fail(exc)
+    picture = dag_png(dag, png or spec.workdir / "plan.png")
+    if as_json:
+        print(json.dumps(dag.to_dict() | {"png": str(picture)}, indent=2))
+        return
+    console.print(format_dag(dag), highlight=False, markup=False)
+    console.print(f"picture: {picture}", highlight=False)
+
+
 @app.command("tune")
 def tune_command(
     space: Annotated[Path, typer.Argument(help="search space YAML (search_spaces/*.yaml)")],

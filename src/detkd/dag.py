@@ -1,0 +1,262 @@
+"""A pipeline spec as a DAG of steps: built once, printed by ``detkd plan``, drawn as a PNG.
+
+Steps, in the order the spec gives them: ``data``; each teacher; each student (a progressive
+student is its stages, ``NAME-stage1`` .. , with the last stage's checkpoint published under
+``NAME``); each tune step (a sweep whose best trial becomes the student ``NAME``);
+``evaluate`` when the spec has a split to score on; ``register`` when it has a register
+section. A step needs ``data`` and every model of the pipeline it learns from: teachers named
+in its distill section (or its space's target student's), the previous stage. Two steps
+neither of which needs the other can run at the same time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from detkd.config import Config
+    from detkd.pipeline import PipelineSpec
+
+StepKind = Literal["data", "teacher", "student", "stage", "tune", "evaluate", "register"]
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # unique in the DAG; a model's name for teachers, students, stages and tune steps
+    kind: StepKind
+    needs: tuple[str, ...]  # steps that must finish first (direct dependencies only)
+    detail: str  # one line for people: what the step does
+
+
+@dataclass(frozen=True)
+class PipelineDag:
+    pipeline: str
+    steps: tuple[Step, ...]  # in spec order, which is a topological order
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for step in self.steps:
+            missing = [n for n in step.needs if n not in seen]
+            if missing:  # build_dag adds steps after their needs; anything else is a bug, not user input
+                raise ValueError(f"step {step.name!r} needs {missing}, which do not come before it")
+            if step.name in seen:
+                raise ValueError(f"two steps are named {step.name!r}")
+            seen.add(step.name)
+
+    def step(self, name: str) -> Step:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(f"no step named {name!r} in pipeline {self.pipeline} ({[s.name for s in self.steps]})")
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.steps]
+
+    def dependants(self, names: Iterable[str]) -> list[str]:
+        """Every step that needs one of ``names``, directly or through others (what a failure stops)."""
+        blocked = set(names)
+        out = []
+        for step in self.steps:
+            if step.name not in blocked and blocked.intersection(step.needs):
+                blocked.add(step.name)
+                out.append(step.name)
+        return out
+
+    def ready(self, done: Iterable[str], running: Iterable[str] = ()) -> list[str]:
+        """Steps not done or running whose needs are all done, in spec order."""
+        done, running = set(done), set(running)
+        return [s.name for s in self.steps if s.name not in done | running and done.issuperset(s.needs)]
+
+    def ancestors(self, name: str) -> set[str]:
+        """Every step ``name`` needs, directly or through others."""
+        out: set[str] = set()
+        pending = list(self.step(name).needs)
+        while pending:
+            need = pending.pop()
+            if need not in out:
+                out.add(need)
+                pending.extend(self.step(need).needs)
+        return out
+
+    def drawn_needs(self, name: str) -> list[str]:
+        """Direct needs not already implied by another need (``data`` before a student that needs a teacher)."""
+        needs = self.step(name).needs
+        implied = set().union(*(self.ancestors(n) for n in needs)) if needs else set()
+        return [n for n in needs if n not in implied]
+
+    def waves(self) -> list[list[str]]:
+        """Steps grouped by depth: every step of a wave can run together once the waves before it finished."""
+        depth: dict[str, int] = {}
+        for step in self.steps:
+            depth[step.name] = 1 + max((depth[n] for n in step.needs), default=-1)
+        out: list[list[str]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
+        for step in self.steps:
+            out[depth[step.name]].append(step.name)
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "pipeline": self.pipeline,
+            "steps": [{"name": s.name, "kind": s.kind, "needs": list(s.needs), "detail": s.detail} for s in self.steps],
+        }
+
+
+def build_dag(spec: PipelineSpec) -> PipelineDag:
+    """The steps of a loaded (checked) pipeline spec and what each needs."""
+    from detkd.engine.plan import stage_configs
+    from detkd.pipeline import data_splits, model_config
+
+    models: set[str] = set()  # names a later step may learn from
+
+    def learns_from(cfg: Config) -> list[str]:
+        refs = cfg.distill.teachers if cfg.distill is not None else []
+        return [r.source for r in refs if r.source in models]
+
+    steps = [Step("data", "data", (), _data_detail(spec))]
+    for role, entries in (("teacher", spec.teachers), ("student", spec.students)):
+        for entry in entries:
+            cfg = model_config(spec, entry, role=role)
+            if cfg.distill is not None and cfg.distill.stages:
+                previous: list[str] = []
+                stages = stage_configs(cfg)
+                for k, stage in enumerate(stages, start=1):
+                    name = entry.name if k == len(stages) else stage.name
+                    needs = _unique(["data", *previous, *learns_from(stage)])
+                    detail = f"stage {k}/{len(stages)} of {entry.name}: {_model_detail(stage)}"
+                    steps.append(Step(name, "stage", needs, detail))
+                    previous = [name]
+            else:
+                steps.append(Step(entry.name, role, _unique(["data", *learns_from(cfg)]), _model_detail(cfg)))
+            models.add(entry.name)
+    for tune in spec.tune:
+        from detkd.sweeps.space import load_space
+
+        loaded = load_space(tune.space, pipeline=spec)
+        teachers = [t for t in loaded.needed_teachers if t in models]
+        detail = f"sweep {loaded.name} over {loaded.space.target.student}; its best trial becomes this student"
+        steps.append(Step(tune.name, "tune", _unique(["data", *teachers]), detail))
+        models.add(tune.name)
+    scoring = data_splits(spec).scoring()
+    if scoring is not None:
+        # every model by its name: a progressive student is scored once, as its last stage
+        scored = [s.name for s in steps if s.name in models]
+        steps.append(Step("evaluate", "evaluate", tuple(scored), f"score every model on the {scoring[0]} split"))
+        if spec.registration is not None:
+            reg = spec.registration
+            gate = reg.gate
+            rule = f"AP >= {reg.baseline} {gate.min_gain:+g}" if reg.baseline else "no baseline"
+            detail = f"{reg.student} -> {reg.model} (gate: {rule}, AP >= {gate.min_ap:g}"
+            detail += f", images/s >= {gate.min_images_per_s:g})" if gate.min_images_per_s else ")"
+            steps.append(Step("register", "register", ("evaluate",), detail))
+    return PipelineDag(spec.name, tuple(steps))
+
+
+def _unique(names: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
+def _data_detail(spec: PipelineSpec) -> str:
+    if spec.data.synth is not None:
+        synth = spec.data.synth
+        return f"synthesize {synth.images} images at {synth.size} px under {Path(spec.workdir) / 'data'}"
+    from detkd.pipeline import data_splits
+
+    splits = [name for name, split in data_splits(spec)._asdict().items() if split is not None]
+    return f"check and log the {', '.join(splits)} splits"
+
+
+def _model_detail(cfg: Config) -> str:
+    model = cfg.model
+    text = f"{cfg.method}, {model.arch}/{model.backbone} P{model.min_level}-P{model.max_level} "
+    text += f"fpn {model.fpn_channels}, {cfg.input.model_size} px, {cfg.train.epochs} epochs"
+    return text
+
+
+def format_dag(dag: PipelineDag) -> str:
+    """The DAG as text: one line per step with what it needs, then the waves that can run together."""
+    width = max(len(s.name) for s in dag.steps)
+    lines = [f"pipeline {dag.pipeline}: {len(dag.steps)} steps"]
+    for step in dag.steps:
+        needs = ", ".join(step.needs) if step.needs else "-"
+        lines.append(f"  {step.name:<{width}}  {step.kind:<8}  needs: {needs}")
+        lines.append(f"  {'':<{width}}  {'':<8}  {step.detail}")
+    lines.append("can run together:")
+    for k, wave in enumerate(dag.waves(), start=1):
+        lines.append(f"  {k}. {', '.join(wave)}")
+    return "\n".join(lines)
+
+
+KIND_COLOURS = {
+    "data": "#cfd8dc",
+    "teacher": "#ffcc80",
+    "student": "#90caf9",
+    "stage": "#b39ddb",
+    "tune": "#a5d6a7",
+    "evaluate": "#fff59d",
+    "register": "#ef9a9a",
+}
+
+
+def dag_png(dag: PipelineDag, path: Path) -> Path:
+    """Draw the DAG left to right (one column per wave, implied edges left out) and write it atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from detkd.models.checkpoint import atomic_write_bytes
+
+    waves = dag.waves()
+    position = {}
+    for x, wave in enumerate(waves):
+        for y, name in enumerate(wave):
+            position[name] = (x, -(y - (len(wave) - 1) / 2))
+    tallest = max(len(w) for w in waves)
+    figure, axes = plt.subplots(figsize=(2.6 * len(waves) + 1, 1.1 * tallest + 1.2))
+    boxes = {}
+    for step in dag.steps:
+        x, y = position[step.name]
+        boxes[step.name] = axes.text(
+            x,
+            y,
+            f"{step.name}\n({step.kind})",
+            ha="center",
+            va="center",
+            fontsize=8,
+            zorder=2,
+            bbox={"boxstyle": "round,pad=0.4", "facecolor": KIND_COLOURS[step.kind], "edgecolor": "#37474f"},
+        )
+    for step in dag.steps:
+        for need in dag.drawn_needs(step.name):
+            skips = position[step.name][0] - position[need][0] > 1  # bend long edges around the columns between
+            axes.annotate(
+                "",
+                xy=position[step.name],
+                xytext=position[need],
+                zorder=1,
+                arrowprops={
+                    "arrowstyle": "->",
+                    "color": "#546e7a",
+                    "patchA": boxes[need].get_bbox_patch(),
+                    "patchB": boxes[step.name].get_bbox_patch(),
+                    "connectionstyle": f"arc3,rad={0.25 if skips else 0.0}",
+                },
+            )
+    axes.set_xlim(-0.7, len(waves) - 0.3)
+    axes.set_ylim(-(tallest / 2) - 0.2, tallest / 2 + 0.2)
+    axes.axis("off")
+    axes.set_title(f"pipeline {dag.pipeline}: steps left to right; a column can run together", fontsize=9)
+    figure.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
