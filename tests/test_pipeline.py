@@ -235,7 +235,7 @@ def test_pipeline_refuses_an_unbuildable_model_before_any_step(tmp_path):
     spec = tmp_path / "p.yaml"
     spec.write_text(
         f"name: x\nworkdir: {tmp_path / 'w'}\ndata: {{synth: {{images: 10}}}}\n"
-        "teachers: [{name: t, settings: {model: {fpn_channels: 16}}}]\n"
+        "teachers: [{name: t, settings: {model: {fpn_channels: 33}}}]\n"
     )
     result = CliRunner().invoke(app, ["run", str(spec)])
     assert result.exit_code == 2 and "teachers[0] (t)" in result.output and "fpn_channels" in result.output

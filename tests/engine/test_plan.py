@@ -56,7 +56,7 @@ def test_plan_needs_neither_ray_nor_mlflow(tiny_dataset, tiny_config, tmp_path):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ({"model": {"fpn_channels": 16}}, "fpn_channels"),  # FCOS heads use GroupNorm(32)
+        ({"model": {"fpn_channels": 33}}, "fpn_channels"),  # no GroupNorm group count divides 33
         ({"model": {"arch": "fasterrcnn", "multiscale": True}}, "one-stage"),
         ({"model": {"num_classes": 7}}, "model.num_classes"),
         ({"train": {"batch_size": 500}}, "train.batch_size"),
@@ -73,7 +73,7 @@ def test_a_plan_that_cannot_run_fails_while_it_is_built(tiny_dataset, tiny_confi
 def test_cli_refuses_an_unbuildable_model_with_one_line_and_exit_2(tiny_dataset, tiny_config, tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(json.dumps(tiny_config(tiny_dataset, tmp_path)))
-    result = CliRunner().invoke(app, ["train", str(cfg_path), "--set", "model.fpn_channels=16"])
+    result = CliRunner().invoke(app, ["train", str(cfg_path), "--set", "model.fpn_channels=33"])
     assert result.exit_code == 2
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "fpn_channels" in errors[0] and "Traceback" not in result.output
