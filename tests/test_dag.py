@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from detkd.cli import app
-from detkd.dag import build_dag, format_dag
+from detkd.dag import PipelineDag, Step, build_dag, execute, format_dag
 from detkd.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,3 +126,81 @@ def test_plan_of_a_broken_spec_names_the_file_and_the_model_and_draws_nothing(tm
     assert result.exit_code == 2
     assert str(path) in result.output and "student_ssim" in result.output and "no_such_teacher" in result.output
     assert not png.exists()
+
+
+def toy_dag() -> PipelineDag:
+    """data -> a, b (independent); c needs a; d needs b and c."""
+    return PipelineDag(
+        "toy",
+        (
+            Step("data", "data", (), ""),
+            Step("a", "teacher", ("data",), "", "a"),
+            Step("b", "teacher", ("data",), "", "b"),
+            Step("c", "student", ("data", "a"), "", "c"),
+            Step("d", "student", ("b", "c"), "", "d"),
+        ),
+    )
+
+
+def test_independent_steps_run_at_the_same_time_up_to_the_limit():
+    barrier = threading.Barrier(2, timeout=20)  # a and b each wait for the other: only possible side by side
+
+    def run(step):
+        if step.name in ("a", "b"):
+            barrier.wait()
+        return step.name.upper()
+
+    done = execute(toy_dag(), run, steps=["a", "b", "c", "d"], parallel=2)
+    assert done.ok and done.results == {"a": "A", "b": "B", "c": "C", "d": "D"}
+    assert done.most_at_once == 2
+
+
+def test_one_at_a_time_runs_in_spec_order_in_the_calling_thread():
+    order, threads = [], set()
+
+    def run(step):
+        order.append(step.name)
+        threads.add(threading.current_thread().name)
+
+    done = execute(toy_dag(), run, steps=["a", "b", "c", "d"], parallel=1)
+    assert done.ok and order == ["a", "b", "c", "d"] and done.most_at_once == 1
+    assert threads == {threading.current_thread().name}
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_a_failed_step_stops_its_dependants_and_leaves_the_others(parallel):
+    def run(step):
+        if step.name == "a":
+            raise RuntimeError("teacher a diverged")
+        return step.name
+
+    done = execute(toy_dag(), run, steps=["a", "b", "c", "d"], parallel=parallel)
+    assert not done.ok
+    assert list(done.failed) == ["a"] and str(done.failed["a"]) == "teacher a diverged"
+    assert done.blocked == ["c", "d"]  # c needs a; d needs c
+    assert done.results == {"b": "b"}
+
+
+def test_a_step_that_does_not_fit_waits_for_room_and_a_lone_step_always_runs():
+    running_now, peak = [0], [0]
+    lock = threading.Lock()
+
+    def run(step):
+        with lock:
+            running_now[0] += 1
+            peak[0] = max(peak[0], running_now[0])
+        threading.Event().wait(0.05)
+        with lock:
+            running_now[0] -= 1
+
+    done = execute(toy_dag(), run, steps=["a", "b", "c", "d"], parallel=4, fits=lambda step, running: False)
+    assert done.ok and peak[0] == 1 and done.most_at_once == 1
+
+
+def test_steps_read_what_their_needs_returned():
+    def run(step):
+        return {"a": 1, "b": 2}.get(step.name, 0) + sum(results.get(n, 0) for n in step.needs)
+
+    results: dict = {}
+    done = execute(toy_dag(), run, steps=["a", "b", "c", "d"], parallel=2, results=results)
+    assert results is done.results and results == {"a": 1, "b": 2, "c": 1, "d": 3}

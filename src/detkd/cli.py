@@ -362,15 +362,31 @@ def run(
     summary: Annotated[Path | None, typer.Option(help="write the summary rows as JSON here")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
     fresh: FreshOption = False,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            min=1, help="train up to N independent steps at once when the cluster has room (default: one at a time)"
+        ),
+    ] = 1,
 ) -> None:
-    """Run a pipeline spec: data -> teachers -> students -> evaluation."""
-    from detkd.pipeline import load_pipeline, print_summary, run_pipeline, write_summary
+    """Run a pipeline spec: data -> teachers -> students -> evaluation (see `detkd plan` for its steps)."""
+    from detkd.pipeline import PipelineFailed, load_pipeline, print_summary, run_pipeline, write_summary
 
     try:
         spec = load_pipeline(pipeline, overrides or [])
-        rows = run_pipeline(spec, address=address, console=console, fresh=fresh)
+        rows = run_pipeline(spec, address=address, console=console, fresh=fresh, parallel=parallel)
     except _user_errors() as exc:
         _fail(exc)
+    except PipelineFailed as exc:
+        for name, error in exc.execution.failed.items():
+            if not isinstance(error, _user_errors()):  # a bug or a crash: its traceback, not only its message
+                import traceback
+
+                err_console.print(f"step {name}:", highlight=False)
+                err_console.print("".join(traceback.format_exception(error)), highlight=False, markup=False)
+        for line in str(exc).splitlines():
+            err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     print_summary(rows, console)
     if summary:
         write_summary(rows, summary)

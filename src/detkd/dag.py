@@ -11,10 +11,11 @@ neither of which needs the other can run at the same time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from detkd.config import Config
@@ -29,6 +30,9 @@ class Step:
     kind: StepKind
     needs: tuple[str, ...]  # steps that must finish first (direct dependencies only)
     detail: str  # one line for people: what the step does
+    model: str = ""  # the spec entry it trains (a stage: its student); "" for data, evaluate, register
+    stage: int = 0  # a stage: its number from 1, of ``stages``
+    stages: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,10 +131,12 @@ def build_dag(spec: PipelineSpec) -> PipelineDag:
                     name = entry.name if k == len(stages) else stage.name
                     needs = _unique(["data", *previous, *learns_from(stage)])
                     detail = f"stage {k}/{len(stages)} of {entry.name}: {_model_detail(stage)}"
-                    steps.append(Step(name, "stage", needs, detail))
+                    steps.append(Step(name, "stage", needs, detail, entry.name, k, len(stages)))
                     previous = [name]
             else:
-                steps.append(Step(entry.name, role, _unique(["data", *learns_from(cfg)]), _model_detail(cfg)))
+                steps.append(
+                    Step(entry.name, role, _unique(["data", *learns_from(cfg)]), _model_detail(cfg), entry.name)
+                )
             models.add(entry.name)
     for tune in spec.tune:
         from detkd.sweeps.space import load_space
@@ -138,7 +144,7 @@ def build_dag(spec: PipelineSpec) -> PipelineDag:
         loaded = load_space(tune.space, pipeline=spec)
         teachers = [t for t in loaded.needed_teachers if t in models]
         detail = f"sweep {loaded.name} over {loaded.space.target.student}; its best trial becomes this student"
-        steps.append(Step(tune.name, "tune", _unique(["data", *teachers]), detail))
+        steps.append(Step(tune.name, "tune", _unique(["data", *teachers]), detail, tune.name))
         models.add(tune.name)
     scoring = data_splits(spec).scoring()
     if scoring is not None:
@@ -260,3 +266,109 @@ def dag_png(dag: PipelineDag, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+@dataclass
+class Execution:
+    """What :func:`execute` did: each step's return value, the steps that raised, and the steps they stopped."""
+
+    results: dict[str, Any] = field(default_factory=dict)
+    failed: dict[str, BaseException] = field(default_factory=dict)
+    blocked: list[str] = field(default_factory=list)
+    most_at_once: int = 0  # the largest number of steps that ran at the same time
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.blocked
+
+
+def execute(
+    dag: PipelineDag,
+    run: Callable[[Step], Any],
+    *,
+    steps: list[str],
+    parallel: int = 1,
+    fits: Callable[[Step, list[Step]], bool] | None = None,
+    on_start: Callable[[Step], None] | None = None,
+    results: dict[str, Any] | None = None,
+) -> Execution:
+    """Run ``steps`` (a subset of the DAG whose other needs are done) as soon as their needs finish.
+
+    At most ``parallel`` run at once, each in a thread of this process (a step is a blocking call
+    such as a Ray Train fit, so threads only wait). ``fits(step, running)`` says whether the
+    cluster has room for ``step`` beside ``running``; a step that does not fit waits, unless
+    nothing is running (it then runs alone). A step that raises stops every step that needs it;
+    the others run on. ``results`` (filled as steps finish, before their dependants start) lets a
+    step read what its needs returned. ``parallel=1`` runs every step in this thread, so Ctrl-C
+    reaches it as it would without a scheduler; with threads, KeyboardInterrupt propagates at
+    once and the caller stops what still runs (for Ray: ``ray.shutdown()``).
+    """
+    wanted = [s for s in dag.steps if s.name in set(steps)]
+    outside = {n for s in wanted for n in s.needs if n not in set(steps)}
+    execution = Execution(results=results if results is not None else {})
+    if parallel <= 1:
+        return _execute_inline(wanted, run, execution, on_start)
+    finished: set[str] = set(outside)
+    stopped: set[str] = set()
+    running: dict[Future, Step] = {}
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="detkd-step")
+    try:
+        while True:
+            for step in wanted:
+                if step.name in stopped or step.name in finished or step in running.values():
+                    continue
+                if stopped.intersection(step.needs):
+                    stopped.add(step.name)
+                    execution.blocked.append(step.name)
+                    continue
+                if not finished.issuperset(step.needs) or len(running) >= max(1, parallel):
+                    continue
+                if running and fits is not None and not fits(step, list(running.values())):
+                    continue
+                if on_start is not None:
+                    on_start(step)
+                running[pool.submit(run, step)] = step
+                execution.most_at_once = max(execution.most_at_once, len(running))
+            if not running:
+                break
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in done:
+                step = running.pop(future)
+                error = future.exception()
+                if isinstance(error, KeyboardInterrupt):
+                    raise error
+                if error is not None:
+                    execution.failed[step.name] = error
+                    stopped.add(step.name)
+                else:
+                    execution.results[step.name] = future.result()
+                    finished.add(step.name)
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)  # running calls end when the caller stops Ray
+        raise
+    pool.shutdown()
+    return execution
+
+
+def _execute_inline(
+    wanted: list[Step],
+    run: Callable[[Step], Any],
+    execution: Execution,
+    on_start: Callable[[Step], None] | None,
+) -> Execution:
+    """One step at a time in spec order (a topological order), in the calling thread."""
+    stopped: set[str] = set()
+    for step in wanted:
+        if stopped.intersection(step.needs):
+            stopped.add(step.name)
+            execution.blocked.append(step.name)
+            continue
+        if on_start is not None:
+            on_start(step)
+        try:
+            execution.results[step.name] = run(step)
+        except Exception as exc:  # a failed step stops its dependants; KeyboardInterrupt stops everything
+            execution.failed[step.name] = exc
+            stopped.add(step.name)
+        execution.most_at_once = 1
+    return execution

@@ -236,10 +236,11 @@ def ensure_synthetic_data(spec: PipelineSpec) -> dict[str, Any]:
 
 
 def run_pipeline(
-    spec: PipelineSpec, *, address: str | None = None, console=None, fresh: bool = False
+    spec: PipelineSpec, *, address: str | None = None, console=None, fresh: bool = False, parallel: int = 1
 ) -> list[dict[str, Any]]:
-    """Run every step; returns one summary row per trained model. ``fresh`` retrains every model."""
-    from detkd.engine.launch import ensure_ray, log_split, run_training
+    """Run every step; returns one summary row per trained model. ``fresh`` retrains every model;
+    ``parallel`` steps at most train at once (independent ones, when the cluster has room)."""
+    from detkd.engine.launch import ensure_ray, log_split
     from detkd.engine.plan import open_split
     from detkd.tracking import RunLogger, check_tracking_uri, code_version_tags, run_context
 
@@ -275,29 +276,13 @@ def run_pipeline(
                 RunLogger(tracking_uri=uri, run_id=data_id).dict(summary, "synth_summary.json")
                 log_splits(spec, uri, data_id)
         ensure_ray(address)
-        outcomes = []
-        trained: dict[str, Path] = {}  # model name -> checkpoint, so later entries can name earlier ones as teachers
-        for role, entries in (("teacher", spec.teachers), ("student", spec.students)):
-            for entry in entries:
-                cfg = model_config(spec, entry, role=role)
-                say(
-                    f"[bold]{role}[/bold] {entry.name} ({cfg.method}): input {cfg.input.model_size}px, "
-                    f"{cfg.model.arch}/{cfg.model.backbone} P{cfg.model.min_level}-P{cfg.model.max_level}"
-                    if console
-                    else f"{role} {entry.name} ({cfg.method})"
-                )
-                outcome = run_training(
-                    cfg,
-                    tracking=tracking_context(spec, parent_run_id=parent_id),
-                    teacher_names=trained,
-                    extra_tags={"pipeline": spec.name, "pipeline_run": parent_id},
-                    address=address,
-                    fresh=fresh,
-                )
-                trained[entry.name] = outcome.model_path
-                outcomes.append((cfg, outcome))
-        for step in spec.tune:
-            outcomes.append(run_tune_step(spec, step, parent_run_id=parent_id, address=address, say=say))
+        execution = run_model_steps(spec, parent_id, address=address, fresh=fresh, parallel=parallel, say=say)
+        if not execution.ok:
+            parent.tags(
+                {"failed_steps": json.dumps(list(execution.failed)), "blocked_steps": json.dumps(execution.blocked)}
+            )
+            raise PipelineFailed(execution)
+        outcomes = [execution.results[name] for name in final_models(spec)]
         scoring = data_splits(spec).scoring()
         if scoring is not None:
             split_name, split = scoring
@@ -346,6 +331,100 @@ def run_pipeline(
         parent.artifact(picture)
         say(f"lineage: {picture} (and on the pipeline's MLflow run)")
     return rows
+
+
+class PipelineFailed(RuntimeError):
+    """Steps of a pipeline failed: the message names each, its error, and the steps it stopped."""
+
+    def __init__(self, execution) -> None:
+        self.execution = execution
+        lines = [f"step {name} failed: {type(exc).__name__}: {exc}" for name, exc in execution.failed.items()]
+        if execution.blocked:
+            lines.append(f"not run, they need a failed step: {', '.join(execution.blocked)}")
+        finished = [name for name in execution.results]
+        lines.append(
+            f"finished and kept: {', '.join(finished) or 'none'}; fix the cause and run the same command again: "
+            "finished steps are reused, not retrained"
+        )
+        super().__init__("\n".join(lines))
+
+
+def final_models(spec: PipelineSpec) -> list[str]:
+    """The models a pipeline publishes and scores, in spec order (a progressive student once, by its name)."""
+    return [e.name for e in spec.teachers + spec.students] + [t.name for t in spec.tune]
+
+
+def run_model_steps(spec: PipelineSpec, parent_id: str, *, address: str | None, fresh: bool, parallel: int, say):
+    """Train every teacher, student, progressive stage and sweep of the spec's DAG, ``parallel`` at most at once.
+
+    Each step is the same call as before (``run_training``, ``run_stage``, ``run_tune_step``); a
+    step starts when the models it learns from are done and the cluster has room. A finished
+    step of an earlier run with the same settings is reused, not retrained (``fresh`` retrains).
+    """
+    import ray
+
+    from detkd.dag import build_dag, execute
+    from detkd.engine.launch import progressive_outcome, run_stage, run_training
+
+    dag = build_dag(spec)
+    entries = {e.name: ("teacher", e) for e in spec.teachers} | {e.name: ("student", e) for e in spec.students}
+    tunes = {t.name: t for t in spec.tune}
+    totals = ray.cluster_resources()
+    total_cpus = max(1, int(totals.get("CPU", 1)))
+    results: dict[str, Any] = {}
+    tags = {"pipeline": spec.name, "pipeline_run": parent_id}
+    tracking = tracking_context(spec, parent_run_id=parent_id)
+
+    def workers(step) -> int:
+        if step.kind == "tune":
+            return 0
+        role, entry = entries[step.model]
+        return model_config(spec, entry, role=role).scaling.num_workers
+
+    def share(step) -> float | None:
+        """CPUs per worker when steps run side by side: the cluster split over ``parallel`` steps."""
+        return None if parallel <= 1 else float(max(1, total_cpus // (parallel * max(1, workers(step)))))
+
+    def fits(step, running) -> bool:
+        if step.kind == "tune" or any(r.kind == "tune" for r in running):
+            return False  # a sweep schedules its own trials over the whole cluster
+        demand = sum(workers(r) * (share(r) or 1) for r in [*running, step])
+        return demand <= total_cpus
+
+    def run(step):
+        if step.kind == "tune":
+            return run_tune_step(spec, tunes[step.name], parent_run_id=parent_id, address=address, say=say)
+        role, entry = entries[step.model]
+        cfg = model_config(spec, entry, role=role)
+        common = {
+            "tracking": tracking,
+            "address": address,
+            "extra_tags": tags,
+            "teacher_names": {name: outcome.model_path for name, (_, outcome) in list(results.items())},
+            "fresh": fresh,
+            "cpus_per_worker": share(step),
+            "reuse_finished": True,
+        }
+        if step.kind != "stage":
+            return cfg, run_training(cfg, **common)
+        earlier = [s.name for s in dag.steps if s.kind == "stage" and s.model == step.model and s.stage < step.stage]
+        outcome = run_stage(cfg, step.stage, previous=results[earlier[-1]][1] if earlier else None, **common)
+        if step.stage < step.stages:
+            return cfg, outcome
+        spent = outcome.seconds + sum(results[name][1].seconds for name in earlier)
+        return cfg, progressive_outcome(cfg, outcome, seconds=spent)
+
+    def announce(step) -> None:
+        say(f"{step.kind} {step.name}: {step.detail}")
+
+    steps = [s.name for s in dag.steps if s.kind in ("teacher", "student", "stage", "tune")]
+    try:
+        return execute(dag, run, steps=steps, parallel=parallel, fits=fits, on_start=announce, results=results)
+    except KeyboardInterrupt:
+        if parallel > 1:  # the steps' threads wait on Ray Train runs: stopping Ray ends them, checkpoints stay
+            say("interrupted: stopping the running steps; run the same command again to resume them")
+            ray.shutdown()
+        raise
 
 
 def log_splits(spec: PipelineSpec, uri: str, run_id: str) -> None:

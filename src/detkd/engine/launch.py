@@ -24,7 +24,15 @@ from ray.train.torch import TorchTrainer
 from detkd.config import Config, ConfigError
 from detkd.data.records import DetectionSource
 from detkd.engine.faults import MARKER
-from detkd.engine.plan import RunPlan, TrackingContext, build_plan, open_sources, plan_stages, stage_configs
+from detkd.engine.plan import (
+    RunPlan,
+    TrackingContext,
+    build_plan,
+    file_digest,
+    open_sources,
+    plan_stages,
+    stage_configs,
+)
 from detkd.engine.worker import MODEL_FILE, TRAIN_STATE, mismatch_message, train_loop_per_worker
 from detkd.models.checkpoint import CheckpointError, load_payload
 
@@ -94,12 +102,15 @@ def run_training(
     teacher_names: dict[str, Path] | None = None,
     fresh: bool = False,
     callbacks: CallbackFactory | None = None,
+    cpus_per_worker: float | None = None,
+    reuse_finished: bool = False,
 ) -> TrainOutcome:
     """Train one detector (teacher, plain or distilled student) with Ray Train; log it to MLflow.
 
     A config with ``distill.stages`` runs them in order (progressive distillation) and
     returns the last stage's outcome. ``callbacks(plan, stage_index)`` gives the Ray Train
     callbacks of each run (a sweep's trial forwards its reports to Ray Tune with them).
+    ``cpus_per_worker`` and ``reuse_finished``: see :func:`run_plan`.
     """
     from detkd.tracking import check_tracking_uri
 
@@ -114,6 +125,8 @@ def run_training(
             teacher_names=teacher_names,
             fresh=fresh,
             callbacks=callbacks,
+            cpus_per_worker=cpus_per_worker,
+            reuse_finished=reuse_finished,
         )[-1]
     sources = open_sources(cfg)
     plan = build_plan(cfg, tracking=tracking, teacher_names=teacher_names, sources=sources)
@@ -124,6 +137,8 @@ def run_training(
         fresh=fresh,
         sources=sources,
         callbacks=callbacks(plan, 0) if callbacks else None,
+        cpus_per_worker=cpus_per_worker,
+        reuse_finished=reuse_finished,
     )
 
 
@@ -135,10 +150,19 @@ def run_plan(
     fresh: bool = False,
     sources: dict[str, DetectionSource] | None = None,
     callbacks: list[Any] | None = None,
+    cpus_per_worker: float | None = None,
+    reuse_finished: bool = False,
 ) -> TrainOutcome:
     """Carry out a plan: check or clear its run folder, then fit under its MLflow run and publish the model.
 
-    ``sources`` are the plan's splits when the caller already opened them (for dataset lineage)."""
+    ``sources`` are the plan's splits when the caller already opened them (for dataset lineage);
+    ``cpus_per_worker`` is the share a scheduler gives this run (see :func:`fit`);
+    ``reuse_finished`` returns the outcome of a finished run with the same settings instead of fitting."""
+    if reuse_finished and not fresh:
+        done = finished_outcome(plan)
+        if done is not None:
+            print(f"{plan.name}: finished before as MLflow run {done.run_id}; reusing {done.model_path}", flush=True)
+            return done
     if sources is None:
         sources = open_sources(plan.config)
     if fresh:
@@ -148,7 +172,7 @@ def run_plan(
     ensure_ray(address)
     started = time.perf_counter()
     with mlflow_run(plan, sources, extra_tags=extra_tags, resume=not fresh) as (run_id, logger):
-        result = fit(plan, run_id=run_id, callbacks=callbacks)
+        result = fit(plan, run_id=run_id, callbacks=callbacks, cpus_per_worker=cpus_per_worker)
         if result.checkpoint is None:
             raise RuntimeError(f"training run {plan.ray_name} finished without a checkpoint")
         with result.checkpoint.as_directory() as folder:
@@ -167,11 +191,44 @@ def run_plan(
     )
 
 
-def fit(plan: RunPlan, *, run_id: str | None, callbacks: list[Any] | None = None) -> ray.train.Result:
-    """Run the Ray Train job; Ctrl-C leaves a resumable run and says how to resume it."""
+def finished_outcome(plan: RunPlan) -> TrainOutcome | None:
+    """A finished run with exactly this plan's settings whose model is still the published one, as an outcome.
+
+    The experiment must hold a FINISHED run of the same Ray run name (same settings, teachers and
+    data by content) that logged the published file's SHA-256, so a file republished by another
+    run (or another pipeline with the same settings) is never credited to this one."""
+    from detkd.tracking import find_runs
+
+    model_path = plan.out_dir / MODEL_FILE
+    if not model_path.is_file():
+        return None
+    tags = {"detkd.ray_run": plan.ray_name, "detkd.model_sha256": file_digest(model_path)}
+    finished = [r for r in find_runs(plan.tracking.uri, plan.tracking.experiment, tags) if r.info.status == "FINISHED"]
+    if not finished:
+        return None
+    run = finished[0]
+    return TrainOutcome(
+        name=plan.name,
+        role=plan.config.role,
+        model_path=model_path.resolve(),
+        run_id=run.info.run_id,
+        metrics={k.removeprefix("final/"): v for k, v in run.data.metrics.items() if k.startswith("final/")},
+        input_size=plan.input.model_size,
+        method=plan.config.method,
+    )
+
+
+def fit(
+    plan: RunPlan, *, run_id: str | None, callbacks: list[Any] | None = None, cpus_per_worker: float | None = None
+) -> ray.train.Result:
+    """Run the Ray Train job; Ctrl-C leaves a resumable run and says how to resume it.
+
+    CPUs per worker: ``scaling.cpus_per_worker``, else ``cpus_per_worker`` (a pipeline running
+    steps side by side gives each its share), else the whole cluster split over the workers.
+    Not part of the config digest: where a run gets its CPUs does not make it another run."""
     cfg = plan.config
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
-    cpus = cfg.scaling.cpus_per_worker or max(1, total_cpus // cfg.scaling.num_workers)
+    cpus = cfg.scaling.cpus_per_worker or cpus_per_worker or max(1, total_cpus // cfg.scaling.num_workers)
     storage_path, storage_filesystem = storage_target(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -329,6 +386,7 @@ def log_outcome(plan: RunPlan, logger, model_path: Path, metrics: dict[str, Any]
     from detkd.tracking import log_detector_model
 
     logger.metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    logger.tags({"model_sha256": file_digest(model_path)})  # ties the published file to this run (reruns reuse it)
     logger.artifact(model_path, "checkpoint")
     logger.artifact(Path(f"{model_path}.sha256"), "checkpoint")
     if plan.config.tracking.log_model:
@@ -355,46 +413,88 @@ def run_progressive(
     teacher_names: dict[str, Path] | None = None,
     fresh: bool = False,
     callbacks: CallbackFactory | None = None,
+    cpus_per_worker: float | None = None,
+    reuse_finished: bool = False,
 ) -> list[TrainOutcome]:
-    """Multi-teacher progressive distillation: only the student's weights travel between stages."""
+    """Multi-teacher progressive distillation: only the student's weights travel between stages.
+
+    Returns each stage's outcome, then the student's (the last stage published under its name)."""
     stages = stage_configs(cfg)
     shared = open_sources(cfg)  # read once; a stage whose settings change the data reads its own
     plan_stages(cfg, tracking=tracking, teacher_names=teacher_names, sources=shared)
     outcomes: list[TrainOutcome] = []
-    for k, stage in enumerate(stages, start=1):
-        if outcomes:
-            stage = stage.model_copy(
-                update={"model": stage.model.model_copy(update={"weights": outcomes[-1].model_path})}
-            )
-        sources = shared if stage.data == cfg.data else open_sources(stage)
-        plan = build_plan(stage, tracking=tracking, teacher_names=teacher_names, sources=sources)
-        tags = {**(extra_tags or {}), "progressive": cfg.name, "stage": str(k), "stages": str(len(stages))}
-        if outcomes and outcomes[-1].run_id:
-            tags["previous_stage_run"] = outcomes[-1].run_id
-        outcomes.append(
-            run_plan(
-                plan,
-                address=address,
-                extra_tags=tags,
-                fresh=fresh,
-                sources=sources,
-                callbacks=callbacks(plan, k - 1) if callbacks else None,
-            )
+    for k in range(1, len(stages) + 1):
+        outcome = run_stage(
+            cfg,
+            k,
+            previous=outcomes[-1] if outcomes else None,
+            tracking=tracking,
+            address=address,
+            extra_tags=extra_tags,
+            teacher_names=teacher_names,
+            fresh=fresh,
+            callbacks=callbacks,
+            sources=shared,
+            cpus_per_worker=cpus_per_worker,
+            reuse_finished=reuse_finished,
         )
-    final = outcomes[-1]
-    # the progressive student's own name points at the last stage's checkpoint
-    out_dir = Path(stages[-1].run.output_dir).resolve() / cfg.name
-    publish_model(final.model_path.parent, out_dir)
-    outcomes.append(
-        TrainOutcome(
-            name=cfg.name,
-            role=cfg.role,
-            model_path=out_dir / MODEL_FILE,
-            run_id=final.run_id,
-            metrics=final.metrics,
-            input_size=final.input_size,
-            seconds=sum(o.seconds for o in outcomes),
-            method="progressive",
-        )
-    )
+        outcomes.append(outcome)
+    outcomes.append(progressive_outcome(cfg, outcomes[-1], seconds=sum(o.seconds for o in outcomes)))
     return outcomes
+
+
+def run_stage(
+    cfg: Config,
+    k: int,
+    *,
+    previous: TrainOutcome | None,
+    tracking: TrackingContext,
+    address: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    teacher_names: dict[str, Path] | None = None,
+    fresh: bool = False,
+    callbacks: CallbackFactory | None = None,
+    sources: dict[str, DetectionSource] | None = None,
+    cpus_per_worker: float | None = None,
+    reuse_finished: bool = False,
+) -> TrainOutcome:
+    """Stage ``k`` (from 1) of a progressive student, starting from ``previous`` (stage k-1's outcome)."""
+    stages = stage_configs(cfg)
+    stage = stages[k - 1]
+    if k > 1:
+        if previous is None:
+            raise ValueError(f"{cfg.name}: stage {k} starts from stage {k - 1}'s outcome; none was given")
+        stage = stage.model_copy(update={"model": stage.model.model_copy(update={"weights": previous.model_path})})
+    if sources is None or stage.data != cfg.data:
+        sources = open_sources(stage)
+    plan = build_plan(stage, tracking=tracking, teacher_names=teacher_names, sources=sources)
+    tags = {**(extra_tags or {}), "progressive": cfg.name, "stage": str(k), "stages": str(len(stages))}
+    if previous is not None and previous.run_id:
+        tags["previous_stage_run"] = previous.run_id
+    outcome = run_plan(
+        plan,
+        address=address,
+        extra_tags=tags,
+        fresh=fresh,
+        sources=sources,
+        callbacks=callbacks(plan, k - 1) if callbacks else None,
+        cpus_per_worker=cpus_per_worker,
+        reuse_finished=reuse_finished,
+    )
+    return outcome
+
+
+def progressive_outcome(cfg: Config, last: TrainOutcome, *, seconds: float) -> TrainOutcome:
+    """Publish the last stage's checkpoint under the progressive student's own name; the student's outcome."""
+    out_dir = Path(stage_configs(cfg)[-1].run.output_dir).resolve() / cfg.name
+    publish_model(last.model_path.parent, out_dir)
+    return TrainOutcome(
+        name=cfg.name,
+        role=cfg.role,
+        model_path=out_dir / MODEL_FILE,
+        run_id=last.run_id,
+        metrics=last.metrics,
+        input_size=last.input_size,
+        seconds=seconds,
+        method="progressive",
+    )
