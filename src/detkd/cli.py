@@ -472,6 +472,9 @@ def submit(
     overrides: SetOption = None,
     follow: Annotated[bool, typer.Option(help="stream the logs; exit non-zero if the job fails")] = False,
     env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE environment for the job")] = None,
+    parallel: Annotated[
+        int | None, typer.Option(min=1, help="pipelines: train up to N independent steps at once on the cluster")
+    ] = None,
 ) -> None:
     """Submit a pipeline or a run to a Ray cluster (Ray Jobs API)."""
     from detkd import submit as jobs
@@ -481,7 +484,9 @@ def submit(
         if env and len(extra) != len(env):
             raise FileNotFoundError("--env takes KEY=VALUE")
         root = jobs.find_project_root(spec.parent if spec.exists() else Path.cwd())
-        job_id = jobs.submit(spec, address=address, project_root=root, overrides=overrides or [], extra_env=extra)
+        job_id = jobs.submit(
+            spec, address=address, project_root=root, overrides=overrides or [], extra_env=extra, parallel=parallel
+        )
     except _user_errors() as exc:
         _fail(exc)
     console.print(f"submitted job [bold]{job_id}[/bold] to {address}")

@@ -71,8 +71,10 @@ def client(address: str):
         raise ConfigError(f"cannot reach the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
 
 
-def command_for(spec: Path, project_root: Path, overrides: list[str]) -> list[str]:
-    """``detkd run|train|distill`` for a pipeline spec or a run config, path relative to the project."""
+def command_for(spec: Path, project_root: Path, overrides: list[str], *, parallel: int | None = None) -> list[str]:
+    """``detkd run|train|distill`` for a pipeline spec or a run config, path relative to the project.
+
+    ``parallel`` (pipelines only) becomes ``detkd run --parallel N``: up to N steps train at once there."""
     spec = spec.resolve()
     try:
         relative = spec.relative_to(project_root.resolve())
@@ -89,9 +91,13 @@ def command_for(spec: Path, project_root: Path, overrides: list[str]) -> list[st
         verb = "distill"
     else:
         verb = "train"
+    if parallel is not None and verb != "run":
+        raise ConfigError(f"{spec}: --parallel applies to pipeline specs (teachers/students), not to one run config")
     command = ["python", "-m", "detkd.cli", verb, str(relative)]
     for item in overrides:
         command += ["--set", item]
+    if parallel is not None:
+        command += ["--parallel", str(parallel)]
     return command
 
 
@@ -123,8 +129,9 @@ def submit(
     project_root: Path,
     overrides: list[str] | None = None,
     extra_env: dict[str, str] | None = None,
+    parallel: int | None = None,
 ) -> str:
-    entrypoint = shlex.join(command_for(spec, project_root, overrides or []))
+    entrypoint = shlex.join(command_for(spec, project_root, overrides or [], parallel=parallel))
     env = runtime_env(project_root, extra_env=extra_env)
     check_model_references(spec, env["env_vars"])
     jobs = client(address)

@@ -219,3 +219,20 @@ def test_submit_refuses_registry_teachers_without_a_reachable_tracking_server(tm
     result = CliRunner().invoke(app, ["submit", str(spec), "--address", "http://127.0.0.1:1"])
     assert result.exit_code == 2, result.output
     assert "models:/ or mlflow: teachers" in result.output and "MLFLOW_TRACKING_URI" in result.output
+
+
+def test_submit_passes_parallel_to_a_pipeline_and_refuses_it_for_one_run(tmp_path):
+    from detkd.config import ConfigError
+    from detkd.submit import command_for
+
+    project = tmp_path / "project"
+    project.mkdir()
+    pipeline = project / "p.yaml"
+    pipeline.write_text("name: p\nteachers: [{name: t}]\n")
+    command = command_for(pipeline, project, ["workdir=/mnt/w"], parallel=3)
+    assert command[3:] == ["run", "p.yaml", "--set", "workdir=/mnt/w", "--parallel", "3"]
+    assert "--parallel" not in command_for(pipeline, project, [])
+    run = project / "run.yaml"
+    run.write_text("name: r\n")
+    with pytest.raises(ConfigError, match="--parallel applies to pipeline specs"):
+        command_for(run, project, [], parallel=2)
