@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from detkd.config import ConfigError
+from detkd.redact import redact, redact_value
 
 TAG_PREFIX = "detkd."
 # MLflow 3 opens experiments without this tag on its GenAI overview (traces, token usage).
@@ -150,7 +151,7 @@ def run_context(
     """Start (or nest, or resume) an MLflow run; yields its id, marks FAILED/KILLED on error."""
     mlflow.set_tracking_uri(tracking_uri)
     exp_id = experiment_id(tracking_uri, experiment)
-    all_tags = {f"{TAG_PREFIX}{k}": str(v) for k, v in (tags or {}).items()}
+    all_tags = {f"{TAG_PREFIX}{k}": redact(str(v)) for k, v in (tags or {}).items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     client = MlflowClient(tracking_uri)
@@ -181,7 +182,7 @@ class RunLogger:
 
     def params(self, params: dict[str, Any]) -> None:
         flat = flatten(params)
-        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in flat.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -193,7 +194,7 @@ class RunLogger:
 
     def tags(self, tags: dict[str, Any]) -> None:
         items = [
-            RunTag(f"{TAG_PREFIX}{k}" if not k.startswith(("mlflow.", TAG_PREFIX)) else k, str(v))
+            RunTag(f"{TAG_PREFIX}{k}" if not k.startswith(("mlflow.", TAG_PREFIX)) else k, redact(str(v)))
             for k, v in tags.items()
         ]
         if items:
@@ -203,10 +204,10 @@ class RunLogger:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def dict(self, data: Any, name: str) -> None:
-        self.client.log_dict(self.run_id, data, name)
+        self.client.log_dict(self.run_id, redact_value(data), name)
 
     def text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self.client.log_text(self.run_id, redact(text), name)
 
 
 def pandas_dataset(records: list[dict[str, Any]], *, source: str, name: str | None = None):
