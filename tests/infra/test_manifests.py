@@ -501,9 +501,12 @@ def test_mlflow_server_command_parses_and_its_drivers_are_in_the_image(monkeypat
     assert params["host"] == "0.0.0.0" and params["serve_artifacts"] is True
     assert params["backend_store_uri"].startswith("postgresql://")
     assert params["artifacts_destination"].startswith("s3://")
-    installed = {normalise(Requirement(w).name) for words in pip_installs() for w in words if "==" in w}
-    assert "psycopg2-binary" in installed, "the image lacks the PostgreSQL driver the backend store URI needs"
-    assert "boto3" in installed, "the image lacks boto3, which MLflow's S3 artifact store needs"
+    args = [rest for instruction, rest in dockerfile() if instruction == "ARG" and rest.startswith("DETKD_EXTRAS=")]
+    extras = args[0].removeprefix("DETKD_EXTRAS=").split(",")
+    assert "server" in extras, "the image lacks the server extra (PostgreSQL driver, boto3) the MLflow server needs"
+    server = {normalise(Requirement(r).name) for r in pyproject()["project"]["optional-dependencies"]["server"]}
+    assert {"psycopg", "boto3"} <= server, "the server extra must hold psycopg (postgresql:// URIs) and boto3 (s3://)"
+    assert {"psycopg", "psycopg-binary", "boto3"} <= set(pins()), "constraints.txt must pin the server extra"
 
 
 def test_services_have_probes_and_every_container_has_resources():

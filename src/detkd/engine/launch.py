@@ -63,12 +63,24 @@ def tracking_context(cfg: Config, *, parent_run_id: str | None = None) -> Tracki
 
 
 def storage_target(cfg: Config) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for RunConfig: a folder, or a URI with an optional S3 endpoint."""
+    """(storage_path, storage_filesystem) for RunConfig: a folder, or a URI with an optional S3 endpoint.
+
+    With an endpoint (MinIO and other S3-compatible stores), the filesystem carries the keys of the
+    process that starts the run (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN) when
+    it has them: Ray ships it to every worker, whose own environment may have none. Without keys
+    here, workers resolve credentials the usual AWS way (their environment, instance roles)."""
     path = str(cfg.run.storage_path)
     if cfg.run.storage_endpoint and path.startswith("s3://"):
         import pyarrow.fs
 
-        return path.removeprefix("s3://"), pyarrow.fs.S3FileSystem(endpoint_override=cfg.run.storage_endpoint)
+        keys = {}
+        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+            keys = {"access_key": os.environ["AWS_ACCESS_KEY_ID"], "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"]}
+            if os.environ.get("AWS_SESSION_TOKEN"):
+                keys["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        filesystem = pyarrow.fs.S3FileSystem(endpoint_override=cfg.run.storage_endpoint, region=region, **keys)
+        return path.removeprefix("s3://"), filesystem
     return path, None
 
 

@@ -1,0 +1,109 @@
+"""Real storage servers on 127.0.0.1 for tests: an S3-compatible server (moto's server mode) and PostgreSQL.
+
+Both are processes of their own, reached over TCP like the services in infra/ (MinIO/S3, PostgreSQL);
+nothing is mocked in the test process. PostgreSQL is the OS package (``.ci/run`` installs it when
+its server binaries are missing); as root, its server runs as the ``postgres`` user, as it must.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from conftest import free_port, serving
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "detkd-test", "AWS_SECRET_ACCESS_KEY": "detkd-test-secret"}
+
+
+class S3Server(NamedTuple):
+    endpoint: str
+    env: dict[str, str]  # what a client (boto3, pyarrow, MLflow) needs to reach it
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", **_lower(S3_KEYS))
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def _lower(keys: dict[str, str]) -> dict[str, str]:
+    return {"aws_access_key_id": keys["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": keys["AWS_SECRET_ACCESS_KEY"]}
+
+
+@contextlib.contextmanager
+def s3_server(root: Path, *, buckets: tuple[str, ...]) -> Iterator[S3Server]:
+    """``python -m moto.server`` on a free port with ``buckets`` created."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, **S3_KEYS, "AWS_DEFAULT_REGION": "us-east-1"}
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with serving(command, ready_url=f"{endpoint}/moto-api/", log_path=root / "s3.log", env=env, wait_s=60):
+        server = S3Server(
+            endpoint,
+            {
+                **S3_KEYS,
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": endpoint,
+                "MLFLOW_S3_ENDPOINT_URL": endpoint,
+            },
+        )
+        for bucket in buckets:
+            server.client().create_bucket(Bucket=bucket)
+        yield server
+
+
+def postgres_bindir() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(candidates[-1]).parent if candidates else None
+
+
+class Postgres(NamedTuple):
+    uri: str  # postgresql://USER:PASSWORD@127.0.0.1:PORT/DB
+    password: str
+
+
+@contextlib.contextmanager
+def postgres_server(database: str = "mlflow") -> Iterator[Postgres]:
+    """A throwaway PostgreSQL cluster (password authentication) on a free port of 127.0.0.1."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        raise RuntimeError("PostgreSQL server binaries (initdb) not found: install the OS package `postgresql`")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="detkd-pg-"))  # not under pytest's root-only folder: postgres must enter
+    password = secrets.token_hex(8)
+    (root / "pw").write_text(password + "\n")
+    if as_postgres:
+        os.chmod(root, 0o755)
+        shutil.chown(root, "postgres")
+        shutil.chown(root / "pw", "postgres")
+    port = free_port()
+    data, log = root / "data", root / "server.log"
+
+    def run(*command: str, **kwargs) -> None:
+        subprocess.run([*as_postgres, *command], check=True, capture_output=True, **kwargs)
+
+    run(str(bindir / "initdb"), "-D", str(data), "-U", "detkd", "--auth=scram-sha-256", f"--pwfile={root / 'pw'}")
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "start")
+    try:
+        env = {**os.environ, "PGPASSWORD": password}
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "detkd", database, env=env)
+        yield Postgres(f"postgresql://detkd:{password}@127.0.0.1:{port}/{database}", password)
+    finally:
+        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], check=False)
+        shutil.rmtree(root, ignore_errors=True)
