@@ -1,8 +1,10 @@
 """Submit pipelines and runs to a Ray cluster through the Ray Jobs API.
 
 The job ships the project folder (code, configs, pipeline specs; not data, git
-history, MLflow stores or checkpoints) as its working directory and runs the
-same ``detkd`` command there that you would run locally.
+history, MLflow stores, checkpoints, what .gitignore lists, or files that usually
+hold credentials) as its working directory and runs the same ``detkd`` command
+there that you would run locally. Secrets travel as ``--env`` values, never in the
+command line (job metadata).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import yaml
 
 from detkd.config import ConfigError
+from detkd.redact import has_credentials
 
 # gitignore syntax, relative to the project root ("/data" would otherwise also drop src/detkd/data)
 EXCLUDES = [
@@ -38,6 +41,38 @@ EXCLUDES = [
     ".pytest_cache",
     ".ruff_cache",
     "*.egg-info",
+]
+# Never shipped, whatever .gitignore says (Ray also leaves out what the project's .gitignore lists):
+# files that usually hold credentials. Pass secrets to a job with --env instead.
+SECRET_EXCLUDES = [
+    ".env",
+    ".env.*",
+    "*.env",
+    ".envrc",
+    ".netrc",
+    ".pgpass",
+    ".git-credentials",
+    ".aws/",
+    ".ssh/",
+    ".kube/",
+    ".docker/",
+    "kubeconfig",
+    "*.kubeconfig",
+    "credentials",
+    "credentials.*",
+    "*credentials*.json",
+    "service-account*.json",
+    "secrets.yaml",
+    "secrets.yml",
+    "*.secret",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -71,10 +106,19 @@ def client(address: str):
         raise ConfigError(f"cannot reach the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
 
 
-def command_for(spec: Path, project_root: Path, overrides: list[str], *, parallel: int | None = None) -> list[str]:
+def command_for(
+    spec: Path,
+    project_root: Path,
+    overrides: list[str],
+    *,
+    parallel: int | None = None,
+    step: str | None = None,
+    pipeline_run: str | None = None,
+) -> list[str]:
     """``detkd run|train|distill`` for a pipeline spec or a run config, path relative to the project.
 
-    ``parallel`` (pipelines only) becomes ``detkd run --parallel N``: up to N steps train at once there."""
+    ``parallel`` (pipelines only) becomes ``detkd run --parallel N``: up to N steps train at once there;
+    ``step`` runs one step of a pipeline instead (``detkd step``, joining ``pipeline_run``)."""
     spec = spec.resolve()
     try:
         relative = spec.relative_to(project_root.resolve())
@@ -91,9 +135,23 @@ def command_for(spec: Path, project_root: Path, overrides: list[str], *, paralle
         verb = "distill"
     else:
         verb = "train"
-    if parallel is not None and verb != "run":
-        raise ConfigError(f"{spec}: --parallel applies to pipeline specs (teachers/students), not to one run config")
-    command = ["python", "-m", "detkd.cli", verb, str(relative)]
+    for item in overrides:
+        if has_credentials(item):  # the command line is job metadata anyone with the dashboard reads
+            raise ConfigError(
+                f"--set {item.split('=', 1)[0]}=...: the value carries a credential (a password in a URI or a "
+                "secret query parameter); it would be stored in the job's metadata. Pass it with --env instead "
+                "(e.g. MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, AWS_SECRET_ACCESS_KEY)"
+            )
+    if (parallel is not None or step is not None) and verb != "run":
+        raise ConfigError(f"{spec}: --parallel and --step apply to pipeline specs (teachers/students), not to a run")
+    if step is not None and parallel is not None:
+        raise ConfigError("--step runs one step; --parallel is for a whole pipeline")
+    if step is None:
+        command = ["python", "-m", "detkd.cli", verb, str(relative)]
+    else:
+        command = ["python", "-m", "detkd.cli", "step", str(relative), step]
+        if pipeline_run:
+            command += ["--pipeline-run", pipeline_run]
     for item in overrides:
         command += ["--set", item]
     if parallel is not None:
@@ -119,7 +177,7 @@ def runtime_env(project_root: Path, *, extra_env: dict[str, str] | None = None) 
     env = {"PYTHONPATH": "src", "RAY_TRAIN_V2_ENABLED": "1", **(extra_env or {})}
     if os.environ.get("MLFLOW_TRACKING_URI"):
         env.setdefault("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
-    return {"working_dir": str(project_root), "excludes": EXCLUDES, "env_vars": env}
+    return {"working_dir": str(project_root), "excludes": EXCLUDES + SECRET_EXCLUDES, "env_vars": env}
 
 
 def submit(
@@ -130,8 +188,12 @@ def submit(
     overrides: list[str] | None = None,
     extra_env: dict[str, str] | None = None,
     parallel: int | None = None,
+    step: str | None = None,
+    pipeline_run: str | None = None,
 ) -> str:
-    entrypoint = shlex.join(command_for(spec, project_root, overrides or [], parallel=parallel))
+    entrypoint = shlex.join(
+        command_for(spec, project_root, overrides or [], parallel=parallel, step=step, pipeline_run=pipeline_run)
+    )
     env = runtime_env(project_root, extra_env=extra_env)
     check_model_references(spec, env["env_vars"])
     jobs = client(address)

@@ -234,5 +234,62 @@ def test_submit_passes_parallel_to_a_pipeline_and_refuses_it_for_one_run(tmp_pat
     assert "--parallel" not in command_for(pipeline, project, [])
     run = project / "run.yaml"
     run.write_text("name: r\n")
-    with pytest.raises(ConfigError, match="--parallel applies to pipeline specs"):
+    with pytest.raises(ConfigError, match="--parallel and --step apply to pipeline specs"):
         command_for(run, project, [], parallel=2)
+
+
+def test_nothing_secret_leaves_the_laptop_with_a_job(ray_head, tmp_path):
+    """Planted credential files, a gitignored file, an --env value and a password in a URI: none reaches the job's
+    files, its command line, its metadata or detkd's output."""
+    from detkd.submit import client, runtime_env
+
+    project = tmp_path / "project"
+    (project / "src/detkd").mkdir(parents=True)
+    (project / "pyproject.toml").write_text('[project]\nname = "detkd"\n')
+    (project / ".gitignore").write_text("notes/\n")
+    planted = [".env", "prod.env", ".netrc", "id_rsa", "deploy.pem", ".aws/credentials", "gcp-credentials.json"]
+    planted += ["conf/secrets.yaml", "notes/passwords.txt"]
+    for name in planted:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("hunter2\n")
+    (project / "keep.yaml").write_text("name: keep\n")
+    jobs = client(ray_head)
+    listing = "import os; print('FILES', sorted(os.path.join(d, f) for d, _, fs in os.walk('.') for f in fs))"
+    job_id = jobs.submit_job(entrypoint=f'python -c "{listing}"', runtime_env=runtime_env(project))
+    deadline = time.time() + 120
+    while str(jobs.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "JobStatus.SUCCEEDED", "JobStatus.FAILED"):
+        assert time.time() < deadline, jobs.get_job_logs(job_id)
+        time.sleep(1)
+    logs = jobs.get_job_logs(job_id)
+    shipped = next(line for line in logs.splitlines() if line.startswith("FILES"))
+    assert "./keep.yaml" in shipped and "./pyproject.toml" in shipped
+    assert not [name for name in planted if name.split("/")[-1] in shipped], shipped
+
+    # a password inside a URI given with --set is refused before anything is submitted, and not echoed
+    pipeline = project / "p.yaml"
+    pipeline.write_text("name: p\nteachers: [{name: t}]\n")
+    refused = CliRunner().invoke(
+        app,
+        ["submit", str(pipeline), "--address", ray_head, "--set", "tracking.tracking_uri=http://bob:hunter2@mlf:5000"],
+    )
+    assert refused.exit_code == 2 and "--env" in refused.output and "hunter2" not in refused.output
+    # --env values reach the job's environment only: not detkd's output, the command line or the metadata
+    secret_env = ["--env", "AWS_SECRET_ACCESS_KEY=hunter2"]
+    sent = CliRunner().invoke(app, ["submit", str(pipeline), "--address", ray_head, *secret_env])
+    assert sent.exit_code == 0 and "hunter2" not in sent.output, sent.output
+    info = jobs.get_job_info(sent.output.split("submitted job ")[1].split()[0])
+    assert "hunter2" not in info.entrypoint and "hunter2" not in json.dumps(info.metadata or {})
+
+
+def test_submit_of_one_step_runs_detkd_step_there(tmp_path):
+    from detkd.config import ConfigError
+    from detkd.submit import command_for
+
+    project = tmp_path / "project"
+    project.mkdir()
+    pipeline = project / "p.yaml"
+    pipeline.write_text("name: p\nteachers: [{name: t}]\n")
+    command = command_for(pipeline, project, ["workdir=/mnt/w"], step="t", pipeline_run="abc123")
+    assert command[3:] == ["step", "p.yaml", "t", "--pipeline-run", "abc123", "--set", "workdir=/mnt/w"]
+    with pytest.raises(ConfigError, match="--step runs one step"):
+        command_for(pipeline, project, [], step="t", parallel=2)
