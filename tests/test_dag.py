@@ -204,3 +204,13 @@ def test_steps_read_what_their_needs_returned():
     results: dict = {}
     done = execute(toy_dag(), run, steps=["a", "b", "c", "d"], parallel=2, results=results)
     assert results is done.results and results == {"a": 1, "b": 2, "c": 1, "d": 3}
+
+
+def test_step_command_names_the_steps_and_asks_for_the_pipeline_run(tmp_path):
+    sets = ["--set", f"workdir={tmp_path / 'w'}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    unknown = runner.invoke(app, ["step", str(PIPELINES / "quickstart.yaml"), "nosuch", *sets])
+    assert unknown.exit_code == 2
+    assert "no step named 'nosuch'; the steps are data, teacher, student_baseline" in unknown.output
+    orphan = runner.invoke(app, ["step", str(PIPELINES / "quickstart.yaml"), "teacher", *sets])
+    assert orphan.exit_code == 2 and "--pipeline-run" in orphan.output
+    assert not (tmp_path / "w").exists()  # refused before anything ran

@@ -417,6 +417,71 @@ def plan(
     console.print(f"picture: {picture}", highlight=False)
 
 
+@app.command("compile")
+def compile_command(
+    pipeline: Annotated[Path, typer.Argument(help="pipeline spec YAML")],
+    out: Annotated[Path, typer.Option(help="the KFP pipeline (IR YAML) to write")],
+    overrides: SetOption = None,
+    spec_path: Annotated[
+        str | None, typer.Option(help="the spec's path as the tasks see it (default: PIPELINE as given)")
+    ] = None,
+    ray_address: Annotated[
+        str, typer.Option(help="Ray dashboard the model steps submit their training to (default: in their pod)")
+    ] = "",
+) -> None:
+    """Compile a pipeline spec into a Kubeflow Pipelines v2 pipeline whose tasks are its steps (needs the kfp extra)."""
+    from detkd.dag import build_dag
+    from detkd.pipeline import load_pipeline
+
+    try:
+        from detkd.kubeflow import compile_pipeline
+    except ImportError as exc:
+        extra = "pip install -c constraints.txt -e '.[kfp]'"
+        _fail(FileNotFoundError(f"detkd compile needs the kfp extra: {extra} ({exc})"))
+    try:
+        dag = build_dag(load_pipeline(pipeline, overrides or []))
+        written = compile_pipeline(
+            dag, out, spec=spec_path or str(pipeline), overrides=list(overrides or []), ray_address=ray_address
+        )
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(f"compiled {len(dag.steps)} steps of {dag.pipeline} into {written}", highlight=False)
+
+
+@app.command("step")
+def step_command(
+    pipeline: Annotated[Path, typer.Argument(help="pipeline spec YAML")],
+    step: Annotated[str, typer.Argument(help="the step to run (see `detkd plan`)")],
+    overrides: SetOption = None,
+    pipeline_run: Annotated[
+        str | None, typer.Option(help="the pipeline's MLflow run (the data step's output; it opens one without)")
+    ] = None,
+    outputs: Annotated[Path | None, typer.Option(help="also write the step's outputs here as JSON")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+    fresh: FreshOption = False,
+) -> None:
+    """Run one step of a pipeline (what each Kubeflow component runs); the steps it needs must have finished."""
+    from detkd.pipeline import PipelineFailed, load_pipeline
+    from detkd.pipeline_step import run_step
+
+    try:
+        spec = load_pipeline(pipeline, overrides or [])
+        result = run_step(spec, step, pipeline_run=pipeline_run, address=address, fresh=fresh, say=console.print)
+    except _user_errors() as exc:
+        _fail(exc)
+    except PipelineFailed as exc:
+        for line in str(exc).splitlines():
+            err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    from detkd.pipeline_step import OUTPUTS_MARKER
+
+    text = json.dumps(result, default=str)
+    if outputs:
+        outputs.parent.mkdir(parents=True, exist_ok=True)
+        outputs.write_text(text + "\n")
+    print(f"{OUTPUTS_MARKER}{text}", flush=True)  # one line a caller (a Kubeflow component) can find
+
+
 @app.command("tune")
 def tune_command(
     space: Annotated[Path, typer.Argument(help="search space YAML (search_spaces/*.yaml)")],
@@ -475,6 +540,8 @@ def submit(
     parallel: Annotated[
         int | None, typer.Option(min=1, help="pipelines: train up to N independent steps at once on the cluster")
     ] = None,
+    step: Annotated[str | None, typer.Option(help="pipelines: run only this step there (`detkd step`)")] = None,
+    pipeline_run: Annotated[str | None, typer.Option(help="with --step: the pipeline's MLflow run")] = None,
 ) -> None:
     """Submit a pipeline or a run to a Ray cluster (Ray Jobs API)."""
     from detkd import submit as jobs
@@ -485,7 +552,14 @@ def submit(
             raise FileNotFoundError("--env takes KEY=VALUE")
         root = jobs.find_project_root(spec.parent if spec.exists() else Path.cwd())
         job_id = jobs.submit(
-            spec, address=address, project_root=root, overrides=overrides or [], extra_env=extra, parallel=parallel
+            spec,
+            address=address,
+            project_root=root,
+            overrides=overrides or [],
+            extra_env=extra,
+            parallel=parallel,
+            step=step,
+            pipeline_run=pipeline_run,
         )
     except _user_errors() as exc:
         _fail(exc)

@@ -240,97 +240,159 @@ def run_pipeline(
 ) -> list[dict[str, Any]]:
     """Run every step; returns one summary row per trained model. ``fresh`` retrains every model;
     ``parallel`` steps at most train at once (independent ones, when the cluster has room)."""
-    from detkd.engine.launch import ensure_ray, log_split
-    from detkd.engine.plan import open_split
-    from detkd.tracking import RunLogger, check_tracking_uri, code_version_tags, run_context
+    from detkd.engine.launch import ensure_ray
+    from detkd.tracking import RunLogger, check_tracking_uri
 
     say = console.print if console else print
     spec = spec.model_copy(update={"workdir": spec.workdir.resolve()})
-    tracking = tracking_context(spec)
-    uri = tracking.uri
-    check_tracking_uri(uri)
-    rows: list[dict[str, Any]] = []
+    check_tracking_uri(tracking_context(spec).uri)
     started = time.perf_counter()
-    with run_context(
-        tracking_uri=uri,
-        experiment=tracking.experiment,
-        run_name=f"pipeline:{spec.name}",
-        tags={"pipeline": spec.name, "kind": "pipeline", "component": "pipeline", **code_version_tags()},
-    ) as parent_id:
-        parent = RunLogger(tracking_uri=uri, run_id=parent_id)
-        parent.params({"pipeline": spec.model_dump(mode="json", by_alias=True)})
-        if spec.data.synth is not None:
-            with run_context(
-                tracking_uri=uri,
-                experiment=tracking.experiment,
-                run_name="data",
-                parent_run_id=parent_id,
-                tags={"pipeline": spec.name, "kind": "data", "component": "data", "pipeline_run": parent_id},
-            ) as data_id:
-                say(
-                    f"[bold]data[/bold]: synthesizing {spec.data.synth.images} images under {spec.workdir / 'data'}"
-                    if console
-                    else "data: synthesizing"
-                )
-                summary = ensure_synthetic_data(spec)
-                RunLogger(tracking_uri=uri, run_id=data_id).dict(summary, "synth_summary.json")
-                log_splits(spec, uri, data_id)
+    parent_id = open_pipeline_run(spec)
+    try:
+        run_data_step(spec, parent_id, say=say)
         ensure_ray(address)
         execution = run_model_steps(spec, parent_id, address=address, fresh=fresh, parallel=parallel, say=say)
         if not execution.ok:
-            parent.tags(
+            RunLogger(tracking_uri=tracking_context(spec).uri, run_id=parent_id).tags(
                 {"failed_steps": json.dumps(list(execution.failed)), "blocked_steps": json.dumps(execution.blocked)}
             )
             raise PipelineFailed(execution)
         outcomes = [execution.results[name] for name in final_models(spec)]
-        scoring = data_splits(spec).scoring()
-        if scoring is not None:
-            split_name, split = scoring
-            say(f"evaluate: every model on the {split_name} split")
-            eval_source = open_split(split, skip_invalid=False)
-            with run_context(
-                tracking_uri=uri,
-                experiment=tracking.experiment,
-                run_name="evaluate",
-                parent_run_id=parent_id,
-                tags={"pipeline": spec.name, "kind": "evaluate", "component": "evaluate", "pipeline_run": parent_id},
-            ) as eval_id:
-                eval_logger = RunLogger(tracking_uri=uri, run_id=eval_id)
-                split_digest = log_split(uri, eval_id, split_name, split, eval_source)
-                eval_logger.tags(
-                    {
-                        f"dataset.{split_name}": split_digest,
-                        "evaluated_runs": json.dumps([o.run_id for _, o in outcomes]),
-                    }
-                )
-                for cfg, outcome in outcomes:
-                    row, result = evaluation_row(
-                        cfg, outcome, eval_source, batch_size=spec.eval_batch_size, split=split_name
-                    )
-                    rows.append(row)
-                    eval_logger.metrics(
-                        {f"{cfg.name}/{split_name}/{k}": v for k, v in result.metrics.items()}
-                        | {f"{cfg.name}/images_per_s": result.images_per_s}
-                    )
-                    if outcome.run_id:
-                        RunLogger(tracking_uri=uri, run_id=outcome.run_id).metrics(
-                            {f"eval/{split_name}/{k}": v for k, v in result.metrics.items()}
-                            | {"eval/images_per_s": result.images_per_s}
-                        )
-                eval_logger.dict(rows, "summary.json")
-            if spec.registration is not None:
-                outcome_of = {cfg.name: outcome for cfg, outcome in outcomes}
-                run_register_step(
-                    spec, rows, outcome_of, eval_source, split_name, split_digest, parent_run_id=parent_id, say=say
-                )
-        parent.dict(rows, "summary.json")
-        parent.metrics({"pipeline_seconds": time.perf_counter() - started})
-        from detkd.lineage import pipeline_lineage_png
-
-        picture = pipeline_lineage_png(uri, parent_id, spec.workdir / "lineage.png")
-        parent.artifact(picture)
-        say(f"lineage: {picture} (and on the pipeline's MLflow run)")
+        rows = run_evaluate_and_register(spec, outcomes, parent_id, say=say)
+        close_pipeline_run(spec, parent_id, rows, seconds=time.perf_counter() - started, say=say)
+    except BaseException as exc:
+        end_pipeline_run(spec, parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     return rows
+
+
+def open_pipeline_run(spec: PipelineSpec) -> str:
+    """The pipeline's parent MLflow run, left RUNNING: every step's run is its child (steps may be other processes)."""
+    from mlflow.tracking import MlflowClient
+
+    from detkd.tracking import TAG_PREFIX, RunLogger, code_version_tags, experiment_id, redact
+
+    tracking = tracking_context(spec)
+    tags = {"pipeline": spec.name, "kind": "pipeline", "component": "pipeline", **code_version_tags()}
+    run = MlflowClient(tracking.uri).create_run(
+        experiment_id(tracking.uri, tracking.experiment),
+        run_name=f"pipeline:{spec.name}",
+        tags={f"{TAG_PREFIX}{k}": redact(str(v)) for k, v in tags.items()},
+    )
+    RunLogger(tracking_uri=tracking.uri, run_id=run.info.run_id).params(
+        {"pipeline": spec.model_dump(mode="json", by_alias=True)}
+    )
+    return run.info.run_id
+
+
+def end_pipeline_run(spec: PipelineSpec, parent_id: str, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_context(spec).uri).set_terminated(parent_id, status=status)
+
+
+def close_pipeline_run(spec: PipelineSpec, parent_id: str, rows: list[dict[str, Any]], *, seconds: float, say) -> None:
+    """The pipeline run's summary, wall time and lineage picture; then it is FINISHED."""
+    from detkd.lineage import pipeline_lineage_png
+    from detkd.tracking import RunLogger
+
+    parent = RunLogger(tracking_uri=tracking_context(spec).uri, run_id=parent_id)
+    parent.dict(rows, "summary.json")
+    parent.metrics({"pipeline_seconds": seconds})
+    picture = pipeline_lineage_png(parent.tracking_uri, parent_id, spec.workdir / "lineage.png")
+    parent.artifact(picture)
+    say(f"lineage: {picture} (and on the pipeline's MLflow run)")
+    end_pipeline_run(spec, parent_id, "FINISHED")
+
+
+def run_data_step(spec: PipelineSpec, parent_id: str, *, say) -> None:
+    """Synthesize the data once (reruns reuse it) and log every split as a child run ``data``."""
+    from detkd.tracking import RunLogger, run_context
+
+    if spec.data.synth is None:
+        return  # files given: every model run logs the splits it reads
+    tracking = tracking_context(spec)
+    with run_context(
+        tracking_uri=tracking.uri,
+        experiment=tracking.experiment,
+        run_name="data",
+        parent_run_id=parent_id,
+        tags={"pipeline": spec.name, "kind": "data", "component": "data", "pipeline_run": parent_id},
+    ) as data_id:
+        say(f"data: synthesizing {spec.data.synth.images} images under {spec.workdir / 'data'}")
+        summary = ensure_synthetic_data(spec)
+        RunLogger(tracking_uri=tracking.uri, run_id=data_id).dict(summary, "synth_summary.json")
+        log_splits(spec, tracking.uri, data_id)
+
+
+class Evaluation(NamedTuple):
+    rows: list[dict[str, Any]]
+    split: str  # the scoring split's name (test when the pipeline has one)
+    source: Any  # its DetectionSource
+    digest: str  # its dataset digest
+
+
+def run_evaluate_and_register(spec: PipelineSpec, outcomes: list, parent_id: str, *, say) -> list[dict[str, Any]]:
+    """Score every model on the scoring split, then register the chosen student; the summary rows."""
+    evaluation = run_evaluate_step(spec, outcomes, parent_id, say=say)
+    if evaluation is None:
+        return []
+    if spec.registration is not None:
+        outcome_of = {cfg.name: outcome for cfg, outcome in outcomes}
+        run_register_step(
+            spec,
+            evaluation.rows,
+            outcome_of,
+            evaluation.source,
+            evaluation.split,
+            evaluation.digest,
+            parent_run_id=parent_id,
+            say=say,
+        )
+    return evaluation.rows
+
+
+def run_evaluate_step(spec: PipelineSpec, outcomes: list, parent_id: str, *, say) -> Evaluation | None:
+    """Score every model on the scoring split (a child run ``evaluate``); None when the spec has no split to score."""
+    from detkd.engine.launch import log_split
+    from detkd.engine.plan import open_split
+    from detkd.tracking import RunLogger, run_context
+
+    scoring = data_splits(spec).scoring()
+    if scoring is None:
+        return None
+    tracking = tracking_context(spec)
+    uri = tracking.uri
+    split_name, split = scoring
+    say(f"evaluate: every model on the {split_name} split")
+    eval_source = open_split(split, skip_invalid=False)
+    rows: list[dict[str, Any]] = []
+    with run_context(
+        tracking_uri=uri,
+        experiment=tracking.experiment,
+        run_name="evaluate",
+        parent_run_id=parent_id,
+        tags={"pipeline": spec.name, "kind": "evaluate", "component": "evaluate", "pipeline_run": parent_id},
+    ) as eval_id:
+        eval_logger = RunLogger(tracking_uri=uri, run_id=eval_id)
+        split_digest = log_split(uri, eval_id, split_name, split, eval_source)
+        eval_logger.tags(
+            {f"dataset.{split_name}": split_digest, "evaluated_runs": json.dumps([o.run_id for _, o in outcomes])}
+        )
+        for cfg, outcome in outcomes:
+            row, result = evaluation_row(cfg, outcome, eval_source, batch_size=spec.eval_batch_size, split=split_name)
+            rows.append(row)
+            eval_logger.metrics(
+                {f"{cfg.name}/{split_name}/{k}": v for k, v in result.metrics.items()}
+                | {f"{cfg.name}/images_per_s": result.images_per_s}
+            )
+            if outcome.run_id:
+                RunLogger(tracking_uri=uri, run_id=outcome.run_id).metrics(
+                    {f"eval/{split_name}/{k}": v for k, v in result.metrics.items()}
+                    | {"eval/images_per_s": result.images_per_s}
+                )
+        eval_logger.dict(rows, "summary.json")
+    return Evaluation(rows, split_name, eval_source, split_digest)
 
 
 class PipelineFailed(RuntimeError):
@@ -354,12 +416,23 @@ def final_models(spec: PipelineSpec) -> list[str]:
     return [e.name for e in spec.teachers + spec.students] + [t.name for t in spec.tune]
 
 
-def run_model_steps(spec: PipelineSpec, parent_id: str, *, address: str | None, fresh: bool, parallel: int, say):
+def run_model_steps(
+    spec: PipelineSpec,
+    parent_id: str,
+    *,
+    address: str | None,
+    fresh: bool,
+    parallel: int,
+    say,
+    only: list[str] | None = None,
+):
     """Train every teacher, student, progressive stage and sweep of the spec's DAG, ``parallel`` at most at once.
 
     Each step is the same call as before (``run_training``, ``run_stage``, ``run_tune_step``); a
     step starts when the models it learns from are done and the cluster has room. A finished
     step of an earlier run with the same settings is reused, not retrained (``fresh`` retrains).
+    Every finished step leaves ``models/<step>/outcome.json``; ``only`` runs just those steps,
+    reading what their needs left (``detkd step``, one pipeline component per process).
     """
     import ray
 
@@ -418,13 +491,51 @@ def run_model_steps(spec: PipelineSpec, parent_id: str, *, address: str | None, 
         say(f"{step.kind} {step.name}: {step.detail}")
 
     steps = [s.name for s in dag.steps if s.kind in ("teacher", "student", "stage", "tune")]
+    if only is not None:
+        steps = [name for name in steps if name in only]
+        needed = {n for name in steps for n in dag.step(name).needs if n not in steps and n != "data"}
+        for name in needed:
+            results[name] = load_outcome(spec, name)
+
+    def run_and_keep(step):
+        cfg, outcome = run(step)
+        save_outcome(spec, step.name, cfg, outcome)
+        return cfg, outcome
+
     try:
-        return execute(dag, run, steps=steps, parallel=parallel, fits=fits, on_start=announce, results=results)
+        return execute(dag, run_and_keep, steps=steps, parallel=parallel, fits=fits, on_start=announce, results=results)
     except KeyboardInterrupt:
         if parallel > 1:  # the steps' threads wait on Ray Train runs: stopping Ray ends them, checkpoints stay
             say("interrupted: stopping the running steps; run the same command again to resume them")
             ray.shutdown()
         raise
+
+
+def outcome_file(spec: PipelineSpec, step: str) -> Path:
+    return Path(spec.workdir) / "models" / step / "outcome.json"
+
+
+def save_outcome(spec: PipelineSpec, step: str, cfg: Config, outcome) -> None:
+    """What a finished model step returned (its config, checkpoint, MLflow run, metrics), for later steps."""
+    from detkd.models.checkpoint import atomic_write_bytes
+
+    data = {
+        "config": cfg.model_dump(mode="json"),
+        "outcome": {k: str(v) if isinstance(v, Path) else v for k, v in vars(outcome).items()},
+    }
+    atomic_write_bytes(outcome_file(spec, step), (json.dumps(data, indent=1, default=str) + "\n").encode())
+
+
+def load_outcome(spec: PipelineSpec, step: str):
+    """(config, TrainOutcome) that a finished step left; a ConfigError naming the file when it has not finished."""
+    from detkd.engine.launch import TrainOutcome
+
+    path = outcome_file(spec, step)
+    if not path.is_file():
+        raise ConfigError(f"{path}: step {step} has not finished (run it first: detkd step ... {step})")
+    data = json.loads(path.read_text())
+    outcome = dict(data["outcome"], model_path=Path(data["outcome"]["model_path"]))
+    return Config.model_validate(data["config"]), TrainOutcome(**outcome)
 
 
 def log_splits(spec: PipelineSpec, uri: str, run_id: str) -> None:

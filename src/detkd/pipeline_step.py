@@ -1,0 +1,143 @@
+"""One step of a pipeline in this process: what ``detkd step`` runs, and so what each Kubeflow component runs.
+
+Steps of one pipeline run may be different processes on different machines; they share the
+pipeline's workdir (data, published models, ``models/<step>/outcome.json``, ``summary.json``) and
+its MLflow parent run, which the ``data`` step opens and the DAG's last step closes. Each step does
+exactly what ``detkd run`` does for it, so both give the same runs, lineage and summary rows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from detkd.config import ConfigError
+from detkd.pipeline import (
+    PipelineFailed,
+    PipelineSpec,
+    close_pipeline_run,
+    data_splits,
+    final_models,
+    load_outcome,
+    open_pipeline_run,
+    run_data_step,
+    run_evaluate_step,
+    run_model_steps,
+    run_register_step,
+    tracking_context,
+)
+
+MODEL_KINDS = ("teacher", "student", "stage", "tune")
+OUTPUTS_MARKER = "DETKD_STEP_OUTPUTS "  # `detkd step` prints its outputs as one JSON line after this
+
+
+def summary_file(spec: PipelineSpec) -> Path:
+    return Path(spec.workdir) / "summary.json"
+
+
+def write_rows(spec: PipelineSpec, rows: list[dict[str, Any]]) -> None:
+    from detkd.models.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(summary_file(spec), (json.dumps(rows, indent=2) + "\n").encode())
+
+
+def read_rows(spec: PipelineSpec) -> list[dict[str, Any]]:
+    path = summary_file(spec)
+    if not path.is_file():
+        raise ConfigError(f"{path}: the evaluate step has not run (no summary rows to register from)")
+    return json.loads(path.read_text())
+
+
+def run_step(
+    spec: PipelineSpec,
+    name: str,
+    *,
+    pipeline_run: str | None = None,
+    address: str | None = None,
+    fresh: bool = False,
+    say=print,
+) -> dict[str, Any]:
+    """Run step ``name`` of ``spec``'s DAG; returns its outputs (the pipeline run id, and per kind: the model,
+    its MLflow run and metrics; the summary rows and the gate's verdict; the registered version)."""
+    from detkd.dag import build_dag
+    from detkd.tracking import check_tracking_uri
+
+    spec = spec.model_copy(update={"workdir": spec.workdir.resolve()})
+    dag = build_dag(spec)
+    if name not in dag.names:
+        raise ConfigError(f"{spec.name}: no step named {name!r}; the steps are {', '.join(dag.names)}")
+    step = dag.step(name)
+    check_tracking_uri(tracking_context(spec).uri)
+    if step.kind == "data":
+        parent = pipeline_run or open_pipeline_run(spec)
+        run_data_step(spec, parent, say=say)
+        outputs: dict[str, Any] = {"pipeline_run": parent, "data": str(spec.workdir / "data")}
+    elif not pipeline_run:
+        raise ConfigError(f"step {name}: --pipeline-run: the MLflow run id the data step opened (its output)")
+    elif step.kind in MODEL_KINDS:
+        from detkd.engine.launch import ensure_ray
+
+        ensure_ray(address)
+        execution = run_model_steps(spec, pipeline_run, address=address, fresh=fresh, parallel=1, say=say, only=[name])
+        if not execution.ok:
+            raise PipelineFailed(execution)
+        _, outcome = execution.results[name]
+        outputs = {
+            "pipeline_run": pipeline_run,
+            "run_id": outcome.run_id,
+            "model": str(outcome.model_path),
+            "metrics": {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))},
+        }
+    elif step.kind == "evaluate":
+        outcomes = [load_outcome(spec, model) for model in final_models(spec)]
+        evaluation = run_evaluate_step(spec, outcomes, pipeline_run, say=say)
+        write_rows(spec, evaluation.rows)
+        outputs = {"pipeline_run": pipeline_run, "rows": evaluation.rows, "gate": gate_verdict(spec, evaluation)}
+    else:  # register
+        outputs = {"pipeline_run": pipeline_run, **register(spec, pipeline_run, say=say)}
+    if name == dag.names[-1]:
+        rows = read_rows(spec) if summary_file(spec).is_file() else []
+        close_pipeline_run(spec, outputs["pipeline_run"], rows, seconds=_seconds_since_start(spec, outputs), say=say)
+    return outputs
+
+
+def gate_verdict(spec: PipelineSpec, evaluation) -> str:
+    """``pass`` / ``fail`` for the register section's floors on the evaluated rows; ``none`` without one."""
+    from detkd.registry import Candidate, Gate, check_gate
+
+    if spec.registration is None:
+        return "none"
+    row_of = {row["name"]: row for row in evaluation.rows}
+
+    def candidate(model: str) -> Candidate:
+        row = row_of[model]
+        return Candidate(model, row["mlflow_run_id"], Path(), row["AP"], row["images_per_s"], evaluation.split, "")
+
+    reg = spec.registration
+    baseline = candidate(reg.baseline) if reg.baseline else None
+    return "pass" if check_gate(candidate(reg.student), baseline, Gate(**reg.gate.model_dump())).passed else "fail"
+
+
+def register(spec: PipelineSpec, pipeline_run: str, *, say) -> dict[str, Any]:
+    """The register step in its own process: rows from the evaluate step, the split read again for its digest."""
+    from detkd.engine.launch import dataset_records
+    from detkd.engine.plan import open_split
+    from detkd.tracking import dataset_digest
+
+    rows = read_rows(spec)
+    split_name, split = data_splits(spec).scoring()
+    source = open_split(split, skip_invalid=False)
+    outcomes = {model: load_outcome(spec, model)[1] for model in final_models(spec)}
+    digest = dataset_digest(dataset_records(source))
+    result = run_register_step(spec, rows, outcomes, source, split_name, digest, parent_run_id=pipeline_run, say=say)
+    write_rows(spec, rows)  # the chosen student's row now names its registered version
+    return {"model": result.model, "version": result.version, "alias": result.alias, "verdict": result.verdict}
+
+
+def _seconds_since_start(spec: PipelineSpec, outputs: dict[str, Any]) -> float:
+    from mlflow.tracking import MlflowClient
+
+    started = MlflowClient(tracking_context(spec).uri).get_run(outputs["pipeline_run"]).info.start_time
+    return max(0.0, time.time() - started / 1000)

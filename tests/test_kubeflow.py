@@ -1,0 +1,171 @@
+"""Kubeflow Pipelines: every shipped spec compiles to IR whose DAG is the spec's; components/ matches the code;
+the compiled quickstart runs end to end with KFP's local runner and gives ``detkd run``'s summary rows."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from detkd.cli import app
+from detkd.dag import build_dag
+from detkd.pipeline import load_pipeline
+
+pytest.importorskip("kfp", reason="the kfp extra (.ci/run installs it)")
+REPO = Path(__file__).resolve().parents[1]
+PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
+runner = CliRunner()
+
+
+def read_ir(path: Path) -> dict[str, dict]:
+    """Every task of a compiled pipeline, by display name: its upstream tasks (display names) and the
+    conditions it runs under."""
+    ir = yaml.safe_load(path.read_text())
+
+    def walk(dag: dict, conditions: list[str], out: dict, names: dict) -> None:
+        for key, task in dag["tasks"].items():
+            names[key] = task["taskInfo"]["name"]
+        for key, task in dag["tasks"].items():
+            here = conditions + [task.get("triggerPolicy", {}).get("condition", "")]
+            component = ir["components"][task["componentRef"]["name"]]
+            if "dag" in component:  # a condition group: its tasks inherit its upstream tasks and condition
+                inner: dict = {}
+                walk(component["dag"], [c for c in here if c], inner, dict(names))
+                for name, info in inner.items():
+                    info["after"] |= {names[k] for k in task.get("dependentTasks", [])}
+                    out[name] = info
+            else:
+                out[names[key]] = {
+                    "after": {names[k] for k in task.get("dependentTasks", [])},
+                    "conditions": [c for c in here if c],
+                    "component": task["componentRef"]["name"],
+                }
+
+    tasks: dict = {}
+    walk(ir["root"]["dag"], [], tasks, {})
+    return tasks
+
+
+@pytest.mark.parametrize("spec", PIPELINES, ids=lambda p: p.stem)
+def test_every_shipped_spec_compiles_to_its_dag(spec, tmp_path):
+    out = tmp_path / "pipeline.yaml"
+    result = runner.invoke(app, ["compile", str(spec), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    dag = build_dag(load_pipeline(spec))
+    tasks = read_ir(out)
+    expected = set(dag.names) | ({"register (challenger)"} if "register" in dag.names else set())
+    assert set(tasks) == expected
+    for step in dag.steps:
+        task = tasks[step.name]
+        # every task after `data` (it opens the pipeline's MLflow run); otherwise exactly the step's needs
+        assert task["after"] - {"data"} == set(step.needs) - {"data"}, step.name
+        assert step.kind in task["component"] or (step.kind == "register" and "register" in task["component"])
+        if step.kind == "register":
+            assert task["after"] >= {"evaluate"} and task["conditions"] == [
+                "inputs.parameter_values['pipelinechannel--evaluate-component-gate'] == 'pass'"
+            ]
+            challenger = tasks["register (challenger)"]
+            assert (
+                challenger["conditions"][0].startswith("!(")
+                and "evaluate-component-gate" in challenger["conditions"][0]
+            )
+        elif step.kind != "data":
+            assert "data" in task["after"] and not task["conditions"]
+
+
+def test_progressive_stages_compile_in_order_behind_their_teachers(tmp_path):
+    out = tmp_path / "progressive.yaml"
+    assert runner.invoke(app, ["compile", str(REPO / "pipelines/progressive.yaml"), "--out", str(out)]).exit_code == 0
+    tasks = read_ir(out)
+    assert tasks["student_progressive-stage1"]["after"] == {"data", "teacher_weak"}
+    assert tasks["student_progressive"]["after"] == {"data", "student_progressive-stage1", "teacher_strong"}
+    assert tasks["teacher_weak"]["after"] == tasks["teacher_strong"]["after"] == {"data"}  # in parallel
+
+
+def test_components_folder_matches_the_code(tmp_path):
+    from detkd.kubeflow import write_components
+
+    fresh = {p.name: p.read_text() for p in write_components(tmp_path)}
+    shipped = {p.name: p.read_text() for p in (REPO / "components").glob("*.yaml")}
+    assert shipped == fresh, "components/ drifted from src/detkd/kubeflow.py: python -m detkd.kubeflow components/"
+    teacher = yaml.safe_load(shipped["teacher.yaml"])
+    spec = teacher["components"]["comp-teacher-step"]
+    assert spec["inputDefinitions"]["artifacts"]["data"]["artifactType"]["schemaTitle"] == "system.Dataset"
+    assert spec["outputDefinitions"]["artifacts"]["model"]["artifactType"]["schemaTitle"] == "system.Model"
+    assert set(spec["outputDefinitions"]["parameters"]) == {"run_id", "val_ap"}
+    executor = teacher["deploymentSpec"]["executors"]["exec-teacher-step"]["container"]
+    assert executor["image"].startswith("detkd:") and "pip install" not in " ".join(executor["command"])
+
+
+def test_compile_refuses_a_broken_spec_and_writes_nothing(tmp_path):
+    spec = tmp_path / "broken.yaml"
+    spec.write_text(
+        "name: x\ndata: {synth: {images: 10}}\nstudents: [{name: s, settings: {model: {fpn_channels: 33}}}]\n"
+    )
+    out = tmp_path / "out.yaml"
+    result = runner.invoke(app, ["compile", str(spec), "--out", str(out)])
+    assert result.exit_code == 2 and str(spec) in result.output and not out.exists()
+
+
+@pytest.mark.ray
+def test_compiled_quickstart_runs_with_kfp_local_like_detkd_run(ray_cluster, tmp_path, monkeypatch):
+    """The same shrunken quickstart through `detkd run` and through KFP's SubprocessRunner (each task a
+    `detkd step` process): the same summary rows, one MLflow pipeline run with the same children."""
+    from kfp import local
+    from mlflow.tracking import MlflowClient
+
+    from detkd.kubeflow import build_pipeline
+
+    shrink = [
+        "data.synth.images=40",
+        "data.synth.test_images=12",
+        "data.synth.size=64",
+        "data.synth.min_object=10",
+        "data.synth.max_object=32",
+        "defaults.input.size=64",
+        "defaults.train.epochs=1",
+        "defaults.train.batch_size=8",
+        "defaults.model.fpn_channels=32",
+        "defaults.tracking.log_model=false",
+        "register.gate.min_ap=0",
+        "register.gate.min_gain=-1",
+    ]
+    spec_path = REPO / "pipelines/quickstart.yaml"
+    uri_run = f"sqlite:///{tmp_path / 'run.db'}"
+    uri_kfp = f"sqlite:///{tmp_path / 'kfp.db'}"
+    run_args = [*shrink, f"workdir={tmp_path / 'run'}", f"tracking.tracking_uri={uri_run}"]
+    kfp_args = [*shrink, f"workdir={tmp_path / 'kfp'}", f"tracking.tracking_uri={uri_kfp}"]
+    result = runner.invoke(app, ["run", str(spec_path), "--summary", str(tmp_path / "run.json"), *_sets(run_args)])
+    assert result.exit_code == 0, result.output
+    rows_run = json.loads((tmp_path / "run.json").read_text())
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.get_runtime_context().gcs_address)  # the steps join this cluster
+    monkeypatch.chdir(tmp_path)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp-root"))
+    dag = build_dag(load_pipeline(spec_path, kfp_args))
+    pipeline = build_pipeline(dag, spec=str(spec_path), overrides=kfp_args)
+    pipeline()  # raises if a task fails
+    rows_kfp = json.loads((tmp_path / "kfp" / "summary.json").read_text())
+
+    def comparable(rows):
+        return [{k: v for k, v in r.items() if k not in ("mlflow_run_id", "images_per_s", "registered")} for r in rows]
+
+    assert comparable(rows_kfp) == comparable(rows_run)
+    assert rows_kfp[-1]["registered"].startswith("detkd-quickstart-student v1 @")
+
+    client = MlflowClient(uri_kfp)
+    experiment = client.get_experiment_by_name("detkd-quickstart")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("detkd.kind") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert children == {"data", "teacher", "student_baseline", "student_ssim", "evaluate", "register"}
+    assert os.path.isfile(tmp_path / "kfp" / "lineage.png")
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [word for item in items for word in ("--set", item)]
