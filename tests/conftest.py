@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from servers import free_port, serving
 
 from detkd.data.synth import SynthSpec, synthesize
 
@@ -112,14 +112,6 @@ def tiny_config_dict(dataset: Path, work: Path, **sections) -> dict:
     return cfg
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture()
 def unused_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (for a server a test starts)."""
@@ -135,34 +127,6 @@ def dead_server_uri(unused_port) -> str:
 class MlflowServer(NamedTuple):
     uri: str
     artifacts: Path  # the server's artifact root (what mlflow-artifacts:/ URIs point into)
-
-
-@contextlib.contextmanager
-def serving(command: list[str], *, ready_url: str, log_path: Path, env: dict | None = None, wait_s: float = 180):
-    """Run a server process until the block ends; it must answer ``ready_url`` within ``wait_s``."""
-    import subprocess
-    import time
-    import urllib.request
-
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + wait_s
-            while True:
-                try:
-                    with urllib.request.urlopen(ready_url, timeout=2):
-                        break
-                except OSError as exc:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"{command[:3]} did not come up: {log_path.read_text()[-3000:]}") from exc
-                    time.sleep(0.5)
-            yield server
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port, serving
 from mlflow.tracking import MlflowClient
-from storage_servers import postgres_server, s3_server
+from servers import free_port, postgres_server, s3_server, serving
 
 from detkd.config import Config
 from detkd.tracking import RunLogger, run_context

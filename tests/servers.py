@@ -1,4 +1,5 @@
-"""Real storage servers on 127.0.0.1 for tests: an S3-compatible server (moto's server mode) and PostgreSQL.
+"""Real server processes on 127.0.0.1 for tests: any server (``serving``), an S3-compatible server (moto's
+server mode) and PostgreSQL.
 
 Both are processes of their own, reached over TCP like the services in infra/ (MinIO/S3, PostgreSQL);
 nothing is mocked in the test process. PostgreSQL is the OS package (``.ci/run`` installs it when
@@ -19,7 +20,42 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from conftest import free_port, serving
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(command: list[str], *, ready_url: str, log_path: Path, env: dict | None = None, wait_s: float = 180):
+    """Run a server process until the block ends; it must answer ``ready_url`` within ``wait_s``."""
+    import subprocess
+    import time
+    import urllib.request
+
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    with urllib.request.urlopen(ready_url, timeout=2):
+                        break
+                except OSError as exc:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"{command[:3]} did not come up: {log_path.read_text()[-3000:]}") from exc
+                    time.sleep(0.5)
+            yield server
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
 
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "detkd-test", "AWS_SECRET_ACCESS_KEY": "detkd-test-secret"}
 
