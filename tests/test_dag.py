@@ -174,11 +174,24 @@ def test_a_failed_step_stops_its_dependants_and_leaves_the_others(parallel):
             raise RuntimeError("teacher a diverged")
         return step.name
 
-    done = execute(toy_dag(), run, steps=["a", "b", "c", "d"], parallel=parallel)
+    heard: dict[str, list[str]] = {}
+    lock = threading.Lock()
+
+    def on_change(step, state, error):
+        with lock:
+            heard.setdefault(step.name, []).append(state if error is None else f"{state}: {error}")
+
+    done = execute(toy_dag(), run, steps=["a", "b", "c", "d"], parallel=parallel, on_change=on_change)
     assert not done.ok
     assert list(done.failed) == ["a"] and str(done.failed["a"]) == "teacher a diverged"
     assert done.blocked == ["c", "d"]  # c needs a; d needs c
     assert done.results == {"b": "b"}
+    assert heard == {
+        "a": ["running", "failed: teacher a diverged"],
+        "b": ["running", "finished"],
+        "c": ["blocked"],
+        "d": ["blocked"],
+    }
 
 
 def test_a_step_that_does_not_fit_waits_for_room_and_a_lone_step_always_runs():

@@ -574,35 +574,52 @@ def submit(
 
 @jobs_app.command("list")
 def jobs_list(address: AddressOption) -> None:
-    """Jobs on the cluster, newest last."""
+    """Jobs on the cluster, newest last; a pipeline's steps as ``finished/all``."""
     from rich.table import Table
 
     from detkd import submit as jobs
+    from detkd.step_events import summary
 
     try:
         found = jobs.client(address).list_jobs()
     except _user_errors() as exc:
         _fail(exc)
     table = Table()
-    for column in ("submission_id", "status", "entrypoint"):
+    for column in ("submission_id", "status", "steps", "entrypoint"):
         table.add_column(column)
     for job in sorted(found, key=lambda j: j.start_time or 0):
-        table.add_row(str(job.submission_id), str(job.status.value), job.entrypoint)
+        steps = jobs.steps_of(str(job.submission_id), address=address) if job.submission_id else None
+        table.add_row(str(job.submission_id), str(job.status.value), summary(steps[1]) if steps else "", job.entrypoint)
     console.print(table)
 
 
 @jobs_app.command("status")
 def jobs_status(job_id: str, address: AddressOption) -> None:
-    """One job's status; exit 1 if it failed or was stopped."""
+    """One job's status, and each step's state for a pipeline; exit 1 if it failed or was stopped."""
     from detkd import submit as jobs
 
     try:
         status = str(jobs.client(address).get_job_status(job_id).value)
+        steps = jobs.steps_of(job_id, address=address)
     except _user_errors() as exc:
         _fail(exc)
     console.print(status)
+    if steps is not None:
+        console.print(_steps_table(steps[1]))
     if status in ("FAILED", "STOPPED"):
         raise typer.Exit(1)
+
+
+def _steps_table(states):
+    from rich.table import Table
+
+    table = Table()
+    for column in ("step", "state", "seconds", "error"):
+        table.add_column(column)
+    for state in states:
+        seconds = f"{state.seconds:.1f}" if state.seconds is not None else ""
+        table.add_row(state.step, state.state, seconds, state.error)
+    return table
 
 
 @jobs_app.command("logs")

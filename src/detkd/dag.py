@@ -268,6 +268,10 @@ def dag_png(dag: PipelineDag, path: Path) -> Path:
     return path
 
 
+# hears a step change state: (step, "running" | "finished" | "failed" | "blocked", the failure or None)
+StepListener = Callable[[Step, str, "BaseException | None"], None]
+
+
 @dataclass
 class Execution:
     """What :func:`execute` did: each step's return value, the steps that raised, and the steps they stopped."""
@@ -289,7 +293,7 @@ def execute(
     steps: list[str],
     parallel: int = 1,
     fits: Callable[[Step, list[Step]], bool] | None = None,
-    on_start: Callable[[Step], None] | None = None,
+    on_change: StepListener | None = None,
     results: dict[str, Any] | None = None,
 ) -> Execution:
     """Run ``steps`` (a subset of the DAG whose other needs are done) as soon as their needs finish.
@@ -298,16 +302,19 @@ def execute(
     such as a Ray Train fit, so threads only wait). ``fits(step, running)`` says whether the
     cluster has room for ``step`` beside ``running``; a step that does not fit waits, unless
     nothing is running (it then runs alone). A step that raises stops every step that needs it;
-    the others run on. ``results`` (filled as steps finish, before their dependants start) lets a
-    step read what its needs returned. ``parallel=1`` runs every step in this thread, so Ctrl-C
+    the others run on. ``on_change(step, state, error)`` hears each step go ``running``, then
+    ``finished``, ``failed`` (with its exception) or ``blocked`` (a need failed). ``results``
+    (filled as steps finish, before their dependants start) lets a step read what its needs
+    returned. ``parallel=1`` runs every step in this thread, so Ctrl-C
     reaches it as it would without a scheduler; with threads, KeyboardInterrupt propagates at
     once and the caller stops what still runs (for Ray: ``ray.shutdown()``).
     """
     wanted = [s for s in dag.steps if s.name in set(steps)]
     outside = {n for s in wanted for n in s.needs if n not in set(steps)}
     execution = Execution(results=results if results is not None else {})
+    tell = on_change or (lambda step, state, error=None: None)
     if parallel <= 1:
-        return _execute_inline(wanted, run, execution, on_start)
+        return _execute_inline(wanted, run, execution, tell)
     finished: set[str] = set(outside)
     stopped: set[str] = set()
     running: dict[Future, Step] = {}
@@ -320,13 +327,13 @@ def execute(
                 if stopped.intersection(step.needs):
                     stopped.add(step.name)
                     execution.blocked.append(step.name)
+                    tell(step, "blocked", None)
                     continue
                 if not finished.issuperset(step.needs) or len(running) >= max(1, parallel):
                     continue
                 if running and fits is not None and not fits(step, list(running.values())):
                     continue
-                if on_start is not None:
-                    on_start(step)
+                tell(step, "running", None)
                 running[pool.submit(run, step)] = step
                 execution.most_at_once = max(execution.most_at_once, len(running))
             if not running:
@@ -340,9 +347,11 @@ def execute(
                 if error is not None:
                     execution.failed[step.name] = error
                     stopped.add(step.name)
+                    tell(step, "failed", error)
                 else:
                     execution.results[step.name] = future.result()
                     finished.add(step.name)
+                    tell(step, "finished", None)
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)  # running calls end when the caller stops Ray
         raise
@@ -354,7 +363,7 @@ def _execute_inline(
     wanted: list[Step],
     run: Callable[[Step], Any],
     execution: Execution,
-    on_start: Callable[[Step], None] | None,
+    tell: StepListener,
 ) -> Execution:
     """One step at a time in spec order (a topological order), in the calling thread."""
     stopped: set[str] = set()
@@ -362,13 +371,16 @@ def _execute_inline(
         if stopped.intersection(step.needs):
             stopped.add(step.name)
             execution.blocked.append(step.name)
+            tell(step, "blocked", None)
             continue
-        if on_start is not None:
-            on_start(step)
+        tell(step, "running", None)
         try:
             execution.results[step.name] = run(step)
         except Exception as exc:  # a failed step stops its dependants; KeyboardInterrupt stops everything
             execution.failed[step.name] = exc
             stopped.add(step.name)
+            tell(step, "failed", exc)
+        else:
+            tell(step, "finished", None)
         execution.most_at_once = 1
     return execution

@@ -307,22 +307,24 @@ def close_pipeline_run(spec: PipelineSpec, parent_id: str, rows: list[dict[str, 
 
 def run_data_step(spec: PipelineSpec, parent_id: str, *, say) -> None:
     """Synthesize the data once (reruns reuse it) and log every split as a child run ``data``."""
+    from detkd.step_events import reporting
     from detkd.tracking import RunLogger, run_context
 
-    if spec.data.synth is None:
-        return  # files given: every model run logs the splits it reads
-    tracking = tracking_context(spec)
-    with run_context(
-        tracking_uri=tracking.uri,
-        experiment=tracking.experiment,
-        run_name="data",
-        parent_run_id=parent_id,
-        tags={"pipeline": spec.name, "kind": "data", "component": "data", "pipeline_run": parent_id},
-    ) as data_id:
-        say(f"data: synthesizing {spec.data.synth.images} images under {spec.workdir / 'data'}")
-        summary = ensure_synthetic_data(spec)
-        RunLogger(tracking_uri=tracking.uri, run_id=data_id).dict(summary, "synth_summary.json")
-        log_splits(spec, tracking.uri, data_id)
+    with reporting("data"):
+        if spec.data.synth is None:
+            return  # files given: every model run logs the splits it reads
+        tracking = tracking_context(spec)
+        with run_context(
+            tracking_uri=tracking.uri,
+            experiment=tracking.experiment,
+            run_name="data",
+            parent_run_id=parent_id,
+            tags={"pipeline": spec.name, "kind": "data", "component": "data", "pipeline_run": parent_id},
+        ) as data_id:
+            say(f"data: synthesizing {spec.data.synth.images} images under {spec.workdir / 'data'}")
+            summary = ensure_synthetic_data(spec)
+            RunLogger(tracking_uri=tracking.uri, run_id=data_id).dict(summary, "synth_summary.json")
+            log_splits(spec, tracking.uri, data_id)
 
 
 class Evaluation(NamedTuple):
@@ -354,13 +356,20 @@ def run_evaluate_and_register(spec: PipelineSpec, outcomes: list, parent_id: str
 
 def run_evaluate_step(spec: PipelineSpec, outcomes: list, parent_id: str, *, say) -> Evaluation | None:
     """Score every model on the scoring split (a child run ``evaluate``); None when the spec has no split to score."""
-    from detkd.engine.launch import log_split
-    from detkd.engine.plan import open_split
-    from detkd.tracking import RunLogger, run_context
+    from detkd.step_events import reporting
 
     scoring = data_splits(spec).scoring()
     if scoring is None:
         return None
+    with reporting("evaluate"):
+        return _evaluate(spec, outcomes, parent_id, scoring, say=say)
+
+
+def _evaluate(spec: PipelineSpec, outcomes: list, parent_id: str, scoring, *, say) -> Evaluation:
+    from detkd.engine.launch import log_split
+    from detkd.engine.plan import open_split
+    from detkd.tracking import RunLogger, run_context
+
     tracking = tracking_context(spec)
     uri = tracking.uri
     split_name, split = scoring
@@ -438,6 +447,7 @@ def run_model_steps(
 
     from detkd.dag import build_dag, execute
     from detkd.engine.launch import progressive_outcome, run_stage, run_training
+    from detkd.step_events import emit
 
     dag = build_dag(spec)
     entries = {e.name: ("teacher", e) for e in spec.teachers} | {e.name: ("student", e) for e in spec.students}
@@ -487,8 +497,10 @@ def run_model_steps(
         spent = outcome.seconds + sum(results[name][1].seconds for name in earlier)
         return cfg, progressive_outcome(cfg, outcome, seconds=spent)
 
-    def announce(step) -> None:
-        say(f"{step.kind} {step.name}: {step.detail}")
+    def announce(step, state: str, error: BaseException | None) -> None:
+        if state == "running":
+            say(f"{step.kind} {step.name}: {step.detail}")
+        emit(step.name, state, error=f"{type(error).__name__}: {error}" if error is not None else "")
 
     steps = [s.name for s in dag.steps if s.kind in ("teacher", "student", "stage", "tune")]
     if only is not None:
@@ -503,7 +515,9 @@ def run_model_steps(
         return cfg, outcome
 
     try:
-        return execute(dag, run_and_keep, steps=steps, parallel=parallel, fits=fits, on_start=announce, results=results)
+        return execute(
+            dag, run_and_keep, steps=steps, parallel=parallel, fits=fits, on_change=announce, results=results
+        )
     except KeyboardInterrupt:
         if parallel > 1:  # the steps' threads wait on Ray Train runs: stopping Ray ends them, checkpoints stay
             say("interrupted: stopping the running steps; run the same command again to resume them")
@@ -565,62 +579,68 @@ def run_register_step(
     """Register the chosen student behind the gate (a child run ``register``); its row gets the outcome.
 
     ``source`` is the scoring split the rows were measured on and ``digest`` its dataset digest."""
-    from detkd.registry import Candidate, Gate, logged_model_uri, register_candidate
-    from detkd.tracking import RunLogger, run_context
+    from detkd.step_events import reporting
 
-    step = spec.registration
-    tracking = tracking_context(spec)
-    row_of = {row["name"]: row for row in rows}
+    with reporting("register"):
+        from detkd.registry import Candidate, Gate, logged_model_uri, register_candidate
+        from detkd.tracking import RunLogger, run_context
 
-    def candidate(name: str) -> Candidate:
-        row, outcome = row_of[name], outcomes[name]
-        if outcome.run_id is None:
-            raise ConfigError(f"register: {name} has no MLflow run to register from")
-        return Candidate(name, outcome.run_id, outcome.model_path, row["AP"], row["images_per_s"], split, digest)
+        step = spec.registration
+        tracking = tracking_context(spec)
+        row_of = {row["name"]: row for row in rows}
 
-    chosen = candidate(step.student)
-    baseline = candidate(step.baseline) if step.baseline else None
-    with run_context(
-        tracking_uri=tracking.uri,
-        experiment=tracking.experiment,
-        run_name="register",
-        parent_run_id=parent_run_id,
-        tags={
-            "pipeline": spec.name,
-            "kind": "register",
-            "component": "register",
-            "pipeline_run": parent_run_id,
-            "candidate_run": chosen.run_id,
-            f"dataset.{split}": digest,
-        },
-    ) as register_id:
-        model_uri = logged_model_uri(
-            tracking.uri, chosen.run_id, checkpoint=chosen.checkpoint, example_size=row_of[step.student]["input_size"]
-        )
-        result = register_candidate(
+        def candidate(name: str) -> Candidate:
+            row, outcome = row_of[name], outcomes[name]
+            if outcome.run_id is None:
+                raise ConfigError(f"register: {name} has no MLflow run to register from")
+            return Candidate(name, outcome.run_id, outcome.model_path, row["AP"], row["images_per_s"], split, digest)
+
+        chosen = candidate(step.student)
+        baseline = candidate(step.baseline) if step.baseline else None
+        with run_context(
             tracking_uri=tracking.uri,
-            model=step.model,
-            candidate=chosen,
-            baseline=baseline,
-            gate=Gate(**step.gate.model_dump()),
-            model_uri=model_uri,
-            split_source=source,
-            owner=parent_run_id,
-            extra_tags={"detkd.pipeline": spec.name, "detkd.pipeline_run": parent_run_id},
-        )
-        logger = RunLogger(tracking_uri=tracking.uri, run_id=register_id)
-        logger.tags(
-            {
-                "registered_model": result.model,
-                "registered_version": result.version,
-                "alias": result.alias,
-                "verdict": result.verdict,
-            }
-        )
-        logger.dict({"registration": result.tags, "gate": result.gate.numbers}, "registration.json")
-    row_of[step.student]["registered"] = f"{result.model} v{result.version} @{result.alias}"
-    say(f"register: {result.model} v{result.version} -> {result.alias} ({result.verdict})")
-    return result
+            experiment=tracking.experiment,
+            run_name="register",
+            parent_run_id=parent_run_id,
+            tags={
+                "pipeline": spec.name,
+                "kind": "register",
+                "component": "register",
+                "pipeline_run": parent_run_id,
+                "candidate_run": chosen.run_id,
+                f"dataset.{split}": digest,
+            },
+        ) as register_id:
+            model_uri = logged_model_uri(
+                tracking.uri,
+                chosen.run_id,
+                checkpoint=chosen.checkpoint,
+                example_size=row_of[step.student]["input_size"],
+            )
+            result = register_candidate(
+                tracking_uri=tracking.uri,
+                model=step.model,
+                candidate=chosen,
+                baseline=baseline,
+                gate=Gate(**step.gate.model_dump()),
+                model_uri=model_uri,
+                split_source=source,
+                owner=parent_run_id,
+                extra_tags={"detkd.pipeline": spec.name, "detkd.pipeline_run": parent_run_id},
+            )
+            logger = RunLogger(tracking_uri=tracking.uri, run_id=register_id)
+            logger.tags(
+                {
+                    "registered_model": result.model,
+                    "registered_version": result.version,
+                    "alias": result.alias,
+                    "verdict": result.verdict,
+                }
+            )
+            logger.dict({"registration": result.tags, "gate": result.gate.numbers}, "registration.json")
+        row_of[step.student]["registered"] = f"{result.model} v{result.version} @{result.alias}"
+        say(f"register: {result.model} v{result.version} -> {result.alias} ({result.verdict})")
+        return result
 
 
 def run_tune_step(spec: PipelineSpec, step: TuneStep, *, parent_run_id: str, address: str | None, say):

@@ -10,6 +10,7 @@ command line (job metadata).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import sys
@@ -21,6 +22,7 @@ import yaml
 
 from detkd.config import ConfigError
 from detkd.redact import has_credentials
+from detkd.step_events import MARKER, STEPS_METADATA
 
 # gitignore syntax, relative to the project root ("/data" would otherwise also drop src/detkd/data)
 EXCLUDES = [
@@ -191,11 +193,15 @@ def submit(
     step: str | None = None,
     pipeline_run: str | None = None,
 ) -> str:
-    entrypoint = shlex.join(
-        command_for(spec, project_root, overrides or [], parallel=parallel, step=step, pipeline_run=pipeline_run)
-    )
+    command = command_for(spec, project_root, overrides or [], parallel=parallel, step=step, pipeline_run=pipeline_run)
+    entrypoint = shlex.join(command)
     env = runtime_env(project_root, extra_env=extra_env)
     check_model_references(spec, env["env_vars"])
+    metadata = {"detkd.spec": str(spec)}
+    if command[3] in ("run", "step"):  # a pipeline: detkd jobs status lists its steps from the start
+        names = [step] if step else pipeline_steps(spec, overrides or [], project_root)
+        if names:
+            metadata[STEPS_METADATA] = json.dumps(names)
     jobs = client(address)
     deadline = time.monotonic() + 90
     while True:  # a freshly started head answers before its job agent is ready
@@ -203,12 +209,45 @@ def submit(
             return jobs.submit_job(
                 entrypoint=entrypoint,
                 runtime_env=env,
-                metadata={"detkd.spec": str(spec)},
+                metadata=metadata,
             )
         except RuntimeError as exc:
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise ConfigError(f"submitting to {address} failed: {str(exc).splitlines()[0]}") from None
             time.sleep(3)
+
+
+def pipeline_steps(spec: Path, overrides: list[str], project_root: Path) -> list[str]:
+    """The pipeline's step names in DAG order, read as the job will read them (from the project folder).
+
+    A spec that does not load here (a teacher checkpoint that only the cluster has, say) still goes:
+    the job's logs then name its steps as they start."""
+    from detkd.dag import build_dag
+    from detkd.pipeline import load_pipeline
+
+    here = Path.cwd()
+    try:
+        os.chdir(project_root)
+        return build_dag(load_pipeline(spec.resolve(), overrides)).names
+    except ConfigError as exc:
+        print(f"note: steps not listed before the job starts ({str(exc).splitlines()[0]})", file=sys.stderr)
+        return []
+    finally:
+        os.chdir(here)
+
+
+def steps_of(job_id: str, *, address: str) -> tuple[str, list] | None:
+    """A pipeline job's status and each of its steps' states (from its logs); None for other jobs."""
+    from detkd.step_events import job_steps
+
+    jobs = client(address)
+    info = jobs.get_job_info(job_id)
+    names = json.loads((info.metadata or {}).get(STEPS_METADATA, "[]"))
+    logs = jobs.get_job_logs(job_id)
+    status = str(info.status.value)
+    if not names and f"{MARKER} " not in logs:
+        return None
+    return status, job_steps(names, logs, job_status=status)
 
 
 def follow(job_id: str, *, address: str, out=sys.stdout) -> str:

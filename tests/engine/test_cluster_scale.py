@@ -20,6 +20,7 @@ from detkd.cli import app
 from detkd.config import Config
 from detkd.engine.launch import run_training
 from detkd.models.checkpoint import CheckpointError, load_payload
+from detkd.submit import client, follow, steps_of
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -108,9 +109,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture()
-def ray_head(tmp_path):
-    """A separate `ray start --head` on 127.0.0.1 owned by this test (its process group is stopped after)."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A separate `ray start --head` on 127.0.0.1 shared by this module's job tests (its process group is
+    stopped after them)."""
+    tmp_path = tmp_path_factory.mktemp("ray-head")
     dashboard = _free_port()
     temp_dir = Path("/tmp") / f"detkd-ray-{os.getpid()}-{dashboard}"  # short: Ray's socket paths have a length limit
     cmd = [
@@ -137,8 +140,6 @@ def ray_head(tmp_path):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
-    from detkd.submit import client
-
     while True:
         try:
             client(address).list_jobs()
@@ -198,6 +199,99 @@ def test_submit_runs_a_job_and_reports_failure(tiny_dataset, tiny_config, ray_he
     job_id = failed.output.split("submitted job ")[1].split()[0]
     status = runner.invoke(app, ["jobs", "status", job_id, "--address", ray_head])
     assert status.exit_code == 1 and "FAILED" in status.output
+
+
+def test_submitted_pipeline_runs_its_teachers_side_by_side_and_jobs_shows_each_step(ray_head, tmp_path):
+    """``detkd submit PIPELINE --parallel 2`` to a 2-CPU ``ray start`` cluster: both teachers train at
+    the same time there, the student learns from its teacher, and ``detkd jobs`` reads every step's state."""
+    from detkd.step_events import parse
+
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", project / "pyproject.toml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    half = {"input": {"scale": 0.5}, "model": {"min_level": 2, "max_level": 6}}
+    spec = {
+        "name": "remote",
+        "workdir": str(tmp_path / "work"),
+        "tracking": {"experiment": "remote", "tracking_uri": uri},
+        "data": {"synth": {"images": 24, "test_images": 8, "size": 64, "seed": 3, "min_object": 10, "max_object": 32}},
+        "defaults": {
+            "model": {"arch": "fcos", "backbone": "tiny", "fpn_channels": 32, "head_convs": 1},
+            "input": {"size": 64},
+            "train": {"epochs": 1, "batch_size": 8},
+            "tracking": {"log_model": False},
+        },
+        "teachers": [{"name": "t_a", "settings": {"seed": 0}}, {"name": "t_b", "settings": {"seed": 1}}],
+        "students": [{"name": "s_kd", "settings": {**half, "distill": {"teachers": [{"source": "t_b"}], "ssim": {}}}}],
+    }
+    (project / "remote.yaml").write_text(json.dumps(spec))
+    runner = CliRunner()
+    result = runner.invoke(app, ["submit", str(project / "remote.yaml"), "--address", ray_head, "--parallel", "2"])
+    assert result.exit_code == 0, result.output
+    job_id = result.output.split("submitted job ")[1].split()[0]
+
+    assert follow(job_id, address=ray_head, out=open(os.devnull, "w")) == "SUCCEEDED"  # noqa: SIM115
+
+    status = runner.invoke(app, ["jobs", "status", job_id, "--address", ray_head])
+    assert status.exit_code == 0, status.output
+    _, states = steps_of(job_id, address=ray_head)
+    assert [(s.step, s.state) for s in states] == [
+        (name, "finished") for name in ("data", "t_a", "t_b", "s_kd", "evaluate")
+    ]
+    for name in ("data", "t_a", "t_b", "s_kd", "evaluate"):
+        assert name in status.output
+    listed = runner.invoke(app, ["jobs", "list", "--address", ray_head])
+    assert "5/5 finished" in listed.output
+
+    # the teachers overlapped in time on the cluster; the student started after its teacher finished
+    events = parse(client(ray_head).get_job_logs(job_id))
+    assert events["t_b"].started < events["t_a"].ended and events["t_a"].started < events["t_b"].ended
+    assert events["s_kd"].started >= events["t_b"].ended
+
+    client_ = MlflowClient(uri)
+    runs = client_.search_runs([client_.get_experiment_by_name("remote").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert {"data", "t_a", "t_b", "s_kd", "evaluate"} <= set(by_name)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert json.loads(by_name["s_kd"].data.tags["detkd.teacher_runs"]) == [by_name["t_b"].info.run_id]
+    assert by_name["s_kd"].data.tags["mlflow.parentRunId"] == by_name["t_a"].data.tags["mlflow.parentRunId"]
+
+
+def test_a_kubeflow_model_task_with_a_ray_address_trains_on_that_cluster(ray_head, tmp_path):
+    """The component code path ``ray_address``: ``detkd submit --follow --step`` from the task's process,
+    whose outputs come back through the job's logs (the same outputs as a step run in the pod)."""
+    pytest.importorskip("kfp")
+    from detkd.kubeflow import detkd_step
+
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", project / "pyproject.toml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = {
+        "name": "kfp-remote",
+        "workdir": str(tmp_path / "work"),
+        "tracking": {"experiment": "kfp-remote", "tracking_uri": uri},
+        "data": {"synth": {"images": 16, "size": 64, "seed": 3, "min_object": 10, "max_object": 32}},
+        "defaults": {
+            "model": {"arch": "fcos", "backbone": "tiny", "fpn_channels": 32, "head_convs": 1},
+            "input": {"size": 64},
+            "train": {"epochs": 1, "batch_size": 8},
+            "tracking": {"log_model": False},
+        },
+        "teachers": [{"name": "teacher"}],
+    }
+    path = project / "kfp_remote.yaml"
+    path.write_text(json.dumps(spec))
+    data = detkd_step(str(path), "data", [], "")  # in this process's machine, as a pod would
+    outputs = detkd_step(str(path), "teacher", [], data["pipeline_run"], ray_address=ray_head)
+    assert outputs["pipeline_run"] == data["pipeline_run"]
+    assert Path(outputs["model"]).is_file() and outputs["metrics"]["step"] >= 1
+    run = MlflowClient(uri).get_run(outputs["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "teacher"
+    assert run.data.tags["detkd.pipeline_run"] == data["pipeline_run"]
+    jobs = client(ray_head).list_jobs()
+    assert any("step kfp_remote.yaml teacher" in job.entrypoint for job in jobs)  # it ran as a Ray job
 
 
 def test_submit_refuses_specs_outside_a_project(tmp_path):
