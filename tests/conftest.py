@@ -173,3 +173,53 @@ def trained_detector(tiny_dataset, tiny_config, ray_cluster, tmp_path_factory):
     cfg = Config.model_validate(tiny_config(tiny_dataset, work, train={"epochs": 12}, optim={"lr": 0.004}))
     outcome = run_training(cfg, tracking=TrackingContext(uri=uri, experiment="detkd"))
     return TrainedDetector(uri, outcome.run_id, outcome.model_path)
+
+
+QUICKSTART_SHRINK = [
+    "data.synth.images=40",
+    "data.synth.test_images=12",  # the quickstart's held-out split, small
+    "data.synth.size=64",
+    "data.synth.min_object=10",
+    "data.synth.max_object=32",
+    "data.synth.aspect_ratios=[0.7, 1.4]",  # non-square images of varied (odd) sizes, long side capped
+    "data.synth.size_jitter=0.15",
+    "defaults.input.max_size=80",
+    "defaults.input.size=64",
+    "defaults.train.epochs=1",
+    "defaults.train.batch_size=8",
+    "defaults.model.fpn_channels=32",
+    "defaults.tracking.log_model=false",
+]
+
+
+class QuickstartRun(NamedTuple):
+    work: Path  # the pipeline's workdir
+    uri: str  # its MLflow store
+    rows: list[dict]  # the summary rows
+    output: str  # what `detkd run` printed
+    decoy: Path  # MLFLOW_TRACKING_URI pointed here during the run; the spec's setting must win
+    shrink: list[str]  # the --set items that shrank the quickstart
+
+
+@pytest.fixture(scope="session")
+def quickstart_small(ray_cluster, tmp_path_factory) -> QuickstartRun:
+    """``detkd run pipelines/quickstart.yaml`` shrunk to seconds, once per session: the tests of the
+    pipeline's results and the Kubeflow run that must match it share this run."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from detkd.cli import app
+
+    folder = tmp_path_factory.mktemp("quickstart")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    decoy = folder / "env-mlflow.db"
+    summary = folder / "summary.json"
+    args = ["run", str(Path(__file__).resolve().parents[1] / "pipelines/quickstart.yaml"), "--summary", str(summary)]
+    for item in [f"workdir={folder / 'work'}", f"tracking.tracking_uri={uri}", *QUICKSTART_SHRINK]:
+        args += ["--set", item]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{decoy}")
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return QuickstartRun(folder / "work", uri, json.loads(summary.read_text()), result.output, decoy, QUICKSTART_SHRINK)

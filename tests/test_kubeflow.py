@@ -112,36 +112,18 @@ def test_compile_refuses_a_broken_spec_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.ray
-def test_compiled_quickstart_runs_with_kfp_local_like_detkd_run(ray_cluster, tmp_path, monkeypatch):
-    """The same shrunken quickstart through `detkd run` and through KFP's SubprocessRunner (each task a
-    `detkd step` process): the same summary rows, one MLflow pipeline run with the same children."""
+def test_compiled_quickstart_runs_with_kfp_local_like_detkd_run(quickstart_small, ray_cluster, tmp_path, monkeypatch):
+    """The shrunken quickstart through `detkd run` (the session's run) and through KFP's SubprocessRunner
+    (each task a `detkd step` process): the same summary rows, one MLflow pipeline run with the same children."""
     from kfp import local
     from mlflow.tracking import MlflowClient
 
     from detkd.kubeflow import build_pipeline
 
-    shrink = [
-        "data.synth.images=40",
-        "data.synth.test_images=12",
-        "data.synth.size=64",
-        "data.synth.min_object=10",
-        "data.synth.max_object=32",
-        "defaults.input.size=64",
-        "defaults.train.epochs=1",
-        "defaults.train.batch_size=8",
-        "defaults.model.fpn_channels=32",
-        "defaults.tracking.log_model=false",
-        "register.gate.min_ap=0",
-        "register.gate.min_gain=-1",
-    ]
     spec_path = REPO / "pipelines/quickstart.yaml"
-    uri_run = f"sqlite:///{tmp_path / 'run.db'}"
     uri_kfp = f"sqlite:///{tmp_path / 'kfp.db'}"
-    run_args = [*shrink, f"workdir={tmp_path / 'run'}", f"tracking.tracking_uri={uri_run}"]
-    kfp_args = [*shrink, f"workdir={tmp_path / 'kfp'}", f"tracking.tracking_uri={uri_kfp}"]
-    result = runner.invoke(app, ["run", str(spec_path), "--summary", str(tmp_path / "run.json"), *_sets(run_args)])
-    assert result.exit_code == 0, result.output
-    rows_run = json.loads((tmp_path / "run.json").read_text())
+    kfp_args = [*quickstart_small.shrink, f"workdir={tmp_path / 'kfp'}", f"tracking.tracking_uri={uri_kfp}"]
+    rows_run = quickstart_small.rows
 
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster.get_runtime_context().gcs_address)  # the steps join this cluster
     monkeypatch.chdir(tmp_path)
@@ -165,7 +147,3 @@ def test_compiled_quickstart_runs_with_kfp_local_like_detkd_run(ray_cluster, tmp
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert children == {"data", "teacher", "student_baseline", "student_ssim", "evaluate", "register"}
     assert os.path.isfile(tmp_path / "kfp" / "lineage.png")
-
-
-def _sets(items: list[str]) -> list[str]:
-    return [word for item in items for word in ("--set", item)]

@@ -13,36 +13,11 @@ from detkd.cli import app
 
 pytestmark = pytest.mark.ray
 QUICKSTART = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yaml"
-SHRINK = [
-    "data.synth.images=40",
-    "data.synth.test_images=12",  # the quickstart's held-out split, small
-    "data.synth.size=64",
-    "data.synth.min_object=10",
-    "data.synth.max_object=32",
-    "data.synth.aspect_ratios=[0.7, 1.4]",  # non-square images of varied (odd) sizes, long side capped
-    "data.synth.size_jitter=0.15",
-    "defaults.input.max_size=80",
-    "defaults.input.size=64",
-    "defaults.train.epochs=1",
-    "defaults.train.batch_size=8",
-    "defaults.model.fpn_channels=32",
-    "defaults.tracking.log_model=false",
-]
 
 
-def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    decoy = tmp_path / "env-mlflow.db"  # the spec's tracking settings win over the environment, for every run
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{decoy}")
+def test_quickstart_pipeline_small(quickstart_small, tmp_path):
+    uri, rows, work = quickstart_small.uri, quickstart_small.rows, quickstart_small.work
     runner = CliRunner()
-    summary = tmp_path / "summary.json"
-    args = ["run", str(QUICKSTART), "--summary", str(summary), "--set", f"workdir={tmp_path / 'work'}"]
-    args += ["--set", f"tracking.tracking_uri={uri}"]
-    for item in SHRINK:
-        args += ["--set", item]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    rows = json.loads(summary.read_text())
     assert [(r["name"], r["role"], r["method"], r["input_size"]) for r in rows] == [
         ("teacher", "teacher", "kd_off", 64),
         ("student_baseline", "student", "kd_off", 32),
@@ -63,7 +38,8 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
         }
         assert row["images_per_s"] > 0 and 0 <= row["AP"] <= row["AP50"] <= 1
         assert row["split"] == "test"  # the quickstart has a held-out split: every model is scored on it
-    assert "teacher" in result.output and rows[0]["mlflow_run_id"] in result.output, result.output[-4000:]  # the table
+    output = quickstart_small.output
+    assert "teacher" in output and rows[0]["mlflow_run_id"] in output, output[-4000:]  # the table
 
     # lineage: one parent run, children for data, each model and evaluation
     client = MlflowClient(uri)
@@ -77,7 +53,7 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
     assert distilled.data.tags["detkd.method"] == "ssim"
     teacher_run = children["teacher"].info.run_id
     assert distilled.data.tags["detkd.teacher.0"] == teacher_run  # linked by MLflow run, the file beside it
-    assert distilled.data.tags["detkd.teacher.0.path"] == str(tmp_path / "work/models/teacher/model.pt")
+    assert distilled.data.tags["detkd.teacher.0.path"] == str(work / "models/teacher/model.pt")
     assert json.loads(distilled.data.tags["detkd.teacher_runs"]) == [teacher_run]
     # the same data has the same digest on every component that read it
     data_tags = children["data"].data.tags
@@ -91,7 +67,7 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
     assert children["register"].data.tags["detkd.dataset.test"] == data_tags["detkd.dataset.test"]
     assert "train/loss_kd_ssim" in distilled.data.metrics
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert not decoy.exists()
+    assert not quickstart_small.decoy.exists()
     assert all(r.info.experiment_id == exp.experiment_id for r in runs) and len(runs) == 7
 
     # the quickstart ends by registering its distilled student behind the gate
@@ -124,14 +100,13 @@ def test_quickstart_pipeline_small(ray_cluster, tmp_path, monkeypatch):
     assert by_alias.exit_code == 0 and "teacher 0 <- teacher: teacher" in by_alias.output
     unknown = runner.invoke(app, ["lineage", "models:/nobody@champion", "--tracking-uri", uri])
     assert unknown.exit_code == 2 and "models:/nobody@champion: not found" in unknown.output
-    assert (tmp_path / "work/lineage.png").is_file()
+    assert (work / "lineage.png").is_file()
     assert "lineage.png" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     student = client.get_run(rows[1]["mlflow_run_id"])
     assert student.data.metrics["eval/test/AP"] == pytest.approx(rows[1]["AP"], abs=1e-4)
     assert student.data.params["input.scale"] == "0.5" and student.data.params["model.min_level"] == "2"
 
     # the student checkpoint evaluates identically from COCO JSON and from Parquet shards
-    work = tmp_path / "work"
     model = work / "models/student_baseline/model.pt"
     data = work / "data"
     dets = tmp_path / "dets.json"

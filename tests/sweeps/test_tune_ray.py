@@ -53,12 +53,18 @@ def test_asha_stops_weak_trials_and_the_best_config_runs_with_distill(ray_cluste
     stopped = [t for t in outcome.trials if t["stopped_early"]]
     assert stopped, "ASHA stopped no trial"
     assert all(t["epochs"] < t["planned_epochs"] for t in stopped)
-    assert all(t["param.optim.lr"] == 1.0e-6 for t in stopped)  # the hopeless learning rate
+    # trials 0 and 1 run first; of trials 2 and 3, the hopeless learning rate is always behind at the rung
+    # (a good one may be stopped too, when it trails trial 1 at the rung: ASHA keeps the top quarter)
+    assert any(t["param.optim.lr"] == 1.0e-6 for t in stopped)
     trials = pd.read_parquet(outcome.workdir / "trials.parquet")
     assert sorted(trials["trial_id"]) == sorted(t["trial_id"] for t in outcome.trials)
     assert {"val/AP", "param.optim.lr", "param.distill.mgd.weight", "stopped_early", "attempts"} <= set(trials)
     epochs = pd.read_parquet(outcome.workdir / "epochs.parquet")
     assert len(epochs) == trials["epochs"].sum()
+    for t in stopped:  # every stopped trial trailed a trial that went on past that epoch
+        at_rung = epochs[epochs["trial_epoch"] == t["epochs"]].set_index("trial_id")["val/AP"]
+        went_on = [row["trial_id"] for row in outcome.trials if row["epochs"] > t["epochs"]]
+        assert at_rung[t["trial_id"]] < max(at_rung[trial_id] for trial_id in went_on)
     for name in ("metric_vs_parameters.png", "learning_curves.png"):
         assert (outcome.workdir / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
