@@ -41,6 +41,15 @@ def test_experiments_made_before_the_tag_get_it(mlflow_uri):
     assert {k: tags[k] for k in EXPERIMENT_KIND} == EXPERIMENT_KIND
 
 
+def test_a_relative_sqlite_store_keeps_artifacts_beside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/x").mkdir(parents=True)
+    uri = "sqlite:///runs/x/mlflow.db"  # relative to the current folder
+    check_tracking_uri(uri)
+    found = MlflowClient(uri).get_experiment(experiment_id(uri, "rel"))
+    assert found.artifact_location == (tmp_path / "runs/x/mlartifacts").as_uri()
+
+
 def test_train_with_an_unreachable_server_fails_before_ray_starts(tiny_dataset, tiny_config, dead_server_uri, tmp_path):
     """What a new user meets with a wrong MLFLOW_TRACKING_URI: one error line, no Ray, no run folder."""
     config = tmp_path / "tiny.yaml"

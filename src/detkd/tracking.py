@@ -120,7 +120,8 @@ def experiment_id(tracking_uri: str, name: str) -> str:
         return found.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:///"):
-        location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        # a relative store (sqlite:///runs/x/mlflow.db) is relative to this process's folder
+        location = (Path(tracking_uri.removeprefix("sqlite:///")).absolute().parent / "mlartifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:  # created concurrently
