@@ -11,7 +11,13 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from detkd.tracking import EXPERIMENT_KIND, TrackingUnreachable, check_tracking_uri, experiment_id
+from detkd.tracking import (
+    EXPERIMENT_KIND,
+    TrackingUnreachable,
+    check_tracking_uri,
+    experiment_id,
+    resolve_tracking_uri,
+)
 
 
 def test_unreachable_server_is_refused_naming_the_uri(dead_server_uri):
@@ -48,6 +54,11 @@ def test_a_relative_sqlite_store_keeps_artifacts_beside_it(tmp_path, monkeypatch
     check_tracking_uri(uri)
     found = MlflowClient(uri).get_experiment(experiment_id(uri, "rel"))
     assert found.artifact_location == (tmp_path / "runs/x/mlartifacts").as_uri()
+    # Ray workers run elsewhere: the driver hands them the absolute store, from the spec or the environment
+    assert resolve_tracking_uri(uri) == f"sqlite:///{tmp_path / 'runs/x/mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'runs/x/mlflow.db'}"
+    assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
 def test_train_with_an_unreachable_server_fails_before_ray_starts(tiny_dataset, tiny_config, dead_server_uri, tmp_path):

@@ -35,11 +35,13 @@ class TrackingUnreachable(ConfigError):
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
-    if explicit:
-        return explicit
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """The store to log to: ``explicit``, else MLFLOW_TRACKING_URI, else ./mlflow.db. A relative SQLite
+    path becomes absolute here, in the driver: Ray workers run in other folders and would open (and
+    create) a different, empty store."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).absolute()}"
+    return uri
 
 
 @functools.cache
