@@ -121,7 +121,7 @@ def test_a_grid_over_teacher_sequences_runs_the_stages_in_order(ray_cluster, swe
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(ray_cluster, sweep_files, mlflow_uri):
     space, _ = sweep_files(
-        {"distill.mgd.weight": {"grid": [1.0e-5, 2.0e-5, 4.0e-5]}},
+        {"distill.mgd.weight": {"grid": [1.0e-5, 4.0e-5]}},
         budget={"samples": 1, "max_concurrent": 1, "scheduler": "fifo"},
         name="resumable",
     )
@@ -146,7 +146,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(ray_cluste
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     trials = pd.read_parquet(space.parent / "work/sweeps/resumable/trials.parquet")
-    assert len(trials) == 3 and set(trials["state"]) == {"TERMINATED"}
+    assert len(trials) == 2 and set(trials["state"]) == {"TERMINATED"}
     attempts = dict(zip(trials["trial_id"], trials["attempts"], strict=True))
     assert all(attempts[t] == 1 for t in done_before)  # finished trials were not started again
     for trial in runs_of(mlflow_uri, kind="trial", sweep="resumable"):
@@ -162,12 +162,13 @@ def test_a_pipeline_tune_step_adds_the_tuned_student_beside_the_others(ray_clust
         name="in_pipeline",
     )
     data = yaml.safe_load(pipeline.read_text())
+    data["teachers"] = [t for t in data["teachers"] if t["name"] == "t_small"]  # the one the student learns from
     data["tune"] = [{"name": "student_tuned", "space": str(space)}]
     pipeline.write_text(yaml.safe_dump(data))
     rows = run_pipeline(load_pipeline(pipeline))
 
     by_name = {row["name"]: row for row in rows}
-    assert set(by_name) == {"t_small", "t_wide", "student", "student_tuned"}
+    assert set(by_name) == {"t_small", "student", "student_tuned"}
     assert {row["split"] for row in rows} == {"test"}  # the pipeline has a held-out split: all are scored on it
     assert by_name["student_tuned"]["method"] == "mgd (tuned)"
     assert (pipeline.parent / "work/models/student_tuned/model.pt").is_file()
