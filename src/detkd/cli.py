@@ -588,8 +588,8 @@ def jobs_list(address: AddressOption) -> None:
     for column in ("submission_id", "status", "steps", "entrypoint"):
         table.add_column(column)
     for job in sorted(found, key=lambda j: j.start_time or 0):
-        steps = jobs.steps_of(str(job.submission_id), address=address) if job.submission_id else None
-        table.add_row(str(job.submission_id), str(job.status.value), summary(steps[1]) if steps else "", job.entrypoint)
+        steps = jobs.steps_of(job, address=address) if job.submission_id else None
+        table.add_row(str(job.submission_id), str(job.status.value), summary(steps) if steps else "", job.entrypoint)
     console.print(table)
 
 
@@ -599,13 +599,14 @@ def jobs_status(job_id: str, address: AddressOption) -> None:
     from detkd import submit as jobs
 
     try:
-        status = str(jobs.client(address).get_job_status(job_id).value)
-        steps = jobs.steps_of(job_id, address=address)
+        info = jobs.client(address).get_job_info(job_id)
+        steps = jobs.steps_of(info, address=address)
     except _user_errors() as exc:
         _fail(exc)
+    status = str(info.status.value)
     console.print(status)
     if steps is not None:
-        console.print(_steps_table(steps[1]))
+        console.print(_steps_table(steps))
     if status in ("FAILED", "STOPPED"):
         raise typer.Exit(1)
 

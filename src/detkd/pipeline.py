@@ -408,8 +408,10 @@ class PipelineFailed(RuntimeError):
     """Steps of a pipeline failed: the message names each, its error, and the steps it stopped."""
 
     def __init__(self, execution) -> None:
+        from detkd.step_events import describe
+
         self.execution = execution
-        lines = [f"step {name} failed: {type(exc).__name__}: {exc}" for name, exc in execution.failed.items()]
+        lines = [f"step {name} failed: {describe(exc)}" for name, exc in execution.failed.items()]
         if execution.blocked:
             lines.append(f"not run, they need a failed step: {', '.join(execution.blocked)}")
         finished = [name for name in execution.results]
@@ -447,7 +449,7 @@ def run_model_steps(
 
     from detkd.dag import build_dag, execute
     from detkd.engine.launch import progressive_outcome, run_stage, run_training
-    from detkd.step_events import emit
+    from detkd.step_events import describe, emit
 
     dag = build_dag(spec)
     entries = {e.name: ("teacher", e) for e in spec.teachers} | {e.name: ("student", e) for e in spec.students}
@@ -500,7 +502,7 @@ def run_model_steps(
     def announce(step, state: str, error: BaseException | None) -> None:
         if state == "running":
             say(f"{step.kind} {step.name}: {step.detail}")
-        emit(step.name, state, error=f"{type(error).__name__}: {error}" if error is not None else "")
+        emit(step.name, state, error=describe(error) if error is not None else "")
 
     steps = [s.name for s in dag.steps if s.kind in ("teacher", "student", "stage", "tune")]
     if only is not None:

@@ -34,6 +34,11 @@ def emit(step: str, state: str, *, error: str = "", out=None) -> None:
     stream.flush()
 
 
+def describe(error: BaseException) -> str:
+    """How a failure reads in a step's line: the exception's type and message."""
+    return f"{type(error).__name__}: {error}"
+
+
 @dataclass(frozen=True)
 class StepState:
     step: str
@@ -106,6 +111,6 @@ def reporting(step: str, *, out=None):
     try:
         yield
     except Exception as exc:
-        emit(step, "failed", error=f"{type(exc).__name__}: {exc}", out=out)
+        emit(step, "failed", error=describe(exc), out=out)
         raise
     emit(step, "finished", out=out)

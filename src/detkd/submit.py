@@ -198,7 +198,7 @@ def submit(
     env = runtime_env(project_root, extra_env=extra_env)
     check_model_references(spec, env["env_vars"])
     metadata = {"detkd.spec": str(spec)}
-    if command[3] in ("run", "step"):  # a pipeline: detkd jobs status lists its steps from the start
+    if is_pipeline_command(command):  # detkd jobs status lists its steps from the start
         names = [step] if step else pipeline_steps(spec, overrides or [], project_root)
         if names:
             metadata[STEPS_METADATA] = json.dumps(names)
@@ -236,18 +236,22 @@ def pipeline_steps(spec: Path, overrides: list[str], project_root: Path) -> list
         os.chdir(here)
 
 
-def steps_of(job_id: str, *, address: str) -> tuple[str, list] | None:
-    """A pipeline job's status and each of its steps' states (from its logs); None for other jobs."""
+def is_pipeline_command(command: list[str]) -> bool:
+    """``python -m detkd.cli run|step ...``: a job whose driver reports step states."""
+    return command[:3] == ["python", "-m", "detkd.cli"] and len(command) > 3 and command[3] in ("run", "step")
+
+
+def steps_of(info, *, address: str) -> list | None:
+    """Each step's state of a pipeline job (``info``: its JobDetails), read from its logs; None for other jobs."""
     from detkd.step_events import job_steps
 
-    jobs = client(address)
-    info = jobs.get_job_info(job_id)
     names = json.loads((info.metadata or {}).get(STEPS_METADATA, "[]"))
-    logs = jobs.get_job_logs(job_id)
-    status = str(info.status.value)
+    if not names and not is_pipeline_command(shlex.split(info.entrypoint or "")):
+        return None  # a single run: no step lines to fetch the logs for
+    logs = client(address).get_job_logs(info.submission_id)
     if not names and f"{MARKER} " not in logs:
         return None
-    return status, job_steps(names, logs, job_status=status)
+    return job_steps(names, logs, job_status=str(info.status.value))
 
 
 def follow(job_id: str, *, address: str, out=sys.stdout) -> str:

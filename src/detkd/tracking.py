@@ -39,9 +39,16 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     path becomes absolute here, in the driver: Ray workers run in other folders and would open (and
     create) a different, empty store."""
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
-        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).absolute()}"
-    return uri
+    database = sqlite_file(uri)
+    return uri if database is None else f"sqlite:///{database}"
+
+
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store, absolute (a relative one is relative to this process's
+    folder); None for other stores."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///")).absolute()
 
 
 @functools.cache
@@ -102,8 +109,8 @@ def check_tracking_uri(tracking_uri: str) -> None:
                 f"MLflow tracking server {tracking_uri} is unreachable ({reason}); start it, or point "
                 "MLFLOW_TRACKING_URI / tracking.tracking_uri at a running one (unset: a local mlflow.db)"
             ) from None
-    elif tracking_uri.startswith("sqlite:///"):
-        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    elif (database := sqlite_file(tracking_uri)) is not None:
+        folder = database.parent
         if not folder.is_dir():
             raise TrackingUnreachable(f"MLflow tracking store {tracking_uri}: the folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
@@ -121,9 +128,8 @@ def experiment_id(tracking_uri: str, name: str) -> str:
                 client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     location = None
-    if tracking_uri.startswith("sqlite:///"):
-        # a relative store (sqlite:///runs/x/mlflow.db) is relative to this process's folder
-        location = (Path(tracking_uri.removeprefix("sqlite:///")).absolute().parent / "mlartifacts").as_uri()
+    if (database := sqlite_file(tracking_uri)) is not None:
+        location = (database.parent / "mlartifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:  # created concurrently

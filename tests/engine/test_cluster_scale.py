@@ -160,10 +160,33 @@ def ray_head(tmp_path_factory):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_submit_runs_a_job_and_reports_failure(tiny_dataset, tiny_config, ray_head, tmp_path):
-    project = tmp_path / "project"  # a project folder: code + the config, shipped as the job's working dir
+def project_copy(project: Path) -> Path:
+    """A project folder (this repository's code and pyproject.toml), shipped as a job's working dir."""
     shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", project / "pyproject.toml")
+    return project
+
+
+def tiny_pipeline(name: str, work: Path, uri: str, *, synth: dict, teachers: list, students: list = ()) -> dict:
+    """A pipeline spec of tiny 64 px FCOS models that train for one epoch."""
+    return {
+        "name": name,
+        "workdir": str(work),
+        "tracking": {"experiment": name, "tracking_uri": uri},
+        "data": {"synth": {"size": 64, "seed": 3, "min_object": 10, "max_object": 32, **synth}},
+        "defaults": {
+            "model": {"arch": "fcos", "backbone": "tiny", "fpn_channels": 32, "head_convs": 1},
+            "input": {"size": 64},
+            "train": {"epochs": 1, "batch_size": 8},
+            "tracking": {"log_model": False},
+        },
+        "teachers": teachers,
+        "students": list(students),
+    }
+
+
+def test_submit_runs_a_job_and_reports_failure(tiny_dataset, tiny_config, ray_head, tmp_path):
+    project = project_copy(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     data = tiny_config(tiny_dataset, tmp_path / "out", train={"epochs": 1}, tracking={"log_model": False})
     (project / "good.yaml").write_text(json.dumps(data))
@@ -207,25 +230,17 @@ def test_submitted_pipeline_runs_its_teachers_side_by_side_and_jobs_shows_each_s
     the same time there, the student learns from its teacher, and ``detkd jobs`` reads every step's state."""
     from detkd.step_events import parse
 
-    project = tmp_path / "project"
-    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "pyproject.toml", project / "pyproject.toml")
+    project = project_copy(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     half = {"input": {"scale": 0.5}, "model": {"min_level": 2, "max_level": 6}}
-    spec = {
-        "name": "remote",
-        "workdir": str(tmp_path / "work"),
-        "tracking": {"experiment": "remote", "tracking_uri": uri},
-        "data": {"synth": {"images": 24, "test_images": 8, "size": 64, "seed": 3, "min_object": 10, "max_object": 32}},
-        "defaults": {
-            "model": {"arch": "fcos", "backbone": "tiny", "fpn_channels": 32, "head_convs": 1},
-            "input": {"size": 64},
-            "train": {"epochs": 1, "batch_size": 8},
-            "tracking": {"log_model": False},
-        },
-        "teachers": [{"name": "t_a", "settings": {"seed": 0}}, {"name": "t_b", "settings": {"seed": 1}}],
-        "students": [{"name": "s_kd", "settings": {**half, "distill": {"teachers": [{"source": "t_b"}], "ssim": {}}}}],
-    }
+    spec = tiny_pipeline(
+        "remote",
+        tmp_path / "work",
+        uri,
+        synth={"images": 24, "test_images": 8},
+        teachers=[{"name": "t_a", "settings": {"seed": 0}}, {"name": "t_b", "settings": {"seed": 1}}],
+        students=[{"name": "s_kd", "settings": {**half, "distill": {"teachers": [{"source": "t_b"}], "ssim": {}}}}],
+    )
     (project / "remote.yaml").write_text(json.dumps(spec))
     runner = CliRunner()
     result = runner.invoke(app, ["submit", str(project / "remote.yaml"), "--address", ray_head, "--parallel", "2"])
@@ -236,7 +251,9 @@ def test_submitted_pipeline_runs_its_teachers_side_by_side_and_jobs_shows_each_s
 
     status = runner.invoke(app, ["jobs", "status", job_id, "--address", ray_head])
     assert status.exit_code == 0, status.output
-    _, states = steps_of(job_id, address=ray_head)
+    info = client(ray_head).get_job_info(job_id)
+    assert json.loads(info.metadata["detkd.steps"]) == ["data", "t_a", "t_b", "s_kd", "evaluate"]  # from the DAG
+    states = steps_of(info, address=ray_head)
     assert [(s.step, s.state) for s in states] == [
         (name, "finished") for name in ("data", "t_a", "t_b", "s_kd", "evaluate")
     ]
@@ -265,23 +282,9 @@ def test_a_kubeflow_model_task_with_a_ray_address_trains_on_that_cluster(ray_hea
     pytest.importorskip("kfp")
     from detkd.kubeflow import detkd_step
 
-    project = tmp_path / "project"
-    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "pyproject.toml", project / "pyproject.toml")
+    project = project_copy(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = {
-        "name": "kfp-remote",
-        "workdir": str(tmp_path / "work"),
-        "tracking": {"experiment": "kfp-remote", "tracking_uri": uri},
-        "data": {"synth": {"images": 16, "size": 64, "seed": 3, "min_object": 10, "max_object": 32}},
-        "defaults": {
-            "model": {"arch": "fcos", "backbone": "tiny", "fpn_channels": 32, "head_convs": 1},
-            "input": {"size": 64},
-            "train": {"epochs": 1, "batch_size": 8},
-            "tracking": {"log_model": False},
-        },
-        "teachers": [{"name": "teacher"}],
-    }
+    spec = tiny_pipeline("kfp-remote", tmp_path / "work", uri, synth={"images": 16}, teachers=[{"name": "teacher"}])
     path = project / "kfp_remote.yaml"
     path.write_text(json.dumps(spec))
     data = detkd_step(str(path), "data", [], "")  # in this process's machine, as a pod would
