@@ -89,5 +89,9 @@ def test_model_section_mirrors_the_builder_keywords():
     from detkd.config import ModelConfig
     from detkd.models import build_detector
 
+    from detkd.models.mmdet_detector import build_mmdet_detector
+
     weight_files = {"weights", "backbone_weights"}
-    assert set(ModelConfig.model_fields) - weight_files == set(inspect.signature(build_detector).parameters)
+    mmdet_only = {"mmdet_config"}  # arch mmdet: build_mmdet_detector reads the parsed file
+    assert set(ModelConfig.model_fields) - weight_files - mmdet_only == set(inspect.signature(build_detector).parameters)
+    assert mmdet_only < set(inspect.signature(build_mmdet_detector).parameters)

@@ -48,11 +48,38 @@ class DataConfig(_Section):
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
 
 
-class ModelConfig(_Section):
-    """Keyword arguments of ``detkd.models.build_detector`` (num_classes None = from the data)."""
+# The ModelConfig keys that describe a torchvision-based detkd network; an MMDetection config describes its own.
+TORCHVISION_MODEL_KEYS = (
+    "backbone",
+    "min_level",
+    "max_level",
+    "fpn_channels",
+    "head_convs",
+    "anchor_sizes",
+    "score_thresh",
+    "nms_thresh",
+    "detections_per_img",
+    "norm",
+    "backbone_weights",
+    "multiscale",
+    "low_res_scale",
+    "fused_loss_weight",
+)
 
-    arch: Literal["fcos", "retinanet", "fasterrcnn"] = "fcos"
-    backbone: Literal["tiny", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "mobilenet_v3_small"] = "tiny"
+
+class ModelConfig(_Section):
+    """Keyword arguments of ``detkd.models.build_detector`` (num_classes None = from the data).
+
+    ``arch: mmdet`` builds the ``model`` section of the MMDetection 3.x config file
+    ``mmdet_config`` instead (``detkd.models.mmdet_detector``); ``weights`` may then be a detkd
+    checkpoint or an MMDetection one, and the torchvision keys do not apply.
+    """
+
+    arch: Literal["fcos", "retinanet", "fasterrcnn", "mmdet"] = "fcos"
+    mmdet_config: Path | None = Field(None, description="arch mmdet: an MMDetection 3.x config file")
+    backbone: Literal[
+        "tiny", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "mobilenet_v3_small", "swin_t", "swin_s"
+    ] = "tiny"
     num_classes: int | None = Field(None, ge=1)
     min_level: int = Field(3, ge=2, le=5)
     max_level: int = Field(7, ge=2, le=7, description="P6 and P7 come from torchvision's LastLevelP6P7")
@@ -71,6 +98,23 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _levels(self) -> ModelConfig:
+        if self.arch == "mmdet":
+            if self.mmdet_config is None:
+                raise ValueError("arch mmdet needs mmdet_config: an MMDetection 3.x config file")
+            defaults = ModelConfig.model_fields
+            changed = [k for k in TORCHVISION_MODEL_KEYS if getattr(self, k) != defaults[k].default]
+            if changed:
+                why = (
+                    " (the MSAD multi-scale teacher wraps detkd's torchvision detectors only)"
+                    if "multiscale" in changed
+                    else ""
+                )
+                raise ValueError(
+                    f"{', '.join(changed)}: not used with arch mmdet, whose network, levels, anchors and "
+                    f"test_cfg come from mmdet_config; remove them or edit the MMDetection config{why}"
+                )
+        elif self.mmdet_config is not None:
+            raise ValueError(f"mmdet_config is only read with arch mmdet (arch is {self.arch})")
         if self.max_level < self.min_level:
             raise ValueError(f"max_level ({self.max_level}) must be >= min_level ({self.min_level})")
         return self
@@ -147,9 +191,16 @@ class EvalConfig(_Section):
 
 
 class TeacherRef(_Section):
-    """A frozen teacher: a pipeline model name, a checkpoint path, ``mlflow:<run_id>`` or ``models:/NAME@ALIAS``."""
+    """A frozen teacher: a pipeline model name, a checkpoint path, ``mlflow:<run_id>`` or ``models:/NAME@ALIAS``.
+
+    With ``mmdet_config``, ``source`` is an MMDetection checkpoint file (e.g. from its model
+    zoo) for the model that config describes.
+    """
 
     source: str
+    mmdet_config: Path | None = Field(
+        None, description="source is an MMDetection checkpoint of the model in this MMDetection config file"
+    )
     input_scale: float | None = Field(
         None, gt=0, description="teacher input / reference view; default: its checkpoint's input size / input.size"
     )

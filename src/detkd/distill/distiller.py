@@ -38,8 +38,9 @@ from detkd.distill.msad import MSADLoss
 from detkd.distill.mse import FeatureMSELoss
 from detkd.distill.ssim import SSIMFeatureLoss
 from detkd.models.detectors import pyramid_strides
+from detkd.models.mmdet_detector import MMDetDetector
 from detkd.models.multiscale import MultiScaleDetector
-from detkd.models.taps import DetectorTaps, extract_features, has_dense_logits
+from detkd.models.taps import DetectorTaps, extract_features, foreground_logits, has_dense_logits, logit_layout
 
 __all__ = ["LOSSES", "Distiller", "Teacher", "channels_of", "freeze"]
 
@@ -69,8 +70,10 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def channels_of(model: nn.Module) -> int:
-    """FPN channels of a detector (of a multi-scale teacher's shared detector)."""
+    """FPN channels of a detector (of a multi-scale teacher's shared detector, of an MMDetection neck)."""
     inner = model.detector if isinstance(model, MultiScaleDetector) else model
+    if isinstance(inner, MMDetDetector):
+        return inner.out_channels
     return int(inner.backbone.out_channels)
 
 
@@ -148,6 +151,7 @@ class Distiller(nn.Module):
         self.losses = nn.ModuleDict()
         self.pairs: dict[str, list[tuple[str, str]]] = {}
         self.loss_teacher: dict[str, int] = {}
+        self.logit_slots: dict[str, tuple[int, int]] = {}
         self._student_strides = pyramid_strides(student)
         self._teacher_strides = [pyramid_strides(t.model) for t in self._teachers]
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -199,10 +203,23 @@ class Distiller(nn.Module):
                 "(fcos/retinanet) student and teacher (a multi-scale teacher has no single logit map); "
                 "switch its logit term off (dsamkd: logit_weight=0)"
             )
+        if loss.uses_logits:
+            self.logit_slots[name] = self._background_slots(model)
         self.losses[name] = loss
         self.pairs[name] = pairs
         self.loss_teacher[name] = teacher
         return loss
+
+    def _background_slots(self, teacher: nn.Module) -> tuple[int, int]:
+        """Anchors per location whose background slot to drop from (student, teacher) logits (0: keep them).
+
+        Across frameworks (a torchvision head with a background slot, an MMDetection head
+        without) both sides are compared on the K real classes; otherwise as they are.
+        """
+        (s_anchors, s_bg), (t_anchors, t_bg) = logit_layout(self.student), logit_layout(teacher)
+        if s_bg == t_bg:
+            return 0, 0
+        return (s_anchors if s_bg else 0), (t_anchors if t_bg else 0)
 
     @property
     def teachers(self) -> list[Teacher]:
@@ -265,6 +282,11 @@ class Distiller(nn.Module):
                 assert student.logits is not None  # checked in add_method
                 s_logits = {s: student.logits[s] for s, _ in pairs}
                 t_logits = {s: aligned.logits(index, s, t) for s, t in pairs}
+                s_slots, t_slots = self.logit_slots[name]
+                if s_slots:
+                    s_logits = {lv: foreground_logits(z, s_slots) for lv, z in s_logits.items()}
+                if t_slots:
+                    t_logits = {lv: foreground_logits(z, t_slots) for lv, z in t_logits.items()}
             level_masks = {s: masks[s] for s, _ in pairs if s in masks}
             terms = loss(
                 {s: student.pyramid[s] for s, _ in pairs},

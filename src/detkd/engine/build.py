@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,8 +26,8 @@ def build_trainable(plan: RunPlan, *, device: str | torch.device = "cpu") -> tup
     built from the builder config stored in their checkpoints.
     """
     from detkd.distill.distiller import Distiller, Teacher
-    from detkd.models.checkpoint import build_model, copy_matching_weights, load_detector
-    from detkd.models.detectors import build_detector, build_detector_from_config
+    from detkd.models.checkpoint import build_model, copy_matching_weights, load_teacher, same_framework
+    from detkd.models.detectors import build_detector_from_config, rebuild_detector
 
     cfg = plan.config
     meta = torch.device(device).type == "meta"
@@ -40,10 +41,16 @@ def build_trainable(plan: RunPlan, *, device: str | torch.device = "cpu") -> tup
         if not plan.distilling:
             return student, student
         if meta:
-            teachers = [Teacher(build_detector(**t.model), t.scale) for t in plan.teachers]
+            teachers = [Teacher(rebuild_detector(t.model), t.scale) for t in plan.teachers]
         else:
-            teachers = [Teacher(load_detector(t.path)[0], t.scale) for t in plan.teachers]
-        if not meta and (cfg.distill.init_from_teacher or cfg.distill.copy_neck_head):
+            teachers = [Teacher(load_teacher(Path(t.path), t.model), t.scale) for t in plan.teachers]
+        copies = cfg.distill.init_from_teacher or cfg.distill.copy_neck_head
+        if copies and not same_framework(student, teachers[0].model):
+            raise ValueError(
+                "distill.init_from_teacher / copy_neck_head: teacher 0 and the student come from different "
+                "frameworks (MMDetection vs torchvision), so no weights match by name; switch them off"
+            )
+        if not meta and copies:
             prefixes = None if cfg.distill.init_from_teacher else ("backbone.fpn", "head")
             copied = copy_matching_weights(student, teachers[0].model, prefixes=prefixes)
             log.info(f"[{cfg.name}] copied {len(copied)} tensors from teacher {plan.teachers[0].name}")

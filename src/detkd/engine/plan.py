@@ -160,7 +160,7 @@ def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
         if data["data"][split]:
             for key in ("coco", "images", "parquet"):
                 data["data"][split][key] = fix(data["data"][split][key])
-    for key in ("weights", "backbone_weights"):
+    for key in ("weights", "backbone_weights", "mmdet_config"):
         data["model"][key] = fix(data["model"][key])
     data["run"]["storage_path"] = fix(data["run"]["storage_path"])
     data["run"]["output_dir"] = fix(data["run"]["output_dir"])
@@ -188,6 +188,9 @@ def config_digest(cfg: Config, teachers: tuple[TeacherSpec, ...]) -> str:
     for key in ("weights", "backbone_weights"):
         value = data["model"].pop(key)
         data["model"][f"{key}_sha256"] = file_digest(Path(value)) if value and Path(value).is_file() else value
+    mmdet_config = data["model"].pop("mmdet_config")  # absent from torchvision runs' digests, as before it existed
+    if mmdet_config:
+        data["model"]["mmdet_config_sha256"] = file_digest(Path(mmdet_config))
     data["teachers"] = [[t.sha256, t.scale] for t in teachers]
     if data.get("distill"):
         data["distill"] = {k: v for k, v in data["distill"].items() if k != "teachers"}

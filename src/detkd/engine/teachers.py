@@ -58,6 +58,9 @@ def resolve_teachers(
     out = []
     for i, ref in enumerate(cfg.distill.teachers):
         key = f"{where}: distill.teachers[{i}]"
+        if ref.mmdet_config is not None:
+            out.append(resolve_mmdet_teacher(ref, num_classes=num_classes, where=key))
+            continue
         try:
             path = resolve_source(ref.source, names=names, cache_dir=cache_dir, tracking_uri=tracking_uri)
             payload = read_detector_payload(path)
@@ -76,6 +79,46 @@ def resolve_teachers(
             )
         )
     return tuple(out)
+
+
+def resolve_mmdet_teacher(ref: TeacherRef, *, num_classes: int, where: str) -> TeacherSpec:
+    """An MMDetection checkpoint (``ref.source``) for the model of ``ref.mmdet_config``, checked now.
+
+    The weights are loaded into the config's network on the driver, so a checkpoint that
+    does not fit its config is refused before any worker starts, naming both files. The
+    teacher sees the reference view (``input_scale`` 1) unless the reference says otherwise.
+    """
+    from detkd.models.checkpoint import load_teacher
+    from detkd.models.mmdet_detector import config_classes, read_mmdet_config
+
+    config_file = Path(ref.mmdet_config).expanduser().resolve()
+    path = Path(ref.source).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"{where}: MMDetection checkpoint {path} not found (for config {config_file})")
+    try:
+        config = read_mmdet_config(config_file)
+        classes = config_classes(config)
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{where}.mmdet_config: {exc}") from None
+    if classes != num_classes:
+        raise ConfigError(
+            f"{where}: MMDetection config {config_file} predicts {classes} classes, the training data has "
+            f"{num_classes}; a teacher must share the student's label space"
+        )
+    model = dict(arch="mmdet", num_classes=classes, mmdet_config=config, config_file=str(config_file))
+    try:
+        load_teacher(path, model)
+    except (CheckpointError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return TeacherSpec(
+        source=ref.source,
+        path=str(path),
+        scale=float(ref.input_scale) if ref.input_scale is not None else 1.0,
+        sha256=file_digest(path),
+        name=path.stem,
+        model=model,
+        mlflow_run_id=None,
+    )
 
 
 def teacher_scale(

@@ -103,6 +103,38 @@ def build_mobilenet_v3_body(
     return Body(getter, {lvl: net.features[i].out_channels for lvl, i in levels.items()})
 
 
+class SwinBody(nn.Module):
+    """torchvision's Swin Transformer ``features`` (patch embedding, then stage / patch merging pairs, all
+    channels-last) returning the four stage outputs as NCHW ``c2``..``c5`` (strides 4..32).
+
+    The transformer teacher of MTPD's transformer-to-CNN results, buildable with the plain install.
+    torchvision pads every window and patch merge, so any input size works.
+    """
+
+    def __init__(self, features: nn.Sequential) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = OrderedDict()
+        level = 2
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            if index % 2 == 1:  # 1, 3, 5, 7: the output of a stage of Swin blocks
+                out["c" + str(level)] = x.permute(0, 3, 1, 2)
+                level += 1
+        return out
+
+
+def build_swin_body(*, factory: Callable[..., tvm.SwinTransformer], norm: str = "bn") -> Body:
+    """A torchvision Swin (``tvm.swin_t``, ``tvm.swin_s``) without its final norm and classifier."""
+    if norm != "bn":
+        raise ValueError(f"Swin backbones use LayerNorm; norm={norm!r} (a BatchNorm setting) does not apply")
+    net = factory(weights=None)
+    embed = net.features[0][0].out_channels  # the patch embedding conv: C2's width; each stage doubles it
+    return Body(SwinBody(net.features), {level: embed * 2 ** (level - 2) for level in STAGE_LEVELS})
+
+
 BODY_BUILDERS: dict[str, Callable[..., Body]] = {
     "tiny": build_tiny_body,
     "resnet18": partial(build_resnet_body, factory=tvm.resnet18),
@@ -114,6 +146,8 @@ BODY_BUILDERS: dict[str, Callable[..., Body]] = {
     "mobilenet_v3_small": partial(
         build_mobilenet_v3_body, factory=tvm.mobilenet_v3_small, taps=MOBILENET_V3_SMALL_TAPS
     ),
+    "swin_t": partial(build_swin_body, factory=tvm.swin_t),
+    "swin_s": partial(build_swin_body, factory=tvm.swin_s),
 }
 BACKBONES = tuple(BODY_BUILDERS)
 
@@ -129,6 +163,8 @@ def body_state_from_classifier(backbone: str, state: Mapping[str, Tensor]) -> di
     """A torchvision classification state dict -> the body's keys; the classifier itself is dropped."""
     if backbone.startswith("resnet"):
         return {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if backbone.startswith("swin"):  # the body holds torchvision's ``features`` under the same name
+        return {k: v for k, v in state.items() if k.startswith("features.")}
     if backbone.startswith("mobilenet_v3"):
         return {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
     raise ValueError(f"the {backbone!r} backbone has no classification weights; pass detector weights instead")

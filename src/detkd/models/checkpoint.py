@@ -29,12 +29,13 @@ from torch import Tensor, nn
 
 from detkd.models.backbones import body_state_from_classifier
 from detkd.models.detectors import (
-    build_detector,
     build_detector_from_config,
     pyramid_backbone,
+    rebuild_detector,
     single_scale,
     unwrap_model,
 )
+from detkd.models.mmdet_detector import MMDetDetector
 
 if TYPE_CHECKING:
     from detkd.config import ModelConfig
@@ -177,7 +178,7 @@ def read_detector_payload(path: Path) -> dict[str, Any]:
 def load_detector(path: Path, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the detector stored in ``path``; returns (model in eval mode, meta)."""
     payload = read_detector_payload(Path(path))
-    model = build_detector(**{**payload["model"], **overrides})
+    model = rebuild_detector({**payload["model"], **overrides})
     _load_state(model, payload["state_dict"], Path(path))
     model.eval()
     return model, dict(payload.get("meta", {}))
@@ -186,7 +187,7 @@ def load_detector(path: Path, **overrides: Any) -> tuple[nn.Module, dict[str, An
 def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
     """Build from the config, then load ``cfg.backbone_weights`` and ``cfg.weights`` when set (local files only)."""
     model = build_detector_from_config(cfg, num_classes=num_classes)
-    if cfg.backbone_weights is not None:
+    if cfg.backbone_weights is not None:  # torchvision archs only (ModelConfig)
         load_backbone_weights(model, Path(cfg.backbone_weights), backbone=cfg.backbone)
     if cfg.weights is not None:
         load_state_into(model, Path(cfg.weights))
@@ -207,10 +208,51 @@ def load_backbone_weights(model: nn.Module, path: Path, *, backbone: str) -> Non
 
 
 def load_state_into(model: nn.Module, path: Path) -> None:
-    """Load weights from a detkd checkpoint or a raw state dict into ``model``."""
-    payload = load_payload(Path(path), verify=False)
+    """Load weights from a detkd checkpoint or a raw state dict into ``model``.
+
+    An MMDetection model also takes an MMDetection checkpoint (``{"meta", "state_dict"}``
+    as its model zoo publishes them): those weights belong to the wrapped network.
+    """
+    model = unwrap_model(model)
+    path = Path(path)
+    if isinstance(model, MMDetDetector) and not is_detkd_checkpoint(path):
+        load_mmdet_checkpoint(model, path)
+        return
+    payload = load_payload(path, verify=False)
     state = payload["state_dict"] if "state_dict" in payload else payload
-    _load_state(unwrap_model(model), state, Path(path))
+    _load_state(model, state, path)
+
+
+def is_detkd_checkpoint(path: Path) -> bool:
+    """Whether ``path`` starts with detkd's checkpoint header (else: a foreign torch file)."""
+    with open(path, "rb") as fh:
+        return fh.read(len(MAGIC)) == MAGIC
+
+
+def load_mmdet_checkpoint(model: MMDetDetector, path: Path) -> None:
+    """Load an MMDetection checkpoint into the network its config built; a mismatch names both files."""
+    path = Path(path)
+    try:
+        payload = load_payload(path, verify=False)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{exc}. detkd loads weights only (torch.load weights_only=True): a full MMDetection training "
+            "checkpoint that pickles its message hub or optimizer must be stripped to {'meta', 'state_dict'} "
+            "first (MMDetection's tools/model_converters/publish_model.py does that)"
+        ) from None
+    state = payload.get("state_dict", payload)
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, Tensor)}
+    _load_state(model.mm, state, path, what=f"the model of MMDetection config {model.config_file}")
+
+
+def load_teacher(path: Path, model_config: dict[str, Any]) -> nn.Module:
+    """A teacher in eval mode: a detkd checkpoint, or an MMDetection checkpoint for ``model_config``'s network."""
+    path = Path(path)
+    if is_detkd_checkpoint(path):
+        return load_detector(path)[0]
+    model = rebuild_detector(model_config)
+    load_state_into(model, path)
+    return model.eval()
 
 
 def _load_state(model: nn.Module, state: dict[str, Any], path: Path, *, what: str = "the model") -> None:
@@ -248,6 +290,8 @@ def copy_matching_weights(target: nn.Module, source: nn.Module, *, prefixes: Seq
     neck-and-head copy). This is MSAD's "initialise the student from the teacher".
     """
     target, source = unwrap_model(target), single_scale(source)
+    if isinstance(target, MMDetDetector) or isinstance(source, MMDetDetector):
+        return _copy_mmdet_weights(target, source, neck_and_head=prefixes is not None)
     target_levels = pyramid_backbone(target).fpn_levels
     source_levels = pyramid_backbone(source).fpn_levels
     source_state = {_by_level(k, source_levels): v for k, v in source.state_dict().items()}
@@ -258,6 +302,33 @@ def copy_matching_weights(target: nn.Module, source: nn.Module, *, prefixes: Seq
         value = source_state.get(_by_level(key, target_levels))
         if value is not None and value.shape == current.shape:
             chosen[key] = value
+    if chosen:
+        with torch.no_grad():
+            target.load_state_dict(chosen, strict=False)
+    return list(chosen)
+
+
+def same_framework(a: nn.Module, b: nn.Module) -> bool:
+    """Both MMDetection detectors, or both detkd's torchvision ones: weights can be copied by name."""
+    return isinstance(single_scale(a), MMDetDetector) == isinstance(single_scale(b), MMDetDetector)
+
+
+def _copy_mmdet_weights(target: nn.Module, source: nn.Module, *, neck_and_head: bool) -> list[str]:
+    """Between two MMDetection detectors: every tensor of the same name and shape (neck and heads only)."""
+    if not same_framework(target, source):
+        raise ValueError(
+            "init_from_teacher / copy_neck_head copy weights by name: the teacher and the student must both "
+            "be MMDetection detectors or both detkd (torchvision) detectors"
+        )
+    heads = ("mm.neck.", "mm.bbox_head.", "mm.rpn_head.", "mm.roi_head.")
+    source_state = source.state_dict()
+    chosen = {
+        key: source_state[key]
+        for key, current in target.state_dict().items()
+        if (not neck_and_head or key.startswith(heads))
+        and key in source_state
+        and source_state[key].shape == current.shape
+    }
     if chosen:
         with torch.no_grad():
             target.load_state_dict(chosen, strict=False)

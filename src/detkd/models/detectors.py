@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -24,6 +25,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from detkd.models.backbones import BACKBONES, PyramidBackbone, build_pyramid_backbone
+from detkd.models.mmdet_detector import MMDetDetector, build_mmdet_detector, read_mmdet_config
 from detkd.models.multiscale import MultiScaleDetector, level_shift
 
 if TYPE_CHECKING:
@@ -323,7 +325,8 @@ def build_detector(
     C-FF fused pyramid. Weights are loaded by ``detkd.models.checkpoint.build_model``.
     """
     if arch not in DETECTOR_BUILDERS:
-        raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
+        hint = " (arch mmdet: build_mmdet_detector)" if arch == "mmdet" else ""
+        raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}{hint}")
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
     sizes = anchor_sizes if anchor_sizes is not None else default_anchor_sizes(arch, min_level, max_level)
@@ -373,10 +376,18 @@ def build_detector(
 
 def build_detector_from_config(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
     """Build (no weights) from the run config's model section; ``cfg.num_classes`` wins when set."""
+    classes = cfg.num_classes if cfg.num_classes is not None else num_classes
+    if cfg.arch == "mmdet":
+        assert cfg.mmdet_config is not None  # checked by ModelConfig
+        return build_mmdet_detector(
+            mmdet_config=read_mmdet_config(Path(cfg.mmdet_config)),
+            num_classes=classes,
+            config_file=str(cfg.mmdet_config),
+        )
     return build_detector(
         arch=cfg.arch,
         backbone=cfg.backbone,
-        num_classes=cfg.num_classes if cfg.num_classes is not None else num_classes,
+        num_classes=classes,
         min_level=cfg.min_level,
         max_level=cfg.max_level,
         fpn_channels=cfg.fpn_channels,
@@ -390,6 +401,15 @@ def build_detector_from_config(cfg: ModelConfig, *, num_classes: int) -> nn.Modu
         low_res_scale=cfg.low_res_scale,
         fused_loss_weight=cfg.fused_loss_weight,
     )
+
+
+def rebuild_detector(config: dict[str, Any]) -> nn.Module:
+    """The detector (no weights) described by a checkpoint's builder config (``model.detkd_config``)."""
+    config = dict(config)
+    if config.get("arch") == "mmdet":
+        config.pop("arch")
+        return build_mmdet_detector(**config)
+    return build_detector(**config)
 
 
 def single_scale(model: nn.Module) -> nn.Module:
@@ -409,7 +429,7 @@ def pyramid_backbone(model: nn.Module) -> PyramidBackbone:
 def pyramid_strides(model: nn.Module) -> dict[str, int]:
     """Level name -> stride in input pixels, e.g. {"p3": 8, ...}."""
     model = unwrap_model(model)
-    if isinstance(model, MultiScaleDetector):
+    if isinstance(model, (MultiScaleDetector, MMDetDetector)):
         return dict(model.strides)
     return dict(pyramid_backbone(model).strides)
 
@@ -422,7 +442,9 @@ def detector_config(model: nn.Module) -> dict[str, Any]:
 def set_inference_thresholds(model: nn.Module, *, score_thresh: float, detections_per_img: int) -> None:
     """COCO evaluation wants low score thresholds; deployment wants higher ones."""
     model = single_scale(model)  # the multi-scale teacher predicts through its shared detector
-    if isinstance(model, FasterRCNN):
+    if isinstance(model, MMDetDetector):
+        model.set_thresholds(score_thresh=score_thresh, detections_per_img=detections_per_img)
+    elif isinstance(model, FasterRCNN):
         model.roi_heads.score_thresh = score_thresh
         model.roi_heads.detections_per_img = detections_per_img
     elif isinstance(model, (FCOS, RetinaNet)):

@@ -1,6 +1,7 @@
 """Read a detector's FPN pyramid and dense class logits without changing its outputs.
 
-Two ways in: ``DetectorTaps`` records what an ordinary ``model(images, targets)``
+Two ways in, for detkd's torchvision detectors and ``MMDetDetector`` alike:
+``DetectorTaps`` records what an ordinary ``model(images, targets)``
 call computes (the student: detection loss and distillation features from ONE
 forward pass), and ``extract_features`` runs only the parts a teacher needs
 (transform, backbone, classification head) with no box decoding or NMS.
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, RetinaNet
 
 from detkd.models.detectors import unwrap_model
+from detkd.models.mmdet_detector import MMDetDetector
 from detkd.models.multiscale import MultiScaleDetector
 
 
@@ -35,8 +37,30 @@ def dense_logits_by_level(dense: Tensor, pyramid: OrderedDict[str, Tensor]) -> O
 
 
 def has_dense_logits(model: nn.Module) -> bool:
-    """One-stage detectors (FCOS, RetinaNet) have dense class logits; Faster R-CNN and the multi-scale teacher not."""
-    return isinstance(unwrap_model(model), (FCOS, RetinaNet))
+    """One-stage detectors (FCOS, RetinaNet, MMDetection's sigmoid dense heads) have dense class logits;
+    two-stage ones and the multi-scale teacher do not."""
+    model = unwrap_model(model)
+    if isinstance(model, MMDetDetector):
+        return model.has_dense_logits
+    return isinstance(model, (FCOS, RetinaNet))
+
+
+def logit_layout(model: nn.Module) -> tuple[int, bool]:
+    """(anchors per location, whether each anchor's K class logits are preceded by a background slot).
+
+    detkd's torchvision heads predict K + 1 sigmoid logits with slot 0 for background (never a
+    target); MMDetection's sigmoid heads predict the K classes only.
+    """
+    model = unwrap_model(model)
+    if isinstance(model, MMDetDetector):
+        return model.num_anchors, False
+    return int(model.anchor_generator.num_anchors_per_location()[0]), True
+
+
+def foreground_logits(logits: Tensor, anchors: int) -> Tensor:
+    """(N, A*(K+1), H, W) logits with a background slot -> (N, A*K, H, W) without it."""
+    n, channels, h, w = logits.shape
+    return logits.reshape(n, anchors, channels // anchors, h, w)[:, :, 1:].reshape(n, -1, h, w)
 
 
 class DetectorTaps:
@@ -51,9 +75,15 @@ class DetectorTaps:
         self.model = unwrap_model(model)
         self.pyramid: OrderedDict[str, Tensor] = OrderedDict()
         self._dense_logits: Tensor | None = None
+        self._level_logits: OrderedDict[str, Tensor] | None = None
         self._handles: list = []
 
     def __enter__(self) -> DetectorTaps:
+        if isinstance(self.model, MMDetDetector):
+            self._handles.append(self.model.mm.neck.register_forward_hook(self._on_neck))
+            if self.model.has_dense_logits:
+                self._handles.append(self.model.dense_head.register_forward_hook(self._on_dense_head))
+            return self
         self._handles.append(self.model.backbone.register_forward_hook(self._on_backbone))
         if has_dense_logits(self.model):
             self._handles.append(self.model.head.classification_head.register_forward_hook(self._on_logits))
@@ -73,12 +103,20 @@ class DetectorTaps:
     def _on_logits(self, module, inputs, output: Tensor) -> None:
         self._dense_logits = output
 
+    def _on_neck(self, module, inputs, output) -> None:
+        self.pyramid = self.model.name_levels(output)
+
+    def _on_dense_head(self, module, inputs, output) -> None:
+        self._level_logits = self.model.name_levels(output[0])  # (cls_scores, bbox_preds, ...) per level
+
     @property
     def has_logits(self) -> bool:
-        return self._dense_logits is not None
+        return self._dense_logits is not None or self._level_logits is not None
 
     @property
     def class_logits(self) -> OrderedDict[str, Tensor]:
+        if self._level_logits is not None:
+            return self._level_logits
         if self._dense_logits is None:
             raise RuntimeError("this detector has no dense class logits (two-stage) or no forward ran yet")
         return dense_logits_by_level(self._dense_logits, self.pyramid)
@@ -97,6 +135,9 @@ def extract_features(model: nn.Module, images: list[Tensor], *, logits: bool = T
     model = unwrap_model(model)
     if isinstance(model, MultiScaleDetector):
         return Features(model.fused_pyramid(images), None)
+    if isinstance(model, MMDetDetector):
+        pyramid = model.pyramid(model.prepare(images)[0])
+        return Features(pyramid, model.dense_logits(pyramid) if logits and model.has_dense_logits else None)
     image_list, _ = model.transform(images)
     pyramid = OrderedDict(model.backbone(image_list.tensors))
     dense = None
