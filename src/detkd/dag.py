@@ -177,9 +177,12 @@ def _data_detail(spec: PipelineSpec) -> str:
 
 def _model_detail(cfg: Config) -> str:
     model = cfg.model
-    text = f"{cfg.method}, {model.arch}/{model.backbone} P{model.min_level}-P{model.max_level} "
-    text += f"fpn {model.fpn_channels}, {cfg.input.model_size} px, {cfg.train.epochs} epochs"
-    return text
+    if model.arch == "mmdet":
+        text = f"{cfg.method}, mmdet/{Path(str(model.mmdet_config)).name}, "
+    else:
+        text = f"{cfg.method}, {model.arch}/{model.backbone} P{model.min_level}-P{model.max_level} "
+        text += f"fpn {model.fpn_channels}, "
+    return text + f"{cfg.input.model_size} px, {cfg.train.epochs} epochs"
 
 
 def format_dag(dag: PipelineDag) -> str:

@@ -84,6 +84,12 @@ def export_detector(
             f"{checkpoint}: the multi-scale MSAD teacher runs two resolutions and fuses them; "
             "it is a training-time teacher and is not exported (export its students)"
         )
+    if type(model).__name__ == "MMDetDetector":
+        raise ExportError(
+            f"{checkpoint}: an MMDetection model; its NMS and RoIAlign are mmcv's compiled ops, which neither "
+            "ONNX nor TorchScript export carries: deploy it with MMDeploy, or distill it into a detkd student "
+            "and export that (its MLflow pyfunc serves it as it is)"
+        )
     set_inference_thresholds(model, score_thresh=score_thresh, detections_per_img=detections_per_img)
     wrapper = SingleImageDetector(model).eval()
     info = {

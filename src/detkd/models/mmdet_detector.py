@@ -171,7 +171,6 @@ class MMDetDetector(nn.Module):
         self.strides = {name: s for name, s in zip(self.level_names, strides, strict=True)}
         self.out_channels = int(mm.neck.out_channels)
         self.size_divisible = max(32, max(strides))
-        self.dense_head = None if self.two_stage else head
         self.sigmoid_logits = bool(getattr(head, "use_sigmoid_cls", False))
         self.num_anchors = int(getattr(head, "num_base_priors", 1))
         pre = dict(config.get("data_preprocessor") or {})
@@ -179,6 +178,11 @@ class MMDetDetector(nn.Module):
         mean, std = pre.get("mean"), pre.get("std")
         self.register_buffer("pixel_mean", torch.tensor(mean or [0.0] * 3).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std or [1.0] * 3).view(3, 1, 1), persistent=False)
+
+    @property
+    def dense_head(self) -> nn.Module | None:
+        """The single-stage head (not a second registration of it: the state dict keeps one name per tensor)."""
+        return None if self.two_stage else self.mm.bbox_head
 
     @property
     def has_dense_logits(self) -> bool:
