@@ -122,6 +122,58 @@ def test_two_stage_mmdet_detector_trains_and_predicts(mmdet):
     assert len(out) == 2 and out[0]["boxes"].shape[1] == 4
 
 
+ATSS_HEAD = """dict(
+        type='ATSSHead', num_classes=3, in_channels=64, stacked_convs=2, feat_channels=64,
+        anchor_generator=dict(type='AnchorGenerator', ratios=[1.0], octave_base_scale=4, scales_per_octave=1,
+                              strides=[8, 16, 32, 64, 128]),
+        bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.0, 0.0, 0.0, 0.0], target_stds=[0.1, 0.1, 0.2, 0.2]),
+        loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+        loss_bbox=dict(type='GIoULoss', loss_weight=2.0),
+        loss_centerness=dict(type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0))"""
+GFL_HEAD = """dict(
+        type='GFLHead', num_classes=3, in_channels=64, stacked_convs=2, feat_channels=64,
+        anchor_generator=dict(type='AnchorGenerator', ratios=[1.0], octave_base_scale=4, scales_per_octave=1,
+                              strides=[8, 16, 32, 64, 128]),
+        loss_cls=dict(type='QualityFocalLoss', use_sigmoid=True, beta=2.0, loss_weight=1.0),
+        loss_dfl=dict(type='DistributionFocalLoss', loss_weight=0.25),
+        reg_max=16,
+        loss_bbox=dict(type='GIoULoss', loss_weight=2.0))"""
+
+
+@pytest.mark.parametrize(
+    ("name", "head", "terms"),
+    [
+        ("ATSS", ATSS_HEAD, {"loss_cls", "loss_bbox", "loss_centerness"}),
+        ("GFL", GFL_HEAD, {"loss_cls", "loss_bbox", "loss_dfl"}),
+    ],
+)
+def test_other_single_stage_heads_work_through_the_same_adapter(mmdet, tmp_path, name, head, terms):
+    from detkd.models import has_dense_logits
+    from detkd.models.taps import extract_features
+
+    text = RETINANET.read_text().replace("type='RetinaNet'", f"type='{name}'")
+    start = text.index("    bbox_head=dict(")
+    end = text.index("    train_cfg=dict(")
+    text = text[:start] + f"    bbox_head={head},\n" + text[end:]
+    text = text.replace(
+        "assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0, ignore_iof_thr=-1)",
+        "assigner=dict(type='ATSSAssigner', topk=9)",
+    )
+    assert "ATSSAssigner" in text and "RetinaHead" not in text
+    config = tmp_path / f"{name.lower()}_tiny.py"
+    config.write_text(text)
+    model = _build(config)
+    assert has_dense_logits(model) and model.num_anchors == 1
+    images, targets = _batch()
+    model.train()
+    losses = model(images, targets)
+    assert set(losses) == terms and all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    assert extract_features(model, images).class_logits["p3"].shape == (2, 3, 16, 16)
+    with torch.no_grad():
+        assert len(model(images)) == 2
+
+
 def _distill_step(student, teacher, *, student_scale: float, method: str, settings: dict | None = None):
     from detkd.distill.distiller import Distiller, Teacher
 
