@@ -39,6 +39,10 @@ DESIGNS: dict[str, dict[str, int]] = {
     "wide": {"fpn_channels": 64, "head_convs": 2},
     "narrow": {"fpn_channels": 32, "head_convs": 2},
     "narrow_1conv": {"fpn_channels": 32, "head_convs": 1},
+    # unshifted: P3-P6 at 64 px, so the head runs on a quarter of the shifted pyramid's cells
+    # (student P3 pairs with teacher P4 by footprint); P2's 16 x 16 map is gone
+    "wide_p3": {"fpn_channels": 64, "head_convs": 2, "min_level": 3},
+    "narrow_p3": {"fpn_channels": 32, "head_convs": 2, "min_level": 3},
 }
 METHODS = {"baseline": None, "ssim": {"ssim": {"weight": 3.0}}}  # the quickstart's SSIM weight
 SPEED_BACKENDS = ("onnx runtime", "pytorch eager")
@@ -159,7 +163,8 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{meta['threads']} threads · {meta['machine']} · {meta['versions']}",
         "",
         "Every student sees the 128 px quickstart images at 64 px with its pyramid shifted down one level "
-        "(P2-P6); test AP (150 held-out images) mean ± std over seeds; images/s at batch 1 from decoded "
+        "(P2-P6; designs ending in `_p3` keep P3-P6 unshifted); test AP (150 held-out images) mean ± std "
+        "over seeds; images/s at batch 1 from decoded "
         "images through `Predictor` (resize, network, box decoding, NMS, mapping back).",
         "",
         f"Teacher (128 px, fpn 64, 2 head convs): {teacher['mflop']} MFLOP, "
