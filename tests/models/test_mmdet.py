@@ -43,7 +43,7 @@ def _model_section(**model) -> dict:
 def test_arch_mmdet_config_is_checked_without_mmdet_installed():
     with pytest.raises(ConfigError, match="arch mmdet needs mmdet_config"):
         validate_config(_model_section(arch="mmdet"), source="x.yaml")
-    with pytest.raises(ConfigError, match="fpn_channels, min_level|min_level, fpn_channels|fpn_channels"):
+    with pytest.raises(ConfigError, match="fpn_channels: not used with arch mmdet"):
         validate_config(_model_section(arch="mmdet", mmdet_config="c.py", fpn_channels=32), source="x.yaml")
     with pytest.raises(ConfigError, match="multi-scale teacher wraps detkd's torchvision detectors only"):
         validate_config(_model_section(arch="mmdet", mmdet_config="c.py", multiscale=True), source="x.yaml")
@@ -248,19 +248,6 @@ def test_swin_teachers_distil_a_cnn_student(mmdet, teacher, tmp_path):
             model.backbone.body.features[1][0].attn.qkv.weight, classifier.features[1][0].attn.qkv.weight
         )
     _distill_step(_torchvision("fcos", min_level=2, max_level=6), model, student_scale=0.5, method="ssim")
-
-
-def _tiny_data(tiny_dataset: Path) -> dict:
-    return {
-        "train": {
-            "coco": str(tiny_dataset / "annotations/instances_train.json"),
-            "images": str(tiny_dataset / "images/train"),
-        },
-        "val": {
-            "coco": str(tiny_dataset / "annotations/instances_val.json"),
-            "images": str(tiny_dataset / "images/val"),
-        },
-    }
 
 
 def test_mmdetection_checkpoint_loads_as_a_teacher_and_a_mismatch_names_both_files(

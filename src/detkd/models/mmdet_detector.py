@@ -95,27 +95,26 @@ def _drop_pretrained(cfg: Any) -> Any:
     return cfg
 
 
-def config_classes(cfg: Mapping[str, Any]) -> int:
-    """The class count (without background) a model config's detection head predicts."""
+def _class_heads(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The head section(s) of a model config that carry ``num_classes`` (cascades list several)."""
     if "bbox_head" in cfg:
-        return int(cfg["bbox_head"]["num_classes"])
+        return [cfg["bbox_head"]]
     if "roi_head" in cfg:
         heads = cfg["roi_head"]["bbox_head"]
-        return int((heads[0] if isinstance(heads, list) else heads)["num_classes"])
+        return heads if isinstance(heads, list) else [heads]
     raise ValueError(f"the {cfg.get('type')} config has neither bbox_head nor roi_head: no class count")
+
+
+def config_classes(cfg: Mapping[str, Any]) -> int:
+    """The class count (without background) a model config's detection head predicts."""
+    return int(_class_heads(cfg)[0]["num_classes"])
 
 
 def with_classes(cfg: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
     """A copy of ``cfg`` whose detection head(s) predict ``num_classes`` classes."""
     out = copy.deepcopy(dict(cfg))
-    if "bbox_head" in out:
-        out["bbox_head"]["num_classes"] = num_classes
-    elif "roi_head" in out:
-        heads = out["roi_head"]["bbox_head"]
-        for head in heads if isinstance(heads, list) else [heads]:
-            head["num_classes"] = num_classes
-    else:
-        config_classes(out)  # raises the message
+    for head in _class_heads(out):
+        head["num_classes"] = num_classes
     return out
 
 
