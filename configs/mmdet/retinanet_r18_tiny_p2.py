@@ -1,52 +1,9 @@
 # The half-resolution student of retinanet_r18_tiny.py (64 px views of the quickstart data): the pyramid
 # shifts down one level, P2-P6 at strides 4-64, so each level has the feature-map size of the 128 px
-# teacher's P3-P7 (detkd pairs them by that shift). Same widths and head.
+# teacher's P3-P7 (detkd pairs them by that shift). Same widths and head; only the levels change.
+_base_ = './retinanet_r18_tiny.py'
 model = dict(
-    type='RetinaNet',
-    data_preprocessor=dict(
-        type='DetDataPreprocessor',
-        mean=[123.675, 116.28, 103.53],
-        std=[58.395, 57.12, 57.375],
-        bgr_to_rgb=True,
-        pad_size_divisor=32),
-    backbone=dict(
-        type='ResNet',
-        depth=18,
-        base_channels=16,
-        num_stages=4,
-        out_indices=(0, 1, 2, 3),  # C2-C5: 16, 32, 64, 128 channels
-        frozen_stages=-1,
-        norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=False,
-        style='pytorch',
-        init_cfg=None),
-    neck=dict(
-        type='FPN',
-        in_channels=[16, 32, 64, 128],
-        out_channels=64,
-        start_level=0,
-        add_extra_convs='on_input',
-        num_outs=5),  # P2-P6
+    backbone=dict(out_indices=(0, 1, 2, 3)),  # C2-C5: 16, 32, 64, 128 channels
+    neck=dict(in_channels=[16, 32, 64, 128]),  # P2-P6
     bbox_head=dict(
-        type='RetinaHead',
-        num_classes=3,
-        in_channels=64,
-        stacked_convs=2,
-        feat_channels=64,
-        anchor_generator=dict(
-            type='AnchorGenerator',
-            octave_base_scale=2,  # 8 px anchors on P2: half-resolution objects are 6-24 px
-            scales_per_octave=3,
-            ratios=[0.5, 1.0, 2.0],
-            strides=[4, 8, 16, 32, 64]),
-        bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.0, 0.0, 0.0, 0.0], target_stds=[1.0, 1.0, 1.0, 1.0]),
-        loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
-        loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
-    train_cfg=dict(
-        assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0, ignore_iof_thr=-1),
-        sampler=dict(type='PseudoSampler'),
-        allowed_border=-1,
-        pos_weight=-1,
-        debug=False),
-    test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5),
-                  max_per_img=100))
+        anchor_generator=dict(strides=[4, 8, 16, 32, 64])))  # 8 px anchors on P2: half-resolution objects are 6-24 px

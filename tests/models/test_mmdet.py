@@ -250,6 +250,28 @@ def test_swin_teachers_distil_a_cnn_student(mmdet, teacher, tmp_path):
     _distill_step(_torchvision("fcos", min_level=2, max_level=6), model, student_scale=0.5, method="ssim")
 
 
+def test_the_run_digest_follows_the_resolved_config_base_files_included(mmdet, tmp_path, tiny_dataset, tiny_config):
+    from detkd.engine.plan import config_digest
+
+    base, child = tmp_path / "base.py", tmp_path / "child.py"
+    base.write_text(RETINANET.read_text())
+    child.write_text("_base_ = './base.py'\n")
+    data = tiny_config(tiny_dataset, tmp_path)
+    data["model"] = {"arch": "mmdet", "mmdet_config": str(child)}
+
+    def digest() -> str:
+        return config_digest(Config.model_validate(data), ())
+
+    first = digest()
+    child.write_text("# the same model, reworded\n_base_ = './base.py'\n")
+    assert digest() == first
+    base.write_text(RETINANET.read_text().replace("stacked_convs=2", "stacked_convs=1"))
+    assert digest() != first  # a change in the base file is a different run
+    child.unlink()
+    with pytest.raises(ConfigError, match="model.mmdet_config: .*child.py: MMDetection config file not found"):
+        digest()
+
+
 def test_mmdetection_checkpoint_loads_as_a_teacher_and_a_mismatch_names_both_files(
     mmdet, tmp_path, tiny_dataset, tiny_config
 ):

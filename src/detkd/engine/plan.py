@@ -180,7 +180,8 @@ def config_digest(cfg: Config, teachers: tuple[TeacherSpec, ...]) -> str:
     """Digest of what changes the trained weights (not where results go or how they are logged).
 
     Teachers and initial weights enter by content, so a retrained teacher (or a retrained
-    previous progressive stage) never silently resumes a student trained from its predecessor.
+    previous progressive stage) never silently resumes a student trained from its predecessor;
+    an MMDetection config enters by its resolved ``model`` section.
     """
     data = cfg.model_dump(mode="json", exclude={"run": True, "tracking": True, "name": True, "eval": True})
     data["data"].pop("test", None)  # held out: never read by training
@@ -190,7 +191,12 @@ def config_digest(cfg: Config, teachers: tuple[TeacherSpec, ...]) -> str:
         data["model"][f"{key}_sha256"] = file_digest(Path(value)) if value and Path(value).is_file() else value
     mmdet_config = data["model"].pop("mmdet_config")  # absent from torchvision runs' digests, as before it existed
     if mmdet_config:
-        data["model"]["mmdet_config_sha256"] = file_digest(Path(mmdet_config))
+        from detkd.models.mmdet_detector import model_section_digest
+
+        try:  # the resolved model section: a change in a `_base_` file changes the run, a comment does not
+            data["model"]["mmdet_model_sha256"] = model_section_digest(Path(mmdet_config))
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(f"model.mmdet_config: {exc}") from None
     data["teachers"] = [[t.sha256, t.scale] for t in teachers]
     if data.get("distill"):
         data["distill"] = {k: v for k, v in data["distill"].items() if k != "teachers"}

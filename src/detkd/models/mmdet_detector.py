@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
 import math
 from collections import OrderedDict
@@ -78,6 +80,12 @@ def read_mmdet_config(path: Path) -> dict[str, Any]:
     if "model" not in cfg:
         raise ValueError(f"{path}: the config has no `model` section")
     return _plain(cfg.model.to_dict(), f"{path.name}: model")
+
+
+def model_section_digest(path: Path) -> str:
+    """SHA-256 of a config file's resolved ``model`` section (``_base_`` files included, comments not)."""
+    model = read_mmdet_config(path)
+    return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()
 
 
 def _drop_pretrained(cfg: Any) -> Any:
