@@ -34,7 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QUICKSTART_SPEC = Path("pipelines/quickstart.yaml")
 QUICKSTART = Path("runs/quickstart")
 HALF = {"input": {"scale": 0.5}, "model": {"min_level": 2, "max_level": 6}}
-DESIGNS: dict[str, dict[str, int]] = {
+DESIGNS: dict[str, dict[str, Any]] = {
     # design -> model settings over HALF; "wide" is the teacher's neck and head
     "wide": {"fpn_channels": 64, "head_convs": 2},
     "narrow": {"fpn_channels": 32, "head_convs": 2},
@@ -43,6 +43,11 @@ DESIGNS: dict[str, dict[str, int]] = {
     # (student P3 pairs with teacher P4 by footprint); P2's 16 x 16 map is gone
     "wide_p3": {"fpn_channels": 64, "head_convs": 2, "min_level": 3},
     "narrow_p3": {"fpn_channels": 32, "head_convs": 2, "min_level": 3},
+    # detkd.models.lite: separable FPN and one shared separable head tower with per-level BatchNorm, on
+    # P2-P4 (at 64 px FCOS assigns every object of this data to P2; P5-P6 only cost time)
+    "lite": {"fpn_channels": 64, "head_convs": 2, "design": "lite", "max_level": 4},
+    "lite_deep": {"fpn_channels": 64, "head_convs": 4, "design": "lite", "max_level": 4},
+    "lite_wide": {"fpn_channels": 128, "head_convs": 2, "design": "lite", "max_level": 4},
 }
 METHODS = {"baseline": None, "ssim": {"ssim": {"weight": 3.0}}}  # the quickstart's SSIM weight
 SPEED_BACKENDS = ("onnx runtime", "pytorch eager")

@@ -22,10 +22,28 @@ def images_of(dataset: Path, split: str = "val", count: int = 6) -> list[bytes]:
     return [(dataset / f"images/{split}" / im["file_name"]).read_bytes() for im in coco["images"][:count]]
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_gives_pytorch_detections(fmt, trained_detector, varied_dataset, tmp_path):
+@pytest.fixture(scope="module")
+def trained_lite(tiny_dataset, tiny_config, ray_cluster, tmp_path_factory) -> Path:
+    """A lite-design FCOS (detkd.models.lite) on P2-P4, trained through Ray Train like any student."""
+    from detkd.config import Config
+    from detkd.engine.launch import run_training
+    from detkd.engine.plan import TrackingContext
+
+    work = tmp_path_factory.mktemp("lite")
+    model = {"design": "lite", "min_level": 2, "max_level": 4}
+    cfg = Config.model_validate(tiny_config(tiny_dataset, work, model=model, train={"epochs": 12}, optim={"lr": 0.004}))
+    outcome = run_training(cfg, tracking=TrackingContext(uri=f"sqlite:///{work / 'mlflow.db'}", experiment="detkd"))
+    return outcome.model_path
+
+
+@pytest.mark.parametrize(
+    "fmt,model", [("onnx", "standard"), ("torchscript", "standard"), ("onnx", "lite"), ("torchscript", "lite")]
+)
+def test_export_gives_pytorch_detections(fmt, model, request, varied_dataset, tmp_path):
+    checkpoint = request.getfixturevalue("trained_detector").model_path if model == "standard" else None
+    checkpoint = checkpoint or request.getfixturevalue("trained_lite")
     out = tmp_path / f"student.{fmt}"
-    result = runner.invoke(app, ["export", str(trained_detector.model_path), "--format", fmt, "--out", str(out)])
+    result = runner.invoke(app, ["export", str(checkpoint), "--format", fmt, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert out.is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
     info = read_info(out)
@@ -35,7 +53,7 @@ def test_export_gives_pytorch_detections(fmt, trained_detector, varied_dataset, 
     images = images_of(varied_dataset)
     # a threshold above the export's 0.05 and fewer than 100 detections per image: no detection sits at a
     # cut-off where a 1e-6 score difference could keep it in one runtime and drop it in the other
-    eager = Predictor.from_checkpoint(trained_detector.model_path, score_thresh=0.2)(images)
+    eager = Predictor.from_checkpoint(checkpoint, score_thresh=0.2)(images)
     exported = Predictor.from_export(out, score_thresh=0.2)(images)
     assert sum(len(d.boxes) for d in eager) > 0 and max(len(d.boxes) for d in eager) < 100
     for want, got in zip(eager, exported, strict=True):
@@ -45,6 +63,28 @@ def test_export_gives_pytorch_detections(fmt, trained_detector, varied_dataset, 
         for w, g in zip(want_items, got_items, strict=True):
             assert g[2] == pytest.approx(w[2], abs=1e-4)
             assert g[3] == pytest.approx(w[3], abs=EXPORT_TOLERANCE_PX + 0.01)  # + the 0.01 px rounding of boxes
+
+
+def test_fcos_onnx_graph_is_lean(trained_detector, tmp_path):
+    """The FCOS export graph computes torchvision's detections with under half the nodes of its traced forward."""
+    import onnx
+    import torch
+
+    from detkd.export import SingleImageDetector, export_module, write_onnx
+    from detkd.export_graph import FCOSExportGraph
+    from detkd.models.checkpoint import load_detector
+
+    model, _ = load_detector(trained_detector.model_path)
+    lean = export_module(model.eval(), format="onnx")
+    assert isinstance(lean, FCOSExportGraph)
+    image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(0))
+    write_onnx(lean, image, tmp_path / "lean.onnx", {})
+    write_onnx(SingleImageDetector(model).eval(), image, tmp_path / "traced.onnx", {})
+    count = {
+        name: sum(node.op_type != "Constant" for node in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node)
+        for name in ("lean", "traced")
+    }
+    assert count["lean"] * 2 < count["traced"], count
 
 
 def canonical(detections) -> list[tuple]:

@@ -55,6 +55,7 @@ TORCHVISION_MODEL_KEYS = (
     "max_level",
     "fpn_channels",
     "head_convs",
+    "design",
     "anchor_sizes",
     "score_thresh",
     "nms_thresh",
@@ -85,6 +86,11 @@ class ModelConfig(_Section):
     max_level: int = Field(7, ge=2, le=7, description="P6 and P7 come from torchvision's LastLevelP6P7")
     fpn_channels: int = Field(64, ge=8)
     head_convs: int = Field(2, ge=1, description="conv layers per FCOS head branch (RetinaNet/Faster R-CNN: fixed)")
+    design: Literal["standard", "lite"] = Field(
+        "standard",
+        description="FCOS only. lite: the CPU-deployment student (separable FPN and shared separable head "
+        "tower with per-level BatchNorm; detkd.models.lite)",
+    )
     anchor_sizes: list[list[float]] | None = None
     score_thresh: float = Field(0.05, ge=0, le=1)
     nms_thresh: float = Field(0.6, gt=0, le=1)
@@ -115,6 +121,13 @@ class ModelConfig(_Section):
                 )
         elif self.mmdet_config is not None:
             raise ValueError(f"mmdet_config is only read with arch mmdet (arch is {self.arch})")
+        if self.design != "standard" and self.arch != "fcos":
+            raise ValueError(f"design {self.design!r} is an FCOS design (arch is {self.arch})")
+        if self.design != "standard" and self.multiscale:
+            raise ValueError(
+                f"design {self.design!r} is a student design; the MSAD multi-scale teacher (multiscale: true) "
+                "uses the standard one"
+            )
         if self.max_level < self.min_level:
             raise ValueError(f"max_level ({self.max_level}) must be >= min_level ({self.min_level})")
         return self

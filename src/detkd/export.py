@@ -1,7 +1,9 @@
 """Export a detkd checkpoint to ONNX or TorchScript, and run the exported file.
 
 The exported graph is the whole detector for one prepared image: normalisation, padding,
-backbone, FPN, head, box decoding and NMS. Preparing the image (short-side resize to the
+backbone, FPN, head, box decoding and NMS. An FCOS exports to ONNX through
+:class:`detkd.export_graph.FCOSExportGraph`, the same computation with a fraction of the
+nodes torchvision's traced forward has. Preparing the image (short-side resize to the
 checkpoint's input view) and mapping boxes back to original pixels stay in
 :class:`detkd.inference.Predictor`, so eager PyTorch, ONNX Runtime and TorchScript return the
 same detections (``EXPORT_TOLERANCE_PX``) from the same code around the network.
@@ -91,7 +93,7 @@ def export_detector(
             "and export that (its MLflow pyfunc serves it as it is)"
         )
     set_inference_thresholds(model, score_thresh=score_thresh, detections_per_img=detections_per_img)
-    wrapper = SingleImageDetector(model).eval()
+    wrapper = export_module(model, format=format)
     info = {
         "format": format,
         "input": plan.input.to_dict(),
@@ -113,8 +115,8 @@ def export_detector(
         else:
             write_torchscript(wrapper, tmp, info)
         _, runner = load_export(tmp)
-        with torch.inference_mode():
-            expected = wrapper(probe)
+        with torch.inference_mode():  # against the eager detector, not the exported module
+            expected = SingleImageDetector(model).eval()(probe)
         difference = max_box_difference(expected, runner(probe))
         if difference > EXPORT_TOLERANCE_PX:
             raise ExportError(
@@ -125,6 +127,17 @@ def export_detector(
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult(out, format, score_thresh, detections_per_img, difference)
+
+
+def export_module(model: nn.Module, *, format: Format) -> nn.Module:
+    """What gets exported: FCOS's lean graph for ONNX (``detkd.export_graph``), else the detector as it is."""
+    from torchvision.models.detection import FCOS
+
+    from detkd.export_graph import FCOSExportGraph
+
+    if format == "onnx" and isinstance(model, FCOS):
+        return FCOSExportGraph(model).eval()
+    return SingleImageDetector(model).eval()
 
 
 def probe_image(spec: Any) -> Tensor:

@@ -189,6 +189,8 @@ def config_digest(cfg: Config, teachers: tuple[TeacherSpec, ...]) -> str:
     for key in ("weights", "backbone_weights"):
         value = data["model"].pop(key)
         data["model"][f"{key}_sha256"] = file_digest(Path(value)) if value and Path(value).is_file() else value
+    if data["model"].get("design") == "standard":
+        data["model"].pop("design")  # absent from standard runs' digests, as before designs existed
     mmdet_config = data["model"].pop("mmdet_config")  # absent from torchvision runs' digests, as before it existed
     if mmdet_config:
         from detkd.models.mmdet_detector import model_section_digest

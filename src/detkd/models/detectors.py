@@ -25,6 +25,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from detkd.models.backbones import BACKBONES, PyramidBackbone, build_pyramid_backbone
+from detkd.models.lite import DESIGNS, LiteFCOSHead, make_fpn_separable
 from detkd.models.mmdet_detector import MMDetDetector, build_mmdet_detector, read_mmdet_config
 from detkd.models.multiscale import MultiScaleDetector, level_shift
 
@@ -111,8 +112,28 @@ class GroupNormFCOSHead(FCOSHead):
         )
         self.regression_head = FCOSRegressionHead(in_channels, num_anchors, num_convs, norm_layer=norm)
 
+    def level_outputs(self, x: list[Tensor]) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per level, maps (N, A*K, H, W) class logits, (N, A*4, H, W) box distances, (N, A, H, W) centerness:
+        what ``forward`` computes, before torchvision flattens and concatenates the levels."""
+        classification, regression = self.classification_head, self.regression_head
+        out: list[tuple[Tensor, Tensor, Tensor]] = []
+        for features in x:
+            boxes = regression.conv(features)
+            out.append(
+                (
+                    classification.cls_logits(classification.conv(features)),
+                    nn.functional.relu(regression.bbox_reg(boxes)),
+                    regression.bbox_ctrness(boxes),
+                )
+            )
+        return out
 
-def fcos_head(channels: int, anchors: int, classes: int, *, num_convs: int) -> FCOSHead:
+    def class_logits(self, x: list[Tensor]) -> Tensor:
+        """(N, sum HWA, K) class logits alone (what a teacher's logit distillation reads)."""
+        return self.classification_head(x)
+
+
+def fcos_head(channels: int, anchors: int, classes: int, *, num_convs: int) -> GroupNormFCOSHead:
     """An FCOS head (groups from :func:`head_norm_groups`) with softplus in front of its ReLU on the box distances.
 
     A ReLU whose input turns negative at every positive location never recovers (zero
@@ -159,19 +180,35 @@ def build_fcos(
     nms_thresh: float = 0.6,
     detections_per_img: int = 100,
     norm: str = "bn",
+    design: str = "standard",
 ) -> FCOS:
-    """FCOS (one point per location). ``num_classes`` excludes background (labels are 1..num_classes)."""
+    """FCOS (one point per location). ``num_classes`` excludes background (labels are 1..num_classes).
+
+    ``design="lite"`` is the CPU-deployment student of :mod:`detkd.models.lite`: separable FPN
+    output convs and a shared separable head tower with per-level BatchNorm.
+    """
+    if design not in DESIGNS:
+        raise ValueError(f"unknown FCOS design {design!r}; choose from {DESIGNS}")
     classes = _check_classes(num_classes)
-    head_norm_groups(fpn_channels)  # refuse a width the head cannot normalise before building anything
+    if design == "standard":
+        head_norm_groups(fpn_channels)  # refuse a width the head cannot normalise before building anything
     pyramid = build_pyramid_backbone(
         backbone=backbone, min_level=min_level, max_level=max_level, fpn_channels=fpn_channels, norm=norm
     )
     anchors = _anchors("fcos", anchor_sizes, min_level=min_level, max_level=max_level, ratios=(1.0,))
+    num_anchors = anchors.num_anchors_per_location()[0]
+    if design == "lite":
+        make_fpn_separable(pyramid.fpn)
+        head: FCOSHead = LiteFCOSHead(
+            fpn_channels, num_anchors, classes, num_convs=head_convs, num_levels=max_level - min_level + 1
+        )
+    else:
+        head = fcos_head(fpn_channels, num_anchors, classes, num_convs=head_convs)
     model = FCOS(
         pyramid,
         classes,
         anchor_generator=anchors,
-        head=fcos_head(fpn_channels, anchors.num_anchors_per_location()[0], classes, num_convs=head_convs),
+        head=head,
         score_thresh=score_thresh,
         nms_thresh=nms_thresh,
         detections_per_img=detections_per_img,
@@ -315,6 +352,7 @@ def build_detector(
     multiscale: bool = False,
     low_res_scale: float = 0.5,
     fused_loss_weight: float = 0.4,
+    design: str = "standard",
 ) -> nn.Module:
     """Validate, dispatch to the ``arch`` builder and record the keywords in ``model.detkd_config``.
 
@@ -322,7 +360,8 @@ def build_detector(
     FCOS's tower depth (torchvision's RetinaNet and Faster R-CNN heads have a fixed depth).
     ``multiscale=True`` builds MSAD's aligned multi-scale teacher (one-stage archs): the
     shared network also runs on the input scaled by ``low_res_scale`` and predicts from the
-    C-FF fused pyramid. Weights are loaded by ``detkd.models.checkpoint.build_model``.
+    C-FF fused pyramid. ``design="lite"`` (FCOS only) is :mod:`detkd.models.lite`'s CPU-deployment
+    student. Weights are loaded by ``detkd.models.checkpoint.build_model``.
     """
     if arch not in DETECTOR_BUILDERS:
         hint = " (arch mmdet: build_mmdet_detector)" if arch == "mmdet" else ""
@@ -340,8 +379,13 @@ def build_detector(
         detections_per_img=detections_per_img,
         norm=norm,
     )
+    if design != "standard" and arch != "fcos":
+        raise ValueError(f"design {design!r} is an FCOS design (arch is {arch})")
+    if design != "standard" and multiscale:
+        raise ValueError(f"design {design!r} is a student design; the MSAD multi-scale teacher uses the standard one")
     if arch == "fcos":
         shared["head_convs"] = head_convs
+        shared["design"] = design
     if multiscale:
         model: nn.Module = build_multiscale_detector(
             arch=arch,
@@ -370,6 +414,7 @@ def build_detector(
         multiscale=multiscale,
         low_res_scale=low_res_scale,
         fused_loss_weight=fused_loss_weight,
+        design=design,  # older checkpoints lack it and rebuild as "standard"
     )
     return model
 
@@ -400,6 +445,7 @@ def build_detector_from_config(cfg: ModelConfig, *, num_classes: int) -> nn.Modu
         multiscale=cfg.multiscale,
         low_res_scale=cfg.low_res_scale,
         fused_loss_weight=cfg.fused_loss_weight,
+        design=cfg.design,
     )
 
 
@@ -410,6 +456,13 @@ def rebuild_detector(config: dict[str, Any]) -> nn.Module:
         config.pop("arch")
         return build_mmdet_detector(**config)
     return build_detector(**config)
+
+
+def dense_class_logits(head: nn.Module, features: list[Tensor]) -> Tensor:
+    """(N, sum HWA, K) class logits of a RetinaNet or FCOS head without its box branch."""
+    if isinstance(head, (GroupNormFCOSHead, LiteFCOSHead)):
+        return head.class_logits(features)
+    return head.classification_head(features)
 
 
 def single_scale(model: nn.Module) -> nn.Module:

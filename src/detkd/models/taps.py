@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, RetinaNet
 
-from detkd.models.detectors import unwrap_model
+from detkd.models.detectors import dense_class_logits, unwrap_model
 from detkd.models.mmdet_detector import MMDetDetector
 from detkd.models.multiscale import MultiScaleDetector
 
@@ -86,7 +86,7 @@ class DetectorTaps:
             return self
         self._handles.append(self.model.backbone.register_forward_hook(self._on_backbone))
         if has_dense_logits(self.model):
-            self._handles.append(self.model.head.classification_head.register_forward_hook(self._on_logits))
+            self._handles.append(self.model.head.register_forward_hook(self._on_head))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -100,8 +100,8 @@ class DetectorTaps:
     def _on_backbone(self, module, inputs, output) -> None:
         self.pyramid = OrderedDict(output)
 
-    def _on_logits(self, module, inputs, output: Tensor) -> None:
-        self._dense_logits = output
+    def _on_head(self, module, inputs, output: dict[str, Tensor]) -> None:
+        self._dense_logits = output["cls_logits"]  # torchvision's RetinaNet and FCOS heads (and detkd's lite head)
 
     def _on_neck(self, module, inputs, output) -> None:
         self.pyramid = self.model.name_levels(output)
@@ -142,5 +142,5 @@ def extract_features(model: nn.Module, images: list[Tensor], *, logits: bool = T
     pyramid = OrderedDict(model.backbone(image_list.tensors))
     dense = None
     if logits and has_dense_logits(model):
-        dense = dense_logits_by_level(model.head.classification_head(list(pyramid.values())), pyramid)
+        dense = dense_logits_by_level(dense_class_logits(model.head, list(pyramid.values())), pyramid)
     return Features(pyramid, dense)
