@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,6 +127,33 @@ def measure_apart(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def measure_rounds(
+    models: dict[str, Path], backends: tuple[str, ...], images: Path, *, count: int, repeats: int, rounds: int
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """:func:`measure_apart` for every model and backend, ``rounds`` times in turn; each row's median.
+
+    This shared machine's speed drifts by tens of percent over minutes, so measuring the teacher
+    once and then each student would put that drift into their ratio; taking turns spreads it
+    evenly and the median drops the passes that caught a slow spell."""
+    passes: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for _ in range(rounds):
+        for name, checkpoint in models.items():
+            for backend in backends:
+                measured = measure_apart(name, checkpoint, backend, images, count=count, repeats=repeats)
+                passes.setdefault((name, backend), []).append(measured)
+    out = {}
+    for key, runs in passes.items():
+        rows = []
+        for index, row in enumerate(runs[0]["rows"]):
+            median = {
+                field: round(statistics.median(run["rows"][index][field] for run in runs), 1)
+                for field in ("images_per_s", "end_to_end_images_per_s")
+            }
+            rows.append(row | median)
+        out[key] = {"rows": rows, "breakdown": runs[0]["breakdown"]}
+    return out
+
+
 def network_flops(checkpoint: Path) -> dict[str, float]:
     """MFLOPs of backbone + FPN and of the head on one image at the model's input size."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -156,6 +184,7 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=QUICKSTART / "data/images/test")
     parser.add_argument("--count", type=int, default=64, help="images per timed pass")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="turns over all models and backends (medians)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "CHECKPOINT", "BACKEND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,16 +198,18 @@ def main() -> None:
             sys.exit(f"error: {path}: no checkpoint; run `detkd run pipelines/quickstart.yaml` first")
     if not files:
         sys.exit(f"error: {args.images}: no PNG images")
-    rows, breakdown, flops = [], {}, {}
-    for name, checkpoint in (("teacher", args.teacher), ("student", args.student)):
-        flops[name] = network_flops(checkpoint)
-        for backend in BACKENDS:
-            measured = measure_apart(name, checkpoint, backend, args.images, count=args.count, repeats=args.repeats)
-            rows += measured["rows"]
-            if measured["breakdown"]:
-                breakdown[name] = measured["breakdown"]
-            for row in measured["rows"]:
-                print(json.dumps(row), flush=True)
+    rows, breakdown = [], {}
+    models = {"teacher": args.teacher, "student": args.student}
+    flops = {name: network_flops(checkpoint) for name, checkpoint in models.items()}
+    measured = measure_rounds(
+        models, BACKENDS, args.images, count=args.count, repeats=args.repeats, rounds=args.rounds
+    )
+    for (name, _), result in measured.items():
+        rows += result["rows"]
+        if result["breakdown"]:
+            breakdown[name] = result["breakdown"]
+        for row in result["rows"]:
+            print(json.dumps(row), flush=True)
     ratios = []
     for backend in BACKENDS:
         for batch in (1, 8):
@@ -203,6 +234,7 @@ def main() -> None:
         "meta": {
             "command": " ".join(["python", *sys.argv]),
             "images": f"{len(files)} PNGs from {args.images}",
+            "rounds": args.rounds,
             "threads": torch.get_num_threads(),
             "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, no GPU used",
             "versions": f"python {platform.python_version()}, torch {torch.__version__}, "

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from latency import measure_apart, network_flops  # this folder is on sys.path when run
+from latency import measure_rounds, network_flops  # this folder is on sys.path when run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICKSTART_SPEC = Path("pipelines/quickstart.yaml")
@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/student_design"))
     parser.add_argument("--images", type=Path, default=QUICKSTART / "data/images/test", help="PNGs timed for speed")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="speed: turns over all models (medians)")
     parser.add_argument("--parallel", type=int, default=1, help="students trained side by side (detkd run --parallel)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -111,19 +112,25 @@ def main() -> None:
 
     models = {"teacher": args.teacher}
     models |= {d: args.workdir / "models" / f"{d}_ssim_s{args.seeds[0]}" / "model.pt" for d in args.designs}
-    speed: dict[str, dict[str, float]] = {}
-    flops: dict[str, dict[str, Any]] = {}
-    for name, checkpoint in models.items():
-        flops[name] = network_flops(checkpoint)
-        speed[name] = {}
-        for backend in SPEED_BACKENDS:
-            measured = measure_apart(name, checkpoint, backend, args.images, count=64, repeats=args.repeats)
-            speed[name][backend] = next(r["images_per_s"] for r in measured["rows"] if r["batch"] == 1)
-            print(json.dumps({"model": name, "backend": backend, "images_per_s": speed[name][backend]}), flush=True)
+    flops = {name: network_flops(checkpoint) for name, checkpoint in models.items()}
+    measured = measure_rounds(
+        models, SPEED_BACKENDS, args.images, count=64, repeats=args.repeats, rounds=args.rounds
+    )
+    speed: dict[str, dict[str, float]] = {name: {} for name in models}
+    for (name, backend), result in measured.items():
+        speed[name][backend] = next(r["images_per_s"] for r in result["rows"] if r["batch"] == 1)
+        print(json.dumps({"model": name, "backend": backend, "images_per_s": speed[name][backend]}), flush=True)
 
     designs = []
     for design in args.designs:
-        entry: dict[str, Any] = {"design": design, **DESIGNS[design]}
+        settings = {**HALF["model"], **DESIGNS[design]}
+        entry: dict[str, Any] = {
+            "design": design,
+            "fcos_design": settings.get("design", "standard"),
+            "levels": f"P{settings['min_level']}-P{settings['max_level']}",
+            "fpn_channels": settings["fpn_channels"],
+            "head_convs": settings["head_convs"],
+        }
         for method in METHODS:
             aps = [rows[f"{design}_{method}_s{seed}"]["AP"] for seed in args.seeds]
             entry[f"{method}_ap"] = [round(v, 4) for v in mean_std(aps)]
@@ -146,6 +153,7 @@ def main() -> None:
         "meta": {
             "command": " ".join(["python", *sys.argv]),
             "seeds": args.seeds,
+            "speed_rounds": args.rounds,
             "train_minutes": round(train_minutes, 1),
             "threads": torch.get_num_threads(),
             "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, no GPU used",
@@ -168,21 +176,24 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{meta['threads']} threads · {meta['machine']} · {meta['versions']}",
         "",
         "Every student sees the 128 px quickstart images at 64 px with its pyramid shifted down one level "
-        "(P2-P6; designs ending in `_p3` keep P3-P6 unshifted); test AP (150 held-out images) mean ± std "
-        "over seeds; images/s at batch 1 from decoded "
-        "images through `Predictor` (resize, network, box decoding, NMS, mapping back).",
+        "(P2 pairs with the teacher's P3; designs ending in `_p3` keep P3-P6 unshifted); `lite` designs are "
+        "`model.design: lite` (separable FPN and one shared separable head tower with per-level BatchNorm). "
+        "Test AP (150 held-out images) mean ± std over seeds; images/s at batch 1 from decoded "
+        "images through `Predictor` (resize, network, box decoding, NMS, mapping back), the median of "
+        f"{meta.get('speed_rounds', 1)} turns over all models, each model and backend in its own process.",
         "",
         f"Teacher (128 px, fpn 64, 2 head convs): {teacher['mflop']} MFLOP, "
         f"ONNX Runtime {teacher['onnx runtime images/s']} images/s, eager {teacher['pytorch eager images/s']}"
         + (f", test AP {teacher['test_ap']:.3f} (quickstart summary)" if teacher["test_ap"] is not None else ""),
         "",
-        "| design | fpn channels | head convs | MFLOP | AP, no distillation | AP, SSIM | "
+        "| design | model.design | levels | fpn channels | head convs | MFLOP | AP, no distillation | AP, SSIM | "
         "ONNX Runtime images/s | x teacher | eager images/s | x teacher |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in result["designs"]:
         lines.append(
-            f"| {d['design']} | {d['fpn_channels']} | {d['head_convs']} | {d['mflop']} | "
+            f"| {d['design']} | {d['fcos_design']} | {d['levels']} | {d['fpn_channels']} | {d['head_convs']} | "
+            f"{d['mflop']} | "
             f"{d['baseline_ap'][0]:.3f} ± {d['baseline_ap'][1]:.3f} | {d['ssim_ap'][0]:.3f} ± {d['ssim_ap'][1]:.3f} | "
             f"{d['onnx runtime images/s']} | {d['onnx runtime x teacher']}x | "
             f"{d['pytorch eager images/s']} | {d['pytorch eager x teacher']}x |"

@@ -52,9 +52,11 @@ def test_export_gives_pytorch_detections(fmt, model, request, varied_dataset, tm
     # images of other sizes and aspect ratios than the training ones: dynamic height and width
     images = images_of(varied_dataset)
     # a threshold above the export's 0.05 and fewer than 100 detections per image: no detection sits at a
-    # cut-off where a 1e-6 score difference could keep it in one runtime and drop it in the other
-    eager = Predictor.from_checkpoint(checkpoint, score_thresh=0.2)(images)
-    exported = Predictor.from_export(out, score_thresh=0.2)(images)
+    # cut-off where a 1e-6 score difference could keep it in one runtime and drop it in the other (the lite
+    # model, less converged after 12 tiny epochs, scores more weak boxes above 0.2)
+    threshold = {"standard": 0.2, "lite": 0.4}[model]
+    eager = Predictor.from_checkpoint(checkpoint, score_thresh=threshold)(images)
+    exported = Predictor.from_export(out, score_thresh=threshold)(images)
     assert sum(len(d.boxes) for d in eager) > 0 and max(len(d.boxes) for d in eager) < 100
     for want, got in zip(eager, exported, strict=True):
         # the same detections; equal scores (a box kept for two classes) may come in either order
