@@ -109,6 +109,9 @@ def main() -> None:
     started = time.perf_counter()
     rows = {row["name"]: row for row in run_pipeline(spec, parallel=args.parallel)}
     train_minutes = (time.perf_counter() - started) / 60
+    import ray
+
+    ray.shutdown()  # the local cluster's daemons would share the 2 cores with the timed processes
 
     models = {"teacher": args.teacher}
     models |= {d: args.workdir / "models" / f"{d}_ssim_s{args.seeds[0]}" / "model.pt" for d in args.designs}
@@ -208,11 +211,13 @@ def write_plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for d in result["designs"]:
-        for method, marker in (("baseline", "o"), ("ssim", "s")):
+    palette = plt.get_cmap("tab20")  # one hue per design (dark: no distillation, light: SSIM)
+    for index, d in enumerate(result["designs"]):
+        for shade, (method, marker) in enumerate((("baseline", "o"), ("ssim", "s"))):
             mean, std = d[f"{method}_ap"]
             label = f"{d['design']} {method}"
-            axes.errorbar(d["onnx runtime x teacher"], mean, yerr=std, fmt=marker, capsize=3, label=label)
+            color = palette((2 * index + shade) % 20)
+            axes.errorbar(d["onnx runtime x teacher"], mean, yerr=std, fmt=marker, color=color, capsize=3, label=label)
     if result["teacher"]["test_ap"] is not None:
         axes.axhline(result["teacher"]["test_ap"], color="grey", linestyle="--", label="teacher (128 px)")
     axes.axvline(3.0, color="grey", linestyle=":", label="3x the teacher")
