@@ -3,10 +3,10 @@
 Traced as it is, torchvision's FCOS exports to ~1900 ONNX nodes, two thirds of them shape
 arithmetic around the network: the padding of a one-image batch, an anchor generator that
 rebuilds every level's grid from tensor sizes, a head that flattens and concatenates levels,
-and post-processing that runs its decoding per candidate with integer floor divisions. At a
-student's input sizes ONNX Runtime spends more time dispatching those nodes than in the convs
-(``benchmarks/results/latency.md``). This module computes the same detections with a few
-dozen nodes per level:
+and post-processing that runs its decoding per candidate with integer floor divisions. ONNX
+Runtime dispatches them one by one: at the quickstart's sizes the traced graph is 1.24x
+(teacher) to 1.34x (64 px student) slower than this one (``benchmarks/results/latency.md``).
+This module computes the same detections with about 850 nodes:
 
 * the pixel-coordinate grid is built once and each level's cell centres are a strided slice
   of it (torchvision places level l's points at multiples of its stride, ``(x * s, y * s)``);
