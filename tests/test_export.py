@@ -40,8 +40,10 @@ def trained_lite(tiny_dataset, tiny_config, ray_cluster, tmp_path_factory) -> Pa
     "fmt,model", [("onnx", "standard"), ("torchscript", "standard"), ("onnx", "lite"), ("torchscript", "lite")]
 )
 def test_export_gives_pytorch_detections(fmt, model, request, varied_dataset, tmp_path):
-    checkpoint = request.getfixturevalue("trained_detector").model_path if model == "standard" else None
-    checkpoint = checkpoint or request.getfixturevalue("trained_lite")
+    if model == "standard":
+        checkpoint = request.getfixturevalue("trained_detector").model_path
+    else:
+        checkpoint = request.getfixturevalue("trained_lite")
     out = tmp_path / f"student.{fmt}"
     result = runner.invoke(app, ["export", str(checkpoint), "--format", fmt, "--out", str(out)])
     assert result.exit_code == 0, result.output

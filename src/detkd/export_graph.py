@@ -46,9 +46,8 @@ class FCOSExportGraph(nn.Module):
             raise TypeError(f"expected a detkd FCOS head (per-level outputs), got {type(head).__name__}")
         self.backbone = model.backbone
         self.head = head
-        classes = head.num_classes if isinstance(head, LiteFCOSHead) else head.classification_head.num_classes
-        self.num_classes = int(classes)
-        self.strides = [2 ** int(name[1:]) for name in model.backbone.level_names]
+        self.num_classes = int(head.num_classes)
+        self.strides = list(model.backbone.strides.values())  # in level order, as the backbone returns them
         # torchvision's point "anchors" are [-a, -a, a, a] (rounded) around each cell's (x * s, y * s);
         # the box coder scales the predicted distances by the anchor's width
         cells = [anchors[0] for anchors in model.anchor_generator.cell_anchors]

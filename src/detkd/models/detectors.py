@@ -106,6 +106,7 @@ class GroupNormFCOSHead(FCOSHead):
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, *, num_convs: int, groups: int) -> None:
         nn.Module.__init__(self)
         norm = partial(nn.GroupNorm, groups)
+        self.num_classes = num_classes  # as LiteFCOSHead: the export graph reads it from either head
         self.box_coder = BoxLinearCoder(normalize_by_size=True)
         self.classification_head = FCOSClassificationHead(
             in_channels, num_anchors, num_classes, num_convs, norm_layer=norm
