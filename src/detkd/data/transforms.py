@@ -37,9 +37,12 @@ __all__ = [
     "Target",
     "Transform",
     "hflip",
+    "resize_image",
     "resize_short_side",
     "scale_batch",
     "scale_by",
+    "scaled_size",
+    "short_side_size",
     "to_tensor",
 ]
 
@@ -54,15 +57,35 @@ def _scale_of(target: Target) -> torch.Tensor:
     return torch.as_tensor(scale, dtype=torch.float32)
 
 
+def resize_image(image: torch.Tensor, *, height: int, width: int) -> torch.Tensor:
+    """The one resize of every view (training, evaluation, deployment): antialiased bilinear, as PIL's."""
+    return F.interpolate(
+        image.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False, antialias=True
+    ).squeeze(0)
+
+
+def short_side_size(height: int, width: int, *, size: int, max_size: int | None = None) -> tuple[int, int]:
+    """(height, width) with the short side ``size``, unless that makes the long side exceed ``max_size``."""
+    ratio = size / min(height, width)
+    if max_size is not None and max(height, width) * ratio > max_size:
+        ratio = max_size / max(height, width)
+    return max(1, round(height * ratio)), max(1, round(width * ratio))
+
+
+def scaled_size(height: int, width: int, *, factor: float) -> tuple[int, int]:
+    """(round(height * factor), round(width * factor)), at least 1 pixel each."""
+    if factor <= 0:
+        raise ValueError(f"factor must be positive, got {factor}")
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
 def _resize_to(image: torch.Tensor, target: Target, *, height: int, width: int) -> tuple[torch.Tensor, Target]:
     """Resize to exactly (height, width); boxes and scale follow the actual per-axis ratios."""
     h, w = image.shape[-2:]
     if (height, width) == (h, w):
         resized = image.clone()
     else:
-        resized = F.interpolate(
-            image.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False, antialias=True
-        ).squeeze(0)
+        resized = resize_image(image, height=height, width=width)
     out = dict(target)
     boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
     # one 4-vector (x, y, x, y): Tensor.repeat costs more than the multiply on small inputs
@@ -76,19 +99,14 @@ def resize_short_side(
     image: torch.Tensor, target: Target, *, size: int, max_size: int | None = None
 ) -> tuple[torch.Tensor, Target]:
     """Resize so the short side is ``size``, unless that makes the long side exceed ``max_size``."""
-    h, w = image.shape[-2:]
-    ratio = size / min(h, w)
-    if max_size is not None and max(h, w) * ratio > max_size:
-        ratio = max_size / max(h, w)
-    return _resize_to(image, target, height=max(1, round(h * ratio)), width=max(1, round(w * ratio)))
+    height, width = short_side_size(*image.shape[-2:], size=size, max_size=max_size)
+    return _resize_to(image, target, height=height, width=width)
 
 
 def scale_by(image: torch.Tensor, target: Target, *, factor: float) -> tuple[torch.Tensor, Target]:
     """Rescale to (round(h * factor), round(w * factor)); how a student view is derived."""
-    if factor <= 0:
-        raise ValueError(f"factor must be positive, got {factor}")
-    h, w = image.shape[-2:]
-    return _resize_to(image, target, height=max(1, round(h * factor)), width=max(1, round(w * factor)))
+    height, width = scaled_size(*image.shape[-2:], factor=factor)
+    return _resize_to(image, target, height=height, width=width)
 
 
 def hflip(image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
@@ -136,6 +154,9 @@ class ResizeShortSide:
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         return resize_short_side(image, target, size=self.size, max_size=self.max_size)
 
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return short_side_size(height, width, size=self.size, max_size=self.max_size)
+
     def __repr__(self) -> str:
         return f"ResizeShortSide(size={self.size}, max_size={self.max_size})"
 
@@ -150,6 +171,9 @@ class ScaleBy:
 
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         return scale_by(image, target, factor=self.factor)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return scaled_size(height, width, factor=self.factor)
 
     def __repr__(self) -> str:
         return f"ScaleBy(factor={self.factor})"
