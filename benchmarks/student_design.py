@@ -10,9 +10,11 @@ its own process, as ``latency.py`` does).
 
     detkd run pipelines/quickstart.yaml          # first: the teacher and the data
     python benchmarks/student_design.py          # ~40 min on 2 CPU cores (--parallel 2: ~30)
+    python benchmarks/student_design.py --designs lite --epochs 16 --workdir runs/student_design_16ep
 
 Writes ``benchmarks/results/student_design.{json,md,png}``. Reruns reuse trained students
-(the pipeline skips finished models), so an interrupted run continues.
+(the pipeline skips finished models), so an interrupted run continues; give ``--epochs`` runs
+their own ``--workdir`` so they do not meet students trained on another schedule.
 """
 
 from __future__ import annotations
@@ -53,8 +55,11 @@ METHODS = {"baseline": None, "ssim": {"ssim": {"weight": 3.0}}}  # the quickstar
 SPEED_BACKENDS = ("onnx runtime", "pytorch eager")
 
 
-def spec_for(teacher: Path, workdir: Path, designs: list[str], seeds: list[int]) -> dict[str, Any]:
-    """The quickstart spec with its teacher given as a checkpoint and one student per design x method x seed."""
+def spec_for(
+    teacher: Path, workdir: Path, designs: list[str], seeds: list[int], *, epochs: int | None = None
+) -> dict[str, Any]:
+    """The quickstart spec with its teacher given as a checkpoint and one student per design x method x seed
+    (trained for ``epochs`` instead of the quickstart's when given)."""
     spec = yaml.safe_load(QUICKSTART_SPEC.read_text())
     spec.pop("register", None)
     spec.update(name="student_design", workdir=str(workdir), teachers=[])
@@ -68,6 +73,8 @@ def spec_for(teacher: Path, workdir: Path, designs: list[str], seeds: list[int])
                     "input": dict(HALF["input"]),
                     "model": {**HALF["model"], **DESIGNS[design]},
                 }
+                if epochs is not None:
+                    settings["train"] = {"epochs": epochs}
                 if distill is not None:
                     settings["distill"] = {"teachers": [{"source": str(teacher)}], **distill}
                 students.append({"name": f"{design}_{method}_s{seed}", "settings": settings})
@@ -91,6 +98,7 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, default=QUICKSTART / "models/teacher/model.pt")
     parser.add_argument("--designs", nargs="+", choices=list(DESIGNS), default=list(DESIGNS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, help="student epochs (default: the quickstart's)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/student_design"))
     parser.add_argument("--images", type=Path, default=QUICKSTART / "data/images/test", help="PNGs timed for speed")
     parser.add_argument("--repeats", type=int, default=5)
@@ -104,7 +112,10 @@ def main() -> None:
     from detkd.config import validate_config
     from detkd.pipeline import PipelineSpec, run_pipeline
 
-    raw = spec_for(args.teacher.resolve(), args.workdir, args.designs, args.seeds)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    raw = spec_for(args.teacher.resolve(), args.workdir, args.designs, args.seeds, epochs=args.epochs)
+    epochs = raw["students"][0]["settings"].get("train", raw["defaults"]["train"])["epochs"]
     spec = validate_config(raw, source="student_design spec", model=PipelineSpec)
     started = time.perf_counter()
     rows = {row["name"]: row for row in run_pipeline(spec, parallel=args.parallel)}
@@ -156,6 +167,7 @@ def main() -> None:
         "meta": {
             "command": " ".join(["python", *sys.argv]),
             "seeds": args.seeds,
+            "epochs": epochs,
             "speed_rounds": args.rounds,
             "train_minutes": round(train_minutes, 1),
             "threads": torch.get_num_threads(),
@@ -175,7 +187,8 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = [
         "# Student design: accuracy and deployed speed of the 64 px student",
         "",
-        f"`{meta['command']}` · seeds {meta['seeds']} · training {meta['train_minutes']} min · "
+        f"`{meta['command']}` · seeds {meta['seeds']} · {meta.get('epochs', 8)} student epochs · "
+        f"training {meta['train_minutes']} min · "
         f"{meta['threads']} threads · {meta['machine']} · {meta['versions']}",
         "",
         "Every student sees the 128 px quickstart images at 64 px with its pyramid shifted down one level "
