@@ -1,8 +1,9 @@
 """How narrow can the half-resolution student be? Accuracy and deployed speed of student designs.
 
-The quickstart's 64 px student shifts its pyramid down one level (P2-P6), so its feature maps
-have the teacher's sizes and, with the teacher's 64-channel neck and head, its head costs the
-teacher's 104 MFLOP: a quarter of the pixels buys almost no speed (``latency.md``). This trains
+A 64 px student that shifts its pyramid down one level (P2-P6) has feature maps of the
+teacher's sizes and, with the teacher's 64-channel neck and head ("wide", the quickstart's
+student before it became ``lite``), a head that costs the teacher's 104 MFLOP: a quarter of the
+pixels buys almost no speed. This trains
 each design below at 64 px on the quickstart data, without distillation and with SSIM from the
 quickstart teacher, over several seeds, scores them on the held-out test split, and measures
 each design's images/s against the teacher's (ONNX Runtime and eager PyTorch, batch 1, each in

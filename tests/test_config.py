@@ -75,6 +75,20 @@ def test_override_syntax_errors():
         apply_overrides({"input": 3}, ["input.scale=0.5"])
 
 
+def test_overrides_enter_a_list_of_named_entries_by_name():
+    spec = {"students": [{"name": "a", "settings": {"train": {"epochs": 16}}}, {"name": "b"}]}
+    out = apply_overrides(spec, ["students.a.settings.train.epochs=1", "students.b.settings.seed=3"])
+    assert out["students"] == [
+        {"name": "a", "settings": {"train": {"epochs": 1}}},
+        {"name": "b", "settings": {"seed": 3}},
+    ]
+    assert spec["students"][0]["settings"]["train"]["epochs"] == 16  # the input is not changed
+    with pytest.raises(ConfigError, match=r"no entry named 'c' at students.c \(entries: a, b\)"):
+        apply_overrides(spec, ["students.c.settings.seed=1"])
+    with pytest.raises(ConfigError, match="students is a list; name one of its entries"):
+        apply_overrides(spec, ["students.a=1"])
+
+
 def test_override_of_unknown_key_is_refused(tmp_path):
     path = _write(tmp_path, "name: t\n")
     with pytest.raises(ConfigError, match="input.scal: unknown key"):

@@ -351,18 +351,36 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with every ``key.path=value`` set."""
+    """Return a copy of ``data`` with every ``key.path=value`` set.
+
+    A list of named entries (a pipeline's ``teachers``, ``students``, ``tune``) is entered by
+    name: ``students.student_ssim.settings.train.epochs=1``."""
     out = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)
         node = out
         for i, part in enumerate(parts[:-1]):
+            path = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                node = named_entry(node, part, text=text, path=path)
+                continue
             child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a section")
+            if not isinstance(child, dict | list):
+                raise ConfigError(f"override {text!r}: {path} is not a section")
             node = child
+        if isinstance(node, list):
+            raise ConfigError(f"override {text!r}: {'.'.join(parts[:-1])} is a list; name one of its entries")
         node[parts[-1]] = value
     return out
+
+
+def named_entry(entries: list[Any], name: str, *, text: str, path: str) -> dict[str, Any]:
+    """The entry of a list of named sections that an override's path names."""
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            return entry
+    names = [entry.get("name") for entry in entries if isinstance(entry, dict) and entry.get("name")]
+    raise ConfigError(f"override {text!r}: no entry named {name!r} at {path} (entries: {', '.join(names) or 'none'})")
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
