@@ -60,7 +60,7 @@ def spec_for(
     teacher: Path, workdir: Path, designs: list[str], seeds: list[int], *, epochs: int | None = None
 ) -> dict[str, Any]:
     """The quickstart spec with its teacher given as a checkpoint and one student per design x method x seed
-    (trained for ``epochs`` instead of the quickstart's when given)."""
+    (trained for ``epochs`` instead of the quickstart's ``defaults.train.epochs`` when given)."""
     spec = yaml.safe_load(QUICKSTART_SPEC.read_text())
     spec.pop("register", None)
     spec.update(name="student_design", workdir=str(workdir), teachers=[])
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, default=QUICKSTART / "models/teacher/model.pt")
     parser.add_argument("--designs", nargs="+", choices=list(DESIGNS), default=list(DESIGNS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, help="student epochs (default: the quickstart's)")
+    parser.add_argument("--epochs", type=int, help="student epochs (default: the quickstart's defaults.train.epochs)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/student_design"))
     parser.add_argument("--images", type=Path, default=QUICKSTART / "data/images/test", help="PNGs timed for speed")
     parser.add_argument("--repeats", type=int, default=5)
@@ -116,7 +116,7 @@ def main() -> None:
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
     raw = spec_for(args.teacher.resolve(), args.workdir, args.designs, args.seeds, epochs=args.epochs)
-    epochs = raw["students"][0]["settings"].get("train", raw["defaults"]["train"])["epochs"]
+    epochs = args.epochs if args.epochs is not None else raw["defaults"]["train"]["epochs"]
     spec = validate_config(raw, source="student_design spec", model=PipelineSpec)
     started = time.perf_counter()
     rows = {row["name"]: row for row in run_pipeline(spec, parallel=args.parallel)}
