@@ -2,7 +2,7 @@
 
 Builds one pipeline spec (teachers once, every student row once per seed) on a
 synthetic small-object dataset where half resolution hurts, runs it with
-``detkd.pipeline.run_pipeline`` (so everything is in MLflow), then writes a
+``detkd.pipeline.runner.run_pipeline`` (so everything is in MLflow), then writes a
 Markdown table (mean +- std over seeds, gain over the half-resolution baseline)
 and a plot under benchmarks/results/.
 
@@ -215,8 +215,9 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from detkd.pipeline import load_pipeline, run_pipeline
-    from detkd.tracking import RunLogger, find_runs, resolve_tracking_uri
+    from detkd.pipeline.load import load_pipeline
+    from detkd.pipeline.runner import run_pipeline
+    from detkd.tracking.runs import RunLogger, find_runs, resolve_tracking_uri
 
     budget = BUDGETS[args.budget]
     stem = args.out / f"distill_bench_{args.budget}"

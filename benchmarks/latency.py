@@ -4,7 +4,7 @@
     python benchmarks/latency.py        # the quickstart's teacher and SSIM student (run the quickstart first)
 
 Writes ``benchmarks/results/latency.{json,md,png}``. Every number is images per second through
-:class:`detkd.inference.Predictor`: "model" starts from decoded images (resize, network, box decoding,
+:class:`detkd.serving.predictor.Predictor`: "model" starts from decoded images (resize, network, box decoding,
 NMS, mapping back to original pixels), "end to end" from encoded PNG bytes. Medians of ``--repeats``
 timed passes over the same images, after a warm-up pass.
 """
@@ -46,8 +46,8 @@ def throughput(predictor, images: list[Any], batch: int, *, repeats: int) -> flo
 
 def eager_breakdown(predictor, images: list[bytes], *, repeats: int) -> dict[str, float]:
     """Milliseconds per image (batch 1) in each part of an eager FCOS prediction."""
-    from detkd.inference import image_tensor
     from detkd.models.detectors import set_inference_thresholds
+    from detkd.serving.predictor import image_tensor
 
     model = predictor.backend.model
     set_inference_thresholds(model, score_thresh=predictor.score_thresh, detections_per_img=100)
@@ -86,8 +86,8 @@ def eager_breakdown(predictor, images: list[bytes], *, repeats: int) -> dict[str
 
 def measure(model: str, checkpoint: Path, backend: str, files: list[Path], *, repeats: int) -> dict[str, Any]:
     """One model through one backend, in this process alone (see ``main``)."""
-    from detkd.export import export_detector
-    from detkd.inference import Predictor, image_tensor
+    from detkd.serving.export import export_detector
+    from detkd.serving.predictor import Predictor, image_tensor
 
     encoded = [f.read_bytes() for f in files]
     decoded = [image_tensor(b) for b in encoded]
@@ -158,7 +158,7 @@ def network_flops(checkpoint: Path) -> dict[str, float]:
     """MFLOPs of backbone + FPN and of the head on one image at the model's input size."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from detkd.inference import Predictor
+    from detkd.serving.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(checkpoint)
     model, size = predictor.backend.model, predictor.input_spec.model_size

@@ -28,7 +28,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def run_once(spec_path: Path, overrides: list[str], workdir: Path, *, parallel: int) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
-    from detkd.pipeline import load_pipeline, run_pipeline
+    from detkd.pipeline.load import load_pipeline
+    from detkd.pipeline.runner import run_pipeline
 
     shutil.rmtree(workdir, ignore_errors=True)
     uri = f"sqlite:///{workdir / 'mlflow.db'}"

@@ -111,7 +111,8 @@ def main() -> None:
         sys.exit(f"error: {args.teacher}: no teacher checkpoint; run `detkd run pipelines/quickstart.yaml` first")
 
     from detkd.config import validate_config
-    from detkd.pipeline import PipelineSpec, run_pipeline
+    from detkd.pipeline.runner import run_pipeline
+    from detkd.pipeline.spec import PipelineSpec
 
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")

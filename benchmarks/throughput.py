@@ -31,8 +31,8 @@ from detkd.data.dataset import DetectionDataset, collate_detection
 from detkd.data.synth import SynthSpec, synthesize
 from detkd.data.transforms import Compose, RandomHorizontalFlip, ResizeShortSide, scale_batch
 from detkd.distill.distiller import Distiller, Teacher
+from detkd.engine.coco_eval import coco_metrics
 from detkd.engine.loop import build_optimizer, train_step
-from detkd.evaluation import coco_metrics
 from detkd.models import build_detector
 from detkd.models.taps import extract_features
 

@@ -113,7 +113,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def part_weights(workdir: Path) -> dict:
     """Per method: a 6-trial ASHA sweep of its weights on val, then defaults and tuned, 3 seeds each, on test."""
-    from detkd.pipeline import load_pipeline, run_pipeline
+    from detkd.pipeline.load import load_pipeline
+    from detkd.pipeline.runner import run_pipeline
     from detkd.sweeps.space import set_dotted
 
     students = [student(f"student_{m}", distill) for m, (distill, _) in METHODS.items()]
@@ -220,7 +221,8 @@ def part_sequence(workdir: Path) -> dict:
     """Two-stage orders and single teachers at an equal 8-epoch student budget, seeds 0-2, scored on test."""
     from detkd.engine.evaluate import evaluate_checkpoint
     from detkd.engine.plan import open_split
-    from detkd.pipeline import data_splits, load_pipeline
+    from detkd.pipeline.load import load_pipeline
+    from detkd.pipeline.spec import data_splits
 
     spec_path = write_yaml(
         workdir / "sequence.pipeline.yaml",

@@ -11,8 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from detkd.cli import app
-from detkd.dag import PipelineDag, Step, build_dag, execute, format_dag
-from detkd.pipeline import load_pipeline
+from detkd.pipeline.dag import PipelineDag, Step, build_dag, execute, format_dag
+from detkd.pipeline.load import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from detkd.evaluation import METRIC_NAMES, EvaluationError, coco_metrics, evaluate_files
+from detkd.engine.coco_eval import METRIC_NAMES, EvaluationError, coco_metrics, evaluate_files
 
 
 def _random_case(seed: int):

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from detkd.cli import app
-from detkd.export import EXPORT_TOLERANCE_PX, read_info
-from detkd.inference import Predictor
+from detkd.serving.export import EXPORT_TOLERANCE_PX, read_info
+from detkd.serving.predictor import Predictor
 
 pytestmark = pytest.mark.ray
 runner = CliRunner()
@@ -74,9 +74,9 @@ def test_fcos_onnx_graph_is_lean(trained_detector, tmp_path):
     import onnx
     import torch
 
-    from detkd.export import SingleImageDetector, export_module, write_onnx
-    from detkd.export_graph import FCOSExportGraph
     from detkd.models.checkpoint import load_detector
+    from detkd.serving.export import SingleImageDetector, export_module, write_onnx
+    from detkd.serving.export_graph import FCOSExportGraph
 
     model, _ = load_detector(trained_detector.model_path)
     lean = export_module(model.eval(), format="onnx")

@@ -8,8 +8,8 @@ import torch
 
 from detkd.engine.datasets import eval_transform
 from detkd.engine.plan import InputSpec
-from detkd.inference import EagerBackend, ExportedBackend, Predictor
 from detkd.models import build_detector
+from detkd.serving.predictor import EagerBackend, ExportedBackend, Predictor
 
 
 def tiny_fcos(fpn_channels: int):

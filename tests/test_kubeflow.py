@@ -12,8 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from detkd.cli import app
-from detkd.dag import build_dag
-from detkd.pipeline import load_pipeline
+from detkd.pipeline.dag import build_dag
+from detkd.pipeline.load import load_pipeline
 
 pytest.importorskip("kfp", reason="the kfp extra (.ci/run installs it)")
 REPO = Path(__file__).resolve().parents[1]
@@ -87,11 +87,13 @@ def test_progressive_stages_compile_in_order_behind_their_teachers(tmp_path):
 
 
 def test_components_folder_matches_the_code(tmp_path):
-    from detkd.kubeflow import write_components
+    from detkd.cluster.kubeflow import write_components
 
     fresh = {p.name: p.read_text() for p in write_components(tmp_path)}
     shipped = {p.name: p.read_text() for p in (REPO / "components").glob("*.yaml")}
-    assert shipped == fresh, "components/ drifted from src/detkd/kubeflow.py: python -m detkd.kubeflow components/"
+    assert shipped == fresh, (
+        "components/ drifted from src/detkd/cluster/kubeflow.py: python -m detkd.cluster.kubeflow components/"
+    )
     teacher = yaml.safe_load(shipped["teacher.yaml"])
     spec = teacher["components"]["comp-teacher-step"]
     assert spec["inputDefinitions"]["artifacts"]["data"]["artifactType"]["schemaTitle"] == "system.Dataset"
@@ -118,7 +120,7 @@ def test_compiled_quickstart_runs_with_kfp_local_like_detkd_run(quickstart_small
     from kfp import local
     from mlflow.tracking import MlflowClient
 
-    from detkd.kubeflow import build_pipeline
+    from detkd.cluster.kubeflow import build_pipeline
 
     spec_path = REPO / "pipelines/quickstart.yaml"
     uri_kfp = f"sqlite:///{tmp_path / 'kfp.db'}"

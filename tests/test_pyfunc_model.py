@@ -19,7 +19,7 @@ import pytest
 
 from detkd.data.coco import load_coco
 from detkd.engine.evaluate import evaluate_checkpoint
-from detkd.inference import Predictor
+from detkd.serving.predictor import Predictor
 
 pytestmark = pytest.mark.ray
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from detkd.redact import has_credentials, redact, redact_value
-from detkd.tracking import RunLogger, run_context
+from detkd.tracking.redact import has_credentials, redact, redact_value
+from detkd.tracking.runs import RunLogger, run_context
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,9 @@ from mlflow.tracking import MlflowClient
 from detkd.data.coco import load_coco
 from detkd.engine.evaluate import evaluate_checkpoint
 from detkd.engine.launch import dataset_records
-from detkd.inference import Predictor
 from detkd.models import build_detector, load_detector, save_detector
-from detkd.registry import (
+from detkd.serving.predictor import Predictor
+from detkd.tracking.registry import (
     CHALLENGER,
     CHAMPION,
     LOCK_SUFFIX,
@@ -30,7 +30,7 @@ from detkd.registry import (
     logged_model_uri,
     register_candidate,
 )
-from detkd.tracking import dataset_digest, experiment_id
+from detkd.tracking.runs import dataset_digest, experiment_id
 
 pytestmark = pytest.mark.ray
 
@@ -177,7 +177,7 @@ CONCURRENT = """
 import json, sys, time
 from pathlib import Path
 from detkd.data.coco import load_coco
-from detkd.registry import Candidate, Gate, register_candidate
+from detkd.tracking.registry import Candidate, Gate, register_candidate
 args = json.loads(sys.argv[1])
 source = load_coco(Path(args["data"]) / "annotations/instances_val.json", Path(args["data"]) / "images/val")
 candidate = Candidate(**{**args["candidate"], "checkpoint": Path(args["candidate"]["checkpoint"])})

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from detkd.step_events import emit, job_steps, parse, reporting, summary
+from detkd.pipeline.events import emit, job_steps, parse, reporting, summary
 
 
 def lines(*calls) -> str:

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from servers import free_port, postgres_server, s3_server, serving
 
 from detkd.config import Config
-from detkd.tracking import RunLogger, run_context
+from detkd.tracking.runs import RunLogger, run_context
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from detkd.tracking import (
+from detkd.tracking.runs import (
     EXPERIMENT_KIND,
     TrackingUnreachable,
     check_tracking_uri,

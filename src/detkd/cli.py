@@ -33,7 +33,7 @@ FreshOption = Annotated[
 def _user_errors() -> tuple[type[BaseException], ...]:
     from detkd.config import ConfigError
     from detkd.data.records import DatasetError
-    from detkd.evaluation import EvaluationError
+    from detkd.engine.coco_eval import EvaluationError
     from detkd.models.checkpoint import CheckpointError
 
     return ConfigError, DatasetError, EvaluationError, CheckpointError, FileNotFoundError
@@ -53,8 +53,8 @@ def _local_model(ref: str | Path) -> Path:
         return Path(text)
     import os
 
-    from detkd.registry import registered_checkpoint
-    from detkd.tracking import check_tracking_uri, resolve_tracking_uri
+    from detkd.tracking.registry import registered_checkpoint
+    from detkd.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(None)
     check_tracking_uri(uri)
@@ -187,7 +187,7 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh:
     from detkd.config import ConfigError, load_config
     from detkd.engine.launch import run_training
     from detkd.engine.plan import open_split, stage_configs
-    from detkd.pipeline import evaluation_row, write_summary
+    from detkd.pipeline.runner import evaluation_row, write_summary
 
     try:
         cfg = load_config(config, overrides or [])
@@ -230,7 +230,7 @@ def evaluate(
     backend: Annotated[str, typer.Option(help="faster or pycocotools")] = "faster",
 ) -> None:
     """COCO box mAP of a checkpoint on a split, or of an existing results file."""
-    from detkd.evaluation import METRIC_NAMES, evaluate_files
+    from detkd.engine.coco_eval import METRIC_NAMES, evaluate_files
 
     if backend not in ("faster", "pycocotools"):
         _fail(ValueError(f"--backend must be faster or pycocotools, got {backend!r}"))
@@ -244,7 +244,7 @@ def evaluate(
             metrics = evaluate_files(gt, detections, backend=backend)
             _print_metrics(metrics, METRIC_NAMES)
             if summary:
-                from detkd.pipeline import summary_row, write_summary
+                from detkd.pipeline.runner import summary_row, write_summary
 
                 write_summary(
                     [
@@ -280,7 +280,7 @@ def evaluate(
         atomic_write_bytes(out, json.dumps(result.detections).encode())
         console.print(f"detections: {out} ({len(result.detections)})")
     if summary:
-        from detkd.pipeline import summary_row, write_summary
+        from detkd.pipeline.runner import summary_row, write_summary
 
         meta = result.meta
         write_summary(
@@ -315,7 +315,7 @@ def export(
     max_detections: Annotated[int, typer.Option(min=1, help="detections per image kept (fixed in the graph)")] = 100,
 ) -> None:
     """Export a detector for deployment; the file is checked against PyTorch before it is written."""
-    from detkd.export import FORMATS, ExportError, export_detector
+    from detkd.serving.export import FORMATS, ExportError, export_detector
 
     if format not in FORMATS:
         _fail(ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}"))
@@ -340,8 +340,8 @@ def lineage(
     ] = None,
 ) -> None:
     """Where a model came from: datasets -> teachers -> stages -> student -> registered version."""
-    from detkd.lineage import lineage_tree, render
-    from detkd.tracking import check_tracking_uri, resolve_tracking_uri
+    from detkd.tracking.lineage import lineage_tree, render
+    from detkd.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
     try:
         uri = resolve_tracking_uri(tracking_uri)
@@ -370,7 +370,8 @@ def run(
     ] = 1,
 ) -> None:
     """Run a pipeline spec: data -> teachers -> students -> evaluation (see `detkd plan` for its steps)."""
-    from detkd.pipeline import PipelineFailed, load_pipeline, print_summary, run_pipeline, write_summary
+    from detkd.pipeline.load import load_pipeline
+    from detkd.pipeline.runner import PipelineFailed, print_summary, run_pipeline, write_summary
 
     try:
         spec = load_pipeline(pipeline, overrides or [])
@@ -401,8 +402,8 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print the steps as JSON instead of text")] = False,
 ) -> None:
     """Show a pipeline's steps, what each needs and which can run together (text and a PNG); trains nothing."""
-    from detkd.dag import build_dag, dag_png, format_dag
-    from detkd.pipeline import load_pipeline
+    from detkd.pipeline.dag import build_dag, dag_png, format_dag
+    from detkd.pipeline.load import load_pipeline
 
     try:
         spec = load_pipeline(pipeline, overrides or [])
@@ -430,11 +431,11 @@ def compile_command(
     ] = "",
 ) -> None:
     """Compile a pipeline spec into a Kubeflow Pipelines v2 pipeline whose tasks are its steps (needs the kfp extra)."""
-    from detkd.dag import build_dag
-    from detkd.pipeline import load_pipeline
+    from detkd.pipeline.dag import build_dag
+    from detkd.pipeline.load import load_pipeline
 
     try:
-        from detkd.kubeflow import compile_pipeline
+        from detkd.cluster.kubeflow import compile_pipeline
     except ImportError as exc:
         extra = "pip install -c constraints.txt -e '.[kfp]'"
         _fail(FileNotFoundError(f"detkd compile needs the kfp extra: {extra} ({exc})"))
@@ -461,8 +462,9 @@ def step_command(
     fresh: FreshOption = False,
 ) -> None:
     """Run one step of a pipeline (what each Kubeflow component runs); the steps it needs must have finished."""
-    from detkd.pipeline import PipelineFailed, load_pipeline
-    from detkd.pipeline_step import run_step
+    from detkd.pipeline.load import load_pipeline
+    from detkd.pipeline.runner import PipelineFailed
+    from detkd.pipeline.step import run_step
 
     try:
         spec = load_pipeline(pipeline, overrides or [])
@@ -473,7 +475,7 @@ def step_command(
         for line in str(exc).splitlines():
             err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    from detkd.pipeline_step import OUTPUTS_MARKER
+    from detkd.pipeline.step import OUTPUTS_MARKER
 
     text = json.dumps(result, default=str)
     if outputs:
@@ -544,7 +546,7 @@ def submit(
     pipeline_run: Annotated[str | None, typer.Option(help="with --step: the pipeline's MLflow run")] = None,
 ) -> None:
     """Submit a pipeline or a run to a Ray cluster (Ray Jobs API)."""
-    from detkd import submit as jobs
+    from detkd.cluster import jobs
 
     try:
         extra = dict(item.split("=", 1) for item in env or [] if "=" in item)
@@ -577,8 +579,8 @@ def jobs_list(address: AddressOption) -> None:
     """Jobs on the cluster, newest last; a pipeline's steps as ``finished/all``."""
     from rich.table import Table
 
-    from detkd import submit as jobs
-    from detkd.step_events import summary
+    from detkd.cluster import jobs
+    from detkd.pipeline.events import summary
 
     try:
         found = jobs.client(address).list_jobs()
@@ -596,7 +598,7 @@ def jobs_list(address: AddressOption) -> None:
 @jobs_app.command("status")
 def jobs_status(job_id: str, address: AddressOption) -> None:
     """One job's status, and each step's state for a pipeline; exit 1 if it failed or was stopped."""
-    from detkd import submit as jobs
+    from detkd.cluster import jobs
 
     try:
         info = jobs.client(address).get_job_info(job_id)
@@ -628,7 +630,7 @@ def jobs_logs(
     job_id: str, address: AddressOption, follow: Annotated[bool, typer.Option(help="stream until the job ends")] = False
 ) -> None:
     """A job's logs."""
-    from detkd import submit as jobs
+    from detkd.cluster import jobs
 
     if follow:
         status = jobs.follow(job_id, address=address)
@@ -639,7 +641,7 @@ def jobs_logs(
 @jobs_app.command("stop")
 def jobs_stop(job_id: str, address: AddressOption) -> None:
     """Ask a running job to stop."""
-    from detkd import submit as jobs
+    from detkd.cluster import jobs
 
     stopped = jobs.client(address).stop_job(job_id)
     console.print(f"job {job_id}: {'stop requested' if stopped else 'not running'}")

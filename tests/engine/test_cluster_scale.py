@@ -17,10 +17,10 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from detkd.cli import app
+from detkd.cluster.jobs import client, follow, steps_of
 from detkd.config import Config
 from detkd.engine.launch import run_training
 from detkd.models.checkpoint import CheckpointError, load_payload
-from detkd.submit import client, follow, steps_of
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -228,7 +228,7 @@ def test_submit_runs_a_job_and_reports_failure(tiny_dataset, tiny_config, ray_he
 def test_submitted_pipeline_runs_its_teachers_side_by_side_and_jobs_shows_each_step(ray_head, tmp_path):
     """``detkd submit PIPELINE --parallel 2`` to a 2-CPU ``ray start`` cluster: both teachers train at
     the same time there, the student learns from its teacher, and ``detkd jobs`` reads every step's state."""
-    from detkd.step_events import parse
+    from detkd.pipeline.events import parse
 
     project = project_copy(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -280,7 +280,7 @@ def test_a_kubeflow_model_task_with_a_ray_address_trains_on_that_cluster(ray_hea
     """The component code path ``ray_address``: ``detkd submit --follow --step`` from the task's process,
     whose outputs come back through the job's logs (the same outputs as a step run in the pod)."""
     pytest.importorskip("kfp")
-    from detkd.kubeflow import detkd_step
+    from detkd.cluster.kubeflow import detkd_step
 
     project = project_copy(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -320,8 +320,8 @@ def test_submit_refuses_registry_teachers_without_a_reachable_tracking_server(tm
 
 
 def test_submit_passes_parallel_to_a_pipeline_and_refuses_it_for_one_run(tmp_path):
+    from detkd.cluster.jobs import command_for
     from detkd.config import ConfigError
-    from detkd.submit import command_for
 
     project = tmp_path / "project"
     project.mkdir()
@@ -339,7 +339,7 @@ def test_submit_passes_parallel_to_a_pipeline_and_refuses_it_for_one_run(tmp_pat
 def test_nothing_secret_leaves_the_laptop_with_a_job(ray_head, tmp_path):
     """Planted credential files, a gitignored file, an --env value and a password in a URI: none reaches the job's
     files, its command line, its metadata or detkd's output."""
-    from detkd.submit import client, runtime_env
+    from detkd.cluster.jobs import client, runtime_env
 
     project = tmp_path / "project"
     (project / "src/detkd").mkdir(parents=True)
@@ -380,8 +380,8 @@ def test_nothing_secret_leaves_the_laptop_with_a_job(ray_head, tmp_path):
 
 
 def test_submit_of_one_step_runs_detkd_step_there(tmp_path):
+    from detkd.cluster.jobs import command_for
     from detkd.config import ConfigError
-    from detkd.submit import command_for
 
     project = tmp_path / "project"
     project.mkdir()

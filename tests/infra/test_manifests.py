@@ -632,7 +632,8 @@ def test_build_commands_tag_this_version():
 
 
 def test_rayjob_entrypoint_is_a_detkd_command_the_cluster_can_run():
-    from detkd.pipeline import load_pipeline, model_config
+    from detkd.pipeline.load import load_pipeline
+    from detkd.pipeline.spec import model_config
 
     words = entrypoint()
     path, rest = check_flags(words, "infra/rayjob.yaml entrypoint")

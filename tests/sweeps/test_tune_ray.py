@@ -154,7 +154,8 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(ray_cluste
 
 
 def test_a_pipeline_tune_step_adds_the_tuned_student_beside_the_others(ray_cluster, sweep_files, mlflow_uri):
-    from detkd.pipeline import load_pipeline, run_pipeline
+    from detkd.pipeline.load import load_pipeline
+    from detkd.pipeline.runner import run_pipeline
 
     space, pipeline = sweep_files(
         {"optim.lr": {"grid": [2.0e-3, 4.0e-3]}},

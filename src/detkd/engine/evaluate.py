@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Subset
 
 from detkd.data.dataset import DetectionDataset, collate_detection
 from detkd.data.records import DetectionSource
+from detkd.engine.coco_eval import coco_metrics
 from detkd.engine.plan import InputSpec, RunPlan
-from detkd.evaluation import coco_metrics
 from detkd.models.detectors import set_inference_thresholds, unwrap_model
 
 

@@ -53,7 +53,7 @@ class TrainOutcome:
 
 def tracking_context(cfg: Config, *, parent_run_id: str | None = None) -> TrackingContext:
     """A run config's tracking settings (``tracking.tracking_uri`` > MLFLOW_TRACKING_URI > local SQLite)."""
-    from detkd.tracking import resolve_tracking_uri
+    from detkd.tracking.runs import resolve_tracking_uri
 
     return TrackingContext(
         uri=resolve_tracking_uri(cfg.tracking.tracking_uri),
@@ -124,7 +124,7 @@ def run_training(
     callbacks of each run (a sweep's trial forwards its reports to Ray Tune with them).
     ``cpus_per_worker`` and ``reuse_finished``: see :func:`run_plan`.
     """
-    from detkd.tracking import check_tracking_uri
+    from detkd.tracking.runs import check_tracking_uri
 
     tracking = tracking or tracking_context(cfg)
     check_tracking_uri(tracking.uri)  # seconds, not MLflow's minutes of retries, before Ray starts
@@ -209,7 +209,7 @@ def finished_outcome(plan: RunPlan) -> TrainOutcome | None:
     The experiment must hold a FINISHED run of the same Ray run name (same settings, teachers and
     data by content) that logged the published file's SHA-256, so a file republished by another
     run (or another pipeline with the same settings) is never credited to this one."""
-    from detkd.tracking import find_runs
+    from detkd.tracking.runs import find_runs
 
     model_path = plan.out_dir / MODEL_FILE
     if not model_path.is_file():
@@ -327,7 +327,7 @@ def mlflow_run(
     plan: RunPlan, sources: dict[str, DetectionSource], *, extra_tags: dict[str, str] | None, resume: bool
 ) -> Iterator[tuple[str, Any]]:
     """Open the run's MLflow run (continuing an interrupted attempt at the same Ray run) with its lineage."""
-    from detkd.tracking import RunLogger, code_version_tags, run_context
+    from detkd.tracking.runs import RunLogger, code_version_tags, run_context
 
     cfg = plan.config
     tags = {
@@ -382,7 +382,7 @@ def dataset_records(source) -> list[dict[str, Any]]:
 
 def log_split(uri: str, run_id: str, name: str, split, source: DetectionSource) -> str:
     """Log one split as a dataset input of ``run_id``; returns its digest (the same wherever it is used)."""
-    from detkd.tracking import log_dataset
+    from detkd.tracking.runs import log_dataset
 
     return log_dataset(
         tracking_uri=uri,
@@ -395,7 +395,7 @@ def log_split(uri: str, run_id: str, name: str, split, source: DetectionSource) 
 
 
 def log_outcome(plan: RunPlan, logger, model_path: Path, metrics: dict[str, Any]) -> None:
-    from detkd.tracking import log_detector_model
+    from detkd.tracking.runs import log_detector_model
 
     logger.metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     logger.tags({"model_sha256": file_digest(model_path)})  # ties the published file to this run (reruns reuse it)
@@ -409,7 +409,7 @@ def log_outcome(plan: RunPlan, logger, model_path: Path, metrics: dict[str, Any]
 
 def unfinished_run(plan: RunPlan) -> str | None:
     """The MLflow run of an interrupted or crashed attempt at this Ray run, to continue its history."""
-    from detkd.tracking import find_runs
+    from detkd.tracking.runs import find_runs
 
     runs = find_runs(plan.tracking.uri, plan.tracking.experiment, {"detkd.ray_run": plan.ray_name})
     unfinished = [r for r in runs if r.info.status in ("RUNNING", "KILLED", "FAILED")]

@@ -21,13 +21,13 @@ def resolve_source(
     if names and source in names:
         return Path(names[source])
     if source.startswith("models:/"):
-        from detkd.registry import registered_checkpoint
-        from detkd.tracking import resolve_tracking_uri
+        from detkd.tracking.registry import registered_checkpoint
+        from detkd.tracking.runs import resolve_tracking_uri
 
         path, _ = registered_checkpoint(source, tracking_uri=resolve_tracking_uri(tracking_uri), cache_dir=cache_dir)
         return path
     if source.startswith("mlflow:"):
-        from detkd.tracking import download_checkpoint
+        from detkd.tracking.runs import download_checkpoint
 
         return download_checkpoint(
             run_id=source.removeprefix("mlflow:"),

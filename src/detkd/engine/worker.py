@@ -151,7 +151,7 @@ def end_of_epoch(
 def mlflow_logger(plan: RunPlan, run_id: str | None):
     if not run_id:
         return None
-    from detkd.tracking import RunLogger
+    from detkd.tracking.runs import RunLogger
 
     return RunLogger(tracking_uri=plan.tracking.uri, run_id=run_id)
 

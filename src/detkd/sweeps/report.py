@@ -91,7 +91,7 @@ def trial_rows(results, *, job: SweepJob) -> tuple[list[dict[str, Any]], pd.Data
     """(one row per trial, one row per trial epoch) from Tune's experiment state."""
     from ray.tune import ExperimentAnalysis
 
-    from detkd.tracking import find_runs
+    from detkd.tracking.runs import find_runs
 
     analysis = ExperimentAnalysis(results.experiment_path)
     frames = analysis.trial_dataframes
@@ -143,7 +143,7 @@ def write_tables(workdir: Path, rows: list[dict[str, Any]], epochs: pd.DataFrame
 
 def close_trial_runs(rows: list[dict[str, Any]], *, tracking_uri: str) -> None:
     """Trials ASHA stopped (or that failed) leave their MLflow runs RUNNING: end them, say why."""
-    from detkd.tracking import RunLogger, close_run
+    from detkd.tracking.runs import RunLogger, close_run
 
     for row in rows:
         if not row["mlflow_run_id"] or row["state"] not in ("TERMINATED", "ERROR"):
@@ -190,7 +190,7 @@ def finish(outcome, *, job: SweepJob, epochs: pd.DataFrame, sweep_log, say) -> N
     from detkd.engine.evaluate import evaluate_checkpoint
     from detkd.engine.plan import open_split
     from detkd.models.checkpoint import atomic_write_bytes
-    from detkd.tracking import RunLogger
+    from detkd.tracking.runs import RunLogger
 
     workdir, rows, metric = outcome.workdir, outcome.trials, job.metric_key
     best = choose_best(rows, metric)

@@ -29,6 +29,7 @@ from detkd.config import (
     validate_config,
 )
 from detkd.engine.plan import absolute_paths, stage_configs
+from detkd.pipeline.spec import PipelineSpec, model_config, read_pipeline
 
 TEACHER_SEQUENCE = "teacher_sequence"
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
@@ -131,7 +132,7 @@ class LoadedSpace:
     space: SearchSpace
     parameters: tuple[Parameter, ...]
     base: Config
-    pipeline: Any = None  # detkd.pipeline.PipelineSpec for a pipeline target
+    pipeline: PipelineSpec | None = None  # the target's pipeline, for a pipeline target
     teacher_names: tuple[str, ...] = ()  # teachers a trial may name (a pipeline's teacher entries)
     needed_teachers: tuple[str, ...] = field(default_factory=tuple)  # the pipeline teachers the trials use
 
@@ -315,7 +316,7 @@ def student_epochs(cfg: Config) -> int:
 # --------------------------------------------------------------------------- loading
 
 
-def load_space(path: Path, *, pipeline: Any = None) -> LoadedSpace:
+def load_space(path: Path, *, pipeline: PipelineSpec | None = None) -> LoadedSpace:
     """Read and check a space file; ``pipeline`` (a PipelineSpec) replaces a pipeline target's file.
 
     Raises ConfigError with one line per problem, each naming the file and the key.
@@ -351,14 +352,14 @@ def load_space(path: Path, *, pipeline: Any = None) -> LoadedSpace:
     )
 
 
-def target_config(space: SearchSpace, *, where: str, pipeline: Any = None) -> tuple[Config, Any, tuple[str, ...]]:
+def target_config(
+    space: SearchSpace, *, where: str, pipeline: PipelineSpec | None = None
+) -> tuple[Config, PipelineSpec | None, tuple[str, ...]]:
     """(the target student's run config, the pipeline spec or None, the pipeline's teacher names)."""
-    from detkd.pipeline import load_pipeline, model_config
-
     target = space.target
     if target.config is not None:
         return load_config(target.config), None, ()
-    spec = pipeline if pipeline is not None else load_pipeline(target.pipeline)
+    spec = pipeline if pipeline is not None else read_pipeline(target.pipeline)
     entries = {e.name: e for e in spec.students}
     if target.student not in entries:
         raise ConfigError(

@@ -88,7 +88,7 @@ class TrialReport(TuneReportCallback):
         first = metrics[0]
         if self.metric_key not in first:
             return
-        from detkd.tracking import RunLogger
+        from detkd.tracking.runs import RunLogger
 
         epoch = self.epoch_offset + int(first["epoch"])
         scores = {k: v for k, v in first.items() if k.startswith(("val/", "train/")) and isinstance(v, (int, float))}
@@ -99,7 +99,7 @@ class TrialReport(TuneReportCallback):
 def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
     """Ray Tune function: train one configuration; Tune hears every epoch through TrialReport."""
     from detkd.engine.launch import run_training
-    from detkd.tracking import RunLogger, find_runs, max_metric, run_context
+    from detkd.tracking.runs import RunLogger, find_runs, max_metric, run_context
 
     trial_id = tune.get_context().get_trial_id()
     values = job.decode(sampled)

@@ -74,7 +74,7 @@ def run_sweep(
     """Run (or continue) a sweep; ``tracking.parent_run_id`` nests it in a pipeline's run."""
     from detkd.engine.launch import ensure_ray
     from detkd.sweeps import report
-    from detkd.tracking import RunLogger, check_tracking_uri, run_context
+    from detkd.tracking.runs import RunLogger, check_tracking_uri, run_context
 
     say = console.print if console else print
     workdir = loaded.workdir()
@@ -183,7 +183,7 @@ def expected_trials(parameters: tuple[Parameter, ...], options: SweepOptions) ->
 
 def target_tracking(loaded: LoadedSpace) -> TrackingContext:
     if loaded.pipeline is not None:
-        from detkd.pipeline import tracking_context
+        from detkd.pipeline.spec import tracking_context
 
         return tracking_context(loaded.pipeline)
     from detkd.engine.launch import tracking_context
@@ -288,7 +288,7 @@ def prepare_teachers(loaded: LoadedSpace, *, tracking: TrackingContext, say) -> 
     """Train the pipeline teachers the trials use, once (or find them again): name -> (checkpoint, run id)."""
     if loaded.pipeline is None or not loaded.needed_teachers:
         return {}, {}
-    from detkd.pipeline import ensure_synthetic_data, model_config
+    from detkd.pipeline.spec import ensure_synthetic_data, model_config
 
     spec = loaded.pipeline
     if spec.data.synth is not None:

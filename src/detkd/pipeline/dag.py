@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from detkd.config import Config
-    from detkd.pipeline import PipelineSpec
+    from detkd.pipeline.spec import PipelineSpec
 
 StepKind = Literal["data", "teacher", "student", "stage", "tune", "evaluate", "register"]
 
@@ -112,7 +112,7 @@ class PipelineDag:
 def build_dag(spec: PipelineSpec) -> PipelineDag:
     """The steps of a loaded (checked) pipeline spec and what each needs."""
     from detkd.engine.plan import stage_configs
-    from detkd.pipeline import data_splits, model_config
+    from detkd.pipeline.spec import data_splits, model_config
 
     models: set[str] = set()  # names a later step may learn from
 
@@ -169,7 +169,7 @@ def _data_detail(spec: PipelineSpec) -> str:
     if spec.data.synth is not None:
         synth = spec.data.synth
         return f"synthesize {synth.images} images at {synth.size} px under {Path(spec.workdir) / 'data'}"
-    from detkd.pipeline import data_splits
+    from detkd.pipeline.spec import data_splits
 
     splits = [name for name, split in data_splits(spec)._asdict().items() if split is not None]
     return f"check and log the {', '.join(splits)} splits"

@@ -54,7 +54,7 @@ class Node:
 def resolve(ref: str, client: MlflowClient) -> tuple[str, Any | None]:
     """(run id, registered model version or None) of ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
     ``models:/<logged model id>``, ``runs:/RUN_ID[/path]`` or a bare run id."""
-    from detkd.registry import model_version
+    from detkd.tracking.registry import model_version
 
     try:
         if ref.startswith("models:/"):
@@ -192,7 +192,7 @@ def pipeline_lineage_png(tracking_uri: str, pipeline_run_id: str, path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from detkd.tracking import child_runs
+    from detkd.tracking.runs import child_runs
 
     runs = child_runs(tracking_uri, pipeline_run_id)
     by_id = {r.info.run_id: r for r in runs}

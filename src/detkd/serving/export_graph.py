@@ -14,7 +14,7 @@ This module computes the same detections with about 850 nodes:
   the candidates above the score threshold are gathered;
 * the candidates per level, the threshold, the top-k cap, the box clipping and the class-wise
   NMS are torchvision's, in torchvision's order, so the boxes, scores and labels equal eager
-  PyTorch's (``detkd.export.EXPORT_TOLERANCE_PX``; checked on every export).
+  PyTorch's (``detkd.serving.export.EXPORT_TOLERANCE_PX``; checked on every export).
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from detkd.config import ConfigError
-from detkd.redact import has_credentials
-from detkd.step_events import MARKER, STEPS_METADATA
+from detkd.pipeline.events import MARKER, STEPS_METADATA
+from detkd.tracking.redact import has_credentials
 
 # gitignore syntax, relative to the project root ("/data" would otherwise also drop src/detkd/data)
 EXCLUDES = [
@@ -222,8 +222,8 @@ def pipeline_steps(spec: Path, overrides: list[str], project_root: Path) -> list
 
     A spec that does not load here (a teacher checkpoint that only the cluster has, say) still goes:
     the job's logs then name its steps as they start."""
-    from detkd.dag import build_dag
-    from detkd.pipeline import load_pipeline
+    from detkd.pipeline.dag import build_dag
+    from detkd.pipeline.load import load_pipeline
 
     here = Path.cwd()
     try:
@@ -243,7 +243,7 @@ def is_pipeline_command(command: list[str]) -> bool:
 
 def steps_of(info, *, address: str) -> list | None:
     """Each step's state of a pipeline job (``info``: its JobDetails), read from its logs; None for other jobs."""
-    from detkd.step_events import job_steps
+    from detkd.pipeline.events import job_steps
 
     names = json.loads((info.metadata or {}).get(STEPS_METADATA, "[]"))
     if not names and not is_pipeline_command(shlex.split(info.entrypoint or "")):

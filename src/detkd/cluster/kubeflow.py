@@ -22,7 +22,7 @@ from kfp import compiler, dsl
 from kfp.dsl import Artifact, Dataset, Metrics, Model, Output
 
 from detkd import __version__
-from detkd.dag import PipelineDag
+from detkd.pipeline.dag import PipelineDag
 
 IMAGE = f"detkd:{__version__}"
 
@@ -46,7 +46,7 @@ def detkd_step(spec: str, step: str, overrides: list, pipeline_run: str, ray_add
     print(done.stdout, flush=True)
     if done.returncode != 0:
         raise RuntimeError(f"detkd step {step} failed (exit code {done.returncode})")
-    marker = "DETKD_STEP_OUTPUTS "  # detkd.pipeline_step.OUTPUTS_MARKER (a component's code must be self-contained)
+    marker = "DETKD_STEP_OUTPUTS "  # detkd.pipeline.step.OUTPUTS_MARKER (a component's code must be self-contained)
     lines = [line for line in done.stdout.splitlines() if line.startswith(marker)]
     if not lines:
         raise RuntimeError(f"detkd step {step} printed no outputs")
@@ -205,7 +205,7 @@ def write_components(folder: Path) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":  # python -m detkd.kubeflow components/  (regenerate the shipped component files)
+if __name__ == "__main__":  # python -m detkd.cluster.kubeflow components/  (regenerate the shipped component files)
     import sys
 
     for written in write_components(Path(sys.argv[1] if len(sys.argv) > 1 else "components")):

@@ -2,10 +2,10 @@
 
 The exported graph is the whole detector for one prepared image: normalisation, padding,
 backbone, FPN, head, box decoding and NMS. An FCOS exports to ONNX through
-:class:`detkd.export_graph.FCOSExportGraph`, the same computation with a fraction of the
+:class:`detkd.serving.export_graph.FCOSExportGraph`, the same computation with a fraction of the
 nodes torchvision's traced forward has. Preparing the image (short-side resize to the
 checkpoint's input view) and mapping boxes back to original pixels stay in
-:class:`detkd.inference.Predictor`, so eager PyTorch, ONNX Runtime and TorchScript return the
+:class:`detkd.serving.predictor.Predictor`, so eager PyTorch, ONNX Runtime and TorchScript return the
 same detections (``EXPORT_TOLERANCE_PX``) from the same code around the network.
 
 The score threshold and detections-per-image cap are fixed in the exported graph; a
@@ -130,10 +130,10 @@ def export_detector(
 
 
 def export_module(model: nn.Module, *, format: Format) -> nn.Module:
-    """What gets exported: FCOS's lean graph for ONNX (``detkd.export_graph``), else the detector as it is."""
+    """What gets exported: FCOS's lean graph for ONNX (``detkd.serving.export_graph``), else the detector as it is."""
     from torchvision.models.detection import FCOS
 
-    from detkd.export_graph import FCOSExportGraph
+    from detkd.serving.export_graph import FCOSExportGraph
 
     if format == "onnx" and isinstance(model, FCOS):
         return FCOSExportGraph(model).eval()

@@ -22,7 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from detkd.config import ConfigError
-from detkd.redact import redact, redact_value
+from detkd.tracking.redact import redact, redact_value
 
 TAG_PREFIX = "detkd."
 # MLflow 3 opens experiments without this tag on its GenAI overview (traces, token usage).
@@ -257,7 +257,7 @@ def detector_signature():
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
-    from detkd.pyfunc_model import DEFAULT_MAX_DETECTIONS, DEFAULT_SCORE_THRESHOLD
+    from detkd.tracking.pyfunc_model import DEFAULT_MAX_DETECTIONS, DEFAULT_SCORE_THRESHOLD
 
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
@@ -294,7 +294,7 @@ def example_image(size: int) -> bytes:
 def log_detector_model(
     *, tracking_uri: str, run_id: str, checkpoint: Path, example_size: int, name: str = "model"
 ) -> str:
-    """Log a detkd checkpoint as an MLflow pyfunc built from code (``detkd.pyfunc_model``); returns its URI.
+    """Log a detkd checkpoint as an MLflow pyfunc built from code (``detkd.tracking.pyfunc_model``); returns its URI.
 
     Nothing in it is pickled: MLflow runs the model file on load, which reads the checkpoint
     with ``weights_only=True``.
@@ -304,8 +304,8 @@ def log_detector_model(
     import torchvision
 
     import detkd
-    import detkd.pyfunc_model as model_code
-    from detkd.pyfunc_model import CHECKPOINT_ARTIFACT
+    import detkd.tracking.pyfunc_model as model_code
+    from detkd.tracking.pyfunc_model import CHECKPOINT_ARTIFACT
 
     mlflow.set_tracking_uri(tracking_uri)
     status = MlflowClient(tracking_uri).get_run(run_id).info.status  # a finished run is logged into, then restored

@@ -103,7 +103,7 @@ def check_gate(candidate: Candidate, baseline: Candidate | None, gate: Gate) -> 
 
 def logged_model_uri(tracking_uri: str, run_id: str, *, checkpoint: Path, example_size: int) -> str:
     """The run's logged detkd pyfunc; logged now (into that run) when the run did not log one."""
-    from detkd.tracking import log_detector_model
+    from detkd.tracking.runs import log_detector_model
 
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)

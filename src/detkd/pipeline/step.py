@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from detkd.config import ConfigError
-from detkd.pipeline import (
+from detkd.pipeline.runner import (
     PipelineFailed,
-    PipelineSpec,
     close_pipeline_run,
-    data_splits,
     final_models,
     load_outcome,
     open_pipeline_run,
@@ -26,8 +24,8 @@ from detkd.pipeline import (
     run_evaluate_step,
     run_model_steps,
     run_register_step,
-    tracking_context,
 )
+from detkd.pipeline.spec import PipelineSpec, data_splits, tracking_context
 
 MODEL_KINDS = ("teacher", "student", "stage", "tune")
 OUTPUTS_MARKER = "DETKD_STEP_OUTPUTS "  # `detkd step` prints its outputs as one JSON line after this
@@ -61,8 +59,8 @@ def run_step(
 ) -> dict[str, Any]:
     """Run step ``name`` of ``spec``'s DAG; returns its outputs (the pipeline run id, and per kind: the model,
     its MLflow run and metrics; the summary rows and the gate's verdict; the registered version)."""
-    from detkd.dag import build_dag
-    from detkd.tracking import check_tracking_uri
+    from detkd.pipeline.dag import build_dag
+    from detkd.tracking.runs import check_tracking_uri
 
     spec = spec.model_copy(update={"workdir": spec.workdir.resolve()})
     dag = build_dag(spec)
@@ -105,7 +103,7 @@ def run_step(
 
 def gate_verdict(spec: PipelineSpec, evaluation) -> str:
     """``pass`` / ``fail`` for the register section's floors on the evaluated rows; ``none`` without one."""
-    from detkd.registry import Candidate, Gate, check_gate
+    from detkd.tracking.registry import Candidate, Gate, check_gate
 
     if spec.registration is None:
         return "none"
@@ -124,7 +122,7 @@ def register(spec: PipelineSpec, pipeline_run: str, *, say) -> dict[str, Any]:
     """The register step in its own process: rows from the evaluate step, the split read again for its digest."""
     from detkd.engine.launch import dataset_records
     from detkd.engine.plan import open_split
-    from detkd.tracking import dataset_digest
+    from detkd.tracking.runs import dataset_digest
 
     rows = read_rows(spec)
     split_name, split = data_splits(spec).scoring()

@@ -1,0 +1,1 @@
+"""Clusters: Ray Jobs submission of pipelines and runs, and Kubeflow Pipelines compilation."""
