@@ -25,8 +25,9 @@ from detkd.config import Config
 from detkd.data.synth import SynthSpec, synthesize
 from detkd.engine.launch import ensure_ray, run_training
 from detkd.engine.loop import ProgressLog, setup, train_one_epoch
-from detkd.engine.plan import TrackingContext, build_plan
+from detkd.engine.plan import build_plan
 from detkd.engine.rng import seed_everything
+from detkd.records import TrackingContext
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -71,7 +71,7 @@ def mlflow_uri(tmp_path) -> str:
 @pytest.fixture()
 def tracking(mlflow_uri):
     """The tracking context of runs logged to ``mlflow_uri`` (what a pipeline or the CLI resolves)."""
-    from detkd.engine.plan import TrackingContext
+    from detkd.records import TrackingContext
 
     return TrackingContext(uri=mlflow_uri, experiment="detkd")
 
@@ -166,7 +166,7 @@ def trained_detector(tiny_dataset, tiny_config, ray_cluster, tmp_path_factory):
     pyfunc model); the tests that deploy a model share it."""
     from detkd.config import Config
     from detkd.engine.launch import run_training
-    from detkd.engine.plan import TrackingContext
+    from detkd.records import TrackingContext
 
     work = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{work / 'mlflow.db'}"

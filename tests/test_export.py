@@ -27,7 +27,7 @@ def trained_lite(tiny_dataset, tiny_config, ray_cluster, tmp_path_factory) -> Pa
     """A lite-design FCOS (detkd.models.lite) on P2-P4, trained through Ray Train like any student."""
     from detkd.config import Config
     from detkd.engine.launch import run_training
-    from detkd.engine.plan import TrackingContext
+    from detkd.records import TrackingContext
 
     work = tmp_path_factory.mktemp("lite")
     model = {"design": "lite", "min_level": 2, "max_level": 4}

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detkd.engine.datasets import eval_transform
-from detkd.engine.plan import InputSpec
+from detkd.data.transforms import eval_transform
 from detkd.models import build_detector
+from detkd.records import InputSpec
 from detkd.serving.predictor import EagerBackend, ExportedBackend, Predictor
 
 

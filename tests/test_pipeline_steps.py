@@ -76,7 +76,7 @@ def parent_of(uri: str, workdir_name: str) -> list[str]:
     runs = client.search_runs(
         [experiment.experiment_id], filter_string="tags.`detkd.kind` = 'pipeline'", order_by=["attributes.start_time"]
     )
-    return [r.info.run_id for r in runs if r.data.tags.get("detkd.pipeline.runner") == workdir_name]
+    return [r.info.run_id for r in runs if r.data.tags.get("detkd.pipeline") == workdir_name]
 
 
 def test_teachers_train_side_by_side_with_the_lineage_of_one_at_a_time_and_reruns_reuse_them(ray_cluster, tmp_path):

@@ -90,7 +90,7 @@ def register(models, name, who, *, gate=None, baseline=None, candidate=None, **k
         baseline=baseline,
         gate=gate or Gate(),
         model_uri=models["model_uri"][who],
-        split_source=models["source"],
+        score_on_split=lambda path: evaluate_checkpoint(path, models["source"]).metrics["AP"],
         owner=f"test-{who}",
         **kwargs,
     )
@@ -177,6 +177,7 @@ CONCURRENT = """
 import json, sys, time
 from pathlib import Path
 from detkd.data.coco import load_coco
+from detkd.engine.evaluate import evaluate_checkpoint
 from detkd.tracking.registry import Candidate, Gate, register_candidate
 args = json.loads(sys.argv[1])
 source = load_coco(Path(args["data"]) / "annotations/instances_val.json", Path(args["data"]) / "images/val")
@@ -184,7 +185,8 @@ candidate = Candidate(**{**args["candidate"], "checkpoint": Path(args["candidate
 while time.time() < args["start_at"]:
     time.sleep(0.005)
 result = register_candidate(tracking_uri=args["uri"], model="raced", candidate=candidate, baseline=None, gate=Gate(),
-                            model_uri=args["model_uri"], split_source=source, owner=candidate.name)
+                            model_uri=args["model_uri"], owner=candidate.name,
+                            score_on_split=lambda path: evaluate_checkpoint(path, source).metrics["AP"])
 print(json.dumps({"version": result.version, "alias": result.alias}))
 """
 
@@ -227,7 +229,8 @@ def test_registered_models_go_wherever_checkpoints_go(models, tiny_dataset, tiny
 
     from detkd.cli import app
     from detkd.config import Config, ConfigError
-    from detkd.engine.plan import TrackingContext, build_plan
+    from detkd.engine.plan import build_plan
+    from detkd.records import TrackingContext
 
     shipped = register(models, "shipped", "strong")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", models["uri"])

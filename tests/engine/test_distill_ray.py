@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 from detkd.cli import app
 from detkd.config import Config
 from detkd.engine.build import build_trainable
-from detkd.engine.plan import TrackingContext, build_plan
+from detkd.engine.plan import build_plan
 from detkd.models import build_detector, load_detector, save_detector
 from detkd.models.checkpoint import load_payload
+from detkd.records import TrackingContext
 
 TRACKING = TrackingContext(uri="sqlite:///unused.db", experiment="detkd")
 

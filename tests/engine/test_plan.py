@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 from detkd.cli import app
 from detkd.config import Config, ConfigError
 from detkd.engine.launch import run_training
-from detkd.engine.plan import RunPlan, TrackingContext, build_plan
+from detkd.engine.plan import build_plan
 from detkd.engine.worker import TRAIN_STATE
 from detkd.models.checkpoint import save_payload
+from detkd.records import RunPlan, TrackingContext
 
 TRACKING = TrackingContext(uri="sqlite:///unused.db", experiment="detkd")
 

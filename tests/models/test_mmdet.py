@@ -278,7 +278,8 @@ def test_mmdetection_checkpoint_loads_as_a_teacher_and_a_mismatch_names_both_fil
     from mmengine.runner import save_checkpoint
 
     from detkd.engine.build import build_trainable
-    from detkd.engine.plan import TrackingContext, build_plan
+    from detkd.engine.plan import build_plan
+    from detkd.records import TrackingContext
 
     zoo = _build(RETINANET, num_classes=None).mm  # as MMDetection's Runner saves it: meta + state_dict
     save_checkpoint(
@@ -332,8 +333,8 @@ def test_train_an_mmdet_retinanet_distil_it_into_a_detkd_student_and_evaluate_bo
     from detkd.data import open_source
     from detkd.engine.evaluate import evaluate_checkpoint
     from detkd.engine.launch import run_training
-    from detkd.engine.plan import TrackingContext
     from detkd.models.checkpoint import load_payload
+    from detkd.records import TrackingContext
 
     tracking = TrackingContext(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="detkd")
     teacher_cfg = tiny_config(

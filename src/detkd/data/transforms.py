@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from detkd.records import InputSpec
+
 __all__ = [
     "Compose",
     "RandomHorizontalFlip",
@@ -209,3 +211,11 @@ class Compose:
 
     def __repr__(self) -> str:
         return f"Compose({self.transforms!r})"
+
+
+def eval_transform(spec: InputSpec) -> Compose:
+    """The one evaluation view of a model: used by the Ray worker's ``val/AP`` and by ``detkd evaluate``."""
+    steps = [ResizeShortSide(spec.size, spec.max_size)]
+    if spec.scale != 1.0:
+        steps.append(ScaleBy(spec.scale))
+    return Compose(steps)

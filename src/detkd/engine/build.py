@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from detkd.config import ConfigError, ModelConfig
-from detkd.engine.plan import RunPlan
+from detkd.records import RunPlan
 
 log = logging.getLogger("detkd.train")
 

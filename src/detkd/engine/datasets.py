@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from detkd.data.dataset import DetectionDataset
 from detkd.data.records import DetectionSource
-from detkd.data.transforms import Compose, RandomHorizontalFlip, ResizeShortSide, ScaleBy
-from detkd.engine.plan import InputSpec, RunPlan, open_split
+from detkd.data.transforms import Compose, RandomHorizontalFlip, ResizeShortSide, ScaleBy, eval_transform
+from detkd.engine.plan import open_split
+from detkd.records import InputSpec, RunPlan
 
 
 def train_transform(plan: RunPlan) -> Compose:
@@ -16,14 +17,6 @@ def train_transform(plan: RunPlan) -> Compose:
     if plan.config.input.hflip > 0:
         steps.append(RandomHorizontalFlip(plan.config.input.hflip))
     if spec.scale != 1.0 and not plan.distilling:
-        steps.append(ScaleBy(spec.scale))
-    return Compose(steps)
-
-
-def eval_transform(spec: InputSpec) -> Compose:
-    """The one evaluation view of a model: used by the Ray worker's ``val/AP`` and by ``detkd evaluate``."""
-    steps = [ResizeShortSide(spec.size, spec.max_size)]
-    if spec.scale != 1.0:
         steps.append(ScaleBy(spec.scale))
     return Compose(steps)
 

@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, Subset
 from detkd.data.dataset import DetectionDataset, collate_detection
 from detkd.data.records import DetectionSource
 from detkd.engine.coco_eval import coco_metrics
-from detkd.engine.plan import InputSpec, RunPlan
 from detkd.models.detectors import set_inference_thresholds, unwrap_model
 
 
@@ -140,20 +139,6 @@ class CheckpointEvaluation:
     meta: dict[str, Any]
 
 
-def checkpoint_plan(path, meta: dict[str, Any]) -> RunPlan:
-    """The run plan a checkpoint stores (its input view, categories and config)."""
-    from detkd.models.checkpoint import CheckpointError
-
-    if "plan" not in meta:
-        raise CheckpointError(f"{path}: the checkpoint stores no run plan, so its input view is unknown")
-    return RunPlan.from_dict(meta["plan"])
-
-
-def checkpoint_input(path, meta: dict[str, Any]) -> InputSpec:
-    """The input view a checkpoint was trained and validated with, from the run plan it stores."""
-    return checkpoint_plan(path, meta).input
-
-
 def evaluate_checkpoint(
     model_path,
     source: DetectionSource,
@@ -169,7 +154,7 @@ def evaluate_checkpoint(
     worker's ``val/AP``, so both numbers agree exactly.
     """
     from detkd.engine.datasets import eval_dataset
-    from detkd.models.checkpoint import load_detector
+    from detkd.models.checkpoint import checkpoint_input, load_detector
 
     device = device or torch.device("cpu")
     model, meta = load_detector(model_path)

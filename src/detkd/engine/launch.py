@@ -24,17 +24,10 @@ from ray.train.torch import TorchTrainer
 from detkd.config import Config, ConfigError
 from detkd.data.records import DetectionSource
 from detkd.engine.faults import MARKER
-from detkd.engine.plan import (
-    RunPlan,
-    TrackingContext,
-    build_plan,
-    file_digest,
-    open_sources,
-    plan_stages,
-    stage_configs,
-)
+from detkd.engine.plan import build_plan, open_sources, plan_stages, stage_configs
 from detkd.engine.worker import MODEL_FILE, TRAIN_STATE, mismatch_message, train_loop_per_worker
-from detkd.models.checkpoint import CheckpointError, load_payload
+from detkd.models.checkpoint import CheckpointError, file_digest, load_payload
+from detkd.records import RunPlan, TrackingContext
 
 CallbackFactory = Callable[[RunPlan, int], list[Any]]  # (plan, stage index) -> Ray Train callbacks
 

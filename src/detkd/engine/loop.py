@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader
 
 from detkd.config import OptimConfig
 from detkd.data.dataset import DetectionDataset, collate_detection
-from detkd.engine.plan import RunPlan
 from detkd.engine.sampler import EpochBatchSampler
 from detkd.models.detectors import unwrap_model
+from detkd.records import RunPlan
 
 
 def scaled_lr(optim: OptimConfig, global_batch: int) -> float:

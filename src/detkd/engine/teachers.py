@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from detkd.config import Config, ConfigError, TeacherRef
-from detkd.engine.plan import TeacherSpec, file_digest
-from detkd.models.checkpoint import CheckpointError, read_detector_payload
+from detkd.models.checkpoint import CheckpointError, file_digest, read_detector_payload
+from detkd.records import TeacherSpec
 
 
 def resolve_source(

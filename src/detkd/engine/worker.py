@@ -20,8 +20,8 @@ from detkd.engine import rng
 from detkd.engine.evaluate import evaluate_distributed
 from detkd.engine.faults import FaultInjection
 from detkd.engine.loop import ProgressLog, StepHook, TrainRun, reduce_means, setup, train_one_epoch
-from detkd.engine.plan import RunPlan
 from detkd.models.checkpoint import load_payload, save_detector, save_payload
+from detkd.records import RunPlan
 
 TRAIN_STATE = "train_state.pt"
 MODEL_FILE = "model.pt"

@@ -36,6 +36,7 @@ from detkd.models.detectors import (
     unwrap_model,
 )
 from detkd.models.mmdet_detector import MMDetDetector
+from detkd.records import InputSpec, RunPlan
 
 if TYPE_CHECKING:
     from detkd.config import ModelConfig
@@ -49,6 +50,16 @@ _MAX_HEADER = 160  # bytes: the header line is about 110
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file."""
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's contents (a checkpoint's embedded checksum covers the same bytes' payload)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
 
 
 def _sha256(data: bytes) -> str:
@@ -333,3 +344,15 @@ def _copy_mmdet_weights(target: nn.Module, source: nn.Module, *, neck_and_head: 
         with torch.no_grad():
             target.load_state_dict(chosen, strict=False)
     return list(chosen)
+
+
+def checkpoint_plan(path, meta: dict[str, Any]) -> RunPlan:
+    """The run plan a checkpoint stores (its input view, categories and config)."""
+    if "plan" not in meta:
+        raise CheckpointError(f"{path}: the checkpoint stores no run plan, so its input view is unknown")
+    return RunPlan.from_dict(meta["plan"])
+
+
+def checkpoint_input(path, meta: dict[str, Any]) -> InputSpec:
+    """The input view a checkpoint was trained and validated with, from the run plan it stores."""
+    return checkpoint_plan(path, meta).input

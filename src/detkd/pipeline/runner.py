@@ -54,27 +54,20 @@ def run_pipeline(
 
 def open_pipeline_run(spec: PipelineSpec) -> str:
     """The pipeline's parent MLflow run, left RUNNING: every step's run is its child (steps may be other processes)."""
-    from mlflow.tracking import MlflowClient
-
-    from detkd.tracking.runs import TAG_PREFIX, RunLogger, code_version_tags, experiment_id, redact
+    from detkd.tracking.runs import RunLogger, code_version_tags, open_parent_run
 
     tracking = tracking_context(spec)
     tags = {"pipeline": spec.name, "kind": "pipeline", "component": "pipeline", **code_version_tags()}
-    run = MlflowClient(tracking.uri).create_run(
-        experiment_id(tracking.uri, tracking.experiment),
-        run_name=f"pipeline:{spec.name}",
-        tags={f"{TAG_PREFIX}{k}": redact(str(v)) for k, v in tags.items()},
-    )
-    RunLogger(tracking_uri=tracking.uri, run_id=run.info.run_id).params(
-        {"pipeline": spec.model_dump(mode="json", by_alias=True)}
-    )
-    return run.info.run_id
+    run_id = open_parent_run(tracking.uri, tracking.experiment, run_name=f"pipeline:{spec.name}", tags=tags)
+    logger = RunLogger(tracking_uri=tracking.uri, run_id=run_id)
+    logger.params({"pipeline": spec.model_dump(mode="json", by_alias=True)})
+    return run_id
 
 
 def end_pipeline_run(spec: PipelineSpec, parent_id: str, status: str) -> None:
-    from mlflow.tracking import MlflowClient
+    from detkd.tracking.runs import end_run
 
-    MlflowClient(tracking_context(spec).uri).set_terminated(parent_id, status=status)
+    end_run(tracking_context(spec).uri, parent_id, status)
 
 
 def close_pipeline_run(spec: PipelineSpec, parent_id: str, rows: list[dict[str, Any]], *, seconds: float, say) -> None:
@@ -370,6 +363,7 @@ def run_register_step(
     from detkd.pipeline.events import reporting
 
     with reporting("register"):
+        from detkd.engine.evaluate import evaluate_checkpoint
         from detkd.tracking.registry import Candidate, Gate, logged_model_uri, register_candidate
         from detkd.tracking.runs import RunLogger, run_context
 
@@ -412,9 +406,9 @@ def run_register_step(
                 baseline=baseline,
                 gate=Gate(**step.gate.model_dump()),
                 model_uri=model_uri,
-                split_source=source,
+                score_on_split=lambda checkpoint: evaluate_checkpoint(checkpoint, source).metrics["AP"],
                 owner=parent_run_id,
-                extra_tags={"detkd.pipeline.runner": spec.name, "detkd.pipeline_run": parent_run_id},
+                extra_tags={"detkd.pipeline": spec.name, "detkd.pipeline_run": parent_run_id},
             )
             logger = RunLogger(tracking_uri=tracking.uri, run_id=register_id)
             logger.tags(

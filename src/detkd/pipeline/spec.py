@@ -162,7 +162,7 @@ def check_tracking_settings(spec: PipelineSpec, path: Path) -> None:
 
 
 def tracking_context(spec: PipelineSpec, *, parent_run_id: str | None = None):
-    from detkd.engine.plan import TrackingContext
+    from detkd.records import TrackingContext
     from detkd.tracking.runs import resolve_tracking_uri
 
     return TrackingContext(

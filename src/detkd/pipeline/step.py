@@ -135,7 +135,6 @@ def register(spec: PipelineSpec, pipeline_run: str, *, say) -> dict[str, Any]:
 
 
 def _seconds_since_start(spec: PipelineSpec, outputs: dict[str, Any]) -> float:
-    from mlflow.tracking import MlflowClient
+    from detkd.tracking.runs import run_start_time
 
-    started = MlflowClient(tracking_context(spec).uri).get_run(outputs["pipeline_run"]).info.start_time
-    return max(0.0, time.time() - started / 1000)
+    return max(0.0, time.time() - run_start_time(tracking_context(spec).uri, outputs["pipeline_run"]))

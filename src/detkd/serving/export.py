@@ -72,8 +72,7 @@ def export_detector(
     detections_per_img: int = 100,
 ) -> ExportResult:
     """Write ``out`` atomically and check it against eager PyTorch on a probe image."""
-    from detkd.engine.evaluate import checkpoint_plan
-    from detkd.models.checkpoint import load_detector
+    from detkd.models.checkpoint import checkpoint_plan, load_detector
     from detkd.models.detectors import set_inference_thresholds
 
     if format not in FORMATS:

@@ -127,7 +127,7 @@ class Predictor:
         score_thresh: float = 0.3,
         detections_per_img: int = 100,
     ) -> None:
-        from detkd.engine.datasets import eval_transform
+        from detkd.data.transforms import eval_transform
 
         self.backend = backend
         self.input_spec = input_spec
@@ -139,8 +139,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: Path | str, **options: Any) -> Predictor:
         """Eager PyTorch; the checkpoint is loaded with ``weights_only=True`` and verified by its checksum."""
-        from detkd.engine.evaluate import checkpoint_plan
-        from detkd.models.checkpoint import load_detector
+        from detkd.models.checkpoint import checkpoint_plan, load_detector
 
         model, meta = load_detector(Path(path))
         plan = checkpoint_plan(path, meta)
@@ -149,7 +148,7 @@ class Predictor:
     @classmethod
     def from_export(cls, path: Path | str, **options: Any) -> Predictor:
         """A ``detkd export`` file (ONNX, run by ONNX Runtime on CPU, or TorchScript)."""
-        from detkd.engine.plan import InputSpec
+        from detkd.records import InputSpec
         from detkd.serving.export import load_export
 
         info, runner = load_export(Path(path))

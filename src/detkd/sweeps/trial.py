@@ -18,7 +18,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from detkd.config import Config
-from detkd.engine.plan import RunPlan, TrackingContext
+from detkd.records import RunPlan, TrackingContext
 from detkd.sweeps.space import Parameter, apply_trial, stage_epochs, trial_settings, value_label
 
 TRIAL_EPOCH = "trial_epoch"  # epochs the trial has trained, over all its stages: ASHA's time axis

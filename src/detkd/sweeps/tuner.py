@@ -20,7 +20,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from detkd.config import ConfigError
-from detkd.engine.plan import TrackingContext
+from detkd.records import TrackingContext
 from detkd.sweeps.space import LoadedSpace, Parameter, SweepBudget, student_epochs
 from detkd.sweeps.trial import TRIAL_EPOCH, SweepJob, run_trial
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,16 +166,17 @@ class registry_lock:  # noqa: N801 - used as a context manager, like open()
         self._release()
 
 
-def champion_ap_on(client: MlflowClient, name: str, version: Any, candidate: Candidate, source) -> float:
-    """The champion's AP on the candidate's split: its recorded AP when measured there, else re-scored."""
+def champion_ap_on(
+    client: MlflowClient, name: str, version: Any, candidate: Candidate, score: Callable[[Path], float]
+) -> float:
+    """The champion's AP on the candidate's split: its recorded AP when measured there, else ``score``
+    of its checkpoint (the caller's evaluation on that split)."""
     tags = version.tags
     if tags.get(f"{TAG}split_digest") == candidate.split_digest and f"{TAG}ap" in tags:
         return float(tags[f"{TAG}ap"])
-    from detkd.engine.evaluate import evaluate_checkpoint
-
     with tempfile.TemporaryDirectory() as folder:
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=folder))
-        return evaluate_checkpoint(local / "artifacts/model.pt", source).metrics["AP"]
+        return score(local / "artifacts/model.pt")
 
 
 def register_candidate(
@@ -185,13 +187,14 @@ def register_candidate(
     baseline: Candidate | None,
     gate: Gate,
     model_uri: str,
-    split_source,
+    score_on_split: Callable[[Path], float],
     owner: str,
     extra_tags: dict[str, str] | None = None,
     lock_wait_s: float = 600.0,
 ) -> Registration:
     """Create a version of ``model`` from ``model_uri``, tag it with the gate, and move ``champion`` or
-    ``challenger`` to it (see the module docstring). ``split_source`` re-scores a champion measured elsewhere."""
+    ``challenger`` to it (see the module docstring). ``score_on_split`` (checkpoint -> AP on the candidate's
+    split) re-scores a champion that was measured on another split."""
     client = MlflowClient(tracking_uri)
     verdict = check_gate(candidate, baseline, gate)
     with registry_lock(client, model, owner=owner, wait_s=lock_wait_s):
@@ -220,7 +223,7 @@ def register_candidate(
                 current = client.get_model_version_by_alias(model, CHAMPION)
             except MlflowException:
                 current = None
-            current_ap = champion_ap_on(client, model, current, candidate, split_source) if current else None
+            current_ap = champion_ap_on(client, model, current, candidate, score_on_split) if current else None
             if not verdict.passed:
                 alias, why = CHALLENGER, "gate failed: " + "; ".join(verdict.reasons)
             elif current is not None and candidate.ap <= current_ap:

@@ -379,3 +379,24 @@ def close_run(tracking_uri: str, run_id: str, status: str) -> None:
             close_run(tracking_uri, child.info.run_id, status)
     if client.get_run(run_id).info.status != "FINISHED":
         client.set_terminated(run_id, status=status)
+
+
+def open_parent_run(tracking_uri: str, experiment: str, *, run_name: str, tags: dict[str, str]) -> str:
+    """A run left RUNNING for others to join as children (a pipeline's steps may be other processes);
+    ``tags`` get the ``detkd.`` prefix and are redacted."""
+    run = MlflowClient(tracking_uri).create_run(
+        experiment_id(tracking_uri, experiment),
+        run_name=run_name,
+        tags={f"{TAG_PREFIX}{k}": redact(str(v)) for k, v in tags.items()},
+    )
+    return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """Mark a run terminated with ``status`` (FINISHED, FAILED or KILLED)."""
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+def run_start_time(tracking_uri: str, run_id: str) -> float:
+    """When a run started, in seconds since the epoch."""
+    return MlflowClient(tracking_uri).get_run(run_id).info.start_time / 1000
