@@ -17,9 +17,10 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
+
+from repo_paths import repo_command, repo_path  # this folder is on sys.path when run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -82,7 +83,7 @@ ROWS: list[tuple[str, str, dict]] = [
 ]
 
 
-def build_spec(budget: dict, workdir: Path) -> dict:
+def build_spec(budget: dict, workdir: Path | str) -> dict:
     epochs = budget["epochs"]
     teacher = {"train": {"epochs": budget["teacher_epochs"]}, "model": {"min_level": 3, "max_level": 7}}
     students = []
@@ -225,7 +226,8 @@ def main() -> None:
     unknown = only - {name for name, _, _ in ROWS}
     if unknown:
         parser.error(f"--only: unknown rows {sorted(unknown)}")
-    spec_data = build_spec(budget, args.workdir)
+    # the recorded spec names the workdir relative to the repository; the run gets the real one
+    spec_data = build_spec(budget, repo_path(args.workdir))
     previous: dict = {}
     if only:
         previous = json.loads(Path(f"{stem}.json").read_text())
@@ -233,7 +235,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     spec_path = Path(f"{stem}.only.spec.json" if only else f"{stem}.spec.json")
     spec_path.write_text(json.dumps(spec_data, indent=1))
-    spec = load_pipeline(spec_path)
+    spec = load_pipeline(spec_path, [f"workdir={args.workdir}"])
     start = time.perf_counter()
     rows = run_pipeline(spec)
     wall = time.perf_counter() - start + previous.get("meta", {}).get("wall_s", 0.0)
@@ -245,7 +247,7 @@ def main() -> None:
 
     meta = {
         "command": "; then ".join(
-            filter(None, [previous.get("meta", {}).get("command"), " ".join(["python", *sys.argv])])
+            filter(None, [previous.get("meta", {}).get("command"), repo_command()])
         ),
         "budget": args.budget,
         "budget_settings": budget,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from repo_paths import repo_command, repo_path  # this folder is on sys.path when run
 from throughput import timed  # the benchmarks' one timing helper (this folder is on sys.path when run)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -232,8 +233,8 @@ def main() -> None:
         "eager_breakdown_ms_per_image": breakdown,
         "flops": flops,
         "meta": {
-            "command": " ".join(["python", *sys.argv]),
-            "images": f"{len(files)} PNGs from {args.images}",
+            "command": repo_command(),
+            "images": f"{len(files)} PNGs from {repo_path(args.images)}",
             "rounds": args.rounds,
             "threads": torch.get_num_threads(),
             "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, no GPU used",

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from repo_paths import repo_command, repo_path  # this folder is on sys.path when run
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -81,8 +83,8 @@ def main() -> None:
         "runs": results,
         "speedup": round(results[0]["seconds"] / results[1]["seconds"], 2),
         "meta": {
-            "command": " ".join(["python", *sys.argv]),
-            "spec": str(args.spec),
+            "command": repo_command(),
+            "spec": repo_path(args.spec),
             "overrides": args.overrides,
             "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, no GPU used",
             "versions": f"python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}",

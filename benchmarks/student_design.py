@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 from latency import measure_rounds, network_flops  # this folder is on sys.path when run
+from repo_paths import repo_command  # this folder is on sys.path when run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICKSTART_SPEC = Path("pipelines/quickstart.yaml")
@@ -167,7 +168,7 @@ def main() -> None:
         },
         "flops": flops,
         "meta": {
-            "command": " ".join(["python", *sys.argv]),
+            "command": repo_command(),
             "seeds": args.seeds,
             "epochs": epochs,
             "speed_rounds": args.rounds,

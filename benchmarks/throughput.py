@@ -16,13 +16,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from repo_paths import repo_command  # this folder is on sys.path when run
 from torch.utils.data import DataLoader
 
 from detkd.config import OptimConfig
@@ -153,7 +153,7 @@ def main() -> None:
     same = coco_metrics(gt, dets, backend="faster") == coco_metrics(gt, dets, backend="pycocotools")
 
     result = {
-        "command": " ".join(["python", *sys.argv]),
+        "command": repo_command(),
         "batch": args.batch,
         "repeats": args.repeats,
         "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, torch {torch.__version__}",

@@ -13,13 +13,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from mlflow.tracking import MlflowClient
+from repo_paths import repo_command  # this folder is on sys.path when run
 
 from detkd.config import Config
 from detkd.data.synth import SynthSpec, synthesize
@@ -105,7 +105,7 @@ def main() -> None:
         return Config.model_validate(raw)
 
     results: dict = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": repo_command(),
         "machine": {
             "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),

@@ -25,13 +25,13 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torchvision
+from repo_paths import repo_command  # this folder is on sys.path when run
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
@@ -228,7 +228,7 @@ def report(args: argparse.Namespace, checks: list[str], result: dict[str, dict[s
         f"| `{n}` | {_cells(r['sample'], base['sample'])} | {_cells(r['step'], base['step'])} |"
         for n, r in result.items()
     ]
-    command = "python benchmarks/transforms_bench.py " + " ".join(sys.argv[1:])
+    command = repo_command()
     ratio = {
         n: statistics.median(a / b for a, b in zip(r["step"], base["step"], strict=True)) for n, r in result.items()
     }

@@ -19,12 +19,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from repo_paths import repo_command  # this folder is on sys.path when run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("sequence", "asha", "weights")
@@ -400,7 +400,7 @@ def main() -> None:
     started = time.perf_counter()
     result = {"weights": part_weights, "asha": part_asha, "sequence": part_sequence}[args.part](args.workdir.resolve())
     result["meta"] = {
-        "command": " ".join(["python", *sys.argv]),
+        "command": repo_command(),
         "wall_s": time.perf_counter() - started,
         "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
         f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
