@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 
 class ConfigError(ValueError):
@@ -30,11 +31,16 @@ LocalPath = Annotated[Path, LOCAL_PATH]
 PathOrURI = Annotated[str, LOCAL_PATH]  # a folder, or a URI (s3://...) that is left as given
 
 
-def is_local_path(annotation: Any) -> bool:
-    """Whether a field's annotation is (or optionally is) a ``LocalPath``/``PathOrURI``."""
-    if LOCAL_PATH in getattr(annotation, "__metadata__", ()):
-        return True
-    return any(is_local_path(arg) for arg in get_args(annotation))
+def is_local_path(field: FieldInfo) -> bool:
+    """Whether a field is typed ``LocalPath``/``PathOrURI`` (or optionally so)."""
+
+    def marked(annotation: Any) -> bool:
+        if LOCAL_PATH in getattr(annotation, "__metadata__", ()):
+            return True
+        return any(marked(arg) for arg in get_args(annotation))
+
+    # pydantic moves a top-level Annotated's metadata to the field; inside ``X | None`` it stays in the annotation
+    return LOCAL_PATH in field.metadata or marked(field.annotation)
 
 
 def absolute_paths(model: Any, base: Path) -> Any:
@@ -56,7 +62,7 @@ def absolute_paths(model: Any, base: Path) -> Any:
         update = {}
         for name, field in type(value).model_fields.items():
             current = getattr(value, name)
-            update[name] = fix(current) if is_local_path(field.annotation) else walk(current)
+            update[name] = fix(current) if is_local_path(field) else walk(current)
         return value.model_copy(update=update)
 
     return type(model).model_validate(walk(model).model_dump())

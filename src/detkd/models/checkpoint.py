@@ -9,8 +9,10 @@ refused on load with or without the ``<file>.sha256`` sidecar (the SHA-256 of th
 whole file, for ``sha256sum -c``) that is still written beside it. Loading always
 uses ``weights_only=True``; files are written atomically.
 
-A detector checkpoint holds ``build_detector``'s keywords next to the weights, so
-any detkd detector (teacher or student) is rebuilt from the file alone.
+A detector checkpoint holds a :class:`~detkd.records.CheckpointMeta` next to the weights: its
+format version, the validated network config and the run plan, so any detkd detector
+(teacher or student) is rebuilt from the file alone, exactly as it was trained; a format
+whose network this code cannot rebuild exactly is refused, naming the version.
 """
 
 from __future__ import annotations
@@ -29,19 +31,21 @@ from torch import Tensor, nn
 
 from detkd.models.backbones import body_state_from_classifier
 from detkd.models.detectors import (
+    GroupNormFCOSHead,
     build_detector_from_config,
+    head_norm_groups,
     pyramid_backbone,
     rebuild_detector,
     single_scale,
     unwrap_model,
 )
 from detkd.models.mmdet_detector import MMDetDetector
-from detkd.records import InputSpec, RunPlan
+from detkd.records import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointMeta, InputSpec, RunPlan
 
 if TYPE_CHECKING:
     from detkd.config import ModelConfig
 
-FORMAT = "detkd.detector/2"
+FORMAT = f"{CHECKPOINT_FORMAT}/{CHECKPOINT_VERSION}"  # what this detkd writes
 MAGIC = b"DETKD-CHECKPOINT"
 HEADER_VERSION = 2
 _HEADER = re.compile(rb"^DETKD-CHECKPOINT (\d+) sha256=([0-9a-f]{64}) bytes=(\d+)\n")
@@ -59,7 +63,6 @@ def file_digest(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
 
 
 def _sha256(data: bytes) -> str:
@@ -166,33 +169,103 @@ def load_payload(path: Path, *, verify: bool = True) -> dict[str, Any]:
 
 
 def save_detector(path: Path, model: nn.Module, *, meta: dict[str, Any] | None = None) -> str:
-    """Save a detector (unwrapped from DDP) with its builder config. Returns the file's SHA-256."""
+    """Save a detector (unwrapped from DDP) with its :class:`CheckpointMeta`. Returns the file's SHA-256.
+
+    ``meta`` is the flat meta dict (``plan``, ``name``, ``val/...``); the network config comes from the model.
+    """
     model = unwrap_model(model)
+    record = CheckpointMeta.from_meta_dict(
+        dict(meta or {}), model=model.detkd_config, format_version=CHECKPOINT_VERSION
+    )
     payload = {
-        "format": FORMAT,
-        "model": dict(model.detkd_config),
+        "format": record.format,
+        "model": dict(record.model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "meta": dict(meta or {}),
+        "meta": record.meta_dict(),
     }
     return save_payload(Path(path), payload)
 
 
 def read_detector_payload(path: Path) -> dict[str, Any]:
+    """The payload of a detector checkpoint of a format this detkd reads (CheckpointError otherwise)."""
     payload = load_payload(Path(path))
-    if payload.get("format") != FORMAT or "model" not in payload or "state_dict" not in payload:
-        raise CheckpointError(
-            f"{path}: not a detkd detector checkpoint of format {FORMAT} (format={payload.get('format')!r})"
-        )
+    checkpoint_meta(path, payload)
     return payload
 
 
-def load_detector(path: Path, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the detector stored in ``path``; returns (model in eval mode, meta)."""
-    payload = read_detector_payload(Path(path))
-    model = rebuild_detector({**payload["model"], **overrides})
+def checkpoint_meta(path: Path, payload: dict[str, Any]) -> CheckpointMeta:
+    try:
+        return CheckpointMeta.from_payload(payload)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def read_checkpoint_meta(path: Path) -> CheckpointMeta:
+    return checkpoint_meta(path, load_payload(Path(path)))
+
+
+def load_detector(
+    path: Path, *, head_norm_groups: int | None = None, **overrides: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the detector stored in ``path``; returns (model in eval mode, the flat meta dict).
+
+    ``head_norm_groups`` sets an FCOS head's GroupNorm groups where the file cannot say them
+    (a format-2 file of fpn_channels 32 from before ``model.design``: see :func:`legacy_head_groups`).
+    """
+    payload = load_payload(Path(path))
+    meta = checkpoint_meta(path, payload)
+    model = detector_from_meta(meta, path=Path(path), head_norm_groups=head_norm_groups, **overrides)
     _load_state(model, payload["state_dict"], Path(path))
     model.eval()
-    return model, dict(payload.get("meta", {}))
+    return model, meta.meta_dict()
+
+
+def detector_from_meta(
+    meta: CheckpointMeta, *, path: Path, head_norm_groups: int | None = None, **overrides: Any
+) -> nn.Module:
+    """The network (no weights) a checkpoint was trained with; a CheckpointError when its format cannot say."""
+    groups = head_norm_groups if head_norm_groups is not None else legacy_head_groups(meta, path=path)
+    try:
+        model = rebuild_detector({**meta.model, **overrides})
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: checkpoint format {meta.format}: cannot rebuild its model: {exc}") from None
+    if groups is not None:
+        set_head_norm_groups(model, groups)
+    return model
+
+
+def legacy_head_groups(meta: CheckpointMeta, *, path: Path) -> int | None:
+    """GroupNorm groups of a format-2 FCOS head where they differ from today's rule (None: today's rule holds).
+
+    Format 2 files without ``model["design"]`` and an FCOS head under 64 channels (so 32: no
+    other width built then) were written either before detkd 7bc5af0, with torchvision's
+    GroupNorm(32), or after it, with 16 groups; GroupNorm's weights have the same shape either
+    way, so such a file is refused rather than loaded into a possibly wrong network.
+    """
+    model = meta.model
+    if meta.format_version != 2 or model.get("arch") != "fcos" or model.get("design", "standard") != "standard":
+        return None
+    channels = int(model["fpn_channels"])
+    if channels >= 64 or "design" in model:  # 64 up: 32 groups before and after; design: written after the change
+        return None
+    raise CheckpointError(
+        f"{path}: checkpoint format {meta.format} from before model.design existed, with an FCOS head over "
+        f"fpn_channels={channels}: its GroupNorm has 32 groups if written before 2026-11-22 (detkd 7bc5af0) and "
+        f"{head_norm_groups(channels)} after, and the file does not say which. Load it with "
+        "load_detector(path, head_norm_groups=32 or 16) and compare its detections, then re-save it"
+    )
+
+
+def set_head_norm_groups(model: nn.Module, groups: int) -> None:
+    """Set the GroupNorm group count of a detkd FCOS head (the weights do not depend on it)."""
+    head = getattr(single_scale(model), "head", None)
+    if not isinstance(head, GroupNormFCOSHead):
+        raise CheckpointError(f"head_norm_groups applies to a standard FCOS head, not {type(head).__name__}")
+    for module in head.modules():
+        if isinstance(module, nn.GroupNorm):
+            if module.num_channels % groups:
+                raise CheckpointError(f"head_norm_groups={groups} does not divide {module.num_channels} channels")
+            module.num_groups = groups
 
 
 def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
@@ -346,13 +419,14 @@ def _copy_mmdet_weights(target: nn.Module, source: nn.Module, *, neck_and_head: 
     return list(chosen)
 
 
-def checkpoint_plan(path, meta: dict[str, Any]) -> RunPlan:
+def checkpoint_plan(path, meta: CheckpointMeta | dict[str, Any]) -> RunPlan:
     """The run plan a checkpoint stores (its input view, categories and config)."""
-    if "plan" not in meta:
+    plan = meta.plan if isinstance(meta, CheckpointMeta) else meta.get("plan")
+    if plan is None:
         raise CheckpointError(f"{path}: the checkpoint stores no run plan, so its input view is unknown")
-    return RunPlan.from_dict(meta["plan"])
+    return RunPlan.from_dict(plan)
 
 
-def checkpoint_input(path, meta: dict[str, Any]) -> InputSpec:
+def checkpoint_input(path, meta: CheckpointMeta | dict[str, Any]) -> InputSpec:
     """The input view a checkpoint was trained and validated with, from the run plan it stores."""
     return checkpoint_plan(path, meta).input
