@@ -157,3 +157,21 @@ def test_digest_depends_on_its_version(monkeypatch):
     before = plan_module.config_digest(cfg, ())
     monkeypatch.setattr(plan_module, "DIGEST_VERSION", plan_module.DIGEST_VERSION + 1)
     assert plan_module.config_digest(cfg, ()) != before
+
+
+def test_format_2_widths_the_old_code_could_not_build_rebuild_with_todays_groups(tmp_path):
+    """Before 7bc5af0 fpn_channels had to be a multiple of 32: a 16-channel format-2 file is from after it."""
+    path = tmp_path / "old.pt"
+    save_payload(path, _old_payload(_tiny_fcos(16), keep_design=False))
+    assert _groups(load_detector(path)[0]) == {8}
+
+
+def test_a_teacher_whose_head_groups_are_unknown_is_refused_when_planned(tmp_path):
+    from detkd.config import ConfigError
+    from detkd.engine.teachers import resolve_teachers
+
+    path = tmp_path / "old.pt"
+    save_payload(path, _old_payload(_tiny_fcos(32), keep_design=False))
+    cfg = Config.model_validate({"distill": {"teachers": [{"source": str(path), "input_scale": 1.0}]}})
+    with pytest.raises(ConfigError, match=r"distill.teachers\[0\]: .*format detkd\.detector/2"):
+        resolve_teachers(cfg, num_classes=2, where="run")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from detkd.config import Config, ConfigError, TeacherRef
-from detkd.models.checkpoint import CheckpointError, file_digest, legacy_head_groups, read_checkpoint_meta
+from detkd.models.checkpoint import CheckpointError, file_digest, read_checkpoint_meta, refuse_unknown_head_groups
 from detkd.records import CheckpointMeta, TeacherSpec
 
 
@@ -64,7 +64,7 @@ def resolve_teachers(
         try:
             path = resolve_source(ref.source, names=names, cache_dir=cache_dir, tracking_uri=tracking_uri)
             meta = read_checkpoint_meta(path)
-            legacy_head_groups(meta, path=path)  # a file whose network its format cannot say is refused now
+            refuse_unknown_head_groups(meta, path=path)  # now, not in a worker
         except (ConfigError, CheckpointError) as exc:
             raise ConfigError(f"{key}: {exc}") from None
         out.append(

@@ -33,7 +33,6 @@ from detkd.models.backbones import body_state_from_classifier
 from detkd.models.detectors import (
     GroupNormFCOSHead,
     build_detector_from_config,
-    head_norm_groups,
     pyramid_backbone,
     rebuild_detector,
     single_scale,
@@ -210,7 +209,7 @@ def load_detector(
     """Rebuild the detector stored in ``path``; returns (model in eval mode, the flat meta dict).
 
     ``head_norm_groups`` sets an FCOS head's GroupNorm groups where the file cannot say them
-    (a format-2 file of fpn_channels 32 from before ``model.design``: see :func:`legacy_head_groups`).
+    (a format-2 file of fpn_channels 32 from before ``model.design``: see :func:`refuse_unknown_head_groups`).
     """
     payload = load_payload(Path(path))
     meta = checkpoint_meta(path, payload)
@@ -224,36 +223,36 @@ def detector_from_meta(
     meta: CheckpointMeta, *, path: Path, head_norm_groups: int | None = None, **overrides: Any
 ) -> nn.Module:
     """The network (no weights) a checkpoint was trained with; a CheckpointError when its format cannot say."""
-    groups = head_norm_groups if head_norm_groups is not None else legacy_head_groups(meta, path=path)
+    if head_norm_groups is None:
+        refuse_unknown_head_groups(meta, path=path)
     try:
         model = rebuild_detector({**meta.model, **overrides})
     except ValueError as exc:
         raise CheckpointError(f"{path}: checkpoint format {meta.format}: cannot rebuild its model: {exc}") from None
-    if groups is not None:
-        set_head_norm_groups(model, groups)
+    if head_norm_groups is not None:
+        set_head_norm_groups(model, head_norm_groups)
     return model
 
 
-def legacy_head_groups(meta: CheckpointMeta, *, path: Path) -> int | None:
-    """GroupNorm groups of a format-2 FCOS head where they differ from today's rule (None: today's rule holds).
+def refuse_unknown_head_groups(meta: CheckpointMeta, *, path: Path) -> None:
+    """Refuse a checkpoint whose FCOS head's GroupNorm group count its format does not determine.
 
-    Format 2 files without ``model["design"]`` and an FCOS head under 64 channels (so 32: no
-    other width built then) were written either before detkd 7bc5af0, with torchvision's
-    GroupNorm(32), or after it, with 16 groups; GroupNorm's weights have the same shape either
-    way, so such a file is refused rather than loaded into a possibly wrong network.
+    Before detkd 7bc5af0 (2026-11-22) an FCOS head had torchvision's GroupNorm(32) and fpn_channels
+    had to be a multiple of 32; since, widths under 64 get two channels per group. So a format-2
+    file of fpn_channels 32 has 32 or 16 groups, unless it names ``model["design"]`` (written from
+    6422bd7 on, after the change). GroupNorm's weights have the same shape either way: loading
+    such a file into today's head would silently change its predictions.
     """
     model = meta.model
-    if meta.format_version != 2 or model.get("arch") != "fcos" or model.get("design", "standard") != "standard":
-        return None
-    channels = int(model["fpn_channels"])
-    if channels >= 64 or "design" in model:  # 64 up: 32 groups before and after; design: written after the change
-        return None
-    raise CheckpointError(
-        f"{path}: checkpoint format {meta.format} from before model.design existed, with an FCOS head over "
-        f"fpn_channels={channels}: its GroupNorm has 32 groups if written before 2026-11-22 (detkd 7bc5af0) and "
-        f"{head_norm_groups(channels)} after, and the file does not say which. Load it with "
-        "load_detector(path, head_norm_groups=32 or 16) and compare its detections, then re-save it"
-    )
+    if meta.format_version != 2 or model.get("arch") != "fcos" or "design" in model:
+        return
+    if int(model["fpn_channels"]) == 32:
+        raise CheckpointError(
+            f"{path}: checkpoint format {meta.format} from before model.design existed, with an FCOS head over "
+            "fpn_channels=32: its GroupNorm has 32 groups if written before 2026-11-22 (detkd 7bc5af0) and 16 "
+            "after, and the file does not say which. Load it with load_detector(path, head_norm_groups=32 or 16), "
+            "check its detections, and save it again (format 3 records its network)"
+        )
 
 
 def set_head_norm_groups(model: nn.Module, groups: int) -> None:
