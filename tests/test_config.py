@@ -96,16 +96,23 @@ def test_override_of_unknown_key_is_refused(tmp_path):
 
 
 def test_model_section_mirrors_the_builder_keywords():
-    """Every ModelConfig field but the weight files (loaded by models.checkpoint) is a build_detector
-    keyword and vice versa: nothing in the config is silently dropped."""
+    """Every ModelConfig field but the weight files (loaded by models.checkpoint) reaches a builder,
+    and every builder keyword is a ModelConfig field: nothing in the config is silently dropped."""
     import inspect
 
-    from detkd.config import ModelConfig
-    from detkd.models import build_detector
+    from detkd.config import NETWORK_KEYS, TORCHVISION_MODEL_KEYS, ModelConfig
+    from detkd.models import build_fasterrcnn, build_fcos, build_retinanet
     from detkd.models.mmdet_detector import build_mmdet_detector
 
     weight_files = {"weights", "backbone_weights"}
     mmdet_only = {"mmdet_config"}  # arch mmdet: build_mmdet_detector reads the parsed file
-    torchvision_keys = set(ModelConfig.model_fields) - weight_files - mmdet_only
-    assert torchvision_keys == set(inspect.signature(build_detector).parameters)
+    assert set(NETWORK_KEYS) == set(ModelConfig.model_fields) - weight_files - mmdet_only
+    assert set(TORCHVISION_MODEL_KEYS) == set(NETWORK_KEYS) - {"arch", "num_classes"} | {"backbone_weights"}
+    multiscale = {"multiscale", "low_res_scale", "fused_loss_weight"}  # multiscale_from_config wraps a builder
+    builder_keys = set().union(
+        *(inspect.signature(b).parameters for b in (build_fcos, build_retinanet, build_fasterrcnn))
+    )
+    assert builder_keys | multiscale | {"arch"} == set(NETWORK_KEYS)
+    for builder in (build_fcos, build_retinanet, build_fasterrcnn):  # defaults live in ModelConfig alone
+        assert all(p.default is inspect.Parameter.empty for p in inspect.signature(builder).parameters.values())
     assert mmdet_only < set(inspect.signature(build_mmdet_detector).parameters)

@@ -8,14 +8,64 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the file and the key."""
+
+
+class _LocalPathMarker:
+    """Marks a path field that Ray workers (other cwd, other node) need made absolute; URIs stay as given."""
+
+    def __repr__(self) -> str:
+        return "LocalPath"
+
+
+LOCAL_PATH = _LocalPathMarker()
+LocalPath = Annotated[Path, LOCAL_PATH]
+PathOrURI = Annotated[str, LOCAL_PATH]  # a folder, or a URI (s3://...) that is left as given
+
+
+def is_local_path(field: FieldInfo) -> bool:
+    """Whether a field is typed ``LocalPath``/``PathOrURI`` (or optionally so)."""
+
+    def marked(annotation: Any) -> bool:
+        if LOCAL_PATH in getattr(annotation, "__metadata__", ()):
+            return True
+        return any(marked(arg) for arg in get_args(annotation))
+
+    # pydantic moves a top-level Annotated's metadata to the field; inside ``X | None`` it stays in the annotation
+    return LOCAL_PATH in field.metadata or marked(field.annotation)
+
+
+def absolute_paths(model: Any, base: Path) -> Any:
+    """A copy of ``model`` with every local-path field, in every nested section, resolved against ``base``.
+
+    Fields are found by type (:data:`LocalPath`), so a new path field is covered without a list.
+    """
+
+    def fix(value: Any) -> Any:
+        if value in (None, "") or "://" in str(value):
+            return value
+        return str((base / value).resolve())
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if not isinstance(value, BaseModel):
+            return value
+        update = {}
+        for name, field in type(value).model_fields.items():
+            current = getattr(value, name)
+            update[name] = fix(current) if is_local_path(field) else walk(current)
+        return value.model_copy(update=update)
+
+    return type(model).model_validate(walk(model).model_dump())
 
 
 class _Section(BaseModel):
@@ -25,9 +75,9 @@ class _Section(BaseModel):
 class SplitConfig(_Section):
     """One split: a COCO JSON plus image folder, or Parquet shards."""
 
-    coco: Path | None = None
-    images: Path | None = None
-    parquet: Path | None = None
+    coco: LocalPath | None = None
+    images: LocalPath | None = None
+    parquet: LocalPath | None = None
 
     @model_validator(mode="after")
     def _one_format(self) -> SplitConfig:
@@ -48,59 +98,58 @@ class DataConfig(_Section):
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
 
 
-# The ModelConfig keys that describe a torchvision-based detkd network; an MMDetection config describes its own.
-TORCHVISION_MODEL_KEYS = (
-    "backbone",
-    "min_level",
-    "max_level",
-    "fpn_channels",
-    "head_convs",
-    "design",
-    "anchor_sizes",
-    "score_thresh",
-    "nms_thresh",
-    "detections_per_img",
-    "norm",
-    "backbone_weights",
-    "multiscale",
-    "low_res_scale",
-    "fused_loss_weight",
-)
+# Marks a ModelConfig field of detkd's torchvision networks; an MMDetection config describes its own.
+_TV = {"framework": "torchvision"}
 
 
 class ModelConfig(_Section):
-    """Keyword arguments of ``detkd.models.build_detector`` (num_classes None = from the data).
+    """The one list of model settings and their defaults (num_classes None = from the data).
 
-    ``arch: mmdet`` builds the ``model`` section of the MMDetection 3.x config file
-    ``mmdet_config`` instead (``detkd.models.mmdet_detector``); ``weights`` may then be a detkd
-    checkpoint or an MMDetection one, and the torchvision keys do not apply.
+    Each arch's builder takes its settings from here (``detkd.models.detectors``: ``fcos_from_config``...)
+    and a checkpoint stores the validated network part. ``arch: mmdet`` builds the ``model``
+    section of the MMDetection 3.x config file ``mmdet_config`` instead
+    (``detkd.models.mmdet_detector``); ``weights`` may then be a detkd checkpoint or an
+    MMDetection one, and the fields marked torchvision do not apply.
     """
 
     arch: Literal["fcos", "retinanet", "fasterrcnn", "mmdet"] = "fcos"
-    mmdet_config: Path | None = Field(None, description="arch mmdet: an MMDetection 3.x config file")
+    mmdet_config: LocalPath | None = Field(None, description="arch mmdet: an MMDetection 3.x config file")
     backbone: Literal[
         "tiny", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "mobilenet_v3_small", "swin_t", "swin_s"
-    ] = "tiny"
+    ] = Field("tiny", json_schema_extra=_TV)
     num_classes: int | None = Field(None, ge=1)
-    min_level: int = Field(3, ge=2, le=5)
-    max_level: int = Field(7, ge=2, le=7, description="P6 and P7 come from torchvision's LastLevelP6P7")
-    fpn_channels: int = Field(64, ge=8)
-    head_convs: int = Field(2, ge=1, description="conv layers per FCOS head branch (RetinaNet/Faster R-CNN: fixed)")
+    min_level: int = Field(3, ge=2, le=5, json_schema_extra=_TV)
+    max_level: int = Field(
+        7, ge=2, le=7, description="P6 and P7 come from torchvision's LastLevelP6P7", json_schema_extra=_TV
+    )
+    fpn_channels: int = Field(64, ge=8, json_schema_extra=_TV)
+    head_convs: int = Field(
+        2, ge=1, description="conv layers per FCOS head branch (RetinaNet/Faster R-CNN: fixed)", json_schema_extra=_TV
+    )
     design: Literal["standard", "lite"] = Field(
         "standard",
         description="FCOS only. lite: the CPU-deployment student (separable FPN and shared separable head "
         "tower with per-level BatchNorm; detkd.models.lite)",
+        json_schema_extra=_TV,
     )
-    anchor_sizes: list[list[float]] | None = None
-    score_thresh: float = Field(0.05, ge=0, le=1)
-    nms_thresh: float = Field(0.6, gt=0, le=1)
-    detections_per_img: int = Field(100, ge=1)
-    norm: Literal["bn", "frozen_bn"] = "bn"
-    backbone_weights: Path | None = None
-    weights: Path | None = None
-    multiscale: bool = Field(False, description="MSAD aligned multi-scale teacher (one-stage archs)")
-    low_res_scale: float = Field(0.5, gt=0, lt=1, description="multi-scale teacher: the low-resolution branch's scale")
-    fused_loss_weight: float = Field(0.4, ge=0, description="multi-scale teacher: weight of the fused branch's loss")
+    anchor_sizes: list[list[float]] | None = Field(
+        None, description="per level; default: proportional to each level's stride", json_schema_extra=_TV
+    )
+    score_thresh: float = Field(0.05, ge=0, le=1, json_schema_extra=_TV)
+    nms_thresh: float = Field(0.6, gt=0, le=1, json_schema_extra=_TV)
+    detections_per_img: int = Field(100, ge=1, json_schema_extra=_TV)
+    norm: Literal["bn", "frozen_bn"] = Field("bn", json_schema_extra=_TV)
+    backbone_weights: LocalPath | None = Field(None, json_schema_extra=_TV)
+    weights: LocalPath | None = None
+    multiscale: bool = Field(
+        False, description="MSAD aligned multi-scale teacher (one-stage archs)", json_schema_extra=_TV
+    )
+    low_res_scale: float = Field(
+        0.5, gt=0, lt=1, description="multi-scale teacher: the low-resolution branch's scale", json_schema_extra=_TV
+    )
+    fused_loss_weight: float = Field(
+        0.4, ge=0, description="multi-scale teacher: weight of the fused branch's loss", json_schema_extra=_TV
+    )
 
     @model_validator(mode="after")
     def _levels(self) -> ModelConfig:
@@ -131,6 +180,14 @@ class ModelConfig(_Section):
         if self.max_level < self.min_level:
             raise ValueError(f"max_level ({self.max_level}) must be >= min_level ({self.min_level})")
         return self
+
+
+# The ModelConfig keys of a torchvision-based detkd network, read off the schema.
+TORCHVISION_MODEL_KEYS = tuple(
+    name for name, field in ModelConfig.model_fields.items() if field.json_schema_extra == _TV
+)
+# What a builder takes (weight files are loaded afterwards by detkd.models.checkpoint).
+NETWORK_KEYS = ("arch", "num_classes", *(k for k in TORCHVISION_MODEL_KEYS if k != "backbone_weights"))
 
 
 class InputConfig(_Section):
@@ -184,9 +241,11 @@ class ScalingSection(_Section):
 
 
 class RunSection(_Section):
-    storage_path: str = Field("runs/ray", description="a folder, or any URI pyarrow understands (s3://, gs://...)")
+    storage_path: PathOrURI = Field(
+        "runs/ray", description="a folder, or any URI pyarrow understands (s3://, gs://...)"
+    )
     storage_endpoint: str | None = Field(None, description="S3 endpoint override, e.g. http://minio:9000")
-    output_dir: Path = Path("runs")
+    output_dir: LocalPath = Path("runs")
     max_failures: int = Field(1, ge=-1)
     keep_checkpoints: int = Field(2, ge=1)
 
@@ -211,7 +270,7 @@ class TeacherRef(_Section):
     """
 
     source: str
-    mmdet_config: Path | None = Field(
+    mmdet_config: LocalPath | None = Field(
         None, description="source is an MMDetection checkpoint of the model in this MMDetection config file"
     )
     input_scale: float | None = Field(

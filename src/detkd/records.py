@@ -125,3 +125,76 @@ class RunPlan:
         )
 
 
+# --- Checkpoint metadata -------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "detkd.detector"
+# The payload's format version; the reader rebuilds each version's network exactly or refuses it.
+#   2: ``model`` holds build_detector's keywords. FCOS heads below 64 channels (fpn_channels 32) had torchvision's
+#      GroupNorm(32) until detkd commit 7bc5af0 (2026-11-22) and 16 groups after; ``model["design"]`` exists only
+#      in files written after both changes (6422bd7), so a file without it does not say which.
+#   3: ``model`` is the validated ModelConfig network part (config.NETWORK_KEYS), or arch mmdet's resolved config;
+#      FCOS head groups: min(32, channels // 2).
+CHECKPOINT_VERSION = 3
+CHECKPOINT_VERSIONS_READ = (2, 3)
+_META_FIELDS = ("plan", "name", "role", "method", "mlflow_run_id", "step")
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a detector checkpoint says about itself next to its weights: format, network, run plan, scores.
+
+    Stored as the payload's ``format`` and ``model`` entries and its flat ``meta`` dict (``plan``,
+    ``name``, ``role``, ``method``, ``mlflow_run_id``, ``step``, ``val/...`` metrics), as before.
+    """
+
+    model: dict[str, Any]  # the builder config: ModelConfig's network fields, or arch mmdet's resolved config
+    format_version: int = CHECKPOINT_VERSION
+    plan: dict[str, Any] | None = None  # RunPlan.to_dict()
+    name: str | None = None
+    role: str | None = None
+    method: str | None = None
+    mlflow_run_id: str | None = None
+    step: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # "val/AP", ...
+    extra: dict[str, Any] = field(default_factory=dict)  # any other meta keys a caller stored, kept as given
+
+    @property
+    def format(self) -> str:
+        return f"{CHECKPOINT_FORMAT}/{self.format_version}"
+
+    @property
+    def arch(self) -> str:
+        return str(self.model.get("arch"))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model["num_classes"])
+
+    def run_plan(self) -> RunPlan | None:
+        return RunPlan.from_dict(self.plan) if self.plan is not None else None
+
+    def meta_dict(self) -> dict[str, Any]:
+        """The flat ``meta`` dict stored in the file (unset fields left out)."""
+        known = {key: getattr(self, key) for key in _META_FIELDS if getattr(self, key) is not None}
+        return {**self.extra, **known, **self.metrics}
+
+    @classmethod
+    def from_meta_dict(cls, meta: dict[str, Any], *, model: dict[str, Any], format_version: int) -> CheckpointMeta:
+        """Split a flat ``meta`` dict into fields, metrics (``val/...``) and anything else."""
+        known = {key: meta[key] for key in _META_FIELDS if key in meta}
+        metrics = {k: float(v) for k, v in meta.items() if k.startswith("val/")}
+        extra = {k: v for k, v in meta.items() if k not in known and k not in metrics}
+        return cls(model=dict(model), format_version=format_version, metrics=metrics, extra=extra, **known)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> CheckpointMeta:
+        """The meta of a loaded payload; ValueError naming the format when this detkd cannot read it."""
+        stored = payload.get("format")
+        prefix, _, version = str(stored).partition("/")
+        parts = "model" in payload and "state_dict" in payload
+        if prefix != CHECKPOINT_FORMAT or not version.isdigit() or not parts:
+            raise ValueError(f"not a detkd detector checkpoint (format={stored!r})")
+        if int(version) not in CHECKPOINT_VERSIONS_READ:
+            readable = ", ".join(f"{CHECKPOINT_FORMAT}/{v}" for v in CHECKPOINT_VERSIONS_READ)
+            raise ValueError(f"checkpoint format {stored} is not one this detkd reads ({readable})")
+        return cls.from_meta_dict(dict(payload.get("meta") or {}), model=payload["model"], format_version=int(version))

@@ -14,12 +14,12 @@ from detkd.models import (
     MultiScaleDetector,
     build_detector,
     build_detector_from_config,
-    build_fasterrcnn,
-    build_fcos,
-    build_retinanet,
     detector_config,
+    fasterrcnn_from_config,
+    fcos_from_config,
     has_dense_logits,
     pyramid_strides,
+    retinanet_from_config,
     set_inference_thresholds,
     unwrap_model,
 )
@@ -28,11 +28,15 @@ from detkd.models.taps import extract_features
 
 
 def test_one_builder_per_arch():
-    assert DETECTOR_BUILDERS == {"fcos": build_fcos, "retinanet": build_retinanet, "fasterrcnn": build_fasterrcnn}
+    assert DETECTOR_BUILDERS == {
+        "fcos": fcos_from_config,
+        "retinanet": retinanet_from_config,
+        "fasterrcnn": fasterrcnn_from_config,
+    }
     assert ARCHS == ("fcos", "retinanet", "fasterrcnn")
     kinds = {"fcos": FCOS, "retinanet": RetinaNet, "fasterrcnn": FasterRCNN}
     for arch, kind in kinds.items():
-        direct = DETECTOR_BUILDERS[arch](backbone="tiny", num_classes=2, fpn_channels=32)
+        direct = DETECTOR_BUILDERS[arch](ModelConfig(arch=arch, fpn_channels=32), num_classes=2)
         assert type(direct) is kind
         via_entry = build_detector(arch=arch, backbone="tiny", num_classes=2, fpn_channels=32)
         assert type(via_entry) is kind
@@ -75,7 +79,7 @@ def test_fcos_with_channels_its_group_norm_cannot_split_is_refused_clearly(chann
 
 
 def test_max_level_above_seven_is_refused_clearly():
-    with pytest.raises(ValueError, match="max_level must be <= 7.*got 8"):
+    with pytest.raises(ValueError, match="max_level: Input should be less than or equal to 7"):
         build_detector(arch="retinanet", backbone="tiny", num_classes=2, max_level=8)
 
 

@@ -40,7 +40,7 @@ def test_intact_file_loads_with_and_without_sidecar(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
     Path(f"{path}.sha256").unlink()
     loaded, _ = load_detector(path)  # the file verifies itself
-    assert read_detector_payload(path)["format"] == FORMAT == "detkd.detector/2"
+    assert read_detector_payload(path)["format"] == FORMAT == "detkd.detector/3"
 
 
 @pytest.mark.parametrize("keep_sidecar", [True, False])
@@ -167,5 +167,5 @@ def test_build_model_loads_torchvision_classification_weights_into_the_body(tmp_
 def test_old_detector_format_is_refused_by_name(tmp_path):
     path = tmp_path / "old.pt"
     save_payload(path, {"format": "detkd.detector/1", "model": {}, "state_dict": {}})
-    with pytest.raises(CheckpointError, match=f"{path}: not a detkd detector checkpoint"):
+    with pytest.raises(CheckpointError, match=f"{path}: checkpoint format detkd.detector/1 is not one"):
         load_detector(path)

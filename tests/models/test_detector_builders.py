@@ -115,9 +115,9 @@ def test_anchor_sizes_follow_strides_and_are_configurable():
 
 
 def test_bad_builder_arguments_are_named():
-    with pytest.raises(ValueError, match="unknown arch"):
+    with pytest.raises(ValueError, match="arch: Input should be"):
         build_detector(arch="yolo", backbone="tiny", num_classes=1)
-    with pytest.raises(ValueError, match="unknown backbone"):
+    with pytest.raises(ValueError, match="backbone: Input should be"):
         build_detector(arch="fcos", backbone="vgg", num_classes=1)
     with pytest.raises(ValueError, match="min_level"):
         build_detector(arch="fcos", backbone="tiny", num_classes=1, min_level=1)

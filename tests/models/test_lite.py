@@ -103,7 +103,7 @@ def test_lite_is_refused_where_it_does_not_apply():
         ModelConfig(arch="fcos", design="lite", multiscale=True)
     with pytest.raises(ValueError, match="an FCOS design"):
         build_detector(arch="retinanet", backbone="tiny", num_classes=2, design="lite")
-    with pytest.raises(ValueError, match="unknown FCOS design"):
+    with pytest.raises(ValueError, match="design: Input should be"):
         build_detector(arch="fcos", backbone="tiny", num_classes=2, design="tiny")
     head = lite().head
     with pytest.raises(ValueError, match="built for 3 pyramid levels, got 2"):

@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 from detkd.config import Config, ConfigError, SplitConfig, deep_merge, validate_config
+from detkd.config import absolute_paths as config_absolute_paths
 from detkd.data.records import DetectionSource
 from detkd.models.checkpoint import file_digest
 from detkd.records import InputSpec, RunPlan, TeacherSpec, TrackingContext
@@ -37,24 +37,13 @@ def input_spec(cfg: Config) -> InputSpec:
 
 
 def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
-    """Ray workers do not share the driver's cwd: make every path absolute (URIs are left as given)."""
-    base = Path(base or Path.cwd())
-    data = cfg.model_dump()
+    """Ray workers do not share the driver's cwd: make every path field absolute (URIs are left as given)."""
+    return config_absolute_paths(cfg, Path(base or Path.cwd()))
 
-    def fix(value: Any) -> Any:
-        if value in (None, "") or "://" in str(value):
-            return value
-        return str((base / value).resolve())
 
-    for split in ("train", "val", "test"):
-        if data["data"][split]:
-            for key in ("coco", "images", "parquet"):
-                data["data"][split][key] = fix(data["data"][split][key])
-    for key in ("weights", "backbone_weights", "mmdet_config"):
-        data["model"][key] = fix(data["model"][key])
-    data["run"]["storage_path"] = fix(data["run"]["storage_path"])
-    data["run"]["output_dir"] = fix(data["run"]["output_dir"])
-    return Config.model_validate(data)
+# Bump when what enters the digest changes: runs planned by older code then start in new Ray run folders
+# instead of resuming. 2: every model field enters as it is (1 left out design "standard" and mmdet_config).
+DIGEST_VERSION = 2
 
 
 def config_digest(cfg: Config, teachers: tuple[TeacherSpec, ...]) -> str:
@@ -65,14 +54,14 @@ def config_digest(cfg: Config, teachers: tuple[TeacherSpec, ...]) -> str:
     an MMDetection config enters by its resolved ``model`` section.
     """
     data = cfg.model_dump(mode="json", exclude={"run": True, "tracking": True, "name": True, "eval": True})
+    data["digest_version"] = DIGEST_VERSION
     data["data"].pop("test", None)  # held out: never read by training
     data["train"].pop("log_every", None)
     for key in ("weights", "backbone_weights"):
         value = data["model"].pop(key)
         data["model"][f"{key}_sha256"] = file_digest(Path(value)) if value and Path(value).is_file() else value
-    if data["model"].get("design") == "standard":
-        data["model"].pop("design")  # absent from standard runs' digests, as before designs existed
-    mmdet_config = data["model"].pop("mmdet_config")  # absent from torchvision runs' digests, as before it existed
+    mmdet_config = data["model"].pop("mmdet_config")
+    data["model"]["mmdet_model_sha256"] = None
     if mmdet_config:
         from detkd.models.mmdet_detector import model_section_digest
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from detkd.config import Config, ConfigError, TeacherRef
-from detkd.models.checkpoint import CheckpointError, file_digest, read_detector_payload
-from detkd.records import TeacherSpec
+from detkd.models.checkpoint import CheckpointError, file_digest, read_checkpoint_meta, refuse_unknown_head_groups
+from detkd.records import CheckpointMeta, TeacherSpec
 
 
 def resolve_source(
@@ -63,19 +63,19 @@ def resolve_teachers(
             continue
         try:
             path = resolve_source(ref.source, names=names, cache_dir=cache_dir, tracking_uri=tracking_uri)
-            payload = read_detector_payload(path)
+            meta = read_checkpoint_meta(path)
+            refuse_unknown_head_groups(meta, path=path)  # now, not in a worker
         except (ConfigError, CheckpointError) as exc:
             raise ConfigError(f"{key}: {exc}") from None
-        meta = payload.get("meta", {})
         out.append(
             TeacherSpec(
                 source=ref.source,
                 path=str(path),
-                scale=teacher_scale(ref, meta, payload["model"], cfg, num_classes, path=path, where=key),
+                scale=teacher_scale(ref, meta, cfg, num_classes, path=path, where=key),
                 sha256=file_digest(path),
-                name=str(meta.get("name", path.parent.name)),
-                model=dict(payload["model"]),
-                mlflow_run_id=meta.get("mlflow_run_id"),
+                name=str(meta.name if meta.name is not None else path.parent.name),
+                model=dict(meta.model),
+                mlflow_run_id=meta.mlflow_run_id,
             )
         )
     return tuple(out)
@@ -122,14 +122,14 @@ def resolve_mmdet_teacher(ref: TeacherRef, *, num_classes: int, where: str) -> T
 
 
 def teacher_scale(
-    ref: TeacherRef, meta: dict, model: dict, cfg: Config, num_classes: int, *, path: Path, where: str
+    ref: TeacherRef, meta: CheckpointMeta, cfg: Config, num_classes: int, *, path: Path, where: str
 ) -> float:
     """The teacher's input size relative to the student's reference view (``input.size``)."""
-    if model["num_classes"] != num_classes:
-        raise ConfigError(f"{where}: teacher {path} has {model['num_classes']} classes, the student {num_classes}")
+    if meta.num_classes != num_classes:
+        raise ConfigError(f"{where}: teacher {path} has {meta.num_classes} classes, the student {num_classes}")
     if ref.input_scale is not None:
         return float(ref.input_scale)
-    plan = meta.get("plan")
+    plan = meta.plan
     if not plan:
         raise ConfigError(f"{where}: {path} records no run plan (input size); set {where}.input_scale")
     spec = plan["input"]

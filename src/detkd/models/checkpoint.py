@@ -9,8 +9,10 @@ refused on load with or without the ``<file>.sha256`` sidecar (the SHA-256 of th
 whole file, for ``sha256sum -c``) that is still written beside it. Loading always
 uses ``weights_only=True``; files are written atomically.
 
-A detector checkpoint holds ``build_detector``'s keywords next to the weights, so
-any detkd detector (teacher or student) is rebuilt from the file alone.
+A detector checkpoint holds a :class:`~detkd.records.CheckpointMeta` next to the weights: its
+format version, the validated network config and the run plan, so any detkd detector
+(teacher or student) is rebuilt from the file alone, exactly as it was trained; a format
+whose network this code cannot rebuild exactly is refused, naming the version.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from detkd.models.backbones import body_state_from_classifier
 from detkd.models.detectors import (
+    GroupNormFCOSHead,
     build_detector_from_config,
     pyramid_backbone,
     rebuild_detector,
@@ -36,12 +39,12 @@ from detkd.models.detectors import (
     unwrap_model,
 )
 from detkd.models.mmdet_detector import MMDetDetector
-from detkd.records import InputSpec, RunPlan
+from detkd.records import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointMeta, InputSpec, RunPlan
 
 if TYPE_CHECKING:
     from detkd.config import ModelConfig
 
-FORMAT = "detkd.detector/2"
+FORMAT = f"{CHECKPOINT_FORMAT}/{CHECKPOINT_VERSION}"  # what this detkd writes
 MAGIC = b"DETKD-CHECKPOINT"
 HEADER_VERSION = 2
 _HEADER = re.compile(rb"^DETKD-CHECKPOINT (\d+) sha256=([0-9a-f]{64}) bytes=(\d+)\n")
@@ -59,7 +62,6 @@ def file_digest(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
 
 
 def _sha256(data: bytes) -> str:
@@ -166,33 +168,103 @@ def load_payload(path: Path, *, verify: bool = True) -> dict[str, Any]:
 
 
 def save_detector(path: Path, model: nn.Module, *, meta: dict[str, Any] | None = None) -> str:
-    """Save a detector (unwrapped from DDP) with its builder config. Returns the file's SHA-256."""
+    """Save a detector (unwrapped from DDP) with its :class:`CheckpointMeta`. Returns the file's SHA-256.
+
+    ``meta`` is the flat meta dict (``plan``, ``name``, ``val/...``); the network config comes from the model.
+    """
     model = unwrap_model(model)
+    record = CheckpointMeta.from_meta_dict(
+        dict(meta or {}), model=model.detkd_config, format_version=CHECKPOINT_VERSION
+    )
     payload = {
-        "format": FORMAT,
-        "model": dict(model.detkd_config),
+        "format": record.format,
+        "model": dict(record.model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "meta": dict(meta or {}),
+        "meta": record.meta_dict(),
     }
     return save_payload(Path(path), payload)
 
 
 def read_detector_payload(path: Path) -> dict[str, Any]:
+    """The payload of a detector checkpoint of a format this detkd reads (CheckpointError otherwise)."""
     payload = load_payload(Path(path))
-    if payload.get("format") != FORMAT or "model" not in payload or "state_dict" not in payload:
-        raise CheckpointError(
-            f"{path}: not a detkd detector checkpoint of format {FORMAT} (format={payload.get('format')!r})"
-        )
+    checkpoint_meta(path, payload)
     return payload
 
 
-def load_detector(path: Path, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the detector stored in ``path``; returns (model in eval mode, meta)."""
-    payload = read_detector_payload(Path(path))
-    model = rebuild_detector({**payload["model"], **overrides})
+def checkpoint_meta(path: Path, payload: dict[str, Any]) -> CheckpointMeta:
+    try:
+        return CheckpointMeta.from_payload(payload)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def read_checkpoint_meta(path: Path) -> CheckpointMeta:
+    return checkpoint_meta(path, load_payload(Path(path)))
+
+
+def load_detector(
+    path: Path, *, head_norm_groups: int | None = None, **overrides: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the detector stored in ``path``; returns (model in eval mode, the flat meta dict).
+
+    ``head_norm_groups`` sets an FCOS head's GroupNorm groups where the file cannot say them
+    (a format-2 file of fpn_channels 32 from before ``model.design``: see :func:`refuse_unknown_head_groups`).
+    """
+    payload = load_payload(Path(path))
+    meta = checkpoint_meta(path, payload)
+    model = detector_from_meta(meta, path=Path(path), head_norm_groups=head_norm_groups, **overrides)
     _load_state(model, payload["state_dict"], Path(path))
     model.eval()
-    return model, dict(payload.get("meta", {}))
+    return model, meta.meta_dict()
+
+
+def detector_from_meta(
+    meta: CheckpointMeta, *, path: Path, head_norm_groups: int | None = None, **overrides: Any
+) -> nn.Module:
+    """The network (no weights) a checkpoint was trained with; a CheckpointError when its format cannot say."""
+    if head_norm_groups is None:
+        refuse_unknown_head_groups(meta, path=path)
+    try:
+        model = rebuild_detector({**meta.model, **overrides})
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: checkpoint format {meta.format}: cannot rebuild its model: {exc}") from None
+    if head_norm_groups is not None:
+        set_head_norm_groups(model, head_norm_groups)
+    return model
+
+
+def refuse_unknown_head_groups(meta: CheckpointMeta, *, path: Path) -> None:
+    """Refuse a checkpoint whose FCOS head's GroupNorm group count its format does not determine.
+
+    Before detkd 7bc5af0 (2026-11-22) an FCOS head had torchvision's GroupNorm(32) and fpn_channels
+    had to be a multiple of 32; since, widths under 64 get two channels per group. So a format-2
+    file of fpn_channels 32 has 32 or 16 groups, unless it names ``model["design"]`` (written from
+    6422bd7 on, after the change). GroupNorm's weights have the same shape either way: loading
+    such a file into today's head would silently change its predictions.
+    """
+    model = meta.model
+    if meta.format_version != 2 or model.get("arch") != "fcos" or "design" in model:
+        return
+    if int(model["fpn_channels"]) == 32:
+        raise CheckpointError(
+            f"{path}: checkpoint format {meta.format} from before model.design existed, with an FCOS head over "
+            "fpn_channels=32: its GroupNorm has 32 groups if written before 2026-11-22 (detkd 7bc5af0) and 16 "
+            "after, and the file does not say which. Load it with load_detector(path, head_norm_groups=32 or 16), "
+            "check its detections, and save it again (format 3 records its network)"
+        )
+
+
+def set_head_norm_groups(model: nn.Module, groups: int) -> None:
+    """Set the GroupNorm group count of a detkd FCOS head (the weights do not depend on it)."""
+    head = getattr(single_scale(model), "head", None)
+    if not isinstance(head, GroupNormFCOSHead):
+        raise CheckpointError(f"head_norm_groups applies to a standard FCOS head, not {type(head).__name__}")
+    for module in head.modules():
+        if isinstance(module, nn.GroupNorm):
+            if module.num_channels % groups:
+                raise CheckpointError(f"head_norm_groups={groups} does not divide {module.num_channels} channels")
+            module.num_groups = groups
 
 
 def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
@@ -346,13 +418,14 @@ def _copy_mmdet_weights(target: nn.Module, source: nn.Module, *, neck_and_head: 
     return list(chosen)
 
 
-def checkpoint_plan(path, meta: dict[str, Any]) -> RunPlan:
+def checkpoint_plan(path, meta: CheckpointMeta | dict[str, Any]) -> RunPlan:
     """The run plan a checkpoint stores (its input view, categories and config)."""
-    if "plan" not in meta:
+    plan = meta.plan if isinstance(meta, CheckpointMeta) else meta.get("plan")
+    if plan is None:
         raise CheckpointError(f"{path}: the checkpoint stores no run plan, so its input view is unknown")
-    return RunPlan.from_dict(meta["plan"])
+    return RunPlan.from_dict(plan)
 
 
-def checkpoint_input(path, meta: dict[str, Any]) -> InputSpec:
+def checkpoint_input(path, meta: CheckpointMeta | dict[str, Any]) -> InputSpec:
     """The input view a checkpoint was trained and validated with, from the run plan it stores."""
     return checkpoint_plan(path, meta).input

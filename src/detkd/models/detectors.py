@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pydantic import ValidationError
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
@@ -24,13 +25,11 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from detkd.models.backbones import BACKBONES, PyramidBackbone, build_pyramid_backbone
+from detkd.config import NETWORK_KEYS, ModelConfig, format_validation_error
+from detkd.models.backbones import PyramidBackbone, build_pyramid_backbone
 from detkd.models.lite import DESIGNS, LiteFCOSHead, make_fpn_separable
 from detkd.models.mmdet_detector import MMDetDetector, build_mmdet_detector, read_mmdet_config
 from detkd.models.multiscale import MultiScaleDetector, level_shift
-
-if TYPE_CHECKING:
-    from detkd.config import ModelConfig
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -172,21 +171,22 @@ def build_fcos(
     *,
     backbone: str,
     num_classes: int,
-    min_level: int = 3,
-    max_level: int = 7,
-    fpn_channels: int = 64,
-    head_convs: int = 2,
-    anchor_sizes: list[list[float]] | None = None,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.6,
-    detections_per_img: int = 100,
-    norm: str = "bn",
-    design: str = "standard",
+    min_level: int,
+    max_level: int,
+    fpn_channels: int,
+    head_convs: int,
+    anchor_sizes: list[list[float]] | None,
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_img: int,
+    norm: str,
+    design: str,
 ) -> FCOS:
     """FCOS (one point per location). ``num_classes`` excludes background (labels are 1..num_classes).
 
     ``design="lite"`` is the CPU-deployment student of :mod:`detkd.models.lite`: separable FPN
-    output convs and a shared separable head tower with per-level BatchNorm.
+    output convs and a shared separable head tower with per-level BatchNorm. Defaults and
+    docs of every argument: :class:`~detkd.config.ModelConfig` (:func:`fcos_from_config`).
     """
     if design not in DESIGNS:
         raise ValueError(f"unknown FCOS design {design!r}; choose from {DESIGNS}")
@@ -219,18 +219,35 @@ def build_fcos(
     return model
 
 
+def fcos_from_config(cfg: ModelConfig, *, num_classes: int) -> FCOS:
+    return build_fcos(
+        backbone=cfg.backbone,
+        num_classes=num_classes,
+        min_level=cfg.min_level,
+        max_level=cfg.max_level,
+        fpn_channels=cfg.fpn_channels,
+        head_convs=cfg.head_convs,
+        anchor_sizes=cfg.anchor_sizes,
+        score_thresh=cfg.score_thresh,
+        nms_thresh=cfg.nms_thresh,
+        detections_per_img=cfg.detections_per_img,
+        norm=cfg.norm,
+        design=cfg.design,
+    )
+
+
 def build_retinanet(
     *,
     backbone: str,
     num_classes: int,
-    min_level: int = 3,
-    max_level: int = 7,
-    fpn_channels: int = 64,
-    anchor_sizes: list[list[float]] | None = None,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.6,
-    detections_per_img: int = 100,
-    norm: str = "bn",
+    min_level: int,
+    max_level: int,
+    fpn_channels: int,
+    anchor_sizes: list[list[float]] | None,
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_img: int,
+    norm: str,
 ) -> RetinaNet:
     """RetinaNet (9 anchors per location); torchvision's head (4 convs per branch) with GroupNorm."""
     classes = _check_classes(num_classes)
@@ -258,18 +275,33 @@ def build_retinanet(
     return model
 
 
+def retinanet_from_config(cfg: ModelConfig, *, num_classes: int) -> RetinaNet:
+    return build_retinanet(
+        backbone=cfg.backbone,
+        num_classes=num_classes,
+        min_level=cfg.min_level,
+        max_level=cfg.max_level,
+        fpn_channels=cfg.fpn_channels,
+        anchor_sizes=cfg.anchor_sizes,
+        score_thresh=cfg.score_thresh,
+        nms_thresh=cfg.nms_thresh,
+        detections_per_img=cfg.detections_per_img,
+        norm=cfg.norm,
+    )
+
+
 def build_fasterrcnn(
     *,
     backbone: str,
     num_classes: int,
-    min_level: int = 3,
-    max_level: int = 7,
-    fpn_channels: int = 64,
-    anchor_sizes: list[list[float]] | None = None,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.6,
-    detections_per_img: int = 100,
-    norm: str = "bn",
+    min_level: int,
+    max_level: int,
+    fpn_channels: int,
+    anchor_sizes: list[list[float]] | None,
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_img: int,
+    norm: str,
 ) -> FasterRCNN:
     """Faster R-CNN; RoIs are pooled from the levels up to P5 (P6/P7 only feed the RPN)."""
     classes = _check_classes(num_classes)
@@ -292,136 +324,70 @@ def build_fasterrcnn(
     return model
 
 
+def fasterrcnn_from_config(cfg: ModelConfig, *, num_classes: int) -> FasterRCNN:
+    return build_fasterrcnn(
+        backbone=cfg.backbone,
+        num_classes=num_classes,
+        min_level=cfg.min_level,
+        max_level=cfg.max_level,
+        fpn_channels=cfg.fpn_channels,
+        anchor_sizes=cfg.anchor_sizes,
+        score_thresh=cfg.score_thresh,
+        nms_thresh=cfg.nms_thresh,
+        detections_per_img=cfg.detections_per_img,
+        norm=cfg.norm,
+    )
+
+
+# arch -> its builder's from_config: how a ModelConfig becomes that arch's network
 DETECTOR_BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "fcos": build_fcos,
-    "retinanet": build_retinanet,
-    "fasterrcnn": build_fasterrcnn,
+    "fcos": fcos_from_config,
+    "retinanet": retinanet_from_config,
+    "fasterrcnn": fasterrcnn_from_config,
 }
 ARCHS = tuple(DETECTOR_BUILDERS)
 
 
-def build_multiscale_detector(
-    *,
-    arch: str,
-    low_res_scale: float,
-    fused_loss_weight: float,
-    min_level: int,
-    max_level: int,
-    anchor_sizes: list[list[float]],
-    **inner: Any,
-) -> MultiScaleDetector:
-    """MSAD's aligned multi-scale teacher around one shared ``arch`` network spanning P(min_level - k)..P(max_level).
-
-    ``inner`` holds the remaining keywords of the ``arch`` builder (backbone, num_classes, ...).
-    """
-    if arch not in ("fcos", "retinanet"):
-        raise ValueError(f"the multi-scale (MSAD) teacher needs a one-stage arch (fcos or retinanet), got {arch!r}")
-    _check_anchor_levels(anchor_sizes, min_level=min_level, max_level=max_level)
-    shift = level_shift(low_res_scale)
-    low_min = min_level - shift
+def multiscale_from_config(cfg: ModelConfig, *, num_classes: int) -> MultiScaleDetector:
+    """MSAD's aligned multi-scale teacher: one shared ``cfg.arch`` network spanning P(min_level - k)..P(max_level)."""
+    if cfg.arch not in ("fcos", "retinanet"):
+        raise ValueError(f"the multi-scale (MSAD) teacher needs a one-stage arch (fcos or retinanet), got {cfg.arch!r}")
+    sizes = resolved_anchor_sizes(cfg)
+    _check_anchor_levels(sizes, min_level=cfg.min_level, max_level=cfg.max_level)
+    shift = level_shift(cfg.low_res_scale)
+    low_min = cfg.min_level - shift
     if low_min < 2:
         raise ValueError(
-            f"min_level {min_level} leaves no level P{low_min} for the low-resolution branch; "
+            f"min_level {cfg.min_level} leaves no level P{low_min} for the low-resolution branch; "
             f"use min_level >= {2 + shift}"
         )
-    detector = DETECTOR_BUILDERS[arch](min_level=low_min, max_level=max_level, anchor_sizes=None, **inner)
+    shared = cfg.model_copy(update={"min_level": low_min, "anchor_sizes": None, "multiscale": False})
     return MultiScaleDetector(
-        detector,
-        min_level=min_level,
-        max_level=max_level,
-        anchor_sizes=anchor_sizes,
-        low_res_scale=low_res_scale,
-        fused_loss_weight=fused_loss_weight,
-        low_res_transform=NormalizeAndPad(size_divisible=max(32, 2 ** (max_level - shift))),
-    )
-
-
-def build_detector(
-    *,
-    arch: str,
-    backbone: str,
-    num_classes: int,
-    min_level: int = 3,
-    max_level: int = 7,
-    fpn_channels: int = 64,
-    head_convs: int = 2,
-    anchor_sizes: list[list[float]] | None = None,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.6,
-    detections_per_img: int = 100,
-    norm: str = "bn",
-    multiscale: bool = False,
-    low_res_scale: float = 0.5,
-    fused_loss_weight: float = 0.4,
-    design: str = "standard",
-) -> nn.Module:
-    """Validate, dispatch to the ``arch`` builder and record the keywords in ``model.detkd_config``.
-
-    ``num_classes`` excludes background (labels are 1..num_classes). ``head_convs`` sets
-    FCOS's tower depth (torchvision's RetinaNet and Faster R-CNN heads have a fixed depth).
-    ``multiscale=True`` builds MSAD's aligned multi-scale teacher (one-stage archs): the
-    shared network also runs on the input scaled by ``low_res_scale`` and predicts from the
-    C-FF fused pyramid. ``design="lite"`` (FCOS only) is :mod:`detkd.models.lite`'s CPU-deployment
-    student. Weights are loaded by ``detkd.models.checkpoint.build_model``.
-    """
-    if arch not in DETECTOR_BUILDERS:
-        hint = " (arch mmdet: build_mmdet_detector)" if arch == "mmdet" else ""
-        raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}{hint}")
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
-    sizes = anchor_sizes if anchor_sizes is not None else default_anchor_sizes(arch, min_level, max_level)
-    sizes = [[float(v) for v in s] for s in sizes]
-    shared: dict[str, Any] = dict(
-        backbone=backbone,
-        num_classes=num_classes,
-        fpn_channels=fpn_channels,
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=detections_per_img,
-        norm=norm,
-    )
-    if design != "standard" and arch != "fcos":
-        raise ValueError(f"design {design!r} is an FCOS design (arch is {arch})")
-    if design != "standard" and multiscale:
-        raise ValueError(f"design {design!r} is a student design; the MSAD multi-scale teacher uses the standard one")
-    if arch == "fcos":
-        shared["head_convs"] = head_convs
-        shared["design"] = design
-    if multiscale:
-        model: nn.Module = build_multiscale_detector(
-            arch=arch,
-            low_res_scale=low_res_scale,
-            fused_loss_weight=fused_loss_weight,
-            min_level=min_level,
-            max_level=max_level,
-            anchor_sizes=sizes,
-            **shared,
-        )
-    else:
-        model = DETECTOR_BUILDERS[arch](min_level=min_level, max_level=max_level, anchor_sizes=sizes, **shared)
-    model.detkd_config = dict(
-        arch=arch,
-        backbone=backbone,
-        num_classes=num_classes,
-        min_level=min_level,
-        max_level=max_level,
-        fpn_channels=fpn_channels,
-        head_convs=head_convs,
+        DETECTOR_BUILDERS[cfg.arch](shared, num_classes=num_classes),
+        min_level=cfg.min_level,
+        max_level=cfg.max_level,
         anchor_sizes=sizes,
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=detections_per_img,
-        norm=norm,
-        multiscale=multiscale,
-        low_res_scale=low_res_scale,
-        fused_loss_weight=fused_loss_weight,
-        design=design,  # older checkpoints lack it and rebuild as "standard"
+        low_res_scale=cfg.low_res_scale,
+        fused_loss_weight=cfg.fused_loss_weight,
+        low_res_transform=NormalizeAndPad(size_divisible=max(32, 2 ** (cfg.max_level - shift))),
     )
-    return model
+
+
+def resolved_anchor_sizes(cfg: ModelConfig) -> list[list[float]]:
+    """``cfg.anchor_sizes``, or the arch's defaults for its levels, as floats."""
+    sizes = cfg.anchor_sizes
+    if sizes is None:
+        sizes = default_anchor_sizes(cfg.arch, cfg.min_level, cfg.max_level)
+    return [[float(v) for v in s] for s in sizes]
 
 
 def build_detector_from_config(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
-    """Build (no weights) from the run config's model section; ``cfg.num_classes`` wins when set."""
+    """The one way a detector is built (no weights); ``cfg.num_classes`` wins over ``num_classes`` when set.
+
+    The network part of ``cfg`` (:data:`~detkd.config.NETWORK_KEYS`, class count and anchor
+    sizes resolved) is kept in ``model.detkd_config``: a checkpoint stores it, and
+    :func:`rebuild_detector` builds the same network from it.
+    """
     classes = cfg.num_classes if cfg.num_classes is not None else num_classes
     if cfg.arch == "mmdet":
         assert cfg.mmdet_config is not None  # checked by ModelConfig
@@ -430,24 +396,34 @@ def build_detector_from_config(cfg: ModelConfig, *, num_classes: int) -> nn.Modu
             num_classes=classes,
             config_file=str(cfg.mmdet_config),
         )
-    return build_detector(
-        arch=cfg.arch,
-        backbone=cfg.backbone,
-        num_classes=classes,
-        min_level=cfg.min_level,
-        max_level=cfg.max_level,
-        fpn_channels=cfg.fpn_channels,
-        head_convs=cfg.head_convs,
-        anchor_sizes=cfg.anchor_sizes,
-        score_thresh=cfg.score_thresh,
-        nms_thresh=cfg.nms_thresh,
-        detections_per_img=cfg.detections_per_img,
-        norm=cfg.norm,
-        multiscale=cfg.multiscale,
-        low_res_scale=cfg.low_res_scale,
-        fused_loss_weight=cfg.fused_loss_weight,
-        design=cfg.design,
-    )
+    cfg = cfg.model_copy(update={"num_classes": classes, "anchor_sizes": resolved_anchor_sizes(cfg)})
+    if cfg.multiscale:
+        model: nn.Module = multiscale_from_config(cfg, num_classes=classes)
+    else:
+        model = DETECTOR_BUILDERS[cfg.arch](cfg, num_classes=classes)
+    model.detkd_config = cfg.model_dump(include=set(NETWORK_KEYS))
+    return model
+
+
+def build_detector(**fields: Any) -> nn.Module:
+    """:func:`build_detector_from_config` with :class:`~detkd.config.ModelConfig` fields as keywords.
+
+    ``num_classes`` is required; weight files are refused (``detkd.models.checkpoint.build_model`` loads them).
+    """
+    weights = sorted({"weights", "backbone_weights"} & set(fields))
+    if weights:
+        raise TypeError(f"build_detector builds no weights ({', '.join(weights)}): use detkd.models.build_model")
+    if fields.get("num_classes") is None:
+        raise TypeError("build_detector needs num_classes")
+    return build_detector_from_config(model_config(fields, source="build_detector"), num_classes=fields["num_classes"])
+
+
+def model_config(fields: dict[str, Any], *, source: str) -> ModelConfig:
+    """Validate builder keywords (e.g. a checkpoint's ``detkd_config``) as a ModelConfig; errors name ``source``."""
+    try:
+        return ModelConfig.model_validate(fields)
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, source)) from None
 
 
 def rebuild_detector(config: dict[str, Any]) -> nn.Module:
@@ -489,7 +465,7 @@ def pyramid_strides(model: nn.Module) -> dict[str, int]:
 
 
 def detector_config(model: nn.Module) -> dict[str, Any]:
-    """The keyword arguments that rebuild ``model`` with ``build_detector``."""
+    """The builder config that rebuilds ``model`` with :func:`rebuild_detector`."""
     return dict(unwrap_model(model).detkd_config)
 
 
