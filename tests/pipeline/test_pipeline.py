@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from detkd.cli import app
 
-pytestmark = pytest.mark.ray
-QUICKSTART = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[2] / "pipelines" / "quickstart.yaml"
 
 
+@pytest.mark.ray
 def test_quickstart_pipeline_small(quickstart_small, tmp_path):
     uri, rows, work = quickstart_small.uri, quickstart_small.rows, quickstart_small.work
     runner = CliRunner()

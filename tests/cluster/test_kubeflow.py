@@ -16,7 +16,7 @@ from detkd.pipeline.dag import build_dag
 from detkd.pipeline.load import load_pipeline
 
 pytest.importorskip("kfp", reason="the kfp extra (.ci/run installs it)")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
 runner = CliRunner()
 

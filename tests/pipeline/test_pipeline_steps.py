@@ -15,7 +15,6 @@ from detkd.cli import app
 from detkd.pipeline.load import load_pipeline
 from detkd.pipeline.runner import run_pipeline
 
-pytestmark = pytest.mark.ray
 EXPERIMENT = "detkd-steps"
 
 
@@ -79,6 +78,7 @@ def parent_of(uri: str, workdir_name: str) -> list[str]:
     return [r.info.run_id for r in runs if r.data.tags.get("detkd.pipeline") == workdir_name]
 
 
+@pytest.mark.ray
 def test_teachers_train_side_by_side_with_the_lineage_of_one_at_a_time_and_reruns_reuse_them(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sequential = tiny_spec(tmp_path, "sequential", uri=uri, teachers=TWO_TEACHERS, students=STUDENTS)
@@ -108,6 +108,7 @@ def test_teachers_train_side_by_side_with_the_lineage_of_one_at_a_time_and_rerun
     assert second != first and set(model_runs(uri, second)) == {"data", "evaluate"}  # nothing trained again
 
 
+@pytest.mark.ray
 def test_a_failed_step_stops_what_needs_it_and_keeps_the_rest(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     broken = tmp_path / "broken.pt"
@@ -137,6 +138,7 @@ def test_a_failed_step_stops_what_needs_it_and_keeps_the_rest(ray_cluster, tmp_p
     assert MlflowClient(uri).get_run(parent).info.status == "FAILED"
 
 
+@pytest.mark.ray
 def test_progressive_stages_are_steps_that_follow_their_teachers(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     stages = [{"teacher": {"source": "t_a"}}, {"teacher": {"source": "t_b"}}]

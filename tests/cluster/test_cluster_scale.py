@@ -22,7 +22,6 @@ from detkd.config import Config
 from detkd.engine.launch import run_training
 from detkd.models.checkpoint import CheckpointError, load_payload
 
-pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -30,6 +29,7 @@ def _loss_history(uri: str, run_id: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "train/loss"))
 
 
+@pytest.mark.ray
 def test_two_workers_reproduce_one_worker_with_the_same_global_batch(
     tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, tracking
 ):
@@ -63,6 +63,7 @@ def test_two_workers_reproduce_one_worker_with_the_same_global_batch(
         assert b == pytest.approx(a, rel=0.15)
 
 
+@pytest.mark.ray
 def test_killed_worker_restarts_from_last_checkpoint(
     tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, tracking
 ):
@@ -185,6 +186,8 @@ def tiny_pipeline(name: str, work: Path, uri: str, *, synth: dict, teachers: lis
     }
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_submit_runs_a_job_and_reports_failure(tiny_dataset, tiny_config, ray_head, tmp_path):
     project = project_copy(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -225,6 +228,8 @@ def test_submit_runs_a_job_and_reports_failure(tiny_dataset, tiny_config, ray_he
     assert status.exit_code == 1 and "FAILED" in status.output
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_submitted_pipeline_runs_its_teachers_side_by_side_and_jobs_shows_each_step(ray_head, tmp_path):
     """``detkd submit PIPELINE --parallel 2`` to a 2-CPU ``ray start`` cluster: both teachers train at
     the same time there, the student learns from its teacher, and ``detkd jobs`` reads every step's state."""
@@ -276,6 +281,8 @@ def test_submitted_pipeline_runs_its_teachers_side_by_side_and_jobs_shows_each_s
     assert by_name["s_kd"].data.tags["mlflow.parentRunId"] == by_name["t_a"].data.tags["mlflow.parentRunId"]
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_a_kubeflow_model_task_with_a_ray_address_trains_on_that_cluster(ray_head, tmp_path):
     """The component code path ``ray_address``: ``detkd submit --follow --step`` from the task's process,
     whose outputs come back through the job's logs (the same outputs as a step run in the pod)."""
@@ -336,6 +343,8 @@ def test_submit_passes_parallel_to_a_pipeline_and_refuses_it_for_one_run(tmp_pat
         command_for(run, project, [], parallel=2)
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_nothing_secret_leaves_the_laptop_with_a_job(ray_head, tmp_path):
     """Planted credential files, a gitignored file, an --env value and a password in a URI: none reaches the job's
     files, its command line, its metadata or detkd's output."""
