@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from factories import tiny_pipeline_spec
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -168,24 +169,6 @@ def project_copy(project: Path) -> Path:
     return project
 
 
-def tiny_pipeline(name: str, work: Path, uri: str, *, synth: dict, teachers: list, students: list = ()) -> dict:
-    """A pipeline spec of tiny 64 px FCOS models that train for one epoch."""
-    return {
-        "name": name,
-        "workdir": str(work),
-        "tracking": {"experiment": name, "tracking_uri": uri},
-        "data": {"synth": {"size": 64, "seed": 3, "min_object": 10, "max_object": 32, **synth}},
-        "defaults": {
-            "model": {"arch": "fcos", "backbone": "tiny", "fpn_channels": 32, "head_convs": 1},
-            "input": {"size": 64},
-            "train": {"epochs": 1, "batch_size": 8},
-            "tracking": {"log_model": False},
-        },
-        "teachers": teachers,
-        "students": list(students),
-    }
-
-
 @pytest.mark.ray
 @pytest.mark.server
 def test_submit_runs_a_job_and_reports_failure(tiny_dataset, tiny_config, ray_head, tmp_path):
@@ -238,7 +221,7 @@ def test_submitted_pipeline_runs_its_teachers_side_by_side_and_jobs_shows_each_s
     project = project_copy(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     half = {"input": {"scale": 0.5}, "model": {"min_level": 2, "max_level": 6}}
-    spec = tiny_pipeline(
+    spec = tiny_pipeline_spec(
         "remote",
         tmp_path / "work",
         uri,
@@ -291,7 +274,9 @@ def test_a_kubeflow_model_task_with_a_ray_address_trains_on_that_cluster(ray_hea
 
     project = project_copy(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = tiny_pipeline("kfp-remote", tmp_path / "work", uri, synth={"images": 16}, teachers=[{"name": "teacher"}])
+    spec = tiny_pipeline_spec(
+        "kfp-remote", tmp_path / "work", uri, synth={"images": 16}, teachers=[{"name": "teacher"}]
+    )
     path = project / "kfp_remote.yaml"
     path.write_text(json.dumps(spec))
     data = detkd_step(str(path), "data", [], "")  # in this process's machine, as a pod would

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from factories import SUMMARY_COLUMNS
 from mlflow.tracking import MlflowClient
 
 from detkd.config import Config, ConfigError
@@ -99,18 +100,7 @@ def test_summary_json_from_cli(tiny_dataset, tiny_config, ray_cluster, tmp_path,
     assert result.exit_code == 0, result.output
     rows = json.loads(summary.read_text())
     assert len(rows) == 1
-    assert set(rows[0]) == {
-        "name",
-        "role",
-        "method",
-        "input_size",
-        "split",
-        "AP",
-        "AP50",
-        "APs",
-        "images_per_s",
-        "mlflow_run_id",
-    }
+    assert set(rows[0]) == SUMMARY_COLUMNS
     assert rows[0]["method"] == "kd_off"
     assert rows[0]["split"] == "val"  # the config has no test split: scored on val, and says so
     assert rows[0]["input_size"] == 64 and rows[0]["images_per_s"] > 0

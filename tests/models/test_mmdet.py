@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import random_batch
 
 from detkd.config import Config, ConfigError, validate_config
 
@@ -63,14 +64,8 @@ def _build(config: Path, num_classes: int | None = 3):
 
 
 def _batch(size: int = 64, n: int = 2):
-    torch.manual_seed(0)
-    images = [torch.rand(3, size, size) for _ in range(n)]
-    s = size / 64
-    targets = [
-        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 28.0]]) * s, "labels": torch.tensor([1])},
-        {"boxes": torch.tensor([[20.0, 16.0, 50.0, 60.0], [2.0, 2.0, 14.0, 12.0]]) * s, "labels": torch.tensor([3, 2])},
-    ][:n]
-    return images, targets
+    targets = [([[4.0, 6.0, 30.0, 28.0]], [1]), ([[20.0, 16.0, 50.0, 60.0], [2.0, 2.0, 14.0, 12.0]], [3, 2])][:n]
+    return random_batch(targets, size=size, scale=size / 64)
 
 
 @pytest.mark.mmdet

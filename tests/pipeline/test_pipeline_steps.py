@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
+from factories import tiny_pipeline_spec, write_yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -19,23 +19,16 @@ EXPERIMENT = "detkd-steps"
 
 
 def tiny_spec(tmp_path: Path, name: str, *, uri: str, teachers: list[dict], students: list[dict]) -> Path:
-    spec = {
-        "name": name,
-        "workdir": str(tmp_path / name),
-        "tracking": {"experiment": EXPERIMENT, "tracking_uri": uri},
-        "data": {"synth": {"images": 40, "test_images": 12, "size": 64, "seed": 3, "min_object": 10, "max_object": 32}},
-        "defaults": {
-            "model": {"arch": "fcos", "backbone": "tiny", "fpn_channels": 32, "head_convs": 1},
-            "input": {"size": 64},
-            "train": {"epochs": 1, "batch_size": 8},
-            "tracking": {"log_model": False},
-        },
-        "teachers": teachers,
-        "students": students,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    spec = tiny_pipeline_spec(
+        name,
+        tmp_path / name,
+        uri,
+        experiment=EXPERIMENT,
+        synth={"images": 40, "test_images": 12},
+        teachers=teachers,
+        students=students,
+    )
+    return write_yaml(tmp_path / f"{name}.yaml", spec)
 
 
 HALF = {"input": {"scale": 0.5}, "model": {"min_level": 2, "max_level": 6}}
