@@ -13,6 +13,11 @@ from servers import free_port, serving
 from detkd.data.synth import SynthSpec, synthesize
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), and a worker's
+# ray.train.report waits for the poll that takes the previous one (a result queue of size 1): the tests' tiny
+# epochs (well under a second) would each wait for it, and every run's end is noticed up to one interval late.
+# Set before any Ray process starts, so Ray workers, Tune trials and `ray start` heads inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 # The tiers (pyproject.toml [tool.pytest.ini_options]): `python -m pytest` runs the tests without these markers;
 # `python -m pytest -m ""` runs everything. A test carries the marker of every fixture below that it uses.
