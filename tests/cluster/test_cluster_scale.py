@@ -30,6 +30,7 @@ def _loss_history(uri: str, run_id: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "train/loss"))
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_two_workers_reproduce_one_worker_with_the_same_global_batch(
     tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, tracking
@@ -64,6 +65,7 @@ def test_two_workers_reproduce_one_worker_with_the_same_global_batch(
         assert b == pytest.approx(a, rel=0.15)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_killed_worker_restarts_from_last_checkpoint(
     tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, tracking
@@ -169,6 +171,7 @@ def project_copy(project: Path) -> Path:
     return project
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.server
 def test_submit_runs_a_job_and_reports_failure(tiny_dataset, tiny_config, ray_head, tmp_path):
@@ -211,6 +214,7 @@ def test_submit_runs_a_job_and_reports_failure(tiny_dataset, tiny_config, ray_he
     assert status.exit_code == 1 and "FAILED" in status.output
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.server
 def test_submitted_pipeline_runs_its_teachers_side_by_side_and_jobs_shows_each_step(ray_head, tmp_path):
@@ -264,6 +268,7 @@ def test_submitted_pipeline_runs_its_teachers_side_by_side_and_jobs_shows_each_s
     assert by_name["s_kd"].data.tags["mlflow.parentRunId"] == by_name["t_a"].data.tags["mlflow.parentRunId"]
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.server
 def test_a_kubeflow_model_task_with_a_ray_address_trains_on_that_cluster(ray_head, tmp_path):

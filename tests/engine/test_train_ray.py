@@ -20,6 +20,7 @@ from detkd.models import load_detector
 from detkd.models.checkpoint import load_payload, save_payload
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_train_evaluate_and_track(varied_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, tracking):
     # non-square images of varied sizes with the long side capped: detkd evaluate must see the worker's view
@@ -59,6 +60,7 @@ def test_train_evaluate_and_track(varied_dataset, tiny_config, ray_cluster, tmp_
     assert any(m.source_run_id == outcome.run_id for m in logged)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_rerun_resumes_instead_of_retraining(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, tracking):
     cfg = Config.model_validate(tiny_config(tiny_dataset, tmp_path, train={"epochs": 1}, tracking={"log_model": False}))
@@ -86,6 +88,7 @@ def test_rerun_resumes_instead_of_retraining(tiny_dataset, tiny_config, ray_clus
     assert [m.step for m in client.get_metric_history(third.run_id, "train/loss")] == [2, 4]
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_summary_json_from_cli(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, monkeypatch):
     from typer.testing import CliRunner

@@ -326,6 +326,7 @@ class _Pickled:
     """Any Python object in a checkpoint: weights_only loading refuses it."""
 
 
+@pytest.mark.slow
 @pytest.mark.mmdet
 @pytest.mark.ray
 def test_train_an_mmdet_retinanet_distil_it_into_a_detkd_student_and_evaluate_both(
