@@ -59,6 +59,7 @@ def pytest_runtest_call(item):
     return result
 
 
+@pytest.hookimpl(trylast=True)  # after the durations and the short summary, just above the final line
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """After the default (fast) tier, one line on what it left out and how to run everything."""
     if config.option.markexpr != DEFAULT_TIER:
