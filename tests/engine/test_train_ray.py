@@ -88,7 +88,6 @@ def test_rerun_resumes_instead_of_retraining(tiny_dataset, tiny_config, ray_clus
     assert [m.step for m in client.get_metric_history(third.run_id, "train/loss")] == [2, 4]
 
 
-@pytest.mark.slow
 @pytest.mark.ray
 def test_summary_json_from_cli(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, monkeypatch):
     from typer.testing import CliRunner

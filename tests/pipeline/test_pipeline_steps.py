@@ -71,6 +71,7 @@ def parent_of(uri: str, workdir_name: str) -> list[str]:
     return [r.info.run_id for r in runs if r.data.tags.get("detkd.pipeline") == workdir_name]
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_teachers_train_side_by_side_with_the_lineage_of_one_at_a_time_and_reruns_reuse_them(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -101,6 +102,7 @@ def test_teachers_train_side_by_side_with_the_lineage_of_one_at_a_time_and_rerun
     assert second != first and set(model_runs(uri, second)) == {"data", "evaluate"}  # nothing trained again
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_a_failed_step_stops_what_needs_it_and_keeps_the_rest(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -131,6 +133,7 @@ def test_a_failed_step_stops_what_needs_it_and_keeps_the_rest(ray_cluster, tmp_p
     assert MlflowClient(uri).get_run(parent).info.status == "FAILED"
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_progressive_stages_are_steps_that_follow_their_teachers(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

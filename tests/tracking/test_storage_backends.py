@@ -22,6 +22,7 @@ def s3(tmp_path_factory):
         yield server
 
 
+@pytest.mark.slow
 @pytest.mark.server
 @pytest.mark.ray
 def test_checkpoints_and_resume_on_an_s3_server(tiny_dataset, tiny_config, ray_cluster, tmp_path, tracking, s3):
