@@ -14,17 +14,31 @@
 #   3. keeps the built wheel in a cache keyed by mmcv, torch and Python versions
 #      ($DETKD_WHEEL_CACHE, default ~/.cache/detkd/wheels), so later installs on the same
 #      machine take seconds, and checks that `import mmcv.ops, mmdet.models` works.
+#
+#   bash scripts/install_mmdet.sh --cache-key   prints the cache subfolder name for the installed torch
+#   (e.g. mmcv-2.1.0-torch2.14.1_cu130-cp311-cuda0) and installs nothing; .ci/run uses it to find a
+#   prebuilt wheel in ../shared/wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MMCV_VERSION=2.1.0
+cache_key() {
+  local torch_version py_tag
+  torch_version=$(python -c "import torch; print(torch.__version__.replace('+', '_'))")
+  py_tag=$(python -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
+  echo "mmcv-${MMCV_VERSION}-torch${torch_version}-${py_tag}-cuda${FORCE_CUDA:-0}"
+}
+if [ "${1:-}" = "--cache-key" ]; then
+  cache_key
+  exit 0
+fi
+
 pip install -q -c constraints.txt -e ".[mmdet]"
 pip install -q -c constraints.txt "setuptools<81" wheel ninja psutil
 
 torch_version=$(python -c "import torch; print(torch.__version__.replace('+', '_'))")
-py_tag=$(python -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
 cuda=${FORCE_CUDA:-0}
-cache="${DETKD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/detkd/wheels}/mmcv-${MMCV_VERSION}-torch${torch_version}-${py_tag}-cuda${cuda}"
+cache="${DETKD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/detkd/wheels}/$(cache_key)"
 wheel=$(ls "$cache"/mmcv-"${MMCV_VERSION}"-*.whl 2>/dev/null | head -n 1 || true)
 
 if [ -z "$wheel" ]; then

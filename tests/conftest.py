@@ -13,6 +13,66 @@ from servers import free_port, serving
 from detkd.data.synth import SynthSpec, synthesize
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), and a worker's
+# ray.train.report waits for the poll that takes the previous one (a result queue of size 1): the tests' tiny
+# epochs (well under a second) would each wait for it, and every run's end is noticed up to one interval late.
+# Set before any Ray process starts, so Ray workers, Tune trials and `ray start` heads inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+# The tiers (pyproject.toml [tool.pytest.ini_options]): `python -m pytest` runs the tests without these markers;
+# `python -m pytest -m ""` runs everything. A test carries the marker of every fixture below that it uses.
+TIER_MARKERS = ("ray", "server", "mmdet", "slow")
+FIXTURE_MARKERS: dict[str, tuple[str, ...]] = {
+    "ray_cluster": ("ray",),
+    "trained_detector": ("ray",),
+    "trained_lite": ("ray",),
+    "quickstart_small": ("ray",),
+    "ray_head": ("ray", "server"),
+    "mlflow_server": ("server",),
+    "server_process": ("server",),
+    "s3": ("server",),
+    "mmdet": ("mmdet",),
+}
+
+
+def _missing_markers(item, fixturenames) -> list[str]:
+    marked = {mark.name for mark in item.iter_markers()}
+    return sorted({m for name in fixturenames for m in FIXTURE_MARKERS.get(name, ()) if m not in marked})
+
+
+def pytest_runtest_setup(item):
+    """A test that asks for a Ray, server or MMDetection fixture must carry its marker (checked before the
+    fixture starts anything)."""
+    missing = _missing_markers(item, getattr(item, "fixturenames", ()))
+    if missing:
+        pytest.fail(f"{item.nodeid} uses fixtures that need @pytest.mark.{', @pytest.mark.'.join(missing)}", False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """The same check for fixtures a test fetched itself (request.getfixturevalue)."""
+    result = yield
+    request = getattr(item, "_request", None)
+    missing = _missing_markers(item, getattr(request, "fixturenames", ()) if request is not None else ())
+    if missing:
+        pytest.fail(f"{item.nodeid} fetched fixtures that need @pytest.mark.{', @pytest.mark.'.join(missing)}", False)
+    return result
+
+
+@pytest.hookimpl(trylast=True)  # after the durations and the short summary, just above the final line
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """After the default (fast) tier, one line on what it left out and how to run everything."""
+    if config.option.markexpr != DEFAULT_TIER:
+        return
+    left_out = len(terminalreporter.stats.get("deselected", []))
+    if left_out:
+        terminalreporter.write_line(
+            f"fast tier: {left_out} tests not run ({'/'.join(TIER_MARKERS)}); "
+            'run everything with: python -m pytest -m ""'
+        )
+
+
+DEFAULT_TIER = "not (ray or server or mmdet or slow)"
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from factories import random_batch
 from torch import nn
 
 from detkd.distill import functional as Fd
@@ -29,10 +30,7 @@ def _teacher():
 
 
 def _batch(sizes: list[tuple[int, int]]):
-    gen = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, h, w, generator=gen) for h, w in sizes]
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])} for _ in sizes]
-    return images, targets
+    return random_batch([([[4.0, 6.0, 40.0, 50.0]], [1]) for _ in sizes], sizes=sizes, seed=0, generator=True)
 
 
 def _rectangle(shape: tuple[int, int], rows: int, cols: int) -> torch.Tensor:

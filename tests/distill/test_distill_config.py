@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from factories import random_batch, tiny_fcos
 from torch import Tensor
 
 from detkd.config import DistillConfig, DSAMKDConfig, MGDConfig, MSADConfig, MSEConfig, SSIMConfig, TeacherRef
@@ -15,22 +15,11 @@ GEOMETRY = {"levels": ("p3", "p4"), "student_channels": 4, "teacher_channels": 4
 
 
 def _fcos(min_level: int, max_level: int, channels: int, **kw):
-    torch.manual_seed(min_level)
-    return build_detector(
-        arch="fcos",
-        backbone="tiny",
-        num_classes=3,
-        min_level=min_level,
-        max_level=max_level,
-        fpn_channels=channels,
-        **kw,
-    )
+    return tiny_fcos(channels, min_level=min_level, max_level=max_level, seed=min_level, **kw)
 
 
 def _batch():
-    images = [torch.rand(3, 128, 128) for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])} for _ in range(2)]
-    return images, targets
+    return random_batch([([[10.0, 12.0, 60.0, 70.0]], [1])] * 2, size=128, seed=None)
 
 
 def test_each_loss_takes_every_field_of_its_section() -> None:

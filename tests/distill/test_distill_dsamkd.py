@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import random_pyramid
 
 from detkd.distill import DSAMKDLoss
 from detkd.distill.dsamkd import attention_pyramid, spatial_attention, top_attention_mask
 
 
 def _features(seed: int, c: int = 4, n: int = 2, s: int = 8) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {"p3": torch.randn(n, c, s, s, generator=gen), "p4": torch.randn(n, c, s // 2, s // 2, generator=gen)}
+    return random_pyramid({"p3": (n, c, s, s), "p4": (n, c, s // 2, s // 2)}, seed=seed)
 
 
 def _logits(seed: int, n: int = 2, ch: int = 6) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from factories import random_pyramid
 from torch import nn
 
 from detkd.distill import DSAMKDLoss, FeatureMSELoss, MGDLoss, MSADLoss, SSIMFeatureLoss
@@ -26,11 +27,8 @@ FACTORIES: dict[str, tuple[Factory, str]] = {
 
 
 def pyramid(channels: int, *, seed: int, n: int = 2, requires_grad: bool = False) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        lv: (torch.randn(n, channels, s, s, generator=gen) + 0.5).requires_grad_(requires_grad)
-        for lv, s in SIZES.items()
-    }
+    shapes = {lv: (n, channels, s, s) for lv, s in SIZES.items()}
+    return random_pyramid(shapes, seed=seed, offset=0.5, requires_grad=requires_grad)
 
 
 def smooth_teacher(channels: int, *, seed: int, n: int = 2) -> dict[str, torch.Tensor]:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import random_pyramid
 
 from detkd.distill import MSADLoss, msad_loss
 
 
 def _pyramids() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
-    s = {"p2": torch.randn(2, 4, 8, 8, generator=gen), "p3": torch.randn(2, 4, 4, 4, generator=gen)}
-    t = {"p2": torch.randn(2, 4, 8, 8, generator=gen), "p3": torch.randn(2, 4, 4, 4, generator=gen)}
-    return s, t
+    shapes = {"p2": (2, 4, 8, 8), "p3": (2, 4, 4, 4)}
+    return random_pyramid(shapes, generator=gen), random_pyramid(shapes, generator=gen)
 
 
 def test_msad_ramp() -> None:

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import random_batch
 
 from detkd.distill.distiller import Distiller, Teacher
 from detkd.models import build_detector
 
 
 def _batch(n: int = 2, size: int = 128):
-    torch.manual_seed(0)
-    images = [torch.rand(3, size, size) for _ in range(n)]
-    targets = [
-        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [80.0, 20.0, 110.0, 44.0]]), "labels": torch.tensor([1, 2])}
-        for _ in range(n)
-    ]
-    return images, targets
+    return random_batch([([[10.0, 12.0, 60.0, 70.0], [80.0, 20.0, 110.0, 44.0]], [1, 2])] * n, size=size)
 
 
 def _student():

@@ -70,6 +70,7 @@ def test_init_from_teacher_and_copy_neck_head(tmp_path, tiny_dataset, tiny_confi
     assert not torch.equal(own["backbone.body.stem.0.weight"], shared["backbone.body.stem.0.weight"])
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_progressive_stages_chain_student_weights(tmp_path, tiny_dataset, tiny_config, ray_cluster, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from factories import SUMMARY_COLUMNS
 from mlflow.tracking import MlflowClient
 
 from detkd.config import Config, ConfigError
@@ -18,9 +19,9 @@ from detkd.engine.worker import TRAIN_STATE
 from detkd.models import load_detector
 from detkd.models.checkpoint import load_payload, save_payload
 
-pytestmark = pytest.mark.ray
 
-
+@pytest.mark.slow
+@pytest.mark.ray
 def test_train_evaluate_and_track(varied_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, tracking):
     # non-square images of varied sizes with the long side capped: detkd evaluate must see the worker's view
     cfg = Config.model_validate(tiny_config(varied_dataset, tmp_path, input={"size": 64, "max_size": 72}))
@@ -59,6 +60,8 @@ def test_train_evaluate_and_track(varied_dataset, tiny_config, ray_cluster, tmp_
     assert any(m.source_run_id == outcome.run_id for m in logged)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_rerun_resumes_instead_of_retraining(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, tracking):
     cfg = Config.model_validate(tiny_config(tiny_dataset, tmp_path, train={"epochs": 1}, tracking={"log_model": False}))
     first = run_training(cfg, tracking=tracking)
@@ -85,6 +88,7 @@ def test_rerun_resumes_instead_of_retraining(tiny_dataset, tiny_config, ray_clus
     assert [m.step for m in client.get_metric_history(third.run_id, "train/loss")] == [2, 4]
 
 
+@pytest.mark.ray
 def test_summary_json_from_cli(tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, monkeypatch):
     from typer.testing import CliRunner
 
@@ -98,18 +102,7 @@ def test_summary_json_from_cli(tiny_dataset, tiny_config, ray_cluster, tmp_path,
     assert result.exit_code == 0, result.output
     rows = json.loads(summary.read_text())
     assert len(rows) == 1
-    assert set(rows[0]) == {
-        "name",
-        "role",
-        "method",
-        "input_size",
-        "split",
-        "AP",
-        "AP50",
-        "APs",
-        "images_per_s",
-        "mlflow_run_id",
-    }
+    assert set(rows[0]) == SUMMARY_COLUMNS
     assert rows[0]["method"] == "kd_off"
     assert rows[0]["split"] == "val"  # the config has no test split: scored on val, and says so
     assert rows[0]["input_size"] == 64 and rows[0]["images_per_s"] > 0

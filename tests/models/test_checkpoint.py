@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import tiny_fcos
 
 from detkd.config import ModelConfig
-from detkd.models import CheckpointError, build_detector, build_model, load_detector, save_detector
+from detkd.models import CheckpointError, build_model, load_detector, save_detector
 from detkd.models.checkpoint import FORMAT, MAGIC, load_payload, read_detector_payload, save_payload
 
 
 def _model():
-    torch.manual_seed(0)
-    return build_detector(arch="fcos", backbone="tiny", num_classes=2, min_level=3, max_level=5, fpn_channels=32)
+    return tiny_fcos(num_classes=2, max_level=5)
 
 
 def _saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:

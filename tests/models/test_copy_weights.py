@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import tiny_fcos
 
 from detkd.models import build_detector, copy_matching_weights
 
 
 def _fcos(min_level: int, max_level: int, *, seed: int, **kw):
-    torch.manual_seed(seed)
-    return build_detector(
-        arch="fcos", backbone="tiny", num_classes=3, min_level=min_level, max_level=max_level, fpn_channels=32, **kw
-    )
+    return tiny_fcos(min_level=min_level, max_level=max_level, seed=seed, **kw)
 
 
 def _fpn_block(key: str) -> tuple[str, int] | None:

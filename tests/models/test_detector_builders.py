@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import random_batch
 
 from detkd.models import DetectorTaps, build_detector, pyramid_strides
 from detkd.models.detectors import default_anchor_sizes
 
 
 def _batch(size: int = 128):
-    torch.manual_seed(0)
-    images = [torch.rand(3, size, size), torch.rand(3, size, size)]
-    targets = [
-        {"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0]]), "labels": torch.tensor([1])},
-        {"boxes": torch.tensor([[30.0, 30.0, 40.0, 44.0]]), "labels": torch.tensor([2])},
-    ]
-    return images, targets
+    return random_batch([([[10.0, 12.0, 50.0, 60.0]], [1]), ([[30.0, 30.0, 40.0, 44.0]], [2])], size=size)
 
 
 @pytest.mark.parametrize("arch", ["fcos", "retinanet", "fasterrcnn"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import random_batch
 from pydantic import ValidationError
 from torch import nn
 
@@ -20,11 +21,8 @@ def lite(**overrides) -> nn.Module:
 
 
 def batch(count: int = 4, size: int = 64):
-    generator = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, size, size, generator=generator) for _ in range(count)]
-    box = torch.tensor([[8.0, 8.0, 30.0, 26.0]])
-    targets = [{"boxes": box, "labels": torch.tensor([1 + i % 3])} for i in range(count)]
-    return images, targets
+    targets = [([[8.0, 8.0, 30.0, 26.0]], [1 + i % 3]) for i in range(count)]
+    return random_batch(targets, size=size, seed=1, generator=True)
 
 
 def test_lite_design_is_separable_shared_and_cheaper():

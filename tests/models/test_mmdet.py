@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import random_batch
 
 from detkd.config import Config, ConfigError, validate_config
 
@@ -63,16 +64,11 @@ def _build(config: Path, num_classes: int | None = 3):
 
 
 def _batch(size: int = 64, n: int = 2):
-    torch.manual_seed(0)
-    images = [torch.rand(3, size, size) for _ in range(n)]
-    s = size / 64
-    targets = [
-        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 28.0]]) * s, "labels": torch.tensor([1])},
-        {"boxes": torch.tensor([[20.0, 16.0, 50.0, 60.0], [2.0, 2.0, 14.0, 12.0]]) * s, "labels": torch.tensor([3, 2])},
-    ][:n]
-    return images, targets
+    targets = [([[4.0, 6.0, 30.0, 28.0]], [1]), ([[20.0, 16.0, 50.0, 60.0], [2.0, 2.0, 14.0, 12.0]], [3, 2])][:n]
+    return random_batch(targets, size=size, scale=size / 64)
 
 
+@pytest.mark.mmdet
 def test_mmdet_detector_speaks_detkds_interface(mmdet):
     from detkd.models import DetectorTaps, has_dense_logits, pyramid_strides
     from detkd.models.taps import extract_features
@@ -106,6 +102,7 @@ def test_mmdet_detector_speaks_detkds_interface(mmdet):
     assert torch.allclose(batch[0, :, 0, 0], expected) and float(batch[0, :, 40:, :].abs().max()) == 0.0
 
 
+@pytest.mark.mmdet
 def test_two_stage_mmdet_detector_trains_and_predicts(mmdet):
     from detkd.models import has_dense_logits, pyramid_strides
 
@@ -140,6 +137,7 @@ GFL_HEAD = """dict(
         loss_bbox=dict(type='GIoULoss', loss_weight=2.0))"""
 
 
+@pytest.mark.mmdet
 @pytest.mark.parametrize(
     ("name", "head", "terms"),
     [
@@ -204,6 +202,7 @@ def _torchvision(arch: str, *, min_level: int, max_level: int, backbone: str = "
     )
 
 
+@pytest.mark.mmdet
 @pytest.mark.parametrize("method", ["mse", "ssim", "mgd", "msad"])
 def test_feature_methods_across_frameworks_with_the_pyramid_shift(mmdet, method):
     # an MMDetection teacher (P3-P7 at 64 px) distils a half-resolution torchvision student (P2-P6 at 32 px)
@@ -218,6 +217,7 @@ def test_feature_methods_across_frameworks_with_the_pyramid_shift(mmdet, method)
     assert distiller.pairs[method] == [(f"p{k}", f"p{k + 1}") for k in range(2, 7)]
 
 
+@pytest.mark.mmdet
 def test_logit_distillation_across_frameworks_compares_the_real_classes(mmdet):
     # DSAMKD's logit branch: torchvision FCOS has K + 1 logits (background slot 0), MMDetection's FCOS K.
     teacher = _build(FCOS)
@@ -231,6 +231,7 @@ def test_logit_distillation_across_frameworks_compares_the_real_classes(mmdet):
     assert distiller.logit_slots["dsamkd"] == (0, 1)
 
 
+@pytest.mark.mmdet
 @pytest.mark.parametrize("teacher", ["mmdet_swin", "torchvision_swin_t"])
 def test_swin_teachers_distil_a_cnn_student(mmdet, teacher, tmp_path):
     if teacher == "mmdet_swin":
@@ -250,6 +251,7 @@ def test_swin_teachers_distil_a_cnn_student(mmdet, teacher, tmp_path):
     _distill_step(_torchvision("fcos", min_level=2, max_level=6), model, student_scale=0.5, method="ssim")
 
 
+@pytest.mark.mmdet
 def test_the_run_digest_follows_the_resolved_config_base_files_included(mmdet, tmp_path, tiny_dataset, tiny_config):
     from detkd.engine.plan import config_digest
 
@@ -272,6 +274,7 @@ def test_the_run_digest_follows_the_resolved_config_base_files_included(mmdet, t
         digest()
 
 
+@pytest.mark.mmdet
 def test_mmdetection_checkpoint_loads_as_a_teacher_and_a_mismatch_names_both_files(
     mmdet, tmp_path, tiny_dataset, tiny_config
 ):
@@ -323,6 +326,8 @@ class _Pickled:
     """Any Python object in a checkpoint: weights_only loading refuses it."""
 
 
+@pytest.mark.slow
+@pytest.mark.mmdet
 @pytest.mark.ray
 def test_train_an_mmdet_retinanet_distil_it_into_a_detkd_student_and_evaluate_both(
     mmdet, tmp_path, tiny_dataset, tiny_config, ray_cluster

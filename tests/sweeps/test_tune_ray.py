@@ -19,8 +19,6 @@ from detkd.cli import app
 from detkd.sweeps.space import TEACHER_SEQUENCE, load_space
 from detkd.sweeps.tuner import SweepOptions, run_sweep
 
-pytestmark = pytest.mark.ray
-
 
 def runs_of(mlflow_uri: str, **tags):
     client = MlflowClient(mlflow_uri)
@@ -42,6 +40,8 @@ def sweep(space_path, **options):
     return run_sweep(loaded, options=SweepOptions.from_budget(loaded.space.budget, **options))
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_asha_stops_weak_trials_and_the_best_config_runs_with_distill(ray_cluster, sweep_files, mlflow_uri):
     space, _ = sweep_files(
         {"optim.lr": {"grid": [1.0e-6, 4.0e-3]}, "distill.mgd.weight": {"loguniform": [1.0e-6, 1.0e-4]}},
@@ -96,6 +96,8 @@ def test_asha_stops_weak_trials_and_the_best_config_runs_with_distill(ray_cluste
     assert "done" in result.output
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_grid_over_teacher_sequences_runs_the_stages_in_order(ray_cluster, sweep_files, mlflow_uri):
     space, _ = sweep_files(
         {TEACHER_SEQUENCE: {"grid": [["t_small", "t_wide"], ["t_wide"]]}},
@@ -119,6 +121,8 @@ def test_a_grid_over_teacher_sequences_runs_the_stages_in_order(ray_cluster, swe
     assert all(len(runs_of(mlflow_uri, name=name)) == 1 for name in ("t_small", "t_wide"))
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(ray_cluster, sweep_files, mlflow_uri):
     space, _ = sweep_files(
         {"distill.mgd.weight": {"grid": [1.0e-5, 4.0e-5]}},
@@ -153,6 +157,8 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(ray_cluste
         assert len(children(mlflow_uri, trial.info.run_id)) == 1  # one training run per trial, resumed in place
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_pipeline_tune_step_adds_the_tuned_student_beside_the_others(ray_cluster, sweep_files, mlflow_uri):
     from detkd.pipeline.load import load_pipeline
     from detkd.pipeline.runner import run_pipeline

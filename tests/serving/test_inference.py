@@ -5,18 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import tiny_fcos
 
 from detkd.data.transforms import eval_transform
-from detkd.models import build_detector
 from detkd.records import InputSpec
 from detkd.serving.predictor import EagerBackend, ExportedBackend, Predictor
-
-
-def tiny_fcos(fpn_channels: int):
-    torch.manual_seed(0)
-    return build_detector(
-        arch="fcos", backbone="tiny", num_classes=3, min_level=3, max_level=6, fpn_channels=fpn_channels
-    )
 
 
 def test_a_narrow_head_predicts_a_lone_image_whose_top_level_is_1x1():

@@ -32,10 +32,8 @@ from detkd.tracking.registry import (
 )
 from detkd.tracking.runs import dataset_digest, experiment_id
 
-pytestmark = pytest.mark.ray
 
-
-@pytest.fixture(scope="module", params=["sqlite", "mlflow server"])
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("mlflow server", marks=pytest.mark.server)])
 def models(request, trained_detector, tiny_dataset, tmp_path_factory):
     """The trained detector and an untrained one of the same plan, both logged and scored on the tiny val
     split, in the embedded SQLite store and in a real ``mlflow server`` on 127.0.0.1."""
@@ -96,6 +94,7 @@ def register(models, name, who, *, gate=None, baseline=None, candidate=None, **k
     )
 
 
+@pytest.mark.ray
 def test_gate_promotes_the_better_and_refuses_the_worse(models, tiny_dataset):
     client = MlflowClient(models["uri"])
     first = register(models, "gated", "weak")
@@ -130,6 +129,7 @@ def test_gate_promotes_the_better_and_refuses_the_worse(models, tiny_dataset):
     assert [list(r) for r in served["category_ids"]] == [d.category_ids for d in local]
 
 
+@pytest.mark.ray
 def test_champion_measured_elsewhere_is_rescored_on_this_split(models):
     elsewhere = Candidate(**{**models["strong"].__dict__, "split_digest": "another-split", "ap": 0.0})
     register(models, "rescored", "strong", candidate=elsewhere)
@@ -138,6 +138,7 @@ def test_champion_measured_elsewhere_is_rescored_on_this_split(models):
     assert result.alias == CHALLENGER
 
 
+@pytest.mark.ray
 def test_failure_mid_registration_leaves_no_version_and_no_alias_move(models):
     client = MlflowClient(models["uri"])
     elsewhere = Candidate(**{**models["weak"].__dict__, "split_digest": "another-split"})
@@ -162,6 +163,7 @@ def test_failure_mid_registration_leaves_no_version_and_no_alias_move(models):
     assert not client.search_registered_models(f"name = 'rollback{LOCK_SUFFIX}'")  # the lock was released
 
 
+@pytest.mark.ray
 def test_a_held_lock_makes_registration_wait_then_refuse(models):
     client = MlflowClient(models["uri"])
     client.create_registered_model(f"locked{LOCK_SUFFIX}", tags={"detkd.lock_since": f"{time.time():.3f}"})
@@ -191,6 +193,7 @@ print(json.dumps({"version": result.version, "alias": result.alias}))
 """
 
 
+@pytest.mark.ray
 def test_two_registrations_at_once_leave_the_champion_on_the_better(models, tiny_dataset):
     start_at = time.time() + 15  # both processes import detkd first, then start together
     procs = []
@@ -223,6 +226,7 @@ def test_two_registrations_at_once_leave_the_champion_on_the_better(models, tiny
     assert not client.search_registered_models(f"name = 'raced{LOCK_SUFFIX}'")
 
 
+@pytest.mark.ray
 def test_registered_models_go_wherever_checkpoints_go(models, tiny_dataset, tiny_config, tmp_path, monkeypatch):
     """models:/NAME@ALIAS as a teacher (pinned to its version), for detkd evaluate and for detkd export."""
     from typer.testing import CliRunner

@@ -22,6 +22,8 @@ def s3(tmp_path_factory):
         yield server
 
 
+@pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.ray
 def test_checkpoints_and_resume_on_an_s3_server(tiny_dataset, tiny_config, ray_cluster, tmp_path, tracking, s3):
     from detkd.engine.launch import run_training
@@ -54,6 +56,7 @@ def test_checkpoints_and_resume_on_an_s3_server(tiny_dataset, tiny_config, ray_c
     assert sorted(set(steps)) == list(range(1, 9)) and len(steps) - len(set(steps)) <= 2
 
 
+@pytest.mark.server
 def test_mlflow_server_on_postgres_with_artifacts_on_s3(s3, tmp_path):
     import psycopg
 

@@ -13,7 +13,6 @@ from detkd.cli import app
 from detkd.serving.export import EXPORT_TOLERANCE_PX, read_info
 from detkd.serving.predictor import Predictor
 
-pytestmark = pytest.mark.ray
 runner = CliRunner()
 
 
@@ -36,6 +35,7 @@ def trained_lite(tiny_dataset, tiny_config, ray_cluster, tmp_path_factory) -> Pa
     return outcome.model_path
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize(
     "fmt,model", [("onnx", "standard"), ("torchscript", "standard"), ("onnx", "lite"), ("torchscript", "lite")]
 )
@@ -69,6 +69,7 @@ def test_export_gives_pytorch_detections(fmt, model, request, varied_dataset, tm
             assert g[3] == pytest.approx(w[3], abs=EXPORT_TOLERANCE_PX + 0.01)  # + the 0.01 px rounding of boxes
 
 
+@pytest.mark.ray
 def test_fcos_onnx_graph_is_lean(trained_detector, tmp_path):
     """The FCOS export graph computes torchvision's detections with under half the nodes of its traced forward."""
     import onnx
@@ -96,6 +97,7 @@ def canonical(detections) -> list[tuple]:
     return sorted(items, key=lambda d: (d[0], round(d[2], 3), [round(v, 1) for v in d[3]]))
 
 
+@pytest.mark.ray
 def test_exported_threshold_is_a_floor(trained_detector, tiny_dataset, tmp_path):
     out = tmp_path / "strict.onnx"
     result = runner.invoke(
@@ -110,6 +112,7 @@ def test_exported_threshold_is_a_floor(trained_detector, tiny_dataset, tmp_path)
         predictor(images_of(tiny_dataset, count=1))
 
 
+@pytest.mark.ray
 def test_bad_export_requests_are_refused_and_write_nothing(trained_detector, tmp_path):
     out = tmp_path / "model.onnx"
     result = runner.invoke(app, ["export", str(trained_detector.model_path), "--format", "tflite", "--out", str(out)])

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
+from factories import tiny_pipeline_spec, write_yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -15,28 +15,20 @@ from detkd.cli import app
 from detkd.pipeline.load import load_pipeline
 from detkd.pipeline.runner import run_pipeline
 
-pytestmark = pytest.mark.ray
 EXPERIMENT = "detkd-steps"
 
 
 def tiny_spec(tmp_path: Path, name: str, *, uri: str, teachers: list[dict], students: list[dict]) -> Path:
-    spec = {
-        "name": name,
-        "workdir": str(tmp_path / name),
-        "tracking": {"experiment": EXPERIMENT, "tracking_uri": uri},
-        "data": {"synth": {"images": 40, "test_images": 12, "size": 64, "seed": 3, "min_object": 10, "max_object": 32}},
-        "defaults": {
-            "model": {"arch": "fcos", "backbone": "tiny", "fpn_channels": 32, "head_convs": 1},
-            "input": {"size": 64},
-            "train": {"epochs": 1, "batch_size": 8},
-            "tracking": {"log_model": False},
-        },
-        "teachers": teachers,
-        "students": students,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    spec = tiny_pipeline_spec(
+        name,
+        tmp_path / name,
+        uri,
+        experiment=EXPERIMENT,
+        synth={"images": 40, "test_images": 12},
+        teachers=teachers,
+        students=students,
+    )
+    return write_yaml(tmp_path / f"{name}.yaml", spec)
 
 
 HALF = {"input": {"scale": 0.5}, "model": {"min_level": 2, "max_level": 6}}
@@ -79,6 +71,8 @@ def parent_of(uri: str, workdir_name: str) -> list[str]:
     return [r.info.run_id for r in runs if r.data.tags.get("detkd.pipeline") == workdir_name]
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_teachers_train_side_by_side_with_the_lineage_of_one_at_a_time_and_reruns_reuse_them(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sequential = tiny_spec(tmp_path, "sequential", uri=uri, teachers=TWO_TEACHERS, students=STUDENTS)
@@ -108,6 +102,8 @@ def test_teachers_train_side_by_side_with_the_lineage_of_one_at_a_time_and_rerun
     assert second != first and set(model_runs(uri, second)) == {"data", "evaluate"}  # nothing trained again
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_failed_step_stops_what_needs_it_and_keeps_the_rest(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     broken = tmp_path / "broken.pt"
@@ -137,6 +133,8 @@ def test_a_failed_step_stops_what_needs_it_and_keeps_the_rest(ray_cluster, tmp_p
     assert MlflowClient(uri).get_run(parent).info.status == "FAILED"
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_progressive_stages_are_steps_that_follow_their_teachers(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     stages = [{"teacher": {"source": "t_a"}}, {"teacher": {"source": "t_b"}}]

@@ -16,7 +16,7 @@ from detkd.pipeline.dag import build_dag
 from detkd.pipeline.load import load_pipeline
 
 pytest.importorskip("kfp", reason="the kfp extra (.ci/run installs it)")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
 runner = CliRunner()
 
@@ -113,6 +113,7 @@ def test_compile_refuses_a_broken_spec_and_writes_nothing(tmp_path):
     assert result.exit_code == 2 and str(spec) in result.output and not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_compiled_quickstart_runs_with_kfp_local_like_detkd_run(quickstart_small, ray_cluster, tmp_path, monkeypatch):
     """The shrunken quickstart through `detkd run` (the session's run) and through KFP's SubprocessRunner

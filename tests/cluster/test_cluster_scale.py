@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from factories import tiny_pipeline_spec
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -22,7 +23,6 @@ from detkd.config import Config
 from detkd.engine.launch import run_training
 from detkd.models.checkpoint import CheckpointError, load_payload
 
-pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -30,6 +30,8 @@ def _loss_history(uri: str, run_id: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "train/loss"))
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_two_workers_reproduce_one_worker_with_the_same_global_batch(
     tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, tracking
 ):
@@ -63,6 +65,8 @@ def test_two_workers_reproduce_one_worker_with_the_same_global_batch(
         assert b == pytest.approx(a, rel=0.15)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_killed_worker_restarts_from_last_checkpoint(
     tiny_dataset, tiny_config, ray_cluster, tmp_path, mlflow_uri, tracking
 ):
@@ -167,24 +171,9 @@ def project_copy(project: Path) -> Path:
     return project
 
 
-def tiny_pipeline(name: str, work: Path, uri: str, *, synth: dict, teachers: list, students: list = ()) -> dict:
-    """A pipeline spec of tiny 64 px FCOS models that train for one epoch."""
-    return {
-        "name": name,
-        "workdir": str(work),
-        "tracking": {"experiment": name, "tracking_uri": uri},
-        "data": {"synth": {"size": 64, "seed": 3, "min_object": 10, "max_object": 32, **synth}},
-        "defaults": {
-            "model": {"arch": "fcos", "backbone": "tiny", "fpn_channels": 32, "head_convs": 1},
-            "input": {"size": 64},
-            "train": {"epochs": 1, "batch_size": 8},
-            "tracking": {"log_model": False},
-        },
-        "teachers": teachers,
-        "students": list(students),
-    }
-
-
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.server
 def test_submit_runs_a_job_and_reports_failure(tiny_dataset, tiny_config, ray_head, tmp_path):
     project = project_copy(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -225,6 +214,9 @@ def test_submit_runs_a_job_and_reports_failure(tiny_dataset, tiny_config, ray_he
     assert status.exit_code == 1 and "FAILED" in status.output
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.server
 def test_submitted_pipeline_runs_its_teachers_side_by_side_and_jobs_shows_each_step(ray_head, tmp_path):
     """``detkd submit PIPELINE --parallel 2`` to a 2-CPU ``ray start`` cluster: both teachers train at
     the same time there, the student learns from its teacher, and ``detkd jobs`` reads every step's state."""
@@ -233,7 +225,7 @@ def test_submitted_pipeline_runs_its_teachers_side_by_side_and_jobs_shows_each_s
     project = project_copy(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     half = {"input": {"scale": 0.5}, "model": {"min_level": 2, "max_level": 6}}
-    spec = tiny_pipeline(
+    spec = tiny_pipeline_spec(
         "remote",
         tmp_path / "work",
         uri,
@@ -276,6 +268,9 @@ def test_submitted_pipeline_runs_its_teachers_side_by_side_and_jobs_shows_each_s
     assert by_name["s_kd"].data.tags["mlflow.parentRunId"] == by_name["t_a"].data.tags["mlflow.parentRunId"]
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.server
 def test_a_kubeflow_model_task_with_a_ray_address_trains_on_that_cluster(ray_head, tmp_path):
     """The component code path ``ray_address``: ``detkd submit --follow --step`` from the task's process,
     whose outputs come back through the job's logs (the same outputs as a step run in the pod)."""
@@ -284,7 +279,9 @@ def test_a_kubeflow_model_task_with_a_ray_address_trains_on_that_cluster(ray_hea
 
     project = project_copy(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = tiny_pipeline("kfp-remote", tmp_path / "work", uri, synth={"images": 16}, teachers=[{"name": "teacher"}])
+    spec = tiny_pipeline_spec(
+        "kfp-remote", tmp_path / "work", uri, synth={"images": 16}, teachers=[{"name": "teacher"}]
+    )
     path = project / "kfp_remote.yaml"
     path.write_text(json.dumps(spec))
     data = detkd_step(str(path), "data", [], "")  # in this process's machine, as a pod would
@@ -336,6 +333,8 @@ def test_submit_passes_parallel_to_a_pipeline_and_refuses_it_for_one_run(tmp_pat
         command_for(run, project, [], parallel=2)
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_nothing_secret_leaves_the_laptop_with_a_job(ray_head, tmp_path):
     """Planted credential files, a gitignored file, an --env value and a password in a URI: none reaches the job's
     files, its command line, its metadata or detkd's output."""

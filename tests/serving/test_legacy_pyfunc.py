@@ -13,7 +13,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-LEGACY = Path(__file__).parent / "fixtures/legacy_pyfunc_model"
+LEGACY = Path(__file__).resolve().parents[1] / "fixtures/legacy_pyfunc_model"
 
 
 def test_model_logged_by_detkd_0_1_loads_and_predicts_as_it_did():

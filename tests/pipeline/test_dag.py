@@ -14,7 +14,7 @@ from detkd.cli import app
 from detkd.pipeline.dag import PipelineDag, Step, build_dag, execute, format_dag
 from detkd.pipeline.load import load_pipeline
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PIPELINES = REPO / "pipelines"
 runner = CliRunner()
 

@@ -6,15 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+from factories import SUMMARY_COLUMNS
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from detkd.cli import app
 
-pytestmark = pytest.mark.ray
-QUICKSTART = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[2] / "pipelines" / "quickstart.yaml"
 
 
+@pytest.mark.ray
 def test_quickstart_pipeline_small(quickstart_small, tmp_path):
     uri, rows, work = quickstart_small.uri, quickstart_small.rows, quickstart_small.work
     runner = CliRunner()
@@ -24,18 +25,7 @@ def test_quickstart_pipeline_small(quickstart_small, tmp_path):
         ("student_ssim", "student", "ssim", 32),
     ]
     for row in rows:
-        assert set(row) - {"registered"} == {
-            "name",
-            "role",
-            "method",
-            "input_size",
-            "split",
-            "AP",
-            "AP50",
-            "APs",
-            "images_per_s",
-            "mlflow_run_id",
-        }
+        assert set(row) - {"registered"} == SUMMARY_COLUMNS
         assert row["images_per_s"] > 0 and 0 <= row["AP"] <= row["AP50"] <= 1
         assert row["split"] == "test"  # the quickstart has a held-out split: every model is scored on it
     output = quickstart_small.output

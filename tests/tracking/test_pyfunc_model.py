@@ -21,8 +21,6 @@ from detkd.data.coco import load_coco
 from detkd.engine.evaluate import evaluate_checkpoint
 from detkd.serving.predictor import Predictor
 
-pytestmark = pytest.mark.ray
-
 
 @pytest.fixture(scope="module")
 def logged(trained_detector):
@@ -36,6 +34,7 @@ def val_images(dataset: Path, count: int) -> list[bytes]:
     return [(dataset / "images/val" / im["file_name"]).read_bytes() for im in coco["images"][:count]]
 
 
+@pytest.mark.ray
 def test_logged_model_holds_code_and_the_checkpoint_no_pickle(logged, tmp_path):
     uri, run_id, checkpoint = logged
     local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path)))
@@ -48,6 +47,7 @@ def test_logged_model_holds_code_and_the_checkpoint_no_pickle(logged, tmp_path):
     assert [p.name for p in info.signature.params.params] == ["score_threshold", "max_detections"]
 
 
+@pytest.mark.ray
 def test_pyfunc_predicts_what_the_checkpoint_evaluates_to(logged, tiny_dataset, varied_dataset):
     """Boxes in each image's own pixels: the same detections detkd evaluate scores, on images of other sizes too."""
     uri, run_id, checkpoint = logged
@@ -81,6 +81,7 @@ def test_pyfunc_predicts_what_the_checkpoint_evaluates_to(logged, tiny_dataset, 
     assert all(len(boxes) <= 1 for boxes in strict["boxes"])
 
 
+@pytest.mark.ray
 def test_undecodable_image_is_refused_naming_it(logged):
     uri, run_id, _ = logged
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
@@ -88,6 +89,8 @@ def test_undecodable_image_is_refused_naming_it(logged):
         model.predict(pd.DataFrame({"image": [b"not a png"]}))
 
 
+@pytest.mark.ray
+@pytest.mark.server
 def test_mlflow_models_serve_answers_a_real_image(logged, tiny_dataset, unused_port, server_process, tmp_path):
     uri, run_id, _ = logged
     port = unused_port

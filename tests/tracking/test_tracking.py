@@ -31,6 +31,7 @@ def test_sqlite_store_in_a_missing_folder_is_refused(tmp_path):
         check_tracking_uri(uri)
 
 
+@pytest.mark.server
 def test_real_server_passes_and_gets_tagged_experiments(mlflow_server):
     check_tracking_uri(mlflow_server.uri)
     exp_id = experiment_id(mlflow_server.uri, "tagged")
