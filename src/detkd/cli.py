@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +24,40 @@ app.add_typer(data_app, name="data")
 # A wide console when piped (CI logs, files) so the summary table keeps its run ids.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
+
+
+class ConsoleHandler(logging.Handler):
+    """The library's log records as users read them: plain lines on stdout, warnings plain on stderr,
+    errors as ``error:`` lines (the consoles' streams are looked up per write, so CliRunner captures them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+            return
+        if record.levelno >= logging.ERROR:
+            for line in message.splitlines() or [""]:
+                err_console.print("[red]error:[/red] ", end="", highlight=False)
+                err_console.print(line, highlight=False, markup=False, soft_wrap=True)
+        else:
+            target = err_console if record.levelno >= logging.WARNING else console
+            target.print(message, highlight=False, markup=False, soft_wrap=True)
+
+
+def install_log_handler() -> None:
+    """One handler on the ``detkd`` logger, INFO and up; idempotent (every command calls it)."""
+    logger = logging.getLogger("detkd")
+    for handler in [h for h in logger.handlers if isinstance(h, ConsoleHandler)]:
+        logger.removeHandler(handler)
+    logger.addHandler(ConsoleHandler())
+    logger.setLevel(logging.INFO)
+
+
+@app.callback()
+def _setup() -> None:
+    install_log_handler()
+
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="dotted override, e.g. input.scale=0.5")]
 FreshOption = Annotated[
@@ -230,37 +265,50 @@ def evaluate(
     backend: Annotated[str, typer.Option(help="faster or pycocotools")] = "faster",
 ) -> None:
     """COCO box mAP of a checkpoint on a split, or of an existing results file."""
-    from detkd.engine.coco_eval import METRIC_NAMES, evaluate_files
-
     if backend not in ("faster", "pycocotools"):
         _fail(ValueError(f"--backend must be faster or pycocotools, got {backend!r}"))
     if model is not None and checkpoint is not None:
         _fail(ValueError("give the model once: as the argument or as --checkpoint"))
     checkpoint = model if model is not None else checkpoint
-    try:
-        if gt is not None or detections is not None:
-            if gt is None or detections is None or checkpoint is not None:
-                raise FileNotFoundError("scoring a results file needs --gt and --detections (and no --checkpoint)")
-            metrics = evaluate_files(gt, detections, backend=backend)
-            _print_metrics(metrics, METRIC_NAMES)
-            if summary:
-                from detkd.pipeline.runner import summary_row, write_summary
+    if gt is not None or detections is not None:
+        _score_results_file(gt, detections, checkpoint=checkpoint, summary=summary, backend=backend)
+    else:
+        _evaluate_model(
+            checkpoint, coco=coco, images=images, parquet=parquet, out=out, summary=summary,
+            batch_size=batch_size, score_thresh=score_thresh,
+        )  # fmt: skip
 
-                write_summary(
-                    [
-                        summary_row(
-                            name=detections.stem,
-                            role="results",
-                            input_size=0,
-                            metrics=metrics,
-                            images_per_s=0.0,
-                            run_id=None,
-                            split=str(gt),
-                        )
-                    ],
-                    summary,
-                )
-            return
+
+def _score_results_file(gt, detections, *, checkpoint, summary: Path | None, backend: str) -> None:
+    """``detkd evaluate --gt G --detections D``: score a COCO results file against its ground truth."""
+    from detkd.engine.coco_eval import METRIC_NAMES, evaluate_files
+    from detkd.pipeline.runner import write_summary
+    from detkd.records import SummaryRow
+
+    try:
+        if gt is None or detections is None or checkpoint is not None:
+            raise FileNotFoundError("scoring a results file needs --gt and --detections (and no --checkpoint)")
+        metrics = evaluate_files(gt, detections, backend=backend)
+    except (*_user_errors(), ValueError) as exc:
+        _fail(exc)
+    _print_metrics(metrics, METRIC_NAMES)
+    if summary:
+        row = SummaryRow.measured(
+            name=detections.stem, role="results", input_size=0, metrics=metrics, images_per_s=0.0, run_id=None,
+            split=str(gt),
+        )  # fmt: skip
+        write_summary([row], summary)
+
+
+def _evaluate_model(
+    checkpoint, *, coco, images, parquet, out: Path | None, summary: Path | None, batch_size: int, score_thresh: float
+) -> None:
+    """``detkd evaluate MODEL --coco/--images|--parquet``: run a checkpoint over a split and score it."""
+    from detkd.engine.coco_eval import METRIC_NAMES
+    from detkd.pipeline.runner import write_summary
+    from detkd.records import SummaryRow
+
+    try:
         if checkpoint is None:
             raise FileNotFoundError("give --checkpoint with --coco/--images or --parquet, or --gt with --detections")
         from detkd.data import open_source
@@ -270,9 +318,7 @@ def evaluate(
         source = open_source(coco=coco, images=images, parquet=parquet)
         local = _local_model(checkpoint)
         result = evaluate_checkpoint(local, source, batch_size=batch_size, score_thresh=score_thresh)
-    except _user_errors() as exc:
-        _fail(exc)
-    except ValueError as exc:
+    except (*_user_errors(), ValueError) as exc:
         _fail(exc)
     _print_metrics(result.metrics, METRIC_NAMES)
     console.print(f"inference: {result.images_per_s:.1f} images/s at {result.input_size}px (batch {batch_size}, CPU)")
@@ -280,24 +326,18 @@ def evaluate(
         atomic_write_bytes(out, json.dumps(result.detections).encode())
         console.print(f"detections: {out} ({len(result.detections)})")
     if summary:
-        from detkd.pipeline.runner import summary_row, write_summary
-
         meta = result.meta
-        write_summary(
-            [
-                summary_row(
-                    name=str(meta.get("name", local.stem)),
-                    role=str(meta.get("role", "model")),
-                    input_size=result.input_size,
-                    metrics=result.metrics,
-                    images_per_s=result.images_per_s,
-                    run_id=meta.get("mlflow_run_id"),
-                    method=meta.get("method"),
-                    split=str(coco or parquet),
-                )
-            ],
-            summary,
+        row = SummaryRow.measured(
+            name=str(meta.get("name", local.stem)),
+            role=str(meta.get("role", "model")),
+            input_size=result.input_size,
+            metrics=result.metrics,
+            images_per_s=result.images_per_s,
+            run_id=meta.get("mlflow_run_id"),
+            method=meta.get("method"),
+            split=str(coco or parquet),
         )
+        write_summary([row], summary)
 
 
 def _print_metrics(metrics: dict[str, float], names) -> None:
@@ -371,11 +411,11 @@ def run(
 ) -> None:
     """Run a pipeline spec: data -> teachers -> students -> evaluation (see `detkd plan` for its steps)."""
     from detkd.pipeline.load import load_pipeline
-    from detkd.pipeline.runner import PipelineFailed, print_summary, run_pipeline, write_summary
+    from detkd.pipeline.runner import PipelineFailed, run_pipeline, summary_table, write_summary
 
     try:
         spec = load_pipeline(pipeline, overrides or [])
-        rows = run_pipeline(spec, address=address, console=console, fresh=fresh, parallel=parallel)
+        rows = run_pipeline(spec, address=address, fresh=fresh, parallel=parallel)
     except _user_errors() as exc:
         _fail(exc)
     except PipelineFailed as exc:
@@ -388,7 +428,7 @@ def run(
         for line in str(exc).splitlines():
             err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    print_summary(rows, console)
+    console.print(summary_table(rows))
     if summary:
         write_summary(rows, summary)
         console.print(f"summary: {summary}")
@@ -468,7 +508,7 @@ def step_command(
 
     try:
         spec = load_pipeline(pipeline, overrides or [])
-        result = run_step(spec, step, pipeline_run=pipeline_run, address=address, fresh=fresh, say=console.print)
+        result = run_step(spec, step, pipeline_run=pipeline_run, address=address, fresh=fresh)
     except _user_errors() as exc:
         _fail(exc)
     except PipelineFailed as exc:
@@ -514,7 +554,7 @@ def tune_command(
             scheduler=scheduler,
             search=search,
         )
-        outcome = run_sweep(loaded, options=options, address=address, resume=resume, fresh=fresh, console=console)
+        outcome = run_sweep(loaded, options=options, address=address, resume=resume, fresh=fresh)
     except _user_errors() as exc:
         _fail(exc)
     except ValidationError as exc:
