@@ -235,7 +235,7 @@ def main() -> None:
     spec_path.write_text(json.dumps(spec_data, indent=1))
     spec = load_pipeline(spec_path)
     start = time.perf_counter()
-    rows = run_pipeline(spec)
+    rows = [row.to_dict() for row in run_pipeline(spec)]
     wall = time.perf_counter() - start + previous.get("meta", {}).get("wall_s", 0.0)
     if only:  # keep the earlier rows of the rows not rerun; the teachers were retrained with these
         fresh = {r["name"] for r in rows}
@@ -267,4 +267,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(format="%(message)s", stream=sys.stdout)  # the library's progress lines, as print gave
+    logging.getLogger("detkd").setLevel(logging.INFO)
     main()
