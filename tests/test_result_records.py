@@ -111,6 +111,27 @@ def test_the_cli_shows_library_log_records_as_plain_lines() -> None:
     assert lines == ["data: [synthesizing] 8 images", "note: steps not listed", "error: it broke", "error: second line"]
 
 
+def test_sweep_tables_are_log_records_the_cli_draws(caplog) -> None:
+    import typer
+
+    from detkd.cli import install_log_handler
+    from detkd.sweeps.report import log_table
+
+    app = typer.Typer()
+
+    @app.command()
+    def show() -> None:
+        install_log_handler()
+        log_table([{"trial": "t1", "val/AP": 0.51234, "lr": "[0.1, 0.2]"}], title="trials (val/AP)")
+
+    with caplog.at_level(logging.INFO, logger="detkd.sweeps.report"):
+        result = CliRunner().invoke(app, [])
+    assert result.exit_code == 0, result.output
+    assert "trials (val/AP)" in result.output and "0.5123" in result.output and "[0.1, 0.2]" in result.output
+    (record,) = [r for r in caplog.records if r.name == "detkd.sweeps.report"]
+    assert "0.5123" in record.getMessage()  # the text, for any other handler
+
+
 @pytest.mark.parametrize("passed", [True, False])
 def test_gate_verdict_reads_the_rows(passed: bool) -> None:
     from types import SimpleNamespace

@@ -36,7 +36,10 @@ class ConsoleHandler(logging.Handler):
         except Exception:  # noqa: BLE001 - logging must not raise
             self.handleError(record)
             return
-        if record.levelno >= logging.ERROR:
+        renderable = getattr(record, "renderable", None)  # a table logged with its text (the sweep's)
+        if renderable is not None and record.levelno < logging.WARNING:
+            console.print(renderable)
+        elif record.levelno >= logging.ERROR:
             for line in message.splitlines() or [""]:
                 err_console.print("[red]error:[/red] ", end="", highlight=False)
                 err_console.print(line, highlight=False, markup=False, soft_wrap=True)

@@ -68,7 +68,8 @@ class LiveTable(tune.Callback):
 
 
 def log_table(rows: list[dict[str, Any]], *, title: str) -> None:
-    """One log record holding the table as text, as wide as the terminal (160 columns when piped)."""
+    """One log record: the table as text (as wide as the terminal, 160 columns when piped), and the table
+    itself as ``extra["renderable"]`` for a console handler (the CLI's) to draw in colour."""
     from rich.console import Console
     from rich.table import Table
 
@@ -82,7 +83,7 @@ def log_table(rows: list[dict[str, Any]], *, title: str) -> None:
     text = io.StringIO()
     width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 160
     Console(file=text, width=width).print(table)
-    log.info(text.getvalue().rstrip("\n"))
+    log.info(text.getvalue().rstrip("\n"), extra={"renderable": table})
 
 
 def _cell(value: Any) -> str:
