@@ -237,7 +237,7 @@ def main() -> None:
     spec_path.write_text(json.dumps(spec_data, indent=1))
     spec = load_pipeline(spec_path, [f"workdir={args.workdir}"])
     start = time.perf_counter()
-    rows = run_pipeline(spec)
+    rows = [row.to_dict() for row in run_pipeline(spec)]
     wall = time.perf_counter() - start + previous.get("meta", {}).get("wall_s", 0.0)
     if only:  # keep the earlier rows of the rows not rerun; the teachers were retrained with these
         fresh = {r["name"] for r in rows}
@@ -269,4 +269,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import logging
+    import sys
+
+    logging.basicConfig(format="%(message)s", stream=sys.stdout)  # the library's progress lines, as print gave
+    logging.getLogger("detkd").setLevel(logging.INFO)
     main()

@@ -38,7 +38,7 @@ def run_once(spec_path: Path, overrides: list[str], workdir: Path, *, parallel: 
     workdir.mkdir(parents=True)
     spec = load_pipeline(spec_path, [*overrides, f"workdir={workdir}", f"tracking.tracking_uri={uri}"])
     started = time.perf_counter()
-    rows = run_pipeline(spec, parallel=parallel)
+    rows = [row.to_dict() for row in run_pipeline(spec, parallel=parallel)]
     seconds = time.perf_counter() - started
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(spec.tracking.experiment)
@@ -142,4 +142,8 @@ def write_plot(result: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(format="%(message)s", stream=sys.stdout)  # the library's progress lines, as print gave
+    logging.getLogger("detkd").setLevel(logging.INFO)
     main()

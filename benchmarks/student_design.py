@@ -121,7 +121,7 @@ def main() -> None:
     epochs = args.epochs if args.epochs is not None else raw["defaults"]["train"]["epochs"]
     spec = validate_config(raw, source="student_design spec", model=PipelineSpec)
     started = time.perf_counter()
-    rows = {row["name"]: row for row in run_pipeline(spec, parallel=args.parallel)}
+    rows = {row.name: row.to_dict() for row in run_pipeline(spec, parallel=args.parallel)}
     train_minutes = (time.perf_counter() - started) / 60
     import ray
 
@@ -247,4 +247,8 @@ def write_plot(result: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(format="%(message)s", stream=sys.stdout)  # the library's progress lines, as print gave
+    logging.getLogger("detkd").setLevel(logging.INFO)
     main()

@@ -63,7 +63,6 @@ def plain_loop(cfg: Config, *, uri: str) -> float:
         epochs=cfg.train.epochs,
         world_size=1,
         rank=0,
-        say=lambda line: None,
         sink=lambda values, step: rates.append(values["train/images_per_s"]),
     )
     while run.state.step < run.total_steps:

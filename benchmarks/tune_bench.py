@@ -155,7 +155,7 @@ def part_weights(workdir: Path) -> dict:
     eval_path = write_yaml(
         workdir / "weights_eval.pipeline.yaml", base_spec(workdir, students, "tune_bench_weights_eval")
     )
-    rows = run_pipeline(load_pipeline(eval_path))
+    rows = [row.to_dict() for row in run_pipeline(load_pipeline(eval_path))]
     table = []
     for method in ["baseline", *METHODS]:
         for variant in ["default", "tuned"] if method != "baseline" else [""]:
@@ -414,4 +414,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import logging
+    import sys
+
+    logging.basicConfig(format="%(message)s", stream=sys.stdout)  # the library's progress lines, as print gave
+    logging.getLogger("detkd").setLevel(logging.INFO)
     main()

@@ -198,3 +198,136 @@ class CheckpointMeta:
             readable = ", ".join(f"{CHECKPOINT_FORMAT}/{v}" for v in CHECKPOINT_VERSIONS_READ)
             raise ValueError(f"checkpoint format {stored} is not one this detkd reads ({readable})")
         return cls.from_meta_dict(dict(payload.get("meta") or {}), model=payload["model"], format_version=int(version))
+
+
+# --------------------------------------------------------------------------- result rows
+# summary.json, trials.parquet and outcome.json keep their layout; these read and write it.
+
+SUMMARY_METRICS = ("AP", "AP50", "APs")
+
+
+@dataclass
+class SummaryRow:
+    """One model scored on one split: a row of ``summary.json`` (``detkd run``/``evaluate``/``train --summary``)."""
+
+    name: str
+    role: str
+    input_size: int
+    split: str
+    AP: float
+    AP50: float
+    APs: float
+    images_per_s: float
+    mlflow_run_id: str | None
+    method: str | None = None  # absent from the file when None
+    registered: str | None = None  # "MODEL vN @alias" once the register step chose this row
+
+    @classmethod
+    def measured(
+        cls,
+        *,
+        name: str,
+        role: str,
+        input_size: int,
+        metrics: dict[str, float],
+        images_per_s: float,
+        run_id: str | None,
+        split: str,
+        method: str | None = None,
+    ) -> SummaryRow:
+        """A row from an evaluation's raw numbers, rounded as the file has always shown them."""
+        scores = {k: round(metrics[k], 4) for k in SUMMARY_METRICS}
+        return cls(
+            name,
+            role,
+            input_size,
+            split,
+            **scores,
+            images_per_s=round(images_per_s, 1),
+            mlflow_run_id=run_id,
+            method=method,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k == "mlflow_run_id"}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SummaryRow:
+        return cls(**data)
+
+
+@dataclass
+class TrialRow:
+    """One sweep trial: a row of ``trials.parquet``. Its metric columns are named by the sweep's metric key
+    (``val/AP`` and ``best_val/AP``) and its parameters ``param.<name>``, so the key comes with the row."""
+
+    trial_id: str
+    state: str
+    stopped_early: bool
+    epochs: int
+    planned_epochs: int
+    metric_key: str
+    metric: float  # the last reported value
+    best_metric: float
+    params: dict[str, Any]  # parameter name -> its label (as trials.parquet stores it)
+    attempts: int = 0
+    mlflow_run_id: str | None = None
+    model_path: str | None = None  # the trial's model when it trained to the end
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("TERMINATED", "ERROR")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trial_id": self.trial_id,
+            "state": self.state,
+            "stopped_early": self.stopped_early,
+            "epochs": self.epochs,
+            "planned_epochs": self.planned_epochs,
+            self.metric_key: self.metric,
+            f"best_{self.metric_key}": self.best_metric,
+            **{f"param.{k}": v for k, v in self.params.items()},
+            "attempts": self.attempts,
+            "mlflow_run_id": self.mlflow_run_id,
+            "model_path": self.model_path,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, metric_key: str) -> TrialRow:
+        return cls(
+            trial_id=str(data["trial_id"]),
+            state=str(data["state"]),
+            stopped_early=bool(data["stopped_early"]),
+            epochs=int(data["epochs"]),
+            planned_epochs=int(data["planned_epochs"]),
+            metric_key=metric_key,
+            metric=float(data[metric_key]),
+            best_metric=float(data[f"best_{metric_key}"]),
+            params={k.removeprefix("param."): v for k, v in data.items() if k.startswith("param.")},
+            attempts=int(data.get("attempts", 0)),
+            mlflow_run_id=data.get("mlflow_run_id") or None,
+            model_path=data.get("model_path") or None,
+        )
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished training run left: its published model, MLflow run and final metrics
+    (``models/<step>/outcome.json`` of a pipeline keeps it for later steps)."""
+
+    name: str
+    role: str
+    model_path: Path
+    run_id: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    input_size: int = 0
+    seconds: float = 0.0
+    method: str = "kd_off"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "model_path": str(self.model_path)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainOutcome:
+        return cls(**{**data, "model_path": Path(data["model_path"])})

@@ -80,7 +80,7 @@ def test_teachers_train_side_by_side_with_the_lineage_of_one_at_a_time_and_rerun
 
     rows_seq = run_pipeline(load_pipeline(sequential))
     rows_par = run_pipeline(load_pipeline(concurrent), parallel=2)
-    assert [r["name"] for r in rows_par] == [r["name"] for r in rows_seq] == ["t_a", "t_b", "s_base", "s_kd"]
+    assert [r.name for r in rows_par] == [r.name for r in rows_seq] == ["t_a", "t_b", "s_base", "s_kd"]
 
     (seq_parent,) = parent_of(uri, "sequential")
     (par_parent,) = parent_of(uri, "concurrent")
@@ -95,8 +95,8 @@ def test_teachers_train_side_by_side_with_the_lineage_of_one_at_a_time_and_rerun
 
     # a rerun trains nothing again: every model step is reused (no new MLflow run) and scores the same
     rerun = run_pipeline(load_pipeline(concurrent), parallel=2)
-    assert [(r["name"], r["mlflow_run_id"], r["AP"]) for r in rerun] == [
-        (r["name"], r["mlflow_run_id"], r["AP"]) for r in rows_par
+    assert [(r.name, r.mlflow_run_id, r.AP) for r in rerun] == [
+        (r.name, r.mlflow_run_id, r.AP) for r in rows_par
     ]
     first, second = parent_of(uri, "concurrent")
     assert second != first and set(model_runs(uri, second)) == {"data", "evaluate"}  # nothing trained again
@@ -141,7 +141,7 @@ def test_progressive_stages_are_steps_that_follow_their_teachers(ray_cluster, tm
     students = [{"name": "s_prog", "settings": {**HALF, "distill": {"ssim": {}, "stages": stages}}}]
     spec = tiny_spec(tmp_path, "progressive", uri=uri, teachers=TWO_TEACHERS, students=students)
     rows = run_pipeline(load_pipeline(spec), parallel=2)
-    assert [r["name"] for r in rows] == ["t_a", "t_b", "s_prog"]
+    assert [r.name for r in rows] == ["t_a", "t_b", "s_prog"]
     (parent,) = parent_of(uri, "progressive")
     runs = model_runs(uri, parent)
     first, last = runs["s_prog-stage1"], runs["s_prog-stage2"]
@@ -149,5 +149,5 @@ def test_progressive_stages_are_steps_that_follow_their_teachers(ray_cluster, tm
     assert last.data.tags["detkd.teacher.0"] == runs["t_b"].info.run_id
     assert last.data.tags["detkd.previous_stage_run"] == first.info.run_id
     assert first.info.end_time <= last.info.start_time  # stages in order
-    assert rows[2]["mlflow_run_id"] == last.info.run_id and rows[2]["method"] == "progressive"
+    assert rows[2].mlflow_run_id == last.info.run_id and rows[2].method == "progressive"
     assert (tmp_path / "progressive" / "models" / "s_prog" / "model.pt").is_file()

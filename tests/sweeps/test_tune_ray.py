@@ -174,10 +174,10 @@ def test_a_pipeline_tune_step_adds_the_tuned_student_beside_the_others(ray_clust
     pipeline.write_text(yaml.safe_dump(data))
     rows = run_pipeline(load_pipeline(pipeline))
 
-    by_name = {row["name"]: row for row in rows}
+    by_name = {row.name: row for row in rows}
     assert set(by_name) == {"t_small", "student", "student_tuned"}
-    assert {row["split"] for row in rows} == {"test"}  # the pipeline has a held-out split: all are scored on it
-    assert by_name["student_tuned"]["method"] == "mgd (tuned)"
+    assert {row.split for row in rows} == {"test"}  # the pipeline has a held-out split: all are scored on it
+    assert by_name["student_tuned"].method == "mgd (tuned)"
     assert (pipeline.parent / "work/models/student_tuned/model.pt").is_file()
     sweep_run = runs_of(mlflow_uri, kind="sweep", sweep="in_pipeline")[0]
     pipeline_run = runs_of(mlflow_uri, kind="pipeline")[0]

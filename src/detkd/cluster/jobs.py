@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shlex
 import sys
@@ -23,6 +24,8 @@ import yaml
 from detkd.config import ConfigError
 from detkd.pipeline.events import MARKER, STEPS_METADATA
 from detkd.tracking.redact import has_credentials
+
+log = logging.getLogger(__name__)
 
 # gitignore syntax, relative to the project root ("/data" would otherwise also drop src/detkd/data)
 EXCLUDES = [
@@ -230,7 +233,7 @@ def pipeline_steps(spec: Path, overrides: list[str], project_root: Path) -> list
         os.chdir(project_root)
         return build_dag(load_pipeline(spec.resolve(), overrides)).names
     except ConfigError as exc:
-        print(f"note: steps not listed before the job starts ({str(exc).splitlines()[0]})", file=sys.stderr)
+        log.warning(f"note: steps not listed before the job starts ({str(exc).splitlines()[0]})")
         return []
     finally:
         os.chdir(here)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +27,10 @@ from detkd.engine.faults import MARKER
 from detkd.engine.plan import build_plan, open_sources, plan_stages, stage_configs
 from detkd.engine.worker import MODEL_FILE, TRAIN_STATE, mismatch_message, train_loop_per_worker
 from detkd.models.checkpoint import CheckpointError, file_digest, load_payload
-from detkd.records import RunPlan, TrackingContext
+from detkd.records import RunPlan, TrackingContext, TrainOutcome
 
+log = logging.getLogger(__name__)
 CallbackFactory = Callable[[RunPlan, int], list[Any]]  # (plan, stage index) -> Ray Train callbacks
-
-
-@dataclass
-class TrainOutcome:
-    name: str
-    role: str
-    model_path: Path
-    run_id: str | None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    input_size: int = 0
-    seconds: float = 0.0
-    method: str = "kd_off"
 
 
 def tracking_context(cfg: Config, *, parent_run_id: str | None = None) -> TrackingContext:
@@ -166,7 +155,7 @@ def run_plan(
     if reuse_finished and not fresh:
         done = finished_outcome(plan)
         if done is not None:
-            print(f"{plan.name}: finished before as MLflow run {done.run_id}; reusing {done.model_path}", flush=True)
+            log.info(f"{plan.name}: finished before as MLflow run {done.run_id}; reusing {done.model_path}")
             return done
     if sources is None:
         sources = open_sources(plan.config)
@@ -255,10 +244,9 @@ def fit(
         return trainer.fit()
     except (KeyboardInterrupt, SystemExit) as exc:
         # Ray Train's own SIGINT handler aborts the run and calls sys.exit(0) inside fit()
-        print(
+        log.info(
             f"interrupted: checkpoints are kept under {cfg.run.storage_path}/{plan.ray_name}; "
-            "run the same command again to resume",
-            flush=True,
+            "run the same command again to resume"
         )
         raise KeyboardInterrupt from exc
 
@@ -353,7 +341,7 @@ def mlflow_run(
     ) as run_id:
         logger = RunLogger(tracking_uri=plan.tracking.uri, run_id=run_id)
         if resume_id:
-            print(f"continuing MLflow run {run_id} of the interrupted attempt at {plan.ray_name}", flush=True)
+            log.info(f"continuing MLflow run {run_id} of the interrupted attempt at {plan.ray_name}")
         else:
             logger.params(cfg.model_dump(mode="json"))
         logger.dict(plan.to_dict(), "plan.json")

@@ -8,6 +8,7 @@ the distributed context, checkpoint reporting and MLflow. Benchmarks use the sam
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +25,9 @@ from detkd.data.dataset import DetectionDataset, collate_detection
 from detkd.engine.sampler import EpochBatchSampler
 from detkd.models.detectors import unwrap_model
 from detkd.records import RunPlan
+
+# the Ray worker's logger: Ray routes its lines to the driver console (see engine/worker.py)
+log = logging.getLogger("detkd.train")
 
 
 def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
@@ -294,8 +298,8 @@ def train_one_epoch(run: TrainRun, *, clip_grad_norm: float | None, hooks: Seque
 
 
 class ProgressLog:
-    """Step hook: every ``every`` steps, average the loss terms over workers, print a line on rank 0
-    and hand the numbers to ``sink`` (MLflow on rank 0 in the Ray worker)."""
+    """Step hook: every ``every`` steps, average the loss terms over workers, log a line on rank 0
+    (the ``detkd.train`` logger) and hand the numbers to ``sink`` (MLflow on rank 0 in the Ray worker)."""
 
     def __init__(
         self,
@@ -307,12 +311,11 @@ class ProgressLog:
         epochs: int,
         world_size: int,
         rank: int,
-        say: Callable[[str], None],
         sink: Callable[[dict[str, float], int], None] | None = None,
     ) -> None:
         self.name, self.every, self.total_steps = name, every, total_steps
         self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
-        self.world_size, self.rank, self.say, self.sink = world_size, rank, say, sink
+        self.world_size, self.rank, self.sink = world_size, rank, sink
         self.means, self.speed = RunningMeans(), Throughput()
 
     def __call__(self, state: TrainState, result: StepResult, batch_images: int) -> None:
@@ -327,7 +330,7 @@ class ProgressLog:
             eta = (self.total_steps - state.step) * global_batch / max(rate, 1e-9)
             parts = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in running.items() if k != "loss")
             epoch = (state.step - 1) // self.steps_per_epoch + 1
-            self.say(
+            log.info(
                 f"[{self.name}] epoch {epoch}/{self.epochs} step {state.step}/{self.total_steps} "
                 f"loss {running['loss']:.3f} ({parts}) lr {lr:.2e} {rate:.0f} img/s eta {format_eta(eta)}"
             )

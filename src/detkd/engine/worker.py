@@ -68,7 +68,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             epochs=cfg.train.epochs,
             world_size=world,
             rank=rank,
-            say=log.info,
             sink=(lambda values, step: logger.metrics(values, step=step)) if logger else None,
         ),
         report.every_steps_hook(cfg.train.checkpoint_every_steps),

@@ -6,6 +6,7 @@ One parent MLflow run per pipeline run and one child run per component.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,33 +20,35 @@ from detkd.pipeline.spec import (
     model_config,
     tracking_context,
 )
+from detkd.records import SummaryRow, TrainOutcome
+
+log = logging.getLogger(__name__)
 
 
 def run_pipeline(
-    spec: PipelineSpec, *, address: str | None = None, console=None, fresh: bool = False, parallel: int = 1
-) -> list[dict[str, Any]]:
+    spec: PipelineSpec, *, address: str | None = None, fresh: bool = False, parallel: int = 1
+) -> list[SummaryRow]:
     """Run every step; returns one summary row per trained model. ``fresh`` retrains every model;
     ``parallel`` steps at most train at once (independent ones, when the cluster has room)."""
     from detkd.engine.launch import ensure_ray
     from detkd.tracking.runs import RunLogger, check_tracking_uri
 
-    say = console.print if console else print
     spec = spec.model_copy(update={"workdir": spec.workdir.resolve()})
     check_tracking_uri(tracking_context(spec).uri)
     started = time.perf_counter()
     parent_id = open_pipeline_run(spec)
     try:
-        run_data_step(spec, parent_id, say=say)
+        run_data_step(spec, parent_id)
         ensure_ray(address)
-        execution = run_model_steps(spec, parent_id, address=address, fresh=fresh, parallel=parallel, say=say)
+        execution = run_model_steps(spec, parent_id, address=address, fresh=fresh, parallel=parallel)
         if not execution.ok:
             RunLogger(tracking_uri=tracking_context(spec).uri, run_id=parent_id).tags(
                 {"failed_steps": json.dumps(list(execution.failed)), "blocked_steps": json.dumps(execution.blocked)}
             )
             raise PipelineFailed(execution)
         outcomes = [execution.results[name] for name in final_models(spec)]
-        rows = run_evaluate_and_register(spec, outcomes, parent_id, say=say)
-        close_pipeline_run(spec, parent_id, rows, seconds=time.perf_counter() - started, say=say)
+        rows = run_evaluate_and_register(spec, outcomes, parent_id)
+        close_pipeline_run(spec, parent_id, rows, seconds=time.perf_counter() - started)
     except BaseException as exc:
         end_pipeline_run(spec, parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -70,21 +73,21 @@ def end_pipeline_run(spec: PipelineSpec, parent_id: str, status: str) -> None:
     end_run(tracking_context(spec).uri, parent_id, status)
 
 
-def close_pipeline_run(spec: PipelineSpec, parent_id: str, rows: list[dict[str, Any]], *, seconds: float, say) -> None:
+def close_pipeline_run(spec: PipelineSpec, parent_id: str, rows: list[SummaryRow], *, seconds: float) -> None:
     """The pipeline run's summary, wall time and lineage picture; then it is FINISHED."""
     from detkd.tracking.lineage import pipeline_lineage_png
     from detkd.tracking.runs import RunLogger
 
     parent = RunLogger(tracking_uri=tracking_context(spec).uri, run_id=parent_id)
-    parent.dict(rows, "summary.json")
+    parent.dict([row.to_dict() for row in rows], "summary.json")
     parent.metrics({"pipeline_seconds": seconds})
     picture = pipeline_lineage_png(parent.tracking_uri, parent_id, spec.workdir / "lineage.png")
     parent.artifact(picture)
-    say(f"lineage: {picture} (and on the pipeline's MLflow run)")
+    log.info(f"lineage: {picture} (and on the pipeline's MLflow run)")
     end_pipeline_run(spec, parent_id, "FINISHED")
 
 
-def run_data_step(spec: PipelineSpec, parent_id: str, *, say) -> None:
+def run_data_step(spec: PipelineSpec, parent_id: str) -> None:
     """Synthesize the data once (reruns reuse it) and log every split as a child run ``data``."""
     from detkd.pipeline.events import reporting
     from detkd.tracking.runs import RunLogger, run_context
@@ -100,22 +103,22 @@ def run_data_step(spec: PipelineSpec, parent_id: str, *, say) -> None:
             parent_run_id=parent_id,
             tags={"pipeline": spec.name, "kind": "data", "component": "data", "pipeline_run": parent_id},
         ) as data_id:
-            say(f"data: synthesizing {spec.data.synth.images} images under {spec.workdir / 'data'}")
+            log.info(f"data: synthesizing {spec.data.synth.images} images under {spec.workdir / 'data'}")
             summary = ensure_synthetic_data(spec)
             RunLogger(tracking_uri=tracking.uri, run_id=data_id).dict(summary, "synth_summary.json")
             log_splits(spec, tracking.uri, data_id)
 
 
 class Evaluation(NamedTuple):
-    rows: list[dict[str, Any]]
+    rows: list[SummaryRow]
     split: str  # the scoring split's name (test when the pipeline has one)
     source: Any  # its DetectionSource
     digest: str  # its dataset digest
 
 
-def run_evaluate_and_register(spec: PipelineSpec, outcomes: list, parent_id: str, *, say) -> list[dict[str, Any]]:
+def run_evaluate_and_register(spec: PipelineSpec, outcomes: list, parent_id: str) -> list[SummaryRow]:
     """Score every model on the scoring split, then register the chosen student; the summary rows."""
-    evaluation = run_evaluate_step(spec, outcomes, parent_id, say=say)
+    evaluation = run_evaluate_step(spec, outcomes, parent_id)
     if evaluation is None:
         return []
     if spec.registration is not None:
@@ -128,12 +131,11 @@ def run_evaluate_and_register(spec: PipelineSpec, outcomes: list, parent_id: str
             evaluation.split,
             evaluation.digest,
             parent_run_id=parent_id,
-            say=say,
         )
     return evaluation.rows
 
 
-def run_evaluate_step(spec: PipelineSpec, outcomes: list, parent_id: str, *, say) -> Evaluation | None:
+def run_evaluate_step(spec: PipelineSpec, outcomes: list, parent_id: str) -> Evaluation | None:
     """Score every model on the scoring split (a child run ``evaluate``); None when the spec has no split to score."""
     from detkd.pipeline.events import reporting
 
@@ -141,10 +143,10 @@ def run_evaluate_step(spec: PipelineSpec, outcomes: list, parent_id: str, *, say
     if scoring is None:
         return None
     with reporting("evaluate"):
-        return _evaluate(spec, outcomes, parent_id, scoring, say=say)
+        return _evaluate(spec, outcomes, parent_id, scoring)
 
 
-def _evaluate(spec: PipelineSpec, outcomes: list, parent_id: str, scoring, *, say) -> Evaluation:
+def _evaluate(spec: PipelineSpec, outcomes: list, parent_id: str, scoring) -> Evaluation:
     from detkd.engine.launch import log_split
     from detkd.engine.plan import open_split
     from detkd.tracking.runs import RunLogger, run_context
@@ -152,9 +154,9 @@ def _evaluate(spec: PipelineSpec, outcomes: list, parent_id: str, scoring, *, sa
     tracking = tracking_context(spec)
     uri = tracking.uri
     split_name, split = scoring
-    say(f"evaluate: every model on the {split_name} split")
+    log.info(f"evaluate: every model on the {split_name} split")
     eval_source = open_split(split, skip_invalid=False)
-    rows: list[dict[str, Any]] = []
+    rows: list[SummaryRow] = []
     with run_context(
         tracking_uri=uri,
         experiment=tracking.experiment,
@@ -179,7 +181,7 @@ def _evaluate(spec: PipelineSpec, outcomes: list, parent_id: str, scoring, *, sa
                     {f"eval/{split_name}/{k}": v for k, v in result.metrics.items()}
                     | {"eval/images_per_s": result.images_per_s}
                 )
-        eval_logger.dict(rows, "summary.json")
+        eval_logger.dict([row.to_dict() for row in rows], "summary.json")
     return Evaluation(rows, split_name, eval_source, split_digest)
 
 
@@ -213,7 +215,6 @@ def run_model_steps(
     address: str | None,
     fresh: bool,
     parallel: int,
-    say,
     only: list[str] | None = None,
 ):
     """Train every teacher, student, progressive stage and sweep of the spec's DAG, ``parallel`` at most at once.
@@ -226,51 +227,89 @@ def run_model_steps(
     """
     import ray
 
-    from detkd.engine.launch import progressive_outcome, run_stage, run_training
     from detkd.pipeline.dag import build_dag, execute
-    from detkd.pipeline.events import describe, emit
 
     dag = build_dag(spec)
-    entries = {e.name: ("teacher", e) for e in spec.teachers} | {e.name: ("student", e) for e in spec.students}
-    tunes = {t.name: t for t in spec.tune}
-    totals = ray.cluster_resources()
-    total_cpus = max(1, int(totals.get("CPU", 1)))
-    results: dict[str, Any] = {}
-    tags = {"pipeline": spec.name, "pipeline_run": parent_id}
-    tracking = tracking_context(spec, parent_run_id=parent_id)
+    steps = ModelSteps(spec, dag, parent_id, address=address, fresh=fresh, parallel=parallel)
+    names = [s.name for s in dag.steps if s.kind in ("teacher", "student", "stage", "tune")]
+    if only is not None:
+        names = [name for name in names if name in only]
+        needed = {n for name in names for n in dag.step(name).needs if n not in names and n != "data"}
+        for name in needed:
+            steps.results[name] = load_outcome(spec, name)
+    try:
+        return execute(
+            dag, steps.run_and_keep, steps=names, parallel=parallel, fits=steps.fits, on_change=announce,
+            results=steps.results,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        if parallel > 1:  # the steps' threads wait on Ray Train runs: stopping Ray ends them, checkpoints stay
+            log.info("interrupted: stopping the running steps; run the same command again to resume them")
+            ray.shutdown()
+        raise
 
-    def workers(step) -> int:
-        if step.kind == "tune":
-            return 0
-        role, entry = entries[step.model]
-        return model_config(spec, entry, role=role).scaling.num_workers
 
-    def share(step) -> float | None:
+def announce(step, state: str, error: BaseException | None) -> None:
+    """A step's line when it starts, and its state as a pipeline event (``detkd jobs status`` reads them)."""
+    from detkd.pipeline.events import describe, emit
+
+    if state == "running":
+        log.info(f"{step.kind} {step.name}: {step.detail}")
+    emit(step.name, state, error=describe(error) if error is not None else "")
+
+
+class ModelSteps:
+    """How each model step of one pipeline run trains, and how much of the cluster it takes."""
+
+    def __init__(self, spec: PipelineSpec, dag, parent_id: str, *, address: str | None, fresh: bool, parallel: int):
+        import ray
+
+        self.spec, self.dag, self.parent_id = spec, dag, parent_id
+        self.address, self.fresh, self.parallel = address, fresh, parallel
+        self.entries = {e.name: ("teacher", e) for e in spec.teachers} | {e.name: ("student", e) for e in spec.students}
+        self.tunes = {t.name: t for t in spec.tune}
+        self.total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.results: dict[str, Any] = {}
+        self.tags = {"pipeline": spec.name, "pipeline_run": parent_id}
+        self.tracking = tracking_context(spec, parent_run_id=parent_id)
+
+    def config(self, step) -> Config:
+        role, entry = self.entries[step.model]
+        return model_config(self.spec, entry, role=role)
+
+    def workers(self, step) -> int:
+        return 0 if step.kind == "tune" else self.config(step).scaling.num_workers
+
+    def share(self, step) -> float | None:
         """CPUs per worker when steps run side by side: the cluster split over ``parallel`` steps."""
-        return None if parallel <= 1 else float(max(1, total_cpus // (parallel * max(1, workers(step)))))
+        if self.parallel <= 1:
+            return None
+        return float(max(1, self.total_cpus // (self.parallel * max(1, self.workers(step)))))
 
-    def fits(step, running) -> bool:
+    def fits(self, step, running) -> bool:
         if step.kind == "tune" or any(r.kind == "tune" for r in running):
             return False  # a sweep schedules its own trials over the whole cluster
-        demand = sum(workers(r) * (share(r) or 1) for r in [*running, step])
-        return demand <= total_cpus
+        demand = sum(self.workers(r) * (self.share(r) or 1) for r in [*running, step])
+        return demand <= self.total_cpus
 
-    def run(step):
+    def run(self, step) -> tuple[Config, TrainOutcome]:
+        from detkd.engine.launch import progressive_outcome, run_stage, run_training
+
         if step.kind == "tune":
-            return run_tune_step(spec, tunes[step.name], parent_run_id=parent_id, address=address, say=say)
-        role, entry = entries[step.model]
-        cfg = model_config(spec, entry, role=role)
+            return run_tune_step(self.spec, self.tunes[step.name], parent_run_id=self.parent_id, address=self.address)
+        cfg = self.config(step)
         common = {
-            "tracking": tracking,
-            "address": address,
-            "extra_tags": tags,
-            "teacher_names": {name: outcome.model_path for name, (_, outcome) in list(results.items())},
-            "fresh": fresh,
-            "cpus_per_worker": share(step),
+            "tracking": self.tracking,
+            "address": self.address,
+            "extra_tags": self.tags,
+            "teacher_names": {name: outcome.model_path for name, (_, outcome) in list(self.results.items())},
+            "fresh": self.fresh,
+            "cpus_per_worker": self.share(step),
             "reuse_finished": True,
         }
         if step.kind != "stage":
             return cfg, run_training(cfg, **common)
+        dag, results = self.dag, self.results
         earlier = [s.name for s in dag.steps if s.kind == "stage" and s.model == step.model and s.stage < step.stage]
         outcome = run_stage(cfg, step.stage, previous=results[earlier[-1]][1] if earlier else None, **common)
         if step.stage < step.stages:
@@ -278,59 +317,31 @@ def run_model_steps(
         spent = outcome.seconds + sum(results[name][1].seconds for name in earlier)
         return cfg, progressive_outcome(cfg, outcome, seconds=spent)
 
-    def announce(step, state: str, error: BaseException | None) -> None:
-        if state == "running":
-            say(f"{step.kind} {step.name}: {step.detail}")
-        emit(step.name, state, error=describe(error) if error is not None else "")
-
-    steps = [s.name for s in dag.steps if s.kind in ("teacher", "student", "stage", "tune")]
-    if only is not None:
-        steps = [name for name in steps if name in only]
-        needed = {n for name in steps for n in dag.step(name).needs if n not in steps and n != "data"}
-        for name in needed:
-            results[name] = load_outcome(spec, name)
-
-    def run_and_keep(step):
-        cfg, outcome = run(step)
-        save_outcome(spec, step.name, cfg, outcome)
+    def run_and_keep(self, step) -> tuple[Config, TrainOutcome]:
+        cfg, outcome = self.run(step)
+        save_outcome(self.spec, step.name, cfg, outcome)
         return cfg, outcome
-
-    try:
-        return execute(
-            dag, run_and_keep, steps=steps, parallel=parallel, fits=fits, on_change=announce, results=results
-        )
-    except KeyboardInterrupt:
-        if parallel > 1:  # the steps' threads wait on Ray Train runs: stopping Ray ends them, checkpoints stay
-            say("interrupted: stopping the running steps; run the same command again to resume them")
-            ray.shutdown()
-        raise
 
 
 def outcome_file(spec: PipelineSpec, step: str) -> Path:
     return Path(spec.workdir) / "models" / step / "outcome.json"
 
 
-def save_outcome(spec: PipelineSpec, step: str, cfg: Config, outcome) -> None:
+def save_outcome(spec: PipelineSpec, step: str, cfg: Config, outcome: TrainOutcome) -> None:
     """What a finished model step returned (its config, checkpoint, MLflow run, metrics), for later steps."""
     from detkd.models.checkpoint import atomic_write_bytes
 
-    data = {
-        "config": cfg.model_dump(mode="json"),
-        "outcome": {k: str(v) if isinstance(v, Path) else v for k, v in vars(outcome).items()},
-    }
+    data = {"config": cfg.model_dump(mode="json"), "outcome": outcome.to_dict()}
     atomic_write_bytes(outcome_file(spec, step), (json.dumps(data, indent=1, default=str) + "\n").encode())
 
 
-def load_outcome(spec: PipelineSpec, step: str):
+def load_outcome(spec: PipelineSpec, step: str) -> tuple[Config, TrainOutcome]:
     """(config, TrainOutcome) that a finished step left; a ConfigError naming the file when it has not finished."""
-    from detkd.engine.launch import TrainOutcome
-
     path = outcome_file(spec, step)
     if not path.is_file():
         raise ConfigError(f"{path}: step {step} has not finished (run it first: detkd step ... {step})")
     data = json.loads(path.read_text())
-    outcome = dict(data["outcome"], model_path=Path(data["outcome"]["model_path"]))
-    return Config.model_validate(data["config"]), TrainOutcome(**outcome)
+    return Config.model_validate(data["config"]), TrainOutcome.from_dict(data["outcome"])
 
 
 def log_splits(spec: PipelineSpec, uri: str, run_id: str) -> None:
@@ -346,16 +357,44 @@ def log_splits(spec: PipelineSpec, uri: str, run_id: str) -> None:
     RunLogger(tracking_uri=uri, run_id=run_id).tags(digests)
 
 
+def registration_candidates(
+    spec: PipelineSpec,
+    rows: list[SummaryRow],
+    split: str,
+    *,
+    digest: str = "",
+    outcomes: dict[str, TrainOutcome] | None = None,
+):
+    """(student, baseline or None) of the register section, as the gate reads them from the summary rows.
+
+    With ``outcomes`` each candidate is the trained model (its run and checkpoint), which registering needs;
+    without, the rows alone (the gate's verdict only)."""
+    from detkd.tracking.registry import Candidate
+
+    row_of = {row.name: row for row in rows}
+
+    def candidate(name: str) -> Candidate:
+        row = row_of[name]
+        if outcomes is None:
+            return Candidate(name, row.mlflow_run_id, Path(), row.AP, row.images_per_s, split, digest)
+        outcome = outcomes[name]
+        if outcome.run_id is None:
+            raise ConfigError(f"register: {name} has no MLflow run to register from")
+        return Candidate(name, outcome.run_id, outcome.model_path, row.AP, row.images_per_s, split, digest)
+
+    reg = spec.registration
+    return candidate(reg.student), candidate(reg.baseline) if reg.baseline else None
+
+
 def run_register_step(
     spec: PipelineSpec,
-    rows: list[dict[str, Any]],
-    outcomes: dict[str, Any],
+    rows: list[SummaryRow],
+    outcomes: dict[str, TrainOutcome],
     source,
     split: str,
     digest: str,
     *,
     parent_run_id,
-    say,
 ):
     """Register the chosen student behind the gate (a child run ``register``); its row gets the outcome.
 
@@ -363,72 +402,66 @@ def run_register_step(
     from detkd.pipeline.events import reporting
 
     with reporting("register"):
-        from detkd.engine.evaluate import evaluate_checkpoint
-        from detkd.tracking.registry import Candidate, Gate, logged_model_uri, register_candidate
-        from detkd.tracking.runs import RunLogger, run_context
-
-        step = spec.registration
-        tracking = tracking_context(spec)
-        row_of = {row["name"]: row for row in rows}
-
-        def candidate(name: str) -> Candidate:
-            row, outcome = row_of[name], outcomes[name]
-            if outcome.run_id is None:
-                raise ConfigError(f"register: {name} has no MLflow run to register from")
-            return Candidate(name, outcome.run_id, outcome.model_path, row["AP"], row["images_per_s"], split, digest)
-
-        chosen = candidate(step.student)
-        baseline = candidate(step.baseline) if step.baseline else None
-        with run_context(
-            tracking_uri=tracking.uri,
-            experiment=tracking.experiment,
-            run_name="register",
-            parent_run_id=parent_run_id,
-            tags={
-                "pipeline": spec.name,
-                "kind": "register",
-                "component": "register",
-                "pipeline_run": parent_run_id,
-                "candidate_run": chosen.run_id,
-                f"dataset.{split}": digest,
-            },
-        ) as register_id:
-            model_uri = logged_model_uri(
-                tracking.uri,
-                chosen.run_id,
-                checkpoint=chosen.checkpoint,
-                example_size=row_of[step.student]["input_size"],
-            )
-            result = register_candidate(
-                tracking_uri=tracking.uri,
-                model=step.model,
-                candidate=chosen,
-                baseline=baseline,
-                gate=Gate(**step.gate.model_dump()),
-                model_uri=model_uri,
-                score_on_split=lambda checkpoint: evaluate_checkpoint(checkpoint, source).metrics["AP"],
-                owner=parent_run_id,
-                extra_tags={"detkd.pipeline": spec.name, "detkd.pipeline_run": parent_run_id},
-            )
-            logger = RunLogger(tracking_uri=tracking.uri, run_id=register_id)
-            logger.tags(
-                {
-                    "registered_model": result.model,
-                    "registered_version": result.version,
-                    "alias": result.alias,
-                    "verdict": result.verdict,
-                }
-            )
-            logger.dict({"registration": result.tags, "gate": result.gate.numbers}, "registration.json")
-        row_of[step.student]["registered"] = f"{result.model} v{result.version} @{result.alias}"
-        say(f"register: {result.model} v{result.version} -> {result.alias} ({result.verdict})")
+        chosen, baseline = registration_candidates(spec, rows, split, digest=digest, outcomes=outcomes)
+        (row,) = [row for row in rows if row.name == chosen.name]
+        result = _register(spec, chosen, baseline, source, example_size=row.input_size, parent_run_id=parent_run_id)
+        row.registered = f"{result.model} v{result.version} @{result.alias}"
+        log.info(f"register: {result.model} v{result.version} -> {result.alias} ({result.verdict})")
         return result
 
 
-def run_tune_step(spec: PipelineSpec, step: TuneStep, *, parent_run_id: str, address: str | None, say):
+def _register(spec: PipelineSpec, chosen, baseline, source, *, example_size: int, parent_run_id: str):
+    """The registry calls under the ``register`` child run, which records what they decided."""
+    from detkd.engine.evaluate import evaluate_checkpoint
+    from detkd.tracking.registry import Gate, logged_model_uri, register_candidate
+    from detkd.tracking.runs import RunLogger, run_context
+
+    step, tracking = spec.registration, tracking_context(spec)
+    with run_context(
+        tracking_uri=tracking.uri,
+        experiment=tracking.experiment,
+        run_name="register",
+        parent_run_id=parent_run_id,
+        tags={
+            "pipeline": spec.name,
+            "kind": "register",
+            "component": "register",
+            "pipeline_run": parent_run_id,
+            "candidate_run": chosen.run_id,
+            f"dataset.{chosen.split}": chosen.split_digest,
+        },
+    ) as register_id:
+        model_uri = logged_model_uri(
+            tracking.uri, chosen.run_id, checkpoint=chosen.checkpoint, example_size=example_size
+        )
+        result = register_candidate(
+            tracking_uri=tracking.uri,
+            model=step.model,
+            candidate=chosen,
+            baseline=baseline,
+            gate=Gate(**step.gate.model_dump()),
+            model_uri=model_uri,
+            score_on_split=lambda checkpoint: evaluate_checkpoint(checkpoint, source).metrics["AP"],
+            owner=parent_run_id,
+            extra_tags={"detkd.pipeline": spec.name, "detkd.pipeline_run": parent_run_id},
+        )
+        logger = RunLogger(tracking_uri=tracking.uri, run_id=register_id)
+        logger.tags(
+            {
+                "registered_model": result.model,
+                "registered_version": result.version,
+                "alias": result.alias,
+                "verdict": result.verdict,
+            }
+        )
+        logger.dict({"registration": result.tags, "gate": result.gate.numbers}, "registration.json")
+    return result
+
+
+def run_tune_step(spec: PipelineSpec, step: TuneStep, *, parent_run_id: str, address: str | None):
     """Run a pipeline's sweep (a child of its run) and publish the chosen model as the student ``step.name``."""
     from detkd.config import load_config
-    from detkd.engine.launch import TrainOutcome, publish_model
+    from detkd.engine.launch import publish_model
     from detkd.sweeps.space import load_space
     from detkd.sweeps.tuner import SweepOptions, run_sweep
 
@@ -440,7 +473,7 @@ def run_tune_step(spec: PipelineSpec, step: TuneStep, *, parent_run_id: str, add
         scheduler=step.scheduler,
         search=step.search,
     )
-    say(f"tune {step.name}: sweep {loaded.name} over {loaded.space.target.student} ({options.samples} samples)")
+    log.info(f"tune {step.name}: sweep {loaded.name} over {loaded.space.target.student} ({options.samples} samples)")
     sweep = run_sweep(
         loaded, options=options, address=address, tracking=tracking_context(spec, parent_run_id=parent_run_id)
     )
@@ -460,12 +493,12 @@ def run_tune_step(spec: PipelineSpec, step: TuneStep, *, parent_run_id: str, add
     return cfg, outcome
 
 
-def evaluation_row(cfg: Config, outcome, source, *, batch_size: int, split: str):
-    """Evaluate a trained model's checkpoint on ``source`` (the ``split``): (summary row, CheckpointEvaluation)."""
+def evaluation_row(cfg: Config, outcome: TrainOutcome, source, *, batch_size: int, split: str):
+    """Evaluate a trained model's checkpoint on ``source`` (the ``split``): (SummaryRow, CheckpointEvaluation)."""
     from detkd.engine.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(outcome.model_path, source, batch_size=batch_size, score_thresh=cfg.eval.score_thresh)
-    row = summary_row(
+    row = SummaryRow.measured(
         name=cfg.name,
         role=cfg.role,
         input_size=result.input_size,
@@ -478,51 +511,43 @@ def evaluation_row(cfg: Config, outcome, source, *, batch_size: int, split: str)
     return row, result
 
 
-def summary_row(
-    *,
-    name: str,
-    role: str,
-    input_size: int,
-    metrics: dict[str, float],
-    images_per_s: float,
-    run_id: str | None,
-    split: str,
-    method: str | None = None,
-) -> dict[str, Any]:
-    row = {
-        "name": name,
-        "role": role,
-        "input_size": input_size,
-        "split": split,
-        "AP": round(metrics["AP"], 4),
-        "AP50": round(metrics["AP50"], 4),
-        "APs": round(metrics["APs"], 4),
-        "images_per_s": round(images_per_s, 1),
-        "mlflow_run_id": run_id,
-    }
-    if method is not None:
-        row["method"] = method
-    return row
-
-
-def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
+def write_summary(rows: list[SummaryRow], path: Path) -> None:
+    """``summary.json``: the rows as a JSON list (``detkd run/train/evaluate --summary``, a pipeline's workdir)."""
     from detkd.models.checkpoint import atomic_write_bytes
 
-    atomic_write_bytes(Path(path), (json.dumps(rows, indent=2) + "\n").encode())
+    atomic_write_bytes(Path(path), (json.dumps([row.to_dict() for row in rows], indent=2) + "\n").encode())
 
 
-def print_summary(rows: list[dict[str, Any]], console) -> None:
+def read_summary(path: Path) -> list[SummaryRow]:
+    return [SummaryRow.from_dict(row) for row in json.loads(Path(path).read_text())]
+
+
+SUMMARY_COLUMNS = (
+    "name",
+    "role",
+    "method",
+    "input_size",
+    "split",
+    "AP",
+    "AP50",
+    "APs",
+    "images_per_s",
+    "mlflow_run_id",
+)
+
+
+def summary_table(rows: list[SummaryRow]):
+    """The rows as the ``detkd run`` table; the registration is its own line (``register: ...``), not a column."""
     from rich.table import Table
 
-    # the registration is its own line (``register: ...``) and a key of the JSON rows, not a column
-    columns = ["name", "role", "method", "input_size", "split", "AP", "AP50", "APs", "images_per_s", "mlflow_run_id"]
-    columns = [c for c in columns if any(c in row for row in rows)]
+    dicts = [row.to_dict() for row in rows]
+    columns = [c for c in SUMMARY_COLUMNS if any(c in row for row in dicts)]
     table = Table(title="detkd summary")
     for column in columns:
         table.add_column(
             column,
             justify="left" if column in ("name", "role", "method", "split", "mlflow_run_id") else "right",
         )
-    for row in rows:
+    for row in dicts:
         table.add_row(*[f"{row[c]:.4f}" if c in ("AP", "AP50", "APs") else str(row.get(c, "")) for c in columns])
-    console.print(table)
+    return table

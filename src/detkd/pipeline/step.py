@@ -8,7 +8,6 @@ exactly what ``detkd run`` does for it, so both give the same runs, lineage and 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,16 @@ from detkd.pipeline.runner import (
     final_models,
     load_outcome,
     open_pipeline_run,
+    read_summary,
+    registration_candidates,
     run_data_step,
     run_evaluate_step,
     run_model_steps,
     run_register_step,
+    write_summary,
 )
 from detkd.pipeline.spec import PipelineSpec, data_splits, tracking_context
+from detkd.records import SummaryRow
 
 MODEL_KINDS = ("teacher", "student", "stage", "tune")
 OUTPUTS_MARKER = "DETKD_STEP_OUTPUTS "  # `detkd step` prints its outputs as one JSON line after this
@@ -35,17 +38,11 @@ def summary_file(spec: PipelineSpec) -> Path:
     return Path(spec.workdir) / "summary.json"
 
 
-def write_rows(spec: PipelineSpec, rows: list[dict[str, Any]]) -> None:
-    from detkd.models.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(summary_file(spec), (json.dumps(rows, indent=2) + "\n").encode())
-
-
-def read_rows(spec: PipelineSpec) -> list[dict[str, Any]]:
+def read_rows(spec: PipelineSpec) -> list[SummaryRow]:
     path = summary_file(spec)
     if not path.is_file():
         raise ConfigError(f"{path}: the evaluate step has not run (no summary rows to register from)")
-    return json.loads(path.read_text())
+    return read_summary(path)
 
 
 def run_step(
@@ -55,7 +52,6 @@ def run_step(
     pipeline_run: str | None = None,
     address: str | None = None,
     fresh: bool = False,
-    say=print,
 ) -> dict[str, Any]:
     """Run step ``name`` of ``spec``'s DAG; returns its outputs (the pipeline run id, and per kind: the model,
     its MLflow run and metrics; the summary rows and the gate's verdict; the registered version)."""
@@ -70,7 +66,7 @@ def run_step(
     check_tracking_uri(tracking_context(spec).uri)
     if step.kind == "data":
         parent = pipeline_run or open_pipeline_run(spec)
-        run_data_step(spec, parent, say=say)
+        run_data_step(spec, parent)
         outputs: dict[str, Any] = {"pipeline_run": parent, "data": str(spec.workdir / "data")}
     elif not pipeline_run:
         raise ConfigError(f"step {name}: --pipeline-run: the MLflow run id the data step opened (its output)")
@@ -78,7 +74,7 @@ def run_step(
         from detkd.engine.launch import ensure_ray
 
         ensure_ray(address)
-        execution = run_model_steps(spec, pipeline_run, address=address, fresh=fresh, parallel=1, say=say, only=[name])
+        execution = run_model_steps(spec, pipeline_run, address=address, fresh=fresh, parallel=1, only=[name])
         if not execution.ok:
             raise PipelineFailed(execution)
         _, outcome = execution.results[name]
@@ -90,35 +86,29 @@ def run_step(
         }
     elif step.kind == "evaluate":
         outcomes = [load_outcome(spec, model) for model in final_models(spec)]
-        evaluation = run_evaluate_step(spec, outcomes, pipeline_run, say=say)
-        write_rows(spec, evaluation.rows)
-        outputs = {"pipeline_run": pipeline_run, "rows": evaluation.rows, "gate": gate_verdict(spec, evaluation)}
+        evaluation = run_evaluate_step(spec, outcomes, pipeline_run)
+        write_summary(evaluation.rows, summary_file(spec))
+        rows = [row.to_dict() for row in evaluation.rows]
+        outputs = {"pipeline_run": pipeline_run, "rows": rows, "gate": gate_verdict(spec, evaluation)}
     else:  # register
-        outputs = {"pipeline_run": pipeline_run, **register(spec, pipeline_run, say=say)}
+        outputs = {"pipeline_run": pipeline_run, **register(spec, pipeline_run)}
     if name == dag.names[-1]:
         rows = read_rows(spec) if summary_file(spec).is_file() else []
-        close_pipeline_run(spec, outputs["pipeline_run"], rows, seconds=_seconds_since_start(spec, outputs), say=say)
+        close_pipeline_run(spec, outputs["pipeline_run"], rows, seconds=_seconds_since_start(spec, outputs))
     return outputs
 
 
 def gate_verdict(spec: PipelineSpec, evaluation) -> str:
     """``pass`` / ``fail`` for the register section's floors on the evaluated rows; ``none`` without one."""
-    from detkd.tracking.registry import Candidate, Gate, check_gate
+    from detkd.tracking.registry import Gate, check_gate
 
     if spec.registration is None:
         return "none"
-    row_of = {row["name"]: row for row in evaluation.rows}
-
-    def candidate(model: str) -> Candidate:
-        row = row_of[model]
-        return Candidate(model, row["mlflow_run_id"], Path(), row["AP"], row["images_per_s"], evaluation.split, "")
-
-    reg = spec.registration
-    baseline = candidate(reg.baseline) if reg.baseline else None
-    return "pass" if check_gate(candidate(reg.student), baseline, Gate(**reg.gate.model_dump())).passed else "fail"
+    student, baseline = registration_candidates(spec, evaluation.rows, evaluation.split)
+    return "pass" if check_gate(student, baseline, Gate(**spec.registration.gate.model_dump())).passed else "fail"
 
 
-def register(spec: PipelineSpec, pipeline_run: str, *, say) -> dict[str, Any]:
+def register(spec: PipelineSpec, pipeline_run: str) -> dict[str, Any]:
     """The register step in its own process: rows from the evaluate step, the split read again for its digest."""
     from detkd.engine.launch import dataset_records
     from detkd.engine.plan import open_split
@@ -129,8 +119,8 @@ def register(spec: PipelineSpec, pipeline_run: str, *, say) -> dict[str, Any]:
     source = open_split(split, skip_invalid=False)
     outcomes = {model: load_outcome(spec, model)[1] for model in final_models(spec)}
     digest = dataset_digest(dataset_records(source))
-    result = run_register_step(spec, rows, outcomes, source, split_name, digest, parent_run_id=pipeline_run, say=say)
-    write_rows(spec, rows)  # the chosen student's row now names its registered version
+    result = run_register_step(spec, rows, outcomes, source, split_name, digest, parent_run_id=pipeline_run)
+    write_summary(rows, summary_file(spec))  # the chosen student's row now names its registered version
     return {"model": result.model, "version": result.version, "alias": result.alias, "verdict": result.verdict}
 
 

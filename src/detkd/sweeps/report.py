@@ -6,8 +6,11 @@ model is scored on the held-out test split (``test/*``), which no trial read.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,14 +21,16 @@ import yaml
 from ray import tune
 
 from detkd.config import Config
+from detkd.records import TrialRow
 from detkd.sweeps.space import student_epochs, value_label
 from detkd.sweeps.trial import TRIAL_EPOCH, SweepJob
 
 PLOTS = ("metric_vs_parameters.png", "learning_curves.png")
+log = logging.getLogger(__name__)
 
 
 class LiveTable(tune.Callback):
-    """Prints the trials (state, epoch, metric, parameters) while the sweep runs: on every
+    """Logs the trials (state, epoch, metric, parameters) while the sweep runs: on every
     trial's start and end, and at most every ``every_s`` seconds in between."""
 
     def __init__(self, *, metric_key: str, parameters: list[str], every_s: float = 30.0) -> None:
@@ -59,10 +64,12 @@ class LiveTable(tune.Callback):
             }
             for t in trials
         ]
-        print_table(rows, title=f"trials ({self.metric_key} on the validation split)")
+        log_table(rows, title=f"trials ({self.metric_key} on the validation split)")
 
 
-def print_table(rows: list[dict[str, Any]], *, title: str) -> None:
+def log_table(rows: list[dict[str, Any]], *, title: str) -> None:
+    """One log record: the table as text (as wide as the terminal, 160 columns when piped), and the table
+    itself as ``extra["renderable"]`` for a console handler (the CLI's) to draw in colour."""
     from rich.console import Console
     from rich.table import Table
 
@@ -73,7 +80,10 @@ def print_table(rows: list[dict[str, Any]], *, title: str) -> None:
         table.add_column(str(column), overflow="fold")
     for row in rows:
         table.add_row(*[_cell(v) for v in row.values()])
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    text = io.StringIO()
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 160
+    Console(file=text, width=width).print(table)
+    log.info(text.getvalue().rstrip("\n"), extra={"renderable": table})
 
 
 def _cell(value: Any) -> str:
@@ -87,7 +97,7 @@ def _cell(value: Any) -> str:
 # --------------------------------------------------------------------------- tables
 
 
-def trial_rows(results, *, job: SweepJob) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+def trial_rows(results, *, job: SweepJob) -> tuple[list[TrialRow], pd.DataFrame]:
     """(one row per trial, one row per trial epoch) from Tune's experiment state."""
     from ray.tune import ExperimentAnalysis
 
@@ -112,19 +122,20 @@ def trial_rows(results, *, job: SweepJob) -> tuple[list[dict[str, Any]], pd.Data
             {"detkd.sweep_run": str(job.tracking.parent_run_id), "detkd.trial_id": trial.trial_id},
         )
         model = Path(cfg.run.output_dir) / cfg.name / "model.pt"
-        row = {
-            "trial_id": trial.trial_id,
-            "state": trial.status,
-            "stopped_early": trial.status == "TERMINATED" and done < planned,
-            "epochs": done,
-            "planned_epochs": planned,
-            job.metric_key: float(reports[job.metric_key].iloc[-1]) if len(reports) else float("nan"),
-            f"best_{job.metric_key}": float(reports[job.metric_key].max()) if len(reports) else float("nan"),
-            **{f"param.{k}": value_label(v) for k, v in values.items()},
-            "attempts": int(runs[0].data.metrics.get("attempt", 0)) if runs else 0,
-            "mlflow_run_id": runs[0].info.run_id if runs else None,
-            "model_path": str(model) if model.is_file() and trial.status == "TERMINATED" else None,
-        }
+        row = TrialRow(
+            trial_id=trial.trial_id,
+            state=trial.status,
+            stopped_early=trial.status == "TERMINATED" and done < planned,
+            epochs=done,
+            planned_epochs=planned,
+            metric_key=job.metric_key,
+            metric=float(reports[job.metric_key].iloc[-1]) if len(reports) else float("nan"),
+            best_metric=float(reports[job.metric_key].max()) if len(reports) else float("nan"),
+            params={k: value_label(v) for k, v in values.items()},
+            attempts=int(runs[0].data.metrics.get("attempt", 0)) if runs else 0,
+            mlflow_run_id=runs[0].info.run_id if runs else None,
+            model_path=str(model) if model.is_file() and trial.status == "TERMINATED" else None,
+        )
         rows.append(row)
         if len(reports):
             keep = [c for c in reports.columns if c in (TRIAL_EPOCH, "stage") or c.startswith(("val/", "train/"))]
@@ -133,44 +144,51 @@ def trial_rows(results, *, job: SweepJob) -> tuple[list[dict[str, Any]], pd.Data
     return rows, epochs
 
 
-def write_tables(workdir: Path, rows: list[dict[str, Any]], epochs: pd.DataFrame) -> None:
+def write_tables(workdir: Path, rows: list[TrialRow], epochs: pd.DataFrame) -> None:
     """``trials.parquet`` (one row per trial) and ``epochs.parquet`` (every reported epoch)."""
-    for name, frame in (("trials.parquet", pd.DataFrame(rows)), ("epochs.parquet", epochs)):
+    trials = pd.DataFrame([row.to_dict() for row in rows])
+    for name, frame in (("trials.parquet", trials), ("epochs.parquet", epochs)):
         tmp = workdir / f".{name}.tmp"
         frame.astype({c: "string" for c in frame.columns if c.startswith("param.")}).to_parquet(tmp, index=False)
         tmp.replace(workdir / name)
 
 
-def close_trial_runs(rows: list[dict[str, Any]], *, tracking_uri: str) -> None:
+def read_trials(path: Path, *, metric_key: str) -> list[TrialRow]:
+    """``trials.parquet`` back as rows."""
+    frame = pd.read_parquet(path)
+    return [TrialRow.from_dict(data, metric_key=metric_key) for data in frame.to_dict("records")]
+
+
+def close_trial_runs(rows: list[TrialRow], *, tracking_uri: str) -> None:
     """Trials ASHA stopped (or that failed) leave their MLflow runs RUNNING: end them, say why."""
     from detkd.tracking.runs import RunLogger, close_run
 
     for row in rows:
-        if not row["mlflow_run_id"] or row["state"] not in ("TERMINATED", "ERROR"):
+        if not row.mlflow_run_id or not row.finished:
             continue
-        logger = RunLogger(tracking_uri=tracking_uri, run_id=row["mlflow_run_id"])
-        logger.tags({"stopped_early": str(row["stopped_early"]).lower(), "trial_state": row["state"]})
-        status = "FAILED" if row["state"] == "ERROR" else "KILLED" if row["stopped_early"] else "FINISHED"
-        close_run(tracking_uri, row["mlflow_run_id"], status)
+        logger = RunLogger(tracking_uri=tracking_uri, run_id=row.mlflow_run_id)
+        logger.tags({"stopped_early": str(row.stopped_early).lower(), "trial_state": row.state})
+        status = "FAILED" if row.state == "ERROR" else "KILLED" if row.stopped_early else "FINISHED"
+        close_run(tracking_uri, row.mlflow_run_id, status)
 
 
 # --------------------------------------------------------------------------- the chosen trial
 
 
-def choose_best(rows: list[dict[str, Any]], metric_key: str) -> dict[str, Any] | None:
+def choose_best(rows: list[TrialRow]) -> TrialRow | None:
     """The trial with the best last validation score among those that trained their whole budget."""
-    scored = [r for r in rows if r["model_path"] and not math.isnan(r[metric_key])]
-    complete = [r for r in scored if not r["stopped_early"]]
+    scored = [r for r in rows if r.model_path and not math.isnan(r.metric)]
+    complete = [r for r in scored if not r.stopped_early]
     pool = complete or scored
-    return max(pool, key=lambda r: r[metric_key]) if pool else None
+    return max(pool, key=lambda r: r.metric) if pool else None
 
 
-def shippable_config(job: SweepJob, best: dict[str, Any]) -> Config:
+def shippable_config(job: SweepJob, best: TrialRow) -> Config:
     """The best trial's config as a standalone run config that ``detkd distill`` runs as is:
     teacher names become their checkpoint paths, and the target's data (test split
     included), storage, tracking and checkpoint settings come back."""
-    values = {p.name: p.decode(best[f"param.{p.name}"]) for p in job.parameters if f"param.{p.name}" in best}
-    trial = job.trial_config(values, best["trial_id"]).model_dump(mode="json")
+    values = {p.name: p.decode(best.params[p.name]) for p in job.parameters if p.name in best.params}
+    trial = job.trial_config(values, best.trial_id).model_dump(mode="json")
     base = job.base.model_dump(mode="json")
     trial["name"] = f"{job.base.name}-tuned"
     for section in ("run", "tracking", "scaling", "eval", "debug"):
@@ -185,71 +203,28 @@ def shippable_config(job: SweepJob, best: dict[str, Any]) -> Config:
     return Config.model_validate(trial)
 
 
-def finish(outcome, *, job: SweepJob, epochs: pd.DataFrame, sweep_log, say) -> None:
+def finish(outcome, *, job: SweepJob, epochs: pd.DataFrame, sweep_log) -> None:
     """Choose the best trial, score it on the test split, write best_config.yaml, plots, summary; log them."""
-    from detkd.engine.evaluate import evaluate_checkpoint
-    from detkd.engine.plan import open_split
     from detkd.models.checkpoint import atomic_write_bytes
-    from detkd.tracking.runs import RunLogger
 
-    workdir, rows, metric = outcome.workdir, outcome.trials, job.metric_key
-    best = choose_best(rows, metric)
+    workdir, rows, metric = outcome.workdir, outcome.rows, job.metric_key
+    best = choose_best(rows)
     plots = write_plots(workdir / "plots", rows, epochs, job=job, best=best)
-    print_table(
-        [{k.removeprefix("param."): v for k, v in r.items() if k not in ("model_path", "mlflow_run_id")} for r in rows],
+    log_table(
+        [{k.removeprefix("param."): v for k, v in r.to_dict().items() if k not in ("model_path", "mlflow_run_id")}
+         for r in rows],
         title=f"sweep {job.name}: {len(rows)} trials ({metric} on the validation split)",
-    )
-    summary: dict[str, Any] = {
-        "sweep": job.name,
-        "trials": len(rows),
-        "stopped_early": sum(bool(r["stopped_early"]) for r in rows),
-        "failed": sum(r["state"] == "ERROR" for r in rows),
-        "trial_epochs": int(sum(r["epochs"] for r in rows)),
-        "metric": metric,
-        "best": None,
-    }
+    )  # fmt: skip
+    summary = sweep_summary(job, rows)
     if best is not None:
-        cfg = shippable_config(job, best)
-        header = (
-            f"# Best configuration of sweep {job.name}: trial {best['trial_id']}, "
-            f"{metric} {best[metric]:.4f} (validation split, used to choose it).\n"
-        )
-        scores: dict[str, float] = {metric: best[metric]}
-        if job.base.data.test is not None:
-            test = evaluate_checkpoint(
-                Path(best["model_path"]),
-                open_split(job.base.data.test, skip_invalid=False),
-                batch_size=job.base.eval.batch_size,
-                score_thresh=job.base.eval.score_thresh,
-            )
-            scores |= {f"test/{k}": v for k, v in test.metrics.items()}
-            header += f"# Held-out test split (no trial saw it): test/AP {test.metrics['AP']:.4f}.\n"
-        else:
-            header += "# The target has no test split: the validation score above is optimistic.\n"
-        header += f"# Run it: detkd distill {workdir / 'best_config.yaml'}\n"
-        text = header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-        atomic_write_bytes(workdir / "best_config.yaml", text.encode())
-        outcome.best, outcome.best_config, outcome.best_model = (
-            {**best, **scores},
-            workdir / "best_config.yaml",
-            Path(best["model_path"]),
-        )
+        scores = publish_best(outcome, job=job, best=best, sweep_log=sweep_log)
         summary["best"] = {
-            "trial_id": best["trial_id"],
-            "params": {k.removeprefix("param."): v for k, v in best.items() if k.startswith("param.")},
+            "trial_id": best.trial_id,
+            "params": dict(best.params),
             "scores": scores,
-            "model_path": best["model_path"],
-            "mlflow_run_id": best["mlflow_run_id"],
+            "model_path": best.model_path,
+            "mlflow_run_id": best.mlflow_run_id,
         }
-        if best["mlflow_run_id"]:
-            trial_log = RunLogger(tracking_uri=job.tracking.uri, run_id=best["mlflow_run_id"])
-            trial_log.tags({"best": "true"})
-            trial_log.metrics({k: v for k, v in scores.items() if k.startswith("test/")})
-        sweep_log.tags({"best_trial": best["trial_id"], "best_run": best["mlflow_run_id"] or ""})
-        sweep_log.metrics({f"best/{k}": v for k, v in scores.items()})
-        test_line = f", test/AP {scores['test/AP']:.4f} (held out)" if "test/AP" in scores else ""
-        say(f"best: trial {best['trial_id']} {metric} {best[metric]:.4f} (validation){test_line}")
-        say(f"best configuration: {workdir / 'best_config.yaml'}")
     atomic_write_bytes(workdir / "summary.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
     sweep_log.metrics(
         {"trials": len(rows), "stopped_early": summary["stopped_early"], "trial_epochs": summary["trial_epochs"]}
@@ -261,25 +236,96 @@ def finish(outcome, *, job: SweepJob, epochs: pd.DataFrame, sweep_log, say) -> N
         sweep_log.artifact(path, "plots")
 
 
+def sweep_summary(job: SweepJob, rows: list[TrialRow]) -> dict[str, Any]:
+    """The sweep's ``summary.json`` before its best trial is known."""
+    return {
+        "sweep": job.name,
+        "trials": len(rows),
+        "stopped_early": sum(bool(r.stopped_early) for r in rows),
+        "failed": sum(r.state == "ERROR" for r in rows),
+        "trial_epochs": int(sum(r.epochs for r in rows)),
+        "metric": job.metric_key,
+        "best": None,
+    }
+
+
+def publish_best(outcome, *, job: SweepJob, best: TrialRow, sweep_log) -> dict[str, float]:
+    """Score the chosen trial on the test split (when there is one), write best_config.yaml, tag its runs;
+    its scores (the validation metric, then ``test/*``)."""
+    from detkd.models.checkpoint import atomic_write_bytes
+    from detkd.tracking.runs import RunLogger
+
+    workdir, metric = outcome.workdir, job.metric_key
+    header = (
+        f"# Best configuration of sweep {job.name}: trial {best.trial_id}, "
+        f"{metric} {best.metric:.4f} (validation split, used to choose it).\n"
+    )
+    scores: dict[str, float] = {metric: best.metric}
+    test = held_out_scores(job, Path(best.model_path))
+    if test is not None:
+        scores |= {f"test/{k}": v for k, v in test.items()}
+        header += f"# Held-out test split (no trial saw it): test/AP {test['AP']:.4f}.\n"
+    else:
+        header += "# The target has no test split: the validation score above is optimistic.\n"
+    header += f"# Run it: detkd distill {workdir / 'best_config.yaml'}\n"
+    cfg = shippable_config(job, best)
+    text = header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    atomic_write_bytes(workdir / "best_config.yaml", text.encode())
+    outcome.best = {**best.to_dict(), **scores}
+    outcome.best_config, outcome.best_model = workdir / "best_config.yaml", Path(best.model_path)
+    if best.mlflow_run_id:
+        trial_log = RunLogger(tracking_uri=job.tracking.uri, run_id=best.mlflow_run_id)
+        trial_log.tags({"best": "true"})
+        trial_log.metrics({k: v for k, v in scores.items() if k.startswith("test/")})
+    sweep_log.tags({"best_trial": best.trial_id, "best_run": best.mlflow_run_id or ""})
+    sweep_log.metrics({f"best/{k}": v for k, v in scores.items()})
+    test_line = f", test/AP {scores['test/AP']:.4f} (held out)" if "test/AP" in scores else ""
+    log.info(f"best: trial {best.trial_id} {metric} {best.metric:.4f} (validation){test_line}")
+    log.info(f"best configuration: {workdir / 'best_config.yaml'}")
+    return scores
+
+
+def held_out_scores(job: SweepJob, model: Path) -> dict[str, float] | None:
+    """The chosen model's metrics on the target's held-out test split; None without one."""
+    from detkd.engine.evaluate import evaluate_checkpoint
+    from detkd.engine.plan import open_split
+
+    if job.base.data.test is None:
+        return None
+    return evaluate_checkpoint(
+        model,
+        open_split(job.base.data.test, skip_invalid=False),
+        batch_size=job.base.eval.batch_size,
+        score_thresh=job.base.eval.score_thresh,
+    ).metrics
+
+
 # --------------------------------------------------------------------------- plots
 
 
 def write_plots(
-    folder: Path, rows: list[dict[str, Any]], epochs: pd.DataFrame, *, job: SweepJob, best: dict[str, Any] | None
+    folder: Path, rows: list[TrialRow], epochs: pd.DataFrame, *, job: SweepJob, best: TrialRow | None
 ) -> list[Path]:
     """The final validation metric against each parameter, and every trial's learning curve."""
     import matplotlib
 
     matplotlib.use("Agg")
+    folder.mkdir(parents=True, exist_ok=True)
+    best_id = best.trial_id if best else None
+    paths = [folder / PLOTS[0], folder / PLOTS[1]]
+    plot_metric_vs_parameters(paths[0], rows, job=job, best_id=best_id)
+    plot_learning_curves(paths[1], rows, epochs, job=job, best_id=best_id)
+    return paths
+
+
+def plot_metric_vs_parameters(path: Path, rows: list[TrialRow], *, job: SweepJob, best_id: str | None) -> None:
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
     metric = job.metric_key
-    best_id = best["trial_id"] if best else None
-    params = [p for p in job.parameters if any(f"param.{p.name}" in r for r in rows)]
+    params = [p for p in job.parameters if any(p.name in r.params for r in rows)]
     fig, axes = plt.subplots(1, max(1, len(params)), figsize=(4.5 * max(1, len(params)), 3.8), squeeze=False)
     for ax, p in zip(axes[0], params, strict=False):
-        labels = [r[f"param.{p.name}"] for r in rows]
+        labels = [r.params[p.name] for r in rows]
         if p.categorical:
             order = [value_label(v) for v in p.values]
             xs = [order.index(x) for x in labels]
@@ -289,36 +335,40 @@ def write_plots(
             if p.kind == "loguniform":
                 ax.set_xscale("log")
         for x, r in zip(xs, rows, strict=True):
-            style = (
-                dict(marker="*", s=160, color="C3") if r["trial_id"] == best_id else dict(marker="o", s=40, color="C0")
-            )
-            if r["stopped_early"]:
+            style = dict(marker="*", s=160, color="C3") if r.trial_id == best_id else dict(marker="o", s=40, color="C0")
+            if r.stopped_early:
                 style = dict(marker="o", s=40, facecolors="none", edgecolors="C7")
-            ax.scatter([x], [r[metric]], **style)
+            ax.scatter([x], [r.metric], **style)
         ax.set_xlabel(p.name)
         ax.set_ylabel(f"{metric} (last epoch)")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{job.name}: {metric} per parameter (hollow: stopped early by ASHA, star: chosen)")
     fig.tight_layout()
-    paths = [folder / PLOTS[0]]
-    fig.savefig(paths[0], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def plot_learning_curves(
+    path: Path, rows: list[TrialRow], epochs: pd.DataFrame, *, job: SweepJob, best_id: str | None
+) -> None:
+    import matplotlib.pyplot as plt
+
+    metric = job.metric_key
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        curve = epochs[epochs["trial_id"] == r["trial_id"]] if len(epochs) else epochs
+        curve = epochs[epochs["trial_id"] == r.trial_id] if len(epochs) else epochs
         if not len(curve):
             continue
-        chosen = r["trial_id"] == best_id
+        chosen = r.trial_id == best_id
         ax.plot(
             curve[TRIAL_EPOCH],
             curve[metric],
-            linestyle="--" if r["stopped_early"] else "-",
+            linestyle="--" if r.stopped_early else "-",
             linewidth=2.5 if chosen else 1.2,
             color="C3" if chosen else None,
-            label=f"{r['trial_id']}{' (chosen)' if chosen else ''}",
+            label=f"{r.trial_id}{' (chosen)' if chosen else ''}",
         )
-        if r["stopped_early"]:
+        if r.stopped_early:
             ax.scatter(curve[TRIAL_EPOCH].iloc[-1:], curve[metric].iloc[-1:], marker="x", color="k", zorder=3)
     ax.set_xlabel("trial epoch")
     ax.set_ylabel(f"{metric} (validation)")
@@ -327,7 +377,5 @@ def write_plots(
     if len(rows) <= 12:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(folder / PLOTS[1])
-    fig.savefig(paths[1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,11 +98,24 @@ class TrialReport(TuneReportCallback):
         super().after_report(run_context, [{**first, TRIAL_EPOCH: epoch, "stage": self.stage}], checkpoint)
 
 
+def log_to_stdout() -> None:
+    """A trial runs in an actor whose stdout Ray streams to the driver: the library's log lines go there."""
+    logger = logging.getLogger("detkd")
+    if not any(isinstance(h, TrialHandler) for h in logger.handlers):
+        logger.addHandler(TrialHandler(sys.stdout))
+        logger.setLevel(logging.INFO)
+
+
+class TrialHandler(logging.StreamHandler):
+    """Plain lines on the trial actor's stdout (one per actor, however many trials it runs)."""
+
+
 def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
     """Ray Tune function: train one configuration; Tune hears every epoch through TrialReport."""
     from detkd.engine.launch import run_training
     from detkd.tracking.runs import RunLogger, find_runs, max_metric, run_context
 
+    log_to_stdout()
     trial_id = tune.get_context().get_trial_id()
     values = job.decode(sampled)
     cfg = job.trial_config(values, trial_id)

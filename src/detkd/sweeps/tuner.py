@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,12 +21,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from detkd.config import ConfigError
-from detkd.records import TrackingContext
+from detkd.records import TrackingContext, TrialRow
 from detkd.sweeps.space import LoadedSpace, Parameter, SweepBudget, student_epochs
 from detkd.sweeps.trial import TRIAL_EPOCH, SweepJob, run_trial
 
 STATE_FILE = "sweep.json"
 TRIAL_DRIVER_CPU = 0.01  # the Tune function only waits on its Train run; the workers hold the CPUs
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,15 @@ class SweepOutcome:
     workdir: Path
     complete: bool
     sweep_run_id: str
-    trials: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[TrialRow] = field(default_factory=list)
     best: dict[str, Any] | None = None  # the best trial's row, with test scores when there is a test split
     best_config: Path | None = None
     best_model: Path | None = None
+
+    @property
+    def trials(self) -> list[dict[str, Any]]:
+        """The trial rows as ``trials.parquet`` has them."""
+        return [row.to_dict() for row in self.rows]
 
 
 def run_sweep(
@@ -69,28 +76,18 @@ def run_sweep(
     resume: bool = False,
     fresh: bool = False,
     tracking: TrackingContext | None = None,
-    console=None,
 ) -> SweepOutcome:
     """Run (or continue) a sweep; ``tracking.parent_run_id`` nests it in a pipeline's run."""
     from detkd.engine.launch import ensure_ray
     from detkd.sweeps import report
     from detkd.tracking.runs import RunLogger, check_tracking_uri, run_context
 
-    say = console.print if console else print
     workdir = loaded.workdir()
-    tune_dir = workdir / "tune"
     digest = sweep_digest(loaded, options)
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     state = read_state(workdir)
-    restorable = tune.Tuner.can_restore(str(tune_dir))
-    if resume and not restorable:
-        raise ConfigError(f"--resume: no sweep to resume under {workdir}; run without --resume to start it")
-    if restorable and state.get("digest") != digest:
-        raise ConfigError(
-            f"{workdir}: the sweep there was started from another space, target or budget; "
-            "start over with --fresh, or set the space's workdir elsewhere"
-        )
+    restorable = check_restorable(workdir, state, digest, resume=resume)
     tracking = tracking or target_tracking(loaded)
     check_tracking_uri(tracking.uri)
     ensure_ray(address)
@@ -113,59 +110,90 @@ def run_sweep(
         if not restorable:
             write_state(workdir, {"digest": digest, "sweep_run_id": sweep_run_id, "complete": False})
             sweep_log.params({"space": loaded.space.model_dump(mode="json"), "options": options.__dict__})
-        say(f"sweep {loaded.name}: {'continuing' if restorable else 'starting'} under {workdir}")
-        checkpoints, runs = prepare_teachers(loaded, tracking=replace(tracking, parent_run_id=sweep_run_id), say=say)
-        job = SweepJob(
-            name=loaded.name,
-            base=loaded.base,
-            parameters=loaded.parameters,
-            workdir=workdir,
-            tracking=replace(tracking, parent_run_id=sweep_run_id),
-            metric_key=loaded.space.metric_key,
-            teacher_checkpoints=checkpoints,
-            teacher_runs=runs,
-            cpus_per_worker=worker_cpus(loaded, options),
-        )
-        table = report.LiveTable(metric_key=job.metric_key, parameters=[p.name for p in loaded.parameters])
-        trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": TRIAL_DRIVER_CPU})
-        space = param_space(loaded.parameters, options.search, where=str(loaded.path))
-        if restorable:
-            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True, param_space=space)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=space,
-                tune_config=tune_config(loaded, options),
-                run_config=tune.RunConfig(
-                    name="tune",
-                    storage_path=str(workdir),
-                    failure_config=tune.FailureConfig(max_failures=options.max_failures),
-                    callbacks=[table],
-                    verbose=0,
-                ),
-            )
-        results = tuner.fit()
-        rows, epochs = report.trial_rows(results, job=job)
-        complete = len(rows) == expected_trials(loaded.parameters, options) and all(
-            row["state"] in ("TERMINATED", "ERROR") for row in rows
-        )
-        outcome = SweepOutcome(
-            name=loaded.name, workdir=workdir, complete=complete, sweep_run_id=sweep_run_id, trials=rows
-        )
-        report.write_tables(workdir, rows, epochs)
-        report.close_trial_runs(rows, tracking_uri=tracking.uri)
-        if not complete:
-            say(f"interrupted: finished trials are kept under {workdir}; run the same command again to continue")
-            raise KeyboardInterrupt
-        report.finish(outcome, job=job, epochs=epochs, sweep_log=sweep_log, say=say)
+        log.info(f"sweep {loaded.name}: {'continuing' if restorable else 'starting'} under {workdir}")
+        job = sweep_job(loaded, options, tracking=replace(tracking, parent_run_id=sweep_run_id))
+        results = build_tuner(loaded, options, job, restorable=restorable).fit()
+        outcome, epochs = collect_trials(loaded, options, job, results, sweep_run_id=sweep_run_id)
+        report.finish(outcome, job=job, epochs=epochs, sweep_log=sweep_log)
         write_state(workdir, {"digest": digest, "sweep_run_id": sweep_run_id, "complete": True})
         if outcome.best is None:
-            failed = [r["trial_id"] for r in rows if r["state"] == "ERROR"]
+            failed = [r.trial_id for r in outcome.rows if r.state == "ERROR"]
             raise SweepFailed(
-                f"sweep {loaded.name}: no trial trained to the end ({len(failed)} of {len(rows)} failed); "
-                f"their errors are under {tune_dir}/*/error.txt"
+                f"sweep {loaded.name}: no trial trained to the end ({len(failed)} of {len(outcome.rows)} failed); "
+                f"their errors are under {workdir / 'tune'}/*/error.txt"
             )
     return outcome
+
+
+def check_restorable(workdir: Path, state: dict[str, Any], digest: str, *, resume: bool) -> bool:
+    """Whether the sweep folder holds a Tune experiment to continue; a ConfigError when it is another sweep's."""
+    restorable = tune.Tuner.can_restore(str(workdir / "tune"))
+    if resume and not restorable:
+        raise ConfigError(f"--resume: no sweep to resume under {workdir}; run without --resume to start it")
+    if restorable and state.get("digest") != digest:
+        raise ConfigError(
+            f"{workdir}: the sweep there was started from another space, target or budget; "
+            "start over with --fresh, or set the space's workdir elsewhere"
+        )
+    return restorable
+
+
+def sweep_job(loaded: LoadedSpace, options: SweepOptions, *, tracking: TrackingContext) -> SweepJob:
+    """What every trial needs: the target, its parameters, the teachers (trained once, here) and its CPUs."""
+    checkpoints, runs = prepare_teachers(loaded, tracking=tracking)
+    return SweepJob(
+        name=loaded.name,
+        base=loaded.base,
+        parameters=loaded.parameters,
+        workdir=loaded.workdir(),
+        tracking=tracking,
+        metric_key=loaded.space.metric_key,
+        teacher_checkpoints=checkpoints,
+        teacher_runs=runs,
+        cpus_per_worker=worker_cpus(loaded, options),
+    )
+
+
+def build_tuner(loaded: LoadedSpace, options: SweepOptions, job: SweepJob, *, restorable: bool) -> tune.Tuner:
+    """A new Tuner, or the interrupted one restored (its errored trials retried)."""
+    from detkd.sweeps import report
+
+    tune_dir = job.workdir / "tune"
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": TRIAL_DRIVER_CPU})
+    space = param_space(loaded.parameters, options.search, where=str(loaded.path))
+    if restorable:
+        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True, param_space=space)
+    table = report.LiveTable(metric_key=job.metric_key, parameters=[p.name for p in loaded.parameters])
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune_config(loaded, options),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str(job.workdir),
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
+            callbacks=[table],
+            verbose=0,
+        ),
+    )
+
+
+def collect_trials(loaded: LoadedSpace, options: SweepOptions, job: SweepJob, results, *, sweep_run_id: str):
+    """(SweepOutcome, epochs frame) from Tune's results, the tables written and the trials' runs ended;
+    KeyboardInterrupt when trials are still to run (the sweep was interrupted)."""
+    from detkd.sweeps import report
+
+    rows, epochs = report.trial_rows(results, job=job)
+    complete = len(rows) == expected_trials(loaded.parameters, options) and all(row.finished for row in rows)
+    outcome = SweepOutcome(
+        name=loaded.name, workdir=job.workdir, complete=complete, sweep_run_id=sweep_run_id, rows=rows
+    )
+    report.write_tables(job.workdir, rows, epochs)
+    report.close_trial_runs(rows, tracking_uri=job.tracking.uri)
+    if not complete:
+        log.info(f"interrupted: finished trials are kept under {job.workdir}; run the same command again to continue")
+        raise KeyboardInterrupt
+    return outcome, epochs
 
 
 class SweepFailed(RuntimeError):
@@ -284,7 +312,7 @@ def tune_config(loaded: LoadedSpace, options: SweepOptions) -> tune.TuneConfig:
     )
 
 
-def prepare_teachers(loaded: LoadedSpace, *, tracking: TrackingContext, say) -> tuple[dict[str, Path], dict[str, str]]:
+def prepare_teachers(loaded: LoadedSpace, *, tracking: TrackingContext) -> tuple[dict[str, Path], dict[str, str]]:
     """Train the pipeline teachers the trials use, once (or find them again): name -> (checkpoint, run id)."""
     if loaded.pipeline is None or not loaded.needed_teachers:
         return {}, {}
@@ -299,12 +327,12 @@ def prepare_teachers(loaded: LoadedSpace, *, tracking: TrackingContext, say) -> 
         if entry.name not in loaded.needed_teachers:
             continue
         cfg = model_config(spec, entry, role="teacher")
-        path, run_id = find_or_train(cfg, tracking=tracking, names=checkpoints, say=say)
+        path, run_id = find_or_train(cfg, tracking=tracking, names=checkpoints)
         checkpoints[entry.name], runs[entry.name] = path, run_id
     return checkpoints, runs
 
 
-def find_or_train(cfg, *, tracking: TrackingContext, names: dict[str, Path], say) -> tuple[Path, str]:
+def find_or_train(cfg, *, tracking: TrackingContext, names: dict[str, Path]) -> tuple[Path, str]:
     """A teacher's published checkpoint when it was trained from this exact plan, else train it now."""
     from detkd.engine.launch import run_training
     from detkd.engine.plan import build_plan
@@ -318,8 +346,8 @@ def find_or_train(cfg, *, tracking: TrackingContext, names: dict[str, Path], say
         except CheckpointError:
             meta = {}
         if meta.get("plan", {}).get("digest") == plan.digest:
-            say(f"teacher {cfg.name}: found {published} (MLflow run {meta.get('mlflow_run_id')})")
+            log.info(f"teacher {cfg.name}: found {published} (MLflow run {meta.get('mlflow_run_id')})")
             return published, str(meta.get("mlflow_run_id") or "")
-    say(f"teacher {cfg.name}: training it once for the sweep")
+    log.info(f"teacher {cfg.name}: training it once for the sweep")
     outcome = run_training(cfg, tracking=tracking, teacher_names=names)
     return outcome.model_path, outcome.run_id or ""

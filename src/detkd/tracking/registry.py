@@ -179,6 +179,34 @@ def champion_ap_on(
         return score(local / "artifacts/model.pt")
 
 
+def version_tags(candidate: Candidate, verdict: GateVerdict, extra: dict[str, str] | None) -> dict[str, str]:
+    """A new version's tags: what was measured and what the gate said."""
+    return {
+        f"{TAG}candidate": candidate.name,
+        f"{TAG}ap": f"{candidate.ap:.6f}",
+        f"{TAG}images_per_s": f"{candidate.images_per_s:.2f}",
+        f"{TAG}split": candidate.split,
+        f"{TAG}split_digest": candidate.split_digest,
+        f"{TAG}gate.passed": str(verdict.passed).lower(),
+        f"{TAG}gate.reasons": "; ".join(verdict.reasons) or "all floors met",
+        **{f"{TAG}gate.{k}": str(v) for k, v in verdict.numbers.items()},
+        **(extra or {}),
+    }
+
+
+def choose_alias(verdict: GateVerdict, candidate_ap: float, champion: tuple[Any, float] | None) -> tuple[str, str]:
+    """(alias, why): ``champion`` when the gate passed and the candidate beats the current champion
+    (``(version, AP on the candidate's split)``, None when there is none), else ``challenger``."""
+    if not verdict.passed:
+        return CHALLENGER, "gate failed: " + "; ".join(verdict.reasons)
+    if champion is None:
+        return CHAMPION, "gate passed; first champion"
+    version, ap = champion
+    if candidate_ap <= ap:
+        return CHALLENGER, f"gate passed; AP {candidate_ap:.4f} does not beat champion v{version} ({ap:.4f})"
+    return CHAMPION, f"gate passed; beats champion v{version} ({ap:.4f})"
+
+
 def register_candidate(
     *,
     tracking_uri: str,
@@ -203,17 +231,7 @@ def register_candidate(
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        tags = {
-            f"{TAG}candidate": candidate.name,
-            f"{TAG}ap": f"{candidate.ap:.6f}",
-            f"{TAG}images_per_s": f"{candidate.images_per_s:.2f}",
-            f"{TAG}split": candidate.split,
-            f"{TAG}split_digest": candidate.split_digest,
-            f"{TAG}gate.passed": str(verdict.passed).lower(),
-            f"{TAG}gate.reasons": "; ".join(verdict.reasons) or "all floors met",
-            **{f"{TAG}gate.{k}": str(v) for k, v in verdict.numbers.items()},
-            **(extra_tags or {}),
-        }
+        tags = version_tags(candidate, verdict, extra_tags)
         logged_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
         version = client.create_model_version(
             model, source=model_uri, run_id=candidate.run_id, tags=tags, model_id=logged_id
@@ -224,16 +242,8 @@ def register_candidate(
             except MlflowException:
                 current = None
             current_ap = champion_ap_on(client, model, current, candidate, score_on_split) if current else None
-            if not verdict.passed:
-                alias, why = CHALLENGER, "gate failed: " + "; ".join(verdict.reasons)
-            elif current is not None and candidate.ap <= current_ap:
-                alias = CHALLENGER
-                why = f"gate passed; AP {candidate.ap:.4f} does not beat champion v{current.version} ({current_ap:.4f})"
-            else:
-                alias = CHAMPION
-                why = "gate passed; " + (
-                    f"beats champion v{current.version} ({current_ap:.4f})" if current else "first champion"
-                )
+            champion = (current.version, current_ap) if current is not None else None
+            alias, why = choose_alias(verdict, candidate.ap, champion)
             decision = {
                 f"{TAG}verdict": why,
                 f"{TAG}champion_before": str(current.version) if current else "none",

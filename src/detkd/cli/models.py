@@ -1,0 +1,214 @@
+"""The model commands: ``detkd train``, ``distill``, ``evaluate``, ``export``, ``lineage``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from detkd.cli.common import FreshOption, SetOption, _fail, _local_model, _user_errors, app, console
+
+
+@app.command("train")
+def train(
+    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    overrides: SetOption = None,
+    summary: Annotated[Path | None, typer.Option(help="write a JSON summary row here")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="drop invalid records instead of refusing the data")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+    fresh: FreshOption = False,
+) -> None:
+    """Train a teacher or a plain student with Ray Train."""
+    _train(config, overrides, summary, skip_invalid, address, fresh, distill=False)
+
+
+@app.command("distill")
+def distill(
+    config: Annotated[Path, typer.Argument(help="run config YAML with a distill section")],
+    overrides: SetOption = None,
+    summary: Annotated[Path | None, typer.Option(help="write a JSON summary row here")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="drop invalid records instead of refusing the data")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+    fresh: FreshOption = False,
+) -> None:
+    """Distill frozen teachers into a student (one stage, or progressive stages) with Ray Train."""
+    _train(config, overrides, summary, skip_invalid, address, fresh, distill=True)
+
+
+def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh: bool, *, distill: bool) -> None:
+    from detkd.config import ConfigError, load_config
+    from detkd.engine.launch import run_training
+    from detkd.engine.plan import open_split, stage_configs
+    from detkd.pipeline.runner import evaluation_row, write_summary
+
+    try:
+        cfg = load_config(config, overrides or [])
+        if distill and (cfg.distill is None or not (cfg.distill.teachers or cfg.distill.stages)):
+            raise ConfigError(f"{config}: distill: needs distill.teachers (or distill.stages) and a method")
+        if cfg.distill is not None and cfg.distill.stages:
+            stage_configs(cfg)  # validate every stage before training any
+        if summary is not None and cfg.data.val is None and cfg.data.test is None:
+            raise ConfigError(f"{config}: data.val: --summary needs a validation (or data.test) split to evaluate on")
+        if skip_invalid:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"skip_invalid": True})})
+        outcome = run_training(cfg, address=address, fresh=fresh)
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(f"[green]done[/green]: {outcome.model_path} (MLflow run {outcome.run_id}, {outcome.seconds:.0f}s)")
+    if summary is not None:
+        split_name = "test" if cfg.data.test is not None else "val"
+        source = open_split(getattr(cfg.data, split_name), skip_invalid=cfg.data.skip_invalid)
+        row, _ = evaluation_row(cfg, outcome, source, batch_size=cfg.eval.batch_size, split=split_name)
+        write_summary([row], summary)
+
+
+@app.command("evaluate")
+def evaluate(
+    model: Annotated[
+        str | None, typer.Argument(help="checkpoint file or models:/NAME@ALIAS (same as --checkpoint)")
+    ] = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="detkd model checkpoint (model.pt), or models:/NAME@ALIAS|VERSION")
+    ] = None,
+    coco: Annotated[Path | None, typer.Option(help="COCO JSON of the split to evaluate")] = None,
+    images: Annotated[Path | None, typer.Option(help="image folder of that split")] = None,
+    parquet: Annotated[Path | None, typer.Option(help="Parquet shards of the split")] = None,
+    gt: Annotated[Path | None, typer.Option(help="score an existing results file: ground truth JSON")] = None,
+    detections: Annotated[Path | None, typer.Option(help="...and the COCO results JSON to score")] = None,
+    out: Annotated[Path | None, typer.Option(help="write detections (COCO results format) here")] = None,
+    summary: Annotated[Path | None, typer.Option(help="write a JSON summary row here")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    score_thresh: Annotated[float, typer.Option(min=0, max=1)] = 0.01,
+    backend: Annotated[str, typer.Option(help="faster or pycocotools")] = "faster",
+) -> None:
+    """COCO box mAP of a checkpoint on a split, or of an existing results file."""
+    if backend not in ("faster", "pycocotools"):
+        _fail(ValueError(f"--backend must be faster or pycocotools, got {backend!r}"))
+    if model is not None and checkpoint is not None:
+        _fail(ValueError("give the model once: as the argument or as --checkpoint"))
+    checkpoint = model if model is not None else checkpoint
+    if gt is not None or detections is not None:
+        _score_results_file(gt, detections, checkpoint=checkpoint, summary=summary, backend=backend)
+    else:
+        _evaluate_model(
+            checkpoint, coco=coco, images=images, parquet=parquet, out=out, summary=summary,
+            batch_size=batch_size, score_thresh=score_thresh,
+        )  # fmt: skip
+
+
+def _score_results_file(gt, detections, *, checkpoint, summary: Path | None, backend: str) -> None:
+    """``detkd evaluate --gt G --detections D``: score a COCO results file against its ground truth."""
+    from detkd.engine.coco_eval import METRIC_NAMES, evaluate_files
+    from detkd.pipeline.runner import write_summary
+    from detkd.records import SummaryRow
+
+    try:
+        if gt is None or detections is None or checkpoint is not None:
+            raise FileNotFoundError("scoring a results file needs --gt and --detections (and no --checkpoint)")
+        metrics = evaluate_files(gt, detections, backend=backend)
+    except (*_user_errors(), ValueError) as exc:
+        _fail(exc)
+    _print_metrics(metrics, METRIC_NAMES)
+    if summary:
+        row = SummaryRow.measured(
+            name=detections.stem, role="results", input_size=0, metrics=metrics, images_per_s=0.0, run_id=None,
+            split=str(gt),
+        )  # fmt: skip
+        write_summary([row], summary)
+
+
+def _evaluate_model(
+    checkpoint, *, coco, images, parquet, out: Path | None, summary: Path | None, batch_size: int, score_thresh: float
+) -> None:
+    """``detkd evaluate MODEL --coco/--images|--parquet``: run a checkpoint over a split and score it."""
+    from detkd.engine.coco_eval import METRIC_NAMES
+    from detkd.pipeline.runner import write_summary
+    from detkd.records import SummaryRow
+
+    try:
+        if checkpoint is None:
+            raise FileNotFoundError("give --checkpoint with --coco/--images or --parquet, or --gt with --detections")
+        from detkd.data import open_source
+        from detkd.engine.evaluate import evaluate_checkpoint
+        from detkd.models.checkpoint import atomic_write_bytes
+
+        source = open_source(coco=coco, images=images, parquet=parquet)
+        local = _local_model(checkpoint)
+        result = evaluate_checkpoint(local, source, batch_size=batch_size, score_thresh=score_thresh)
+    except (*_user_errors(), ValueError) as exc:
+        _fail(exc)
+    _print_metrics(result.metrics, METRIC_NAMES)
+    console.print(f"inference: {result.images_per_s:.1f} images/s at {result.input_size}px (batch {batch_size}, CPU)")
+    if out:
+        atomic_write_bytes(out, json.dumps(result.detections).encode())
+        console.print(f"detections: {out} ({len(result.detections)})")
+    if summary:
+        meta = result.meta
+        row = SummaryRow.measured(
+            name=str(meta.get("name", local.stem)),
+            role=str(meta.get("role", "model")),
+            input_size=result.input_size,
+            metrics=result.metrics,
+            images_per_s=result.images_per_s,
+            run_id=meta.get("mlflow_run_id"),
+            method=meta.get("method"),
+            split=str(coco or parquet),
+        )
+        write_summary([row], summary)
+
+
+def _print_metrics(metrics: dict[str, float], names) -> None:
+    console.print("  ".join(f"{name} {metrics[name]:.4f}" for name in names))
+
+
+@app.command("export")
+def export(
+    model: Annotated[str, typer.Argument(help="checkpoint (model.pt) of a student or teacher, or models:/NAME@ALIAS")],
+    format: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = ...,
+    out: Annotated[Path, typer.Option("--out", help="file to write")] = ...,
+    score_threshold: Annotated[
+        float, typer.Option(min=0, max=1, help="lowest score the exported graph keeps (fixed in it)")
+    ] = 0.05,
+    max_detections: Annotated[int, typer.Option(min=1, help="detections per image kept (fixed in the graph)")] = 100,
+) -> None:
+    """Export a detector for deployment; the file is checked against PyTorch before it is written."""
+    from detkd.serving.export import FORMATS, ExportError, export_detector
+
+    if format not in FORMATS:
+        _fail(ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}"))
+    try:
+        result = export_detector(
+            _local_model(model), format=format, out=out, score_thresh=score_threshold, detections_per_img=max_detections
+        )
+    except (*_user_errors(), ExportError) as exc:
+        _fail(exc)
+    console.print(
+        f"{format}: {out} ({out.stat().st_size / 1e6:.1f} MB; boxes within "
+        f"{result.max_box_difference_px:.2g} px of PyTorch on a probe image)"
+    )
+
+
+@app.command("lineage")
+def lineage(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or a run id")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the tree as JSON")] = False,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    ] = None,
+) -> None:
+    """Where a model came from: datasets -> teachers -> stages -> student -> registered version."""
+    from detkd.tracking.lineage import lineage_tree, render
+    from detkd.tracking.runs import check_tracking_uri, resolve_tracking_uri
+
+    try:
+        uri = resolve_tracking_uri(tracking_uri)
+        check_tracking_uri(uri)
+        tree = lineage_tree(model, uri)
+    except _user_errors() as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(tree.as_dict(), indent=2))
+    else:
+        console.print(render(tree))
