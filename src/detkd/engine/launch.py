@@ -66,6 +66,9 @@ def storage_target(cfg: Config) -> tuple[str, Any]:
     return path, None
 
 
+LOCAL_HEALTH_CHECK_INTERVAL_S = "0.25"  # seconds; a cluster's own environment decides there
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Connect to ``address`` (or RAY_ADDRESS), else start a local Ray on this machine."""
     if ray.is_initialized():
@@ -75,6 +78,9 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # A local Ray's processes inherit this: Ray Train's controller collects worker reports every interval
+        # (2 s by default) and a worker holds one unread report, so short epochs would each wait for the poll.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
         ray.init(log_to_driver=True)
 
 
