@@ -1,0 +1,1 @@
+"""One training run: the run plan, the meta-device build, the plain-torch loop, evaluation, the Ray Train launcher."""

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from detkd.data.transforms import resize_image, to_tensor
+from detkd.data.transforms import eval_transform, resize_image, to_tensor
+from detkd.records import InputSpec
 
 ImageInput = bytes | bytearray | Image.Image | np.ndarray | torch.Tensor
 
@@ -122,13 +123,11 @@ class Predictor:
         self,
         backend: EagerBackend | ExportedBackend,
         *,
-        input_spec: Any,
+        input_spec: InputSpec,
         categories: Sequence[tuple[int, str]],
         score_thresh: float = 0.3,
         detections_per_img: int = 100,
     ) -> None:
-        from detkd.data.transforms import eval_transform
-
         self.backend = backend
         self.input_spec = input_spec
         self.transform = eval_transform(input_spec)
@@ -148,7 +147,6 @@ class Predictor:
     @classmethod
     def from_export(cls, path: Path | str, **options: Any) -> Predictor:
         """A ``detkd export`` file (ONNX, run by ONNX Runtime on CPU, or TorchScript)."""
-        from detkd.records import InputSpec
         from detkd.serving.export import load_export
 
         info, runner = load_export(Path(path))
