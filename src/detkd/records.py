@@ -70,6 +70,9 @@ class TrackingContext:
 
 @dataclass(frozen=True)
 class RunPlan:
+    """Everything that decides what one training run does, built once on the driver
+    (``engine.plan.build_plan``) and read back by workers, checkpoints, ``detkd evaluate`` and serving."""
+
     config: Config
     digest: str
     teachers: tuple[TeacherSpec, ...]
