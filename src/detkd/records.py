@@ -173,9 +173,6 @@ class CheckpointMeta:
     def num_classes(self) -> int:
         return int(self.model["num_classes"])
 
-    def run_plan(self) -> RunPlan | None:
-        return RunPlan.from_dict(self.plan) if self.plan is not None else None
-
     def meta_dict(self) -> dict[str, Any]:
         """The flat ``meta`` dict stored in the file (unset fields left out)."""
         known = {key: getattr(self, key) for key in _META_FIELDS if getattr(self, key) is not None}
