@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from detkd.cli.common import FreshOption, SetOption, _fail, _local_model, _user_errors, app, console
+from detkd.cli.common import FreshOption, SetOption, _fail, _local_model, _user_errors, app, console, err_console
 
 
 @app.command("train")
@@ -26,15 +26,85 @@ def train(
 
 @app.command("distill")
 def distill(
-    config: Annotated[Path, typer.Argument(help="run config YAML with a distill section")],
+    config: Annotated[
+        Path | None, typer.Argument(help="run config YAML with a distill section (or use --teacher and --data)")
+    ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="no YAML: the teacher (checkpoint, models:/NAME@ALIAS, mlflow:<run_id>, PIPELINE.yaml:MODEL)"
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="no YAML: a YOLO data.yaml, a Pascal VOC folder, or a COCO JSON (with --images)")
+    ] = None,
+    images: Annotated[Path | None, typer.Option(help="the image folder of a COCO --data file")] = None,
+    val: Annotated[Path | None, typer.Option(help="COCO: a held-out JSON (default: every 5th image of --data)")] = None,
+    val_images: Annotated[Path | None, typer.Option(help="the image folder of --val (default: --images)")] = None,
+    student: Annotated[
+        str, typer.Option(help="student preset: lite, tiny, mobilenet_v3_small, mobilenet_v3_large, resnet18")
+    ] = "lite",
+    scale: Annotated[float, typer.Option(help="the student's input scale relative to the teacher's")] = 0.5,
+    method: Annotated[str, typer.Option(help="mse, ssim, mgd, msad or dsamkd")] = "ssim",
+    epochs: Annotated[int, typer.Option(min=1)] = 12,
+    batch_size: Annotated[int, typer.Option(min=1, help="per worker")] = 16,
+    baseline: Annotated[bool, typer.Option(help="also train the undistilled student to compare with")] = True,
+    out: Annotated[
+        Path | None, typer.Option(help="where the pipeline, configs and models go (default: runs/<name>)")
+    ] = None,
+    name: Annotated[str, typer.Option(help="the pipeline's name")] = "distill",
     overrides: SetOption = None,
     summary: Annotated[Path | None, typer.Option(help="write a JSON summary row here")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="drop invalid records instead of refusing the data")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
     fresh: FreshOption = False,
 ) -> None:
-    """Distill frozen teachers into a student (one stage, or progressive stages) with Ray Train."""
+    """Distill frozen teachers into a student: from a run config, or from a teacher and a dataset in one command.
+
+    With --teacher and --data, detkd writes a pipeline (OUT/pipeline.yaml, and each student's run config in
+    OUT/configs/), trains the distilled student and its undistilled baseline, and prints both on the held-out split.
+    """
+    quick = teacher is not None or data is not None
+    if quick:
+        if config is not None:
+            _fail(ValueError("give a run config YAML, or --teacher and --data, not both"))
+        if teacher is None or data is None:
+            _fail(ValueError("distilling without a YAML file needs both --teacher and --data"))
+        if skip_invalid:
+            _fail(ValueError("--skip-invalid applies to a run config; fix or drop the bad records of --data first"))
+        from detkd.pipeline.from_teacher import DistillRequest
+
+        request = DistillRequest(
+            teacher=teacher, data=data, images=images, val=val, val_images=val_images, student=student, scale=scale,
+            method=method, epochs=epochs, batch_size=batch_size, baseline=baseline,
+            workdir=out if out is not None else Path("runs") / name, name=name,
+        )  # fmt: skip
+        _distill_from_teacher(request, overrides, summary, address, fresh)
+        return
+    if config is None:
+        _fail(ValueError("give a run config YAML, or --teacher and --data"))
     _train(config, overrides, summary, skip_invalid, address, fresh, distill=True)
+
+
+def _distill_from_teacher(request, overrides, summary: Path | None, address, fresh: bool) -> None:
+    from detkd.pipeline.from_teacher import write_distill_pipeline
+    from detkd.pipeline.load import load_pipeline
+    from detkd.pipeline.runner import PipelineFailed, run_pipeline, summary_table, write_summary
+
+    try:
+        path = write_distill_pipeline(request)
+        console.print(f"pipeline: {path} (run configs in {path.parent / 'configs'})", highlight=False)
+        spec = load_pipeline(path, overrides or [])
+        rows = run_pipeline(spec, address=address, fresh=fresh)
+    except _user_errors() as exc:
+        _fail(exc)
+    except PipelineFailed as exc:
+        for line in str(exc).splitlines():
+            err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(summary_table(rows))
+    if summary is not None:
+        write_summary(rows, summary)
 
 
 def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh: bool, *, distill: bool) -> None:
