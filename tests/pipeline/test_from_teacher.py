@@ -100,10 +100,9 @@ def test_yolo_and_voc_splits_are_read_off_the_data(teacher_file, tmp_path):
     yolo = tmp_path / "yolo" / "data.yaml"
     yolo.parent.mkdir()
     yolo.write_text(yaml.safe_dump({"path": ".", "train": "images/train", "val": "images/val", "names": ["a"]}))
-    request = DistillRequest(teacher=str(teacher_file), data=yolo, workdir=tmp_path / "o1")
     from detkd.pipeline.from_teacher import data_section
 
-    assert data_section(request) == {
+    assert data_section(yolo, workdir=tmp_path) == {
         "train": {"yolo": str(yolo.resolve()), "split": "train"},
         "val": {"yolo": str(yolo.resolve()), "split": "val"},
     }
@@ -112,13 +111,13 @@ def test_yolo_and_voc_splits_are_read_off_the_data(teacher_file, tmp_path):
     (voc / "ImageSets" / "Main").mkdir(parents=True)
     for split in ("trainval", "test", "cat_trainval"):
         (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("000001\n")
-    assert data_section(DistillRequest(teacher="t", data=voc)) == {
+    assert data_section(voc, workdir=tmp_path) == {
         "train": {"voc": str(voc.resolve()), "split": "trainval"},
         "test": {"voc": str(voc.resolve()), "split": "test"},
     }
     (voc / "ImageSets" / "Main" / "test.txt").unlink()
     with pytest.raises(ConfigError, match="no val.txt or test.txt"):
-        data_section(DistillRequest(teacher="t", data=voc))
+        data_section(voc, workdir=tmp_path)
 
 
 def test_pipeline_model_reference_must_exist(tmp_path):

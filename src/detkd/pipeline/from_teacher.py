@@ -88,15 +88,25 @@ def teacher_meta(path: Path, *, ref: str) -> CheckpointMeta:
     return meta
 
 
-def data_section(request: DistillRequest) -> dict[str, Any]:
-    """The pipeline's ``data`` section for ``request.data``: train, and val/test as the data has them."""
-    data = Path(request.data)
+def data_section(
+    data: Path,
+    *,
+    images: Path | None = None,
+    val: Path | None = None,
+    val_images: Path | None = None,
+    workdir: Path,
+) -> dict[str, Any]:
+    """A pipeline's ``data`` section for a dataset path: train, and val/test as the data has them.
+
+    A COCO file given without ``val`` has every 5th image held out, written to ``workdir/data/``.
+    """
+    data = Path(data)
     if data.suffix in (".yaml", ".yml"):
         return _yolo_splits(data)
     if data.is_dir():
         return _voc_splits(data)
     if data.suffix == ".json":
-        return _coco_splits(request)
+        return _coco_splits(data, images=images, val=val, val_images=val_images, workdir=workdir)
     raise ConfigError(
         f"--data {data}: not a YOLO data.yaml, a Pascal VOC folder (Annotations/, ImageSets/Main/) "
         "or a COCO JSON file (with --images)"
@@ -135,24 +145,24 @@ def _voc_splits(root: Path) -> dict[str, Any]:
     return splits
 
 
-def _coco_splits(request: DistillRequest) -> dict[str, Any]:
-    if request.images is None:
-        raise ConfigError(
-            f"--data {request.data}: a COCO JSON needs --images (the folder its file_name entries are in)"
-        )
+def _coco_splits(
+    data: Path, *, images: Path | None, val: Path | None, val_images: Path | None, workdir: Path
+) -> dict[str, Any]:
+    if images is None:
+        raise ConfigError(f"--data {data}: a COCO JSON needs --images (the folder its file_name entries are in)")
     from detkd.data.coco import load_coco
 
-    images = Path(request.images).resolve()
-    load_coco(Path(request.data), images)  # refuse bad data now, naming its records
-    if request.val is not None:
-        val_images = Path(request.val_images or request.images).resolve()
-        load_coco(Path(request.val), val_images)
+    images = Path(images).resolve()
+    load_coco(data, images)  # refuse bad data now, naming its records
+    if val is not None:
+        val_images = Path(val_images or images).resolve()
+        load_coco(Path(val), val_images)
         return {
-            "train": {"coco": str(Path(request.data).resolve()), "images": str(images)},
-            "test": {"coco": str(Path(request.val).resolve()), "images": str(val_images)},
+            "train": {"coco": str(data.resolve()), "images": str(images)},
+            "test": {"coco": str(Path(val).resolve()), "images": str(val_images)},
         }
-    train, held_out = _hold_out(json.loads(Path(request.data).read_text()))
-    folder = Path(request.workdir).resolve() / "data"
+    train, held_out = _hold_out(json.loads(data.read_text()))
+    folder = Path(workdir).resolve() / "data"
     files = {}
     for split, subset in (("train", train), ("test", held_out)):
         files[split] = folder / f"{split}.json"
@@ -221,7 +231,9 @@ def distill_pipeline(request: DistillRequest, *, tracking_uri: str | None = None
         "name": request.name,
         "workdir": str(workdir),
         "tracking": {"experiment": request.experiment, **({"tracking_uri": tracking_uri} if tracking_uri else {})},
-        "data": data_section(request),
+        "data": data_section(
+            request.data, images=request.images, val=request.val, val_images=request.val_images, workdir=workdir
+        ),
         "defaults": {
             "model": student_model(request, teacher),
             "input": {"size": reference_size, "max_size": view.get("max_size")},
