@@ -105,20 +105,21 @@ def _fresh_worker(plan) -> TrainRun:
     return setup(plan)
 
 
-def test_resumed_run_ends_with_bit_identical_ema(tiny_dataset, tiny_config, tmp_path):
+@pytest.mark.parametrize("stop", [4, 5], ids=["epoch-end", "mid-epoch"])
+def test_resumed_run_ends_with_bit_identical_ema(tiny_dataset, tiny_config, tmp_path, stop):
     plan = _plan(tiny_dataset, tmp_path, tiny_config, ema={"decay": 0.9, "warmup": 3})
     whole = _fresh_worker(plan)
     _train_until(whole, whole.total_steps)
     assert whole.total_steps == 8 and whole.state.ema.updates == 8
 
     first = _fresh_worker(plan)
-    _train_until(first, 4)  # stopped at the end of epoch 1 (4 steps per epoch)
+    _train_until(first, stop)  # 4 steps per epoch: an epoch-end checkpoint, or a step checkpoint
     save_payload(tmp_path / "state.pt", {**first.state.state_dict(), "rng": [rng.capture()]})
     resumed = _fresh_worker(plan)
     state = load_payload(tmp_path / "state.pt")  # weights_only, as the worker reads it
     resumed.state.load_state_dict(state)
     rng.restore(state["rng"][0])
-    assert resumed.state.ema.updates == 4
+    assert resumed.state.ema.updates == stop
     _train_until(resumed, resumed.total_steps)
 
     assert resumed.state.ema.updates == 8

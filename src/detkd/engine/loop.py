@@ -276,6 +276,9 @@ def setup(
         collate_fn=collate_detection,
         num_workers=cfg.data.loader_workers,
         persistent_workers=cfg.data.loader_workers > 0,
+        # its own generator: starting an epoch's iterator then draws nothing from the global RNG that checkpoints
+        # capture, so a run resumed mid-epoch (loader_workers 0) flips the same images as an uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.seed + rank),
     )
     total_steps = cfg.train.epochs * sampler.batches_per_epoch
     if cfg.train.max_steps:
