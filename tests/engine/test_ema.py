@@ -197,3 +197,47 @@ def test_teachers_and_distillation_modules_are_never_averaged(tiny_dataset, tiny
     after = teacher_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # frozen, and untouched by the EMA
     assert run.state.ema.updates == 2
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_two_workers_killed_mid_epoch_publish_the_same_average(
+    tiny_dataset, tiny_config, ray_cluster, tmp_path, tracking
+):
+    """Through Ray Train: a worker lost after step 5 (step checkpoints), the run resumed; it publishes,
+    bit for bit, the average an uninterrupted run publishes, and that average is the model file."""
+    from mlflow.tracking import MlflowClient
+
+    from detkd.data.coco import load_coco
+    from detkd.engine.evaluate import evaluate_checkpoint
+    from detkd.engine.launch import run_training
+    from detkd.engine.worker import TRAIN_STATE
+
+    ema = {"decay": 0.9, "warmup": 3}
+    train = {"epochs": 2, "batch_size": 4, "log_every": 1, "checkpoint_every_steps": 1, "ema": ema}
+    common = {"train": train, "scaling": {"num_workers": 2}, "tracking": {"log_model": False}}
+    killed = tiny_config(tiny_dataset, tmp_path, run={"max_failures": 2}, debug={"fail_at_step": 5}, **common)
+    outcome = run_training(Config.model_validate(killed), tracking=tracking)
+    assert (tmp_path / "models/tiny/.fault-injected").read_text() == "5"  # the fault really fired
+    uninterrupted = Config.model_validate(tiny_config(tiny_dataset, tmp_path, name="whole", **common))
+    whole = run_training(uninterrupted, tracking=tracking)
+
+    assert outcome.metrics["step"] == whole.metrics["step"] == 8  # 4 steps per epoch of 2 x 4 images
+    assert outcome.metrics["ema/updates"] == 8  # the average resumed, not restarted at the checkpoint
+    published, reference = load_payload(outcome.model_path), load_payload(whole.model_path)
+    assert all(torch.equal(published["state_dict"][k], v) for k, v in reference["state_dict"].items())
+    assert published["meta"]["ema"] == {**ema, "updates": 8}
+    assert outcome.metrics["val/AP"] == whole.metrics["val/AP"]  # every worker scored rank 0's average
+    assert outcome.metrics["val/AP_raw"] == whole.metrics["val/AP_raw"]
+
+    # the model file is the average of the last checkpoint, and scores as the worker's final val/AP
+    folder = next((tmp_path / "ray").glob("tiny-*"))
+    state = load_payload(sorted(folder.glob(f"checkpoint_*/{TRAIN_STATE}"))[-1])
+    assert state["step"] == 8 and state["ema"]["updates"] == 8
+    assert all(torch.equal(published["state_dict"][k], v) for k, v in state["ema"]["weights"].items())
+    val = load_coco(tiny_dataset / "annotations/instances_val.json", tiny_dataset / "images/val")
+    assert evaluate_checkpoint(outcome.model_path, val).metrics["AP"] == pytest.approx(
+        outcome.metrics["val/AP"], abs=1e-9
+    )
+    run = MlflowClient(tracking.uri).get_run(outcome.run_id)
+    assert run.data.metrics["final/ema/updates"] == 8 and run.data.metrics["final/val/AP_raw"] >= 0

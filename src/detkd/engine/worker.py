@@ -152,7 +152,9 @@ def end_of_epoch(
     return metrics
 
 
-def validate(plan: RunPlan, run: TrainRun, model: torch.nn.Module, *, rank: int, world_size: int):
+def validate(
+    plan: RunPlan, run: TrainRun, model: torch.nn.Module, *, rank: int, world_size: int
+) -> dict[str, float] | None:
     """COCO scores of ``model`` on the validation split (rank 0; None elsewhere). A collective."""
     cfg = plan.config
     return evaluate_distributed(
