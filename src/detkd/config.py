@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 
@@ -221,6 +229,15 @@ class OptimConfig(_Section):
     base_batch_size: int = Field(16, ge=1)
 
 
+class EMAConfig(_Section):
+    """Weight EMA of the student: the average is what is evaluated, saved and published (engine/ema.py)."""
+
+    decay: float = Field(0.9998, gt=0, lt=1, description="decay once warmed up (YOLOX: 0.9998)")
+    warmup: int = Field(
+        2000, ge=0, description="steps: decay at update t is decay * (1 - exp(-t / warmup)); 0: constant decay"
+    )
+
+
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(16, ge=1, description="per worker")
@@ -230,6 +247,17 @@ class TrainConfig(_Section):
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every K steps (0: epoch ends only)")
     log_every: int = Field(20, ge=1, description="steps between progress lines")
     amp: bool = Field(True, description="mixed precision on GPU (ignored on CPU)")
+    ema: EMAConfig | None = Field(
+        None, description="average the student's weights (None: off); evaluation and the model file use the average"
+    )
+
+    @model_serializer(mode="wrap")
+    def _leave_out_ema_when_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Dumps (config digests, sweep digests, logged params) of configs without EMA stay as they were."""
+        data = handler(self)
+        if self.ema is None:
+            data.pop("ema", None)
+        return data
 
 
 class ScalingSection(_Section):

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from detkd.config import OptimConfig
 from detkd.data.dataset import DetectionDataset, collate_detection
+from detkd.engine.ema import ModelEMA
 from detkd.engine.sampler import EpochBatchSampler
 from detkd.models.detectors import unwrap_model
 from detkd.records import RunPlan
@@ -183,27 +184,50 @@ class TrainState:
     """What a checkpoint must hold to continue exactly where training stopped."""
 
     model: nn.Module  # what the optimizer trains: a detector or a Distiller, maybe DDP-wrapped
-    student: nn.Module  # the detector that is evaluated and published
+    student: nn.Module  # the detector being trained (inside ``model``)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     step: int = 0
+    ema: ModelEMA | None = None  # train.ema: the student's weight average
+
+    @property
+    def published(self) -> nn.Module:
+        """The detector that is evaluated and saved as the model file: the EMA's average when on, else the student."""
+        return self.ema.module if self.ema is not None else self.student
+
+    def ema_metrics(self) -> dict[str, float]:
+        """``ema/decay`` (of the last update) and ``ema/updates`` when EMA is on, else nothing."""
+        if self.ema is None:
+            return {}
+        return {"ema/decay": self.ema.current_decay(), "ema/updates": float(self.ema.updates)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "model": unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "step": self.step,
         }
+        if self.ema is not None:  # absent when off: such checkpoints are as before
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state`` stopped, EMA included.
+
+        With EMA on, a checkpoint without EMA state is refused (ValueError): the average cannot be rebuilt,
+        and since ``train.ema`` enters the config digest, such a file was never written by this run."""
+        if self.ema is not None and "ema" not in state:
+            raise ValueError("train.ema is on, but the checkpoint holds no EMA state (it was written without EMA)")
         unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.step = int(state["step"])
 
 
@@ -252,6 +276,9 @@ def setup(
         collate_fn=collate_detection,
         num_workers=cfg.data.loader_workers,
         persistent_workers=cfg.data.loader_workers > 0,
+        # its own generator: starting an epoch's iterator then draws nothing from the global RNG that checkpoints
+        # capture, so a run resumed mid-epoch (loader_workers 0) flips the same images as an uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.seed + rank),
     )
     total_steps = cfg.train.epochs * sampler.batches_per_epoch
     if cfg.train.max_steps:
@@ -260,7 +287,10 @@ def setup(
     scheduler = build_scheduler(optimizer, total_steps=total_steps, optim=cfg.optim)
     amp = cfg.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
-    state = TrainState(model=model, student=student, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    ema = None
+    if cfg.train.ema is not None:  # after ``wrap``: the copy lives on the student's device; teachers stay out
+        ema = ModelEMA(student, decay=cfg.train.ema.decay, warmup=cfg.train.ema.warmup)
+    state = TrainState(model=model, student=student, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
     return TrainRun(
         state=state, loader=loader, sampler=sampler, val_set=val_set, device=device, amp=amp, total_steps=total_steps
     )
@@ -289,6 +319,8 @@ def train_one_epoch(run: TrainRun, *, clip_grad_norm: float | None, hooks: Seque
         )
         state.scheduler.step()
         state.step += 1
+        if state.ema is not None:
+            state.ema.update(state.student)
         means.add(result.named())
         for hook in hooks:
             hook(state, result, len(images))

@@ -79,8 +79,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         run.sampler.set_epoch(epoch, start_batch=offset)
         train_means = train_one_epoch(run, clip_grad_norm=cfg.optim.clip_grad_norm, hooks=hooks)
         metrics = end_of_epoch(plan, run, train_means, rank=rank, world_size=world)
-        if logger and any(k.startswith("val/") for k in metrics):
-            logger.metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step=run.state.step)
+        logged = {k: v for k, v in metrics.items() if k.startswith(("val/", "ema/"))}
+        if logger and logged:
+            logger.metrics(logged, step=run.state.step)
         last = run.state.step >= run.total_steps
         if last or metrics["epoch"] % cfg.train.checkpoint_every == 0:
             report.save(metrics)
@@ -102,7 +103,8 @@ def resume(run: TrainRun, plan: RunPlan, *, rank: int, world_size: int) -> None:
     if len(state["rng"]) == world_size:  # same world size: every worker continues its own random stream
         rng.restore(state["rng"][rank])
     if rank == 0:
-        log.info(f"[{plan.name}] resumed from step {run.state.step}/{run.total_steps}")
+        ema = f" (EMA of {run.state.ema.updates} updates)" if run.state.ema is not None else ""
+        log.info(f"[{plan.name}] resumed from step {run.state.step}/{run.total_steps}{ema}")
 
 
 def mismatch_message(plan: RunPlan, detail: str) -> str:
@@ -116,20 +118,47 @@ def mismatch_message(plan: RunPlan, detail: str) -> str:
 def end_of_epoch(
     plan: RunPlan, run: TrainRun, train_means: dict[str, float], *, rank: int, world_size: int
 ) -> dict[str, Any]:
-    """The epoch's report: mean training terms over workers, plus validation scores when due."""
+    """The epoch's report: mean training terms over workers, plus validation scores when due.
+
+    ``val/...`` scores the published detector (the EMA's average when ``train.ema`` is on); with EMA,
+    the final evaluation also scores the raw weights as ``val/AP_raw`` (once: it costs a second pass).
+    """
     cfg = plan.config
     epochs_done = run.state.step // run.steps_per_epoch
     metrics: dict[str, Any] = {
         "epoch": epochs_done,
         "step": run.state.step,
         **{f"train/{k}": v for k, v in reduce_means(train_means).items()},
+        **run.state.ema_metrics(),
     }
     last = run.state.step >= run.total_steps
     due = cfg.train.eval_every and epochs_done % cfg.train.eval_every == 0
     if run.val_set is None or not (last or due):
         return metrics
-    scores = evaluate_distributed(
-        run.state.student,
+    if run.state.ema is not None:
+        run.state.ema.sync()  # every worker scores its share of images with rank 0's average
+    scores = validate(plan, run, run.state.published, rank=rank, world_size=world_size)
+    if scores is not None:
+        metrics.update({f"val/{k}": v for k, v in scores.items()})
+        log.info(
+            f"[{cfg.name}] epoch {epochs_done} val AP {scores['AP']:.4f} AP50 {scores['AP50']:.4f} "
+            f"APs {scores['APs']:.4f}" + (" (EMA weights)" if run.state.ema is not None else "")
+        )
+    if last and run.state.ema is not None:
+        raw = validate(plan, run, run.state.student, rank=rank, world_size=world_size)
+        if raw is not None:
+            metrics["val/AP_raw"] = raw["AP"]
+            log.info(f"[{cfg.name}] raw weights (no EMA): val AP {raw['AP']:.4f}")
+    return metrics
+
+
+def validate(
+    plan: RunPlan, run: TrainRun, model: torch.nn.Module, *, rank: int, world_size: int
+) -> dict[str, float] | None:
+    """COCO scores of ``model`` on the validation split (rank 0; None elsewhere). A collective."""
+    cfg = plan.config
+    return evaluate_distributed(
+        model,
         run.val_set,
         device=run.device,
         batch_size=cfg.eval.batch_size,
@@ -138,13 +167,6 @@ def end_of_epoch(
         rank=rank,
         world_size=world_size,
     )
-    if scores is not None:
-        metrics.update({f"val/{k}": v for k, v in scores.items()})
-        log.info(
-            f"[{cfg.name}] epoch {epochs_done} val AP {scores['AP']:.4f} AP50 {scores['AP50']:.4f} "
-            f"APs {scores['APs']:.4f}"
-        )
-    return metrics
 
 
 def mlflow_logger(plan: RunPlan, run_id: str | None):
@@ -158,8 +180,9 @@ def mlflow_logger(plan: RunPlan, run_id: str | None):
 class CheckpointReport:
     """Write a checkpoint (rank 0) and report it to Ray Train (every rank).
 
-    A checkpoint folder holds ``train_state.pt`` (model, optimizer, scheduler, scaler, step,
-    every worker's RNG, the plan) and ``model.pt`` (the student alone, with the plan in its meta).
+    A checkpoint folder holds ``train_state.pt`` (model, optimizer, scheduler, scaler, step, the EMA
+    state when on, every worker's RNG, the plan) and ``model.pt`` (the published student alone: its EMA
+    average when ``train.ema`` is on, with the plan in its meta).
     """
 
     def __init__(self, plan: RunPlan, run: TrainRun, *, rank: int, run_id: str | None) -> None:
@@ -174,18 +197,32 @@ class CheckpointReport:
             "method": cfg.method,
             "mlflow_run_id": self.run_id,
             "step": self.run.state.step,
+            **self.ema_meta(),
             **{k: v for k, v in metrics.items() if k.startswith("val/")},
         }
 
+    def ema_meta(self) -> dict[str, Any]:
+        """``{"ema": {decay, warmup, updates}}`` when the model file holds an EMA average, else nothing."""
+        ema = self.run.state.ema
+        return {} if ema is None else {"ema": {"decay": ema.decay, "warmup": ema.warmup, "updates": ema.updates}}
+
     def save(self, metrics: dict[str, Any]) -> None:
         states = gather_objects(rng.capture())  # a collective: every rank takes part
+        if self.run.state.ema is not None:
+            self.run.state.ema.sync()  # rank 0's average is saved: every worker continues from it, as on resume
+        metrics = {**metrics, **self.run.state.ema_metrics()}
         with tempfile.TemporaryDirectory(prefix="detkd-ckpt-") as folder:
             checkpoint = None
             if self.rank == 0:
                 payload = {**self.run.state.state_dict(), "rng": states, "plan": self.plan.to_dict()}
                 save_payload(Path(folder) / TRAIN_STATE, payload)
-                save_detector(Path(folder) / MODEL_FILE, self.run.state.student, meta=self.model_meta(metrics))
+                save_detector(Path(folder) / MODEL_FILE, self.run.state.published, meta=self.model_meta(metrics))
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
+                if self.run.state.ema is not None:
+                    log.info(
+                        f"[{self.plan.name}] checkpoint at step {self.run.state.step}: EMA of "
+                        f"{metrics['ema/updates']:.0f} updates, decay {metrics['ema/decay']:.6f}"
+                    )
             ray.train.report(metrics, checkpoint=checkpoint)
 
     def every_steps_hook(self, every: int) -> StepHook:
