@@ -312,3 +312,13 @@ def test_write_yolo_refuses_mismatched_categories_and_unknown_splits(coco_set, t
     other.categories = other.categories[:2]
     with pytest.raises(ValueError, match="same categories"):
         write_yolo(tmp_path, {"train": source, "val": other})
+
+
+def test_roboflow_style_parent_paths_fall_back_as_in_ultralytics(tmp_path):
+    write_image(tmp_path / "ds/train/images/x.png", 8, 8)
+    (tmp_path / "ds/train/labels").mkdir(parents=True)
+    (tmp_path / "ds/train/labels/x.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    write_yaml(tmp_path / "ds/data.yaml", {"train": "../train/images", "nc": 1, "names": ["a"]})
+    source, problems, _ = validate_yolo(tmp_path / "ds/data.yaml", "train")
+    assert problems == [] and source.image_reader.root == tmp_path / "ds/train/images"
+    np.testing.assert_allclose(source.records[0].boxes, [[2, 2, 6, 6]])

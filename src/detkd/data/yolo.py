@@ -14,6 +14,8 @@ Where detkd differs from Ultralytics, it is to depend on nothing but the files:
 a relative ``path`` is relative to the yaml's folder (Ultralytics tries the
 working directory, then its own datasets folder), and a relative line of a list
 file is relative to the list's folder (Ultralytics: only lines starting ``./``).
+A split entry ``../x`` that does not exist is tried as ``x``, as Ultralytics does
+(Roboflow exports write ``train: ../train/images`` next to ``train/``).
 
 Category ids are the YOLO class indices, 0-based (COCO evaluation accepts 0).
 Image ids are 1..N in sorted path order over every image the split names, so a
@@ -196,6 +198,8 @@ def _split_images(
     for entry in entries:
         path = Path(entry).expanduser()
         path = Path(os.path.abspath(path if path.is_absolute() else root / path))
+        if not path.exists() and entry.startswith("../"):  # as Ultralytics: Roboflow exports write ../train/images
+            path = Path(os.path.abspath(root / entry[3:]))
         if path.is_dir():
             # as Ultralytics: recursive, hidden files skipped, suffix case ignored
             found = sorted(
