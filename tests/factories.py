@@ -1,15 +1,20 @@
 """Shared builders for tests: tiny FCOS detectors, random image batches and feature pyramids, tiny pipeline
-specs. Plain functions (``from factories import tiny_fcos``); tests/ is on sys.path through tests/conftest.py.
+specs, one detection dataset written as COCO, YOLO and Pascal VOC. Plain functions
+(``from factories import tiny_fcos``); tests/ is on sys.path through tests/conftest.py.
 Fixtures that start things (datasets, Ray, servers) stay in conftest.py."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
+from PIL import Image
 
 # The columns of a `--summary` JSON row (detkd train/distill/run)
 SUMMARY_COLUMNS = frozenset(
@@ -120,3 +125,135 @@ def tiny_pipeline_spec(
 def write_yaml(path: Path, data: dict, **dump) -> Path:
     path.write_text(yaml.safe_dump(data, **dump))
     return path
+
+
+# --------------------------------------------------------------------------- one dataset in three formats
+
+# YOLO stores boxes normalised, as text: written with 6 decimals (as Ultralytics' tools do), a value is off by up
+# to 5e-7 of the image side, so a corner (centre -/+ half the size) by up to 1e-6 of it: 1e-4 px for the 100 px
+# images here, 5e-4 px at 512 px. float32 boxes add ~1e-5 px. Boxes read from YOLO agree within this.
+YOLO_TOLERANCE_PX = 1e-3
+
+
+@dataclass
+class FormatImage:
+    """One image written in every format: boxes as integer 0-based pixel xyxy with their class names.
+
+    ``difficult`` boxes are COCO crowd regions and VOC difficult objects; YOLO has no such
+    notion and leaves them out. ``pixels`` (H, W, 3 uint8) default to seeded noise.
+    """
+
+    file_name: str
+    width: int
+    height: int
+    boxes: Sequence[tuple[int, int, int, int]] = ()
+    names: Sequence[str] = ()
+    difficult: Sequence[bool] | None = None
+    pixels: np.ndarray | None = None
+
+    def crowd(self) -> list[bool]:
+        return list(self.difficult) if self.difficult is not None else [False] * len(self.boxes)
+
+
+@dataclass
+class FormatPaths:
+    """Where :func:`write_all_formats` put each format, and the class names in id order."""
+
+    coco: Path
+    coco_images: Path
+    yolo: Path  # the data.yaml
+    voc: Path
+    classes: list[str]
+
+
+def write_image(
+    path: Path, width: int, height: int, *, seed: int = 0, pixels: np.ndarray | None = None, orientation: int = 1
+) -> Path:
+    """An RGB image file (format from the suffix): seeded noise unless ``pixels`` (H, W, 3 uint8) are given,
+    with an EXIF orientation tag unless it is 1 (upright)."""
+    if pixels is None:
+        pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels)
+    if orientation != 1:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.save(path, exif=exif)
+    else:
+        image.save(path)
+    return path
+
+
+def write_all_formats(root: Path, images: Sequence[FormatImage], classes: Sequence[str], *, split: str = "train"):
+    """Write one split as ``root/coco`` (category id = class index), ``root/yolo`` and ``root/voc``, by hand.
+
+    Written from the format descriptions, not with detkd's writers, so the readers are checked against
+    the formats themselves: VOC boxes 1-based inclusive (``xmin = x1 + 1, xmax = x2``), YOLO normalised
+    ``cx cy w h`` with 6 decimals and no label file for an image without objects.
+    """
+    root = Path(root)
+    class_id = {name: i for i, name in enumerate(classes)}
+    coco: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
+    coco["categories"] = [{"id": i, "name": name} for i, name in enumerate(classes)]
+    voc_ids = []
+    for seed, image in enumerate(images):
+        for folder in (root / "coco/images", root / f"yolo/images/{split}", root / "voc/JPEGImages"):
+            write_image(folder / image.file_name, image.width, image.height, seed=seed, pixels=image.pixels)
+        image_id = seed + 1
+        coco["images"].append(
+            {"id": image_id, "file_name": image.file_name, "width": image.width, "height": image.height}
+        )
+        lines, objects = [], []
+        for (x1, y1, x2, y2), name, crowd in zip(image.boxes, image.names, image.crowd(), strict=True):
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": class_id[name],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": int(crowd),
+                }
+            )
+            if not crowd:
+                cx, cy = (x1 + x2) / 2 / image.width, (y1 + y2) / 2 / image.height
+                w, h = (x2 - x1) / image.width, (y2 - y1) / image.height
+                lines.append(f"{class_id[name]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+            objects.append(
+                f"<object><name>{name}</name><difficult>{int(crowd)}</difficult><bndbox>"
+                f"<xmin>{x1 + 1}</xmin><ymin>{y1 + 1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+            )
+        stem = Path(image.file_name).with_suffix("").as_posix()
+        if lines:
+            label = root / f"yolo/labels/{split}/{stem}.txt"
+            label.parent.mkdir(parents=True, exist_ok=True)
+            label.write_text("\n".join(lines) + "\n")
+        xml = root / f"voc/Annotations/{stem}.xml"
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        xml.write_text(
+            f"<annotation><filename>{image.file_name}</filename><size><width>{image.width}</width>"
+            f"<height>{image.height}</height><depth>3</depth></size>{''.join(objects)}</annotation>\n"
+        )
+        voc_ids.append(stem)
+    (root / "coco/annotations.json").write_text(json.dumps(coco))
+    write_yaml(root / "yolo/data.yaml", {split: f"images/{split}", "names": list(classes)})
+    split_file = root / f"voc/ImageSets/Main/{split}.txt"
+    split_file.parent.mkdir(parents=True, exist_ok=True)
+    split_file.write_text("".join(f"{i}\n" for i in voc_ids))
+    return FormatPaths(
+        coco=root / "coco/annotations.json",
+        coco_images=root / "coco/images",
+        yolo=root / "yolo/data.yaml",
+        voc=root / "voc",
+        classes=list(classes),
+    )
+
+
+# A small set: several boxes and classes, a difficult (crowd) box, an image without objects, a nested file name
+FORMAT_CLASSES = ["cat", "dog", "bird"]
+FORMAT_IMAGES = [
+    FormatImage("a.png", 64, 48, [(10, 10, 30, 25), (0, 0, 64, 48)], ["cat", "dog"]),
+    FormatImage("b.png", 80, 60, [(5, 5, 15, 15), (20, 30, 70, 58)], ["bird", "cat"], difficult=[False, True]),
+    FormatImage("c.png", 50, 50),
+    FormatImage("sub/d.png", 100, 70, [(30, 20, 70, 50), (1, 2, 3, 4)], ["bird", "dog"]),
+]

@@ -81,19 +81,54 @@ class _Section(BaseModel):
 
 
 class SplitConfig(_Section):
-    """One split: a COCO JSON plus image folder, or Parquet shards."""
+    """One split, in one of four formats: ``{coco, images}``, ``{parquet}``, ``{yolo, split}`` or ``{voc, split}``."""
 
-    coco: LocalPath | None = None
-    images: LocalPath | None = None
-    parquet: LocalPath | None = None
+    coco: LocalPath | None = Field(None, description="a COCO instances JSON (with images)")
+    images: LocalPath | None = Field(None, description="the folder the COCO file_names are relative to")
+    parquet: LocalPath | None = Field(None, description="Parquet shards: a file or a folder of them")
+    yolo: LocalPath | None = Field(None, description="an Ultralytics-style YOLO data.yaml (with split)")
+    voc: LocalPath | None = Field(
+        None, description="a Pascal VOC folder: Annotations/, ImageSets/Main/, JPEGImages/ (with split)"
+    )
+    split: str | None = Field(None, description="yolo: train, val or test; voc: an ImageSets/Main name, e.g. trainval")
+    classes: list[str] | None = Field(None, description="voc: class names in id order (default: the 20 VOC classes)")
 
     @model_validator(mode="after")
     def _one_format(self) -> SplitConfig:
-        if self.parquet is not None and (self.coco or self.images):
-            raise ValueError("give either parquet or coco+images, not both")
-        if self.parquet is None and (self.coco is None or self.images is None):
-            raise ValueError("give coco and images (or parquet)")
+        given = [
+            name
+            for name, present in (
+                ("coco+images", self.coco is not None or self.images is not None),
+                ("parquet", self.parquet is not None),
+                ("yolo", self.yolo is not None),
+                ("voc", self.voc is not None),
+            )
+            if present
+        ]
+        if len(given) != 1:
+            got = f"got {' and '.join(given)}" if given else "got none"
+            raise ValueError(f"give one dataset format: coco+images, parquet, yolo+split or voc+split ({got})")
+        if given == ["coco+images"] and (self.coco is None or self.images is None):
+            raise ValueError(f"a COCO split needs both coco and images; missing {'images' if self.coco else 'coco'}")
+        if self.yolo is not None or self.voc is not None:
+            if not self.split:
+                raise ValueError(f"a {given[0]} split needs split (which split of the dataset to read)")
+            if self.yolo is not None and self.split not in ("train", "val", "test"):
+                raise ValueError(f"split: a YOLO data.yaml has train, val and test splits, got {self.split!r}")
+        elif self.split is not None:
+            raise ValueError("split picks a split of a yolo or voc dataset; remove it or give yolo/voc")
+        if self.classes is not None:
+            if self.voc is None:
+                raise ValueError("classes names the classes of a voc dataset (YOLO's are in its data.yaml)")
+            if not self.classes or len(set(self.classes)) != len(self.classes):
+                raise ValueError(f"classes must be a non-empty list of distinct names, got {self.classes}")
         return self
+
+    def location(self) -> str:
+        """Where the split's data is, for lineage and messages: a path, ``#<split>`` for YOLO and VOC."""
+        if self.yolo is not None or self.voc is not None:
+            return f"{self.yolo or self.voc}#{self.split}"
+        return str(self.coco or self.parquet)
 
 
 class DataConfig(_Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -54,19 +55,92 @@ def data_synth(
     console.print_json(json.dumps(summary, default=str))
 
 
+CocoOption = Annotated[Path | None, typer.Option(help="COCO instances JSON (with --images)")]
+ImagesOption = Annotated[Path | None, typer.Option(help="the folder the COCO file names are relative to")]
+YoloOption = Annotated[Path | None, typer.Option(help="a YOLO data.yaml, Ultralytics layout (with --split)")]
+VocOption = Annotated[Path | None, typer.Option(help="a Pascal VOC folder (with --split)")]
+SplitOption = Annotated[
+    str | None, typer.Option(help="--yolo: train, val or test; --voc: an ImageSets/Main name, e.g. trainval")
+]
+ClassesOption = Annotated[
+    str | None, typer.Option(help="--voc: comma-separated class names in id order (default: the 20 VOC classes)")
+]
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    """The dataset a ``detkd data`` command was pointed at, its options checked."""
+
+    coco: Path | None = None
+    images: Path | None = None
+    yolo: Path | None = None
+    voc: Path | None = None
+    split: str | None = None
+    classes: list[str] | None = None
+
+    @property
+    def title(self) -> str:
+        return str(self.coco) if self.coco is not None else f"{self.yolo or self.voc}#{self.split}"
+
+    def validate(self, *, verify_images: bool):
+        from detkd.data.coco import validate_coco
+        from detkd.data.voc import validate_voc
+        from detkd.data.yolo import validate_yolo
+
+        if self.yolo is not None:
+            return validate_yolo(self.yolo, self.split, verify_images=verify_images)
+        if self.voc is not None:
+            return validate_voc(self.voc, self.split, classes=self.classes, verify_images=verify_images)
+        return validate_coco(self.coco, self.images, verify_images=verify_images)
+
+    def load(self, *, skip_invalid: bool):
+        from detkd.data import open_source
+
+        return open_source(**asdict(self), skip_invalid=skip_invalid)
+
+
+def _dataset(
+    *, coco=None, images=None, yolo=None, voc=None, split=None, classes=None, coco_allowed: bool = True
+) -> _Dataset:
+    """The one dataset the options name; an ``error:`` line and exit 2 unless exactly one is complete."""
+    ways = ["--coco FILE --images DIR"] if coco_allowed else []
+    ways += ["--yolo DATA.yaml --split S", "--voc DIR --split S"]
+    given = [name for name, value in (("--coco/--images", coco or images), ("--yolo", yolo), ("--voc", voc)) if value]
+    if not given:
+        _fail(ValueError(f"no dataset given: give {' or '.join(ways)}"))
+    if len(given) > 1:
+        _fail(ValueError(f"give one dataset, not both {' and '.join(given)}"))
+    if coco is not None and images is None:
+        _fail(ValueError("--coco needs --images (the folder its file names are relative to)"))
+    if images is not None and coco is None:
+        _fail(ValueError("--images needs --coco"))
+    if (yolo or voc) and not split:
+        which = "train, val or test" if yolo else "an ImageSets/Main name, e.g. trainval"
+        _fail(ValueError(f"--{'yolo' if yolo else 'voc'} needs --split ({which})"))
+    if split is not None and not (yolo or voc):
+        _fail(ValueError("--split picks a split of a --yolo or --voc dataset"))
+    if classes is not None and voc is None:
+        _fail(ValueError("--classes names the classes of a --voc dataset (YOLO's are in its data.yaml)"))
+    names = None if classes is None else [c.strip() for c in classes.split(",") if c.strip()]
+    return _Dataset(coco=coco, images=images, yolo=yolo, voc=voc, split=split, classes=names)
+
+
 @data_app.command("check")
 def data_check(
-    coco: Annotated[Path, typer.Option(help="COCO instances JSON")],
-    images: Annotated[Path, typer.Option(help="image folder")],
+    coco: CocoOption = None,
+    images: ImagesOption = None,
+    yolo: YoloOption = None,
+    voc: VocOption = None,
+    split: SplitOption = None,
+    classes: ClassesOption = None,
     verify_images: Annotated[bool, typer.Option(help="decode every image")] = True,
 ) -> None:
-    """Validate a COCO dataset; print a summary, or one line per problem and exit 2."""
+    """Validate a COCO, YOLO or VOC dataset; print a summary, or one line per problem and exit 2."""
     from rich.table import Table
 
-    from detkd.data.coco import validate_coco
-
-    _, problems, summary = validate_coco(coco, images, verify_images=verify_images)
-    table = Table(title=f"{coco}")
+    dataset = _dataset(coco=coco, images=images, yolo=yolo, voc=voc, split=split, classes=classes)
+    _, problems, summary = dataset.validate(verify_images=verify_images)
+    table = Table(title=dataset.title)
     table.add_column("what")
     table.add_column("value", justify="right")
     for key in ("images", "annotations", "crowd"):
@@ -84,21 +158,51 @@ def data_check(
     console.print("[green]ok[/green]: no problems found")
 
 
+@data_app.command("to-coco")
+def data_to_coco(
+    out: Annotated[Path, typer.Option(help="the COCO instances JSON to write")],
+    yolo: YoloOption = None,
+    voc: VocOption = None,
+    split: SplitOption = None,
+    classes: ClassesOption = None,
+    skip_invalid: Annotated[bool, typer.Option(help="drop invalid records instead of refusing the dataset")] = False,
+) -> None:
+    """Convert a YOLO or VOC split to a COCO instances JSON; its file names are relative to the printed folder."""
+    from detkd.data.coco_writer import images_folder, write_coco
+
+    dataset = _dataset(yolo=yolo, voc=voc, split=split, classes=classes, coco_allowed=False)
+    try:
+        source = dataset.load(skip_invalid=skip_invalid)
+        write_coco(source, out)
+    except (*_user_errors(), ValueError) as exc:
+        _fail(exc)
+    annotations = sum(r.num_annotations for r in source.records)
+    console.print(
+        f"wrote {out}: {len(source.records)} images, {annotations} annotations, {source.num_classes} categories",
+        highlight=False,
+    )
+    console.print(f"images folder (give it as --images): {images_folder(source)}", highlight=False, soft_wrap=True)
+
+
 @data_app.command("to-parquet")
 def data_to_parquet(
-    coco: Annotated[Path, typer.Option(help="COCO instances JSON")],
-    images: Annotated[Path, typer.Option(help="image folder")],
     out: Annotated[Path, typer.Option(help="output folder for part-*.parquet")],
+    coco: CocoOption = None,
+    images: ImagesOption = None,
+    yolo: YoloOption = None,
+    voc: VocOption = None,
+    split: SplitOption = None,
+    classes: ClassesOption = None,
     shard_size: Annotated[int, typer.Option(min=1)] = 512,
     skip_invalid: bool = False,
 ) -> None:
-    """Convert a COCO dataset to Parquet shards (image bytes + boxes + labels)."""
-    from detkd.data.coco import load_coco
+    """Convert a COCO, YOLO or VOC dataset to Parquet shards (image bytes + boxes + labels)."""
     from detkd.data.parquet import write_parquet
 
+    dataset = _dataset(coco=coco, images=images, yolo=yolo, voc=voc, split=split, classes=classes)
     try:
-        source = load_coco(coco, images, skip_invalid=skip_invalid)
+        source = dataset.load(skip_invalid=skip_invalid)
         paths = write_parquet(source, out, shard_size=shard_size)
-    except _user_errors() as exc:
+    except (*_user_errors(), ValueError) as exc:
         _fail(exc)
     console.print(f"wrote {len(paths)} shard(s), {len(source.records)} images to {out}")

@@ -9,9 +9,7 @@ so a user can see everything that is wrong at once and choose to skip it.
 from __future__ import annotations
 
 import json
-import logging
 import math
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,22 +25,12 @@ from detkd.data.records import (
     Problem,
     image_record_name,
 )
+from detkd.data.summary import SIZE_BINS, accept_or_raise, empty_summary, summarize
 
 __all__ = ["SIZE_BINS", "FileImageReader", "load_coco", "validate_coco"]
 
-logger = logging.getLogger("detkd.data")
-
 REQUIRED_KEYS = ("images", "annotations", "categories")
 BOX_TOLERANCE_PX = 1.0
-# Upper edges of the sqrt(area) bins, in pixels; the last bin is open.
-SIZE_BINS: tuple[tuple[str, float], ...] = (
-    ("<8", 8.0),
-    ("8-16", 16.0),
-    ("16-32", 32.0),
-    ("32-64", 64.0),
-    ("64-128", 128.0),
-    (">=128", math.inf),
-)
 
 
 @dataclass(frozen=True)
@@ -122,18 +110,6 @@ def _hashable(value: Any) -> Any:
 
 def _missing_keys(record: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
     return [k for k in keys if k not in record]
-
-
-def _empty_summary() -> dict[str, Any]:
-    return {
-        "images": 0,
-        "annotations": 0,
-        "crowd": 0,
-        "categories": [],
-        "size_histogram": {name: 0 for name, _ in SIZE_BINS},
-        "images_dropped": 0,
-        "annotations_dropped": 0,
-    }
 
 
 def _read_json(ann_path: Path, file: str) -> tuple[dict[str, Any] | None, list[Problem]]:
@@ -376,42 +352,6 @@ def _build_records(images: list[_Image], annotations: list[_Annotation]) -> list
     return records
 
 
-def _summarize(
-    records: list[ImageRecord],
-    categories: list[Category],
-    *,
-    images_total: int,
-    annotations_total: int,
-) -> dict[str, Any]:
-    """Counts of what was kept; crowd regions are neither counted as objects nor sized."""
-    summary = _empty_summary()
-    kept = sum(rec.num_annotations for rec in records)
-    if kept:
-        boxes = np.concatenate([rec.boxes for rec in records]).astype(np.float64)
-        cats = np.concatenate([rec.category_ids for rec in records])
-        crowd_mask = np.concatenate([rec.iscrowd for rec in records])
-    else:
-        boxes, cats, crowd_mask = np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0, bool)
-    objects = ~crowd_mask
-    crowd = int(crowd_mask.sum())
-    per_category = Counter(cats[objects].tolist())
-    sides = np.sqrt((boxes[objects, 2] - boxes[objects, 0]) * (boxes[objects, 3] - boxes[objects, 1]))
-    edges = [upper for _, upper in SIZE_BINS[:-1]]
-    bin_counts = np.bincount(np.searchsorted(edges, sides, side="right"), minlength=len(SIZE_BINS))
-    summary["size_histogram"] = {name: int(n) for (name, _), n in zip(SIZE_BINS, bin_counts, strict=True)}
-    summary.update(
-        images=len(records),
-        annotations=kept,
-        crowd=crowd,
-        categories=[
-            {"id": c.id, "name": c.name, "count": per_category[c.id]} for c in sorted(categories, key=lambda c: c.id)
-        ],
-        images_dropped=images_total - len(records),
-        annotations_dropped=annotations_total - kept,
-    )
-    return summary
-
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -430,7 +370,7 @@ def validate_coco(
     file = str(ann_path)
     data, problems = _read_json(ann_path, file)
     if data is None:
-        return None, problems, _empty_summary()
+        return None, problems, empty_summary()
 
     categories, rejected_categories = _parse_categories(data["categories"], file, problems)
     images, rejected_images = _parse_images(data["images"], file, problems)
@@ -454,7 +394,7 @@ def validate_coco(
         image_reader=FileImageReader(images_dir),
         origin=file,
     )
-    summary = _summarize(
+    summary = summarize(
         records,
         categories,
         images_total=len(data["images"]),
@@ -477,21 +417,4 @@ def load_coco(
     A file that cannot be read as COCO at all always raises.
     """
     source, problems, summary = validate_coco(ann_path, images_dir, verify_images=verify_images)
-    if source is None or (problems and not skip_invalid):
-        raise DatasetError(problems)
-    if problems:
-        shown = "\n".join(f"  {p}" for p in problems[:5])
-        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
-        logger.warning(
-            "%s: skipped invalid data: %d problem(s), %d image(s) and %d annotation(s) dropped; "
-            "kept %d image(s) and %d annotation(s)\n%s%s",
-            ann_path,
-            len(problems),
-            summary["images_dropped"],
-            summary["annotations_dropped"],
-            summary["images"],
-            summary["annotations"],
-            shown,
-            more,
-        )
-    return source
+    return accept_or_raise(source, problems, summary, skip_invalid=skip_invalid, origin=ann_path)

@@ -375,7 +375,7 @@ def log_split(uri: str, run_id: str, name: str, split, source: DetectionSource) 
         tracking_uri=uri,
         run_id=run_id,
         records=dataset_records(source),
-        source=str(split.coco or split.parquet),
+        source=split.location(),
         name=name,
         context=name,
     )

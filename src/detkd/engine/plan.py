@@ -56,6 +56,10 @@ def config_digest(cfg: Config, teachers: tuple[TeacherSpec, ...]) -> str:
     data = cfg.model_dump(mode="json", exclude={"run": True, "tracking": True, "name": True, "eval": True})
     data["digest_version"] = DIGEST_VERSION
     data["data"].pop("test", None)  # held out: never read by training
+    for section in (data["data"]["train"], data["data"]["val"]):  # formats added later enter only when used,
+        for key in ("yolo", "voc", "split", "classes"):  # so a COCO or Parquet run keeps its digest
+            if section is not None and section.get(key) is None:
+                section.pop(key, None)
     data["train"].pop("log_every", None)
     for key in ("weights", "backbone_weights"):
         value = data["model"].pop(key)
@@ -78,7 +82,16 @@ def config_digest(cfg: Config, teachers: tuple[TeacherSpec, ...]) -> str:
 def open_split(split: SplitConfig, *, skip_invalid: bool) -> DetectionSource:
     from detkd.data import open_source
 
-    return open_source(coco=split.coco, images=split.images, parquet=split.parquet, skip_invalid=skip_invalid)
+    return open_source(
+        coco=split.coco,
+        images=split.images,
+        parquet=split.parquet,
+        yolo=split.yolo,
+        voc=split.voc,
+        split=split.split,
+        classes=split.classes,
+        skip_invalid=skip_invalid,
+    )
 
 
 def open_sources(cfg: Config) -> dict[str, DetectionSource]:
