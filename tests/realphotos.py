@@ -179,3 +179,20 @@ def write_real_photo_set(
         path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
         out[split] = path
     return out
+
+
+def write_real_photo_formats(root: Path, **kw) -> dict[str, Path]:
+    """The set in all three formats: ``{"coco": root/coco, "yolo": root/yolo/data.yaml, "voc": root/voc}``.
+
+    COCO is written first (``write_real_photo_set``); YOLO and VOC are written from it by detkd's writers.
+    """
+    from detkd.data.coco import load_coco
+    from detkd.data.voc import write_voc
+    from detkd.data.yolo import write_yolo
+
+    root = Path(root)
+    files = write_real_photo_set(root / "coco", **kw)
+    sources = {split: load_coco(path, root / "coco" / "images" / split) for split, path in files.items()}
+    data_yaml = write_yolo(root / "yolo", sources)
+    write_voc(root / "voc", sources)
+    return {"coco": root / "coco", "yolo": data_yaml, "voc": root / "voc"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -55,3 +56,24 @@ def test_each_box_holds_its_object(tmp_path):
             assert min(errors) < 12, (image["file_name"], name, errors)  # JPEG at quality 92
             checked += 1
     assert checked >= 5 and crops
+
+
+def test_the_three_formats_read_the_same_real_photos(tmp_path):
+    from realphotos import write_real_photo_formats
+
+    from detkd.data import open_source
+
+    paths = write_real_photo_formats(tmp_path, train=6, val=3, test=3)
+    for split in ("train", "val", "test"):
+        coco = open_source(coco=paths["coco"] / f"{split}.json", images=paths["coco"] / "images" / split)
+        yolo = open_source(yolo=paths["yolo"], split=split)
+        voc = open_source(voc=paths["voc"], split=split, classes=list(CLASSES))
+        assert coco.category_names == yolo.category_names == voc.category_names == list(CLASSES)
+        by_name = {Path(r.file_name).name: r for r in coco.records}
+        for other in (yolo, voc):
+            assert sorted(Path(r.file_name).name for r in other.records) == sorted(by_name)
+            for record in other.records:
+                expected = by_name[Path(record.file_name).name]
+                assert (record.width, record.height) == (expected.width, expected.height)
+                np.testing.assert_allclose(record.boxes, expected.boxes, atol=1e-3)
+                assert list(other.labels_of(record.category_ids)) == list(coco.labels_of(expected.category_ids))
