@@ -145,6 +145,12 @@ def evaluate(
     coco: Annotated[Path | None, typer.Option(help="COCO JSON of the split to evaluate")] = None,
     images: Annotated[Path | None, typer.Option(help="image folder of that split")] = None,
     parquet: Annotated[Path | None, typer.Option(help="Parquet shards of the split")] = None,
+    yolo: Annotated[Path | None, typer.Option(help="a YOLO data.yaml (with --split)")] = None,
+    voc: Annotated[Path | None, typer.Option(help="a Pascal VOC folder (with --split)")] = None,
+    split: Annotated[str | None, typer.Option(help="--yolo/--voc: the split to evaluate on, e.g. val or test")] = None,
+    classes: Annotated[
+        str | None, typer.Option(help="--voc: comma-separated class names in id order (default: the 20 VOC classes)")
+    ] = None,
     gt: Annotated[Path | None, typer.Option(help="score an existing results file: ground truth JSON")] = None,
     detections: Annotated[Path | None, typer.Option(help="...and the COCO results JSON to score")] = None,
     out: Annotated[Path | None, typer.Option(help="write detections (COCO results format) here")] = None,
@@ -163,7 +169,8 @@ def evaluate(
         _score_results_file(gt, detections, checkpoint=checkpoint, summary=summary, backend=backend)
     else:
         _evaluate_model(
-            checkpoint, coco=coco, images=images, parquet=parquet, out=out, summary=summary,
+            checkpoint, coco=coco, images=images, parquet=parquet, yolo=yolo, voc=voc, split=split,
+            classes=classes, out=out, summary=summary,
             batch_size=batch_size, score_thresh=score_thresh,
         )  # fmt: skip
 
@@ -190,9 +197,22 @@ def _score_results_file(gt, detections, *, checkpoint, summary: Path | None, bac
 
 
 def _evaluate_model(
-    checkpoint, *, coco, images, parquet, out: Path | None, summary: Path | None, batch_size: int, score_thresh: float
+    checkpoint,
+    *,
+    coco,
+    images,
+    parquet,
+    yolo,
+    voc,
+    split,
+    classes: str | None,
+    out: Path | None,
+    summary: Path | None,
+    batch_size: int,
+    score_thresh: float,
 ) -> None:
-    """``detkd evaluate MODEL --coco/--images|--parquet``: run a checkpoint over a split and score it."""
+    """``detkd evaluate MODEL --coco/--images|--parquet|--yolo/--voc --split``: run a checkpoint over a split and
+    score it."""
     from detkd.engine.coco_eval import METRIC_NAMES
     from detkd.pipeline.runner import write_summary
     from detkd.records import SummaryRow
@@ -204,7 +224,10 @@ def _evaluate_model(
         from detkd.engine.evaluate import evaluate_checkpoint
         from detkd.models.checkpoint import atomic_write_bytes
 
-        source = open_source(coco=coco, images=images, parquet=parquet)
+        if (yolo or voc) and not split:
+            raise ValueError(f"--{'yolo' if yolo else 'voc'} needs --split (the split to evaluate on)")
+        names = None if classes is None else [c.strip() for c in classes.split(",") if c.strip()]
+        source = open_source(coco=coco, images=images, parquet=parquet, yolo=yolo, voc=voc, split=split, classes=names)
         local = _local_model(checkpoint)
         result = evaluate_checkpoint(local, source, batch_size=batch_size, score_thresh=score_thresh)
     except (*_user_errors(), ValueError) as exc:
