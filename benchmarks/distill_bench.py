@@ -135,11 +135,12 @@ def build_spec(budget: dict, workdir: Path | str) -> dict:
     }
 
 
-def summarise(rows: list[dict], seeds: list[int]) -> list[dict]:
+def summarise(rows: list[dict], seeds: list[int], row_specs: list[tuple[str, str, dict]] | None = None) -> list[dict]:
+    """Mean and std over seeds of each row (``row_specs``, default ROWS), and its gain over ``baseline``."""
     by_name = {r["name"]: r for r in rows}
     table = []
     baseline = None
-    for name, what, _ in ROWS:
+    for name, what, _ in ROWS if row_specs is None else row_specs:
         runs = [by_name[f"{name}-s{s}"] for s in seeds if f"{name}-s{s}" in by_name]
         entry = {"row": name, "what": what, "method": runs[0].get("method", "") if runs else "", "n": len(runs)}
         for metric in ("AP", "AP50", "APs"):
@@ -181,7 +182,7 @@ def markdown(table: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(table: list[dict], path: Path) -> None:
+def plot(table: list[dict], path: Path, *, title: str = "Half-resolution students: distillation vs baseline") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,7 +201,7 @@ def plot(table: list[dict], path: Path) -> None:
     ax.axhline(base["AP"], color="C0", linestyle="--", linewidth=1, label="baseline AP")
     ax.set_xticks(list(x), names, rotation=30, ha="right")
     ax.set_ylabel("COCO AP (held-out split)")
-    ax.set_title("Half-resolution students: distillation vs baseline (mean +- std over seeds)")
+    ax.set_title(f"{title} (mean +- std over seeds)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
