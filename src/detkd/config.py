@@ -234,6 +234,8 @@ class ScaleJitterConfig(_Section):
         if self.ratio is not None and self.ratio[0] <= 0:
             raise ValueError(f"ratio: values must be > 0, got {self.ratio[0]}")
         _check_range("ratio", self.ratio)
+        if self.short_side is not None and tuple(self.fill) != PAD_FILL:  # by value: dumped configs hold the default
+            raise ValueError("fill: only ratio pads a canvas; short_side has nothing to fill")
         _check_fill(self.fill)
         return self
 

@@ -326,6 +326,7 @@ def test_input_hflip_is_read_as_augment_hflip():
         ({"scale_jitter": {"ratio": [0, 2]}}, "ratio: values must be > 0"),
         ({"scale_jitter": {"ratio": [2, 1]}}, "ratio: \\[2.0, 1.0\\] is not a range"),
         ({"scale_jitter": {"ratio": [0.5, 2], "fill": [0, 0, 2]}}, "fill"),
+        ({"scale_jitter": {"short_side": [32, 64], "fill": [0, 0, 0]}}, "fill: only ratio"),
         ({"iou_crop": {"sampler_options": [0.3, 0.5]}}, "must include 1.0"),
         ({"iou_crop": {"min_scale": 0.9, "max_scale": 0.5}}, "min_scale/max_scale"),
         ({"zoom_out": {"max_ratio": 0.5}}, "max_ratio"),
@@ -339,6 +340,19 @@ def test_bad_augment_settings_are_refused_naming_the_key(augment, message):
     with pytest.raises(ConfigError, match=message) as info:
         validate_config({"input": {"augment": augment}}, source="run.yaml")
     assert str(info.value).startswith("run.yaml: input.augment")
+
+
+def test_every_augment_setting_survives_a_dump_and_reload():
+    full = {
+        "hflip": 0.3,
+        "scale_jitter": {"short_side": [32, 64]},
+        "iou_crop": {"trials": 5},
+        "zoom_out": {"fill": [0, 0, 0]},
+        "photometric": {"p": 0.1},
+    }
+    cfg = Config.model_validate({"input": {"augment": full}})
+    assert Config.model_validate(cfg.model_dump()) == cfg
+    assert Config.model_validate(cfg.model_dump(mode="json")) == cfg
 
 
 def test_giving_both_flip_keys_is_refused():
