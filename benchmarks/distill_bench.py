@@ -115,7 +115,7 @@ def build_spec(budget: dict, workdir: Path | str) -> dict:
         },
         "defaults": {
             "model": {"arch": "fcos", "backbone": "tiny", "fpn_channels": 64, "head_convs": 2},
-            "input": {"size": 128, "hflip": 0.5},
+            "input": {"size": 128, "augment": {"hflip": 0.5}},
             "optim": {"name": "adamw", "lr": 0.002, "warmup_iters": 100, "schedule": "cosine"},
             "train": {"epochs": epochs, "batch_size": 16, "log_every": 100},
             "tracking": {"log_model": False},

@@ -233,13 +233,167 @@ TORCHVISION_MODEL_KEYS = tuple(
 NETWORK_KEYS = ("arch", "num_classes", *(k for k in TORCHVISION_MODEL_KEYS if k != "backbone_weights"))
 
 
+# The models' normalisation mean (detkd.models.detectors.IMAGENET_MEAN): padding of this colour normalises to 0,
+# the value torchvision's detectors pad a batch with.
+PAD_FILL = (0.485, 0.456, 0.406)
+
+Range = tuple[float, float]
+
+
+def _check_range(name: str, value: Range | tuple[int, int] | None, *, low: float | None = None) -> None:
+    if value is None:
+        return
+    if value[0] > value[1]:
+        raise ValueError(f"{name}: [{value[0]}, {value[1]}] is not a range (min > max)")
+    if low is not None and value[0] < low:
+        raise ValueError(f"{name}: values must be >= {low}, got {value[0]}")
+
+
+def _check_fill(fill: tuple[float, float, float]) -> None:
+    if not all(0.0 <= v <= 1.0 for v in fill):
+        raise ValueError(f"fill: RGB values in [0, 1] (images are float in [0, 1]), got {list(fill)}")
+
+
+class ScaleJitterConfig(_Section):
+    """Random training scale (``detkd.data.augment``): exactly one of ``short_side`` or ``ratio``."""
+
+    short_side: tuple[int, int] | None = Field(
+        None,
+        description="[min, max]: each sample's short side in px, drawn uniformly (both ends included) instead "
+        "of input.size; the long side stays capped at input.max_size (torchvision's RandomShortestSize)",
+    )
+    ratio: tuple[float, float] | None = Field(
+        None,
+        description="[lo, hi]: large-scale jitter: resize by r x the reference view's factor (r uniform in "
+        "[lo, hi]), then crop (random window) or pad (bottom/right) to an input.size x input.size canvas",
+    )
+    fill: tuple[float, float, float] = Field(PAD_FILL, description="ratio: RGB in [0, 1] of the canvas padding")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ScaleJitterConfig:
+        if (self.short_side is None) == (self.ratio is None):
+            raise ValueError("give exactly one of short_side: [min, max] or ratio: [lo, hi]")
+        _check_range("short_side", self.short_side, low=1)
+        if self.ratio is not None and self.ratio[0] <= 0:
+            raise ValueError(f"ratio: values must be > 0, got {self.ratio[0]}")
+        _check_range("ratio", self.ratio)
+        if self.short_side is not None and tuple(self.fill) != PAD_FILL:  # by value: dumped configs hold the default
+            raise ValueError("fill: only ratio pads a canvas; short_side has nothing to fill")
+        _check_fill(self.fill)
+        return self
+
+
+class IoUCropConfig(_Section):
+    """SSD's random crop (torchvision.transforms.v2.RandomIoUCrop); boxes whose centre leaves the crop are dropped."""
+
+    p: float = Field(1.0, ge=0, le=1, description="probability of drawing a crop (an option 1.0 then keeps the image)")
+    min_scale: float = Field(0.3, gt=0, le=1, description="crop side / image side, per axis, at least")
+    max_scale: float = Field(1.0, gt=0, le=1)
+    min_aspect_ratio: float = Field(0.5, gt=0, description="crop width / height, at least")
+    max_aspect_ratio: float = Field(2.0, gt=0)
+    sampler_options: list[float] = Field(
+        default_factory=lambda: [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0],
+        description="minimum IoU of some box with the crop, one drawn per try; 1.0 = keep the image as it is "
+        "(required: torchvision retries until some option is met, and 1.0 always is)",
+    )
+    trials: int = Field(40, ge=1, description="crops tried per drawn option")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> IoUCropConfig:
+        _check_range("min_scale/max_scale", (self.min_scale, self.max_scale))
+        _check_range("min_aspect_ratio/max_aspect_ratio", (self.min_aspect_ratio, self.max_aspect_ratio))
+        if not self.sampler_options or not all(0.0 <= v <= 1.0 for v in self.sampler_options):
+            raise ValueError(f"sampler_options: IoU values in [0, 1], got {self.sampler_options}")
+        if 1.0 not in self.sampler_options:
+            raise ValueError(
+                "sampler_options must include 1.0 (keep the image): RandomIoUCrop retries until an option is met, "
+                "so without it an image whose boxes no crop can satisfy would loop forever"
+            )
+        return self
+
+
+class ZoomOutConfig(_Section):
+    """Place the image on a larger canvas (torchvision.transforms.v2.RandomZoomOut): objects get smaller."""
+
+    p: float = Field(0.5, ge=0, le=1)
+    max_ratio: float = Field(4.0, ge=1, description="canvas side / image side drawn uniformly in [1, max_ratio]")
+    fill: tuple[float, float, float] = Field(PAD_FILL, description="RGB in [0, 1] of the canvas")
+
+    @model_validator(mode="after")
+    def _fill(self) -> ZoomOutConfig:
+        _check_fill(self.fill)
+        return self
+
+
+class PhotometricConfig(_Section):
+    """SSD's photometric distortion (torchvision.transforms.v2.RandomPhotometricDistort); boxes do not move."""
+
+    p: float = Field(0.5, ge=0, le=1, description="probability of each distortion (and of a channel shuffle)")
+    brightness: tuple[float, float] = Field((0.875, 1.125), description="factor range")
+    contrast: tuple[float, float] = Field((0.5, 1.5), description="factor range")
+    saturation: tuple[float, float] = Field((0.5, 1.5), description="factor range")
+    hue: tuple[float, float] = Field((-0.05, 0.05), description="shift range, within [-0.5, 0.5]")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> PhotometricConfig:
+        for name in ("brightness", "contrast", "saturation"):
+            _check_range(name, getattr(self, name), low=0)
+        _check_range("hue", self.hue, low=-0.5)
+        if self.hue[1] > 0.5:
+            raise ValueError(f"hue: values must be <= 0.5, got {self.hue[1]}")
+        return self
+
+
+class AugmentConfig(_Section):
+    """Box-aware training augmentation of the reference view (``detkd.data.augment``); evaluation never augments.
+
+    Only the flip is on by default. Every op keeps boxes and labels paired: boxes are clipped to the
+    image and those under 1 px a side are dropped with their labels.
+    """
+
+    hflip: float = Field(0.5, ge=0, le=1, description="probability of a left-right flip")
+    scale_jitter: ScaleJitterConfig | None = Field(
+        None, description="default: input.size (an MSAD multi-scale teacher: short_side [0.8 x size, size])"
+    )
+    iou_crop: IoUCropConfig | None = None
+    zoom_out: ZoomOutConfig | None = None
+    photometric: PhotometricConfig | None = None
+
+    def ops(self) -> dict[str, _Section]:
+        """The ops that are on, besides the flip."""
+        return {
+            name: getattr(self, name)
+            for name in ("scale_jitter", "iou_crop", "zoom_out", "photometric")
+            if getattr(self, name) is not None
+        }
+
+
 class InputConfig(_Section):
     """The reference (teacher) view is resized to ``size``; this model sees it scaled by ``scale``."""
 
     size: int = Field(128, ge=16, description="short side of the reference view in pixels")
     max_size: int | None = Field(None, ge=16)
     scale: float = Field(1.0, gt=0, le=4, description="this model's input = reference view x scale")
-    hflip: float = Field(0.5, ge=0, le=1)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_hflip(cls, data: Any) -> Any:
+        """``input.hflip`` (configs and checkpoints written before ``input.augment``) is ``input.augment.hflip``."""
+        if not isinstance(data, dict) or "hflip" not in data:
+            return data
+        data = dict(data)
+        hflip = data.pop("hflip")
+        augment = data.get("augment")
+        if isinstance(augment, AugmentConfig):
+            augment = augment.model_dump(exclude_unset=True)
+        augment = {} if augment is None else augment
+        if not isinstance(augment, dict):
+            return data  # the field's own validation names the bad value
+        if "hflip" in augment:
+            raise ValueError("give the flip probability once: input.augment.hflip (input.hflip is its old name)")
+        data["augment"] = {**augment, "hflip": hflip}
+        return data
 
     @property
     def model_size(self) -> int:

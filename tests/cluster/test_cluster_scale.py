@@ -47,7 +47,7 @@ def test_two_workers_reproduce_one_worker_with_the_same_global_batch(
             tmp_path / f"w{workers}",
             train={"epochs": 1, "batch_size": 8 // workers, "log_every": 1},
             model={"norm": "frozen_bn"},
-            input={"hflip": 0.0},
+            input={"augment": {"hflip": 0.0}},
             scaling={"num_workers": workers, "cpus_per_worker": 1},
             tracking={"log_model": False},
         )

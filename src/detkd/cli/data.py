@@ -1,4 +1,4 @@
-"""``detkd data``: synthesize, check and convert datasets."""
+"""``detkd data``: synthesize, check, convert and preview datasets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from detkd.cli.common import _fail, _user_errors, console, data_app, err_console
+from detkd.cli.common import SetOption, _fail, _user_errors, console, data_app, err_console
 
 
 def _synth_default(name: str):
@@ -206,3 +206,24 @@ def data_to_parquet(
     except (*_user_errors(), ValueError) as exc:
         _fail(exc)
     console.print(f"wrote {len(paths)} shard(s), {len(source.records)} images to {out}")
+
+
+@data_app.command("preview")
+def data_preview(
+    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    out: Annotated[Path, typer.Option(help="output folder (created; a non-empty one needs --overwrite)")],
+    images: Annotated[int, typer.Option(min=1, help="the first N training samples")] = 8,
+    seed: Annotated[int | None, typer.Option(help="augmentation seed (default: the config's seed)")] = None,
+    overrides: SetOption = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out folder")] = False,
+) -> None:
+    """Draw the training views of a config (augmentation included): teacher and student view per sample."""
+    from detkd.config import load_config
+    from detkd.engine.preview import write_preview
+
+    try:
+        cfg = load_config(config, overrides or [])
+        entries = write_preview(cfg, out=out, images=images, seed=seed, overwrite=overwrite)
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(f"wrote {len(entries)} sample(s) to {out}: <k>_teacher.png, <k>_student.png, boxes.json")

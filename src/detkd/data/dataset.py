@@ -17,18 +17,17 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from detkd.data.records import DatasetError, DetectionSource, ImageRecord, Problem, image_record_name
-from detkd.data.transforms import Target, to_tensor
+from detkd.data.transforms import MIN_BOX_SIDE, Target, sanitize_boxes, to_tensor
 
-__all__ = ["DetectionDataset", "collate_detection"]
-
-MIN_BOX_SIDE = 1.0  # px; thinner boxes after transforms are dropped in train mode
+__all__ = ["MIN_BOX_SIDE", "DetectionDataset", "collate_detection"]
 
 
 class DetectionDataset(Dataset[tuple[torch.Tensor, Target]]):
     """(image, target) pairs: image (3, H, W) float in [0, 1]; target as in ``detkd.data.transforms``.
 
-    Train mode also clips boxes to the image and drops those thinner than 1 px
-    after the transform, so the loss never sees degenerate boxes.
+    Train mode also clips boxes to the image and drops those thinner than ``MIN_BOX_SIDE`` (1 px)
+    after the transform, with their labels (``transforms.sanitize_boxes``), so the loss never sees
+    degenerate boxes.
     """
 
     def __init__(
@@ -85,19 +84,8 @@ class DetectionDataset(Dataset[tuple[torch.Tensor, Target]]):
         if self.transform is not None:
             image, target = self.transform(image, target)
         if self.train:
-            target = _drop_degenerate(target, height=image.shape[-2], width=image.shape[-1])
+            target = sanitize_boxes(target, height=image.shape[-2], width=image.shape[-1])
         return image, target
-
-
-def _drop_degenerate(target: Target, *, height: int, width: int) -> Target:
-    boxes = target["boxes"].reshape(-1, 4).clone()
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    keep = ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIDE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIDE)
-    out = dict(target)
-    out["boxes"] = boxes[keep]
-    out["labels"] = target["labels"][keep]
-    return out
 
 
 def collate_detection(

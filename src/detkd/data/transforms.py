@@ -4,19 +4,31 @@ Distillation compares a teacher's view of a sample with a student's
 half-resolution view of the SAME augmented sample, and evaluation maps
 predictions back to original pixels. Both need the geometry to be exact, so
 every resize records its actual per-axis ratio in ``target["scale"]``
-(current coords = original coords * scale) and nothing here is random except
-the explicit Random* classes, which use torch's global RNG.
+(current coords = original coords * scale; a crop or pad in training
+augmentation adds an offset that is not recorded) and nothing here is random
+except the explicit Random* classes, which use torch's global RNG.
 
 Targets are never mutated: every function returns a new dict.
 
-Why not torchvision.transforms.v2 (measured, benchmarks/results/transforms.md):
-torchvision sizes a short-side resize by truncating the long side where we round
-(another output size for 43 % of the shapes tried) and refuses ``max_size ==
-size``; it records no scale. So the sizing and the bookkeeping stay ours either
-way, and what torchvision would replace is one ``F.interpolate`` call (its resize
-kernel calls the same one: bit-identical output), one multiply and one flip. Its
-kernels were as fast as this code and its ``tv_tensors`` path about 1.3x slower,
-per sample and per ``scale_batch`` of 16: nothing to gain.
+What is torchvision.transforms.v2 and what is ours. The training augmentation
+(``detkd.data.augment``) uses v2 for what only moves or recolours pixels and boxes:
+zoom-out, IoU crop, the large-scale-jitter canvas crop/pad and the photometric
+distortion. Every resize is ours (here), and so is the flip, for a measured reason
+(benchmarks/results/transforms.md): torchvision sizes a short-side resize by
+truncating the long side where we round (another output size for 43 % of the
+shapes tried, so a training view would differ from the evaluation view and the
+deployed one) and refuses ``max_size == size``; it records no scale. So the sizing
+and the bookkeeping stay ours either way, and what torchvision would replace is one
+``F.interpolate`` call (its resize kernel calls the same one: bit-identical output),
+one multiply and one flip. Its kernels were as fast as this code and its
+``tv_tensors`` path about 1.3x slower, per sample and per ``scale_batch`` of 16:
+nothing to gain, and the default training view (resize + flip) stays free of
+``tv_tensors`` wrapping.
+
+Dropping boxes has one rule, :func:`sanitize_boxes` (clip, then drop boxes under
+``MIN_BOX_SIDE`` a side with their per-box fields): torchvision's
+ClampBoundingBoxes + SanitizeBoundingBoxes on XYXY boxes, for targets that are
+plain dicts.
 """
 
 from __future__ import annotations
@@ -32,6 +44,8 @@ from PIL import Image
 from detkd.records import InputSpec
 
 __all__ = [
+    "MIN_BOX_SIDE",
+    "PER_BOX_KEYS",
     "Compose",
     "RandomHorizontalFlip",
     "ResizeShortSide",
@@ -41,14 +55,20 @@ __all__ = [
     "hflip",
     "resize_image",
     "resize_short_side",
+    "sanitize_boxes",
     "scale_batch",
     "scale_by",
     "scaled_size",
+    "short_side_ratio",
     "short_side_size",
     "to_tensor",
 ]
 
 Target = dict[str, Any]
+
+MIN_BOX_SIDE = 1.0  # px; training views drop thinner boxes (sanitize_boxes)
+# Target entries with one row per box: filtered together with "boxes" whenever boxes are dropped.
+PER_BOX_KEYS = ("labels", "iscrowd")
 Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 
 
@@ -66,11 +86,17 @@ def resize_image(image: torch.Tensor, *, height: int, width: int) -> torch.Tenso
     ).squeeze(0)
 
 
-def short_side_size(height: int, width: int, *, size: int, max_size: int | None = None) -> tuple[int, int]:
-    """(height, width) with the short side ``size``, unless that makes the long side exceed ``max_size``."""
+def short_side_ratio(height: int, width: int, *, size: int, max_size: int | None = None) -> float:
+    """The factor that makes the short side ``size``, unless that makes the long side exceed ``max_size``."""
     ratio = size / min(height, width)
     if max_size is not None and max(height, width) * ratio > max_size:
         ratio = max_size / max(height, width)
+    return ratio
+
+
+def short_side_size(height: int, width: int, *, size: int, max_size: int | None = None) -> tuple[int, int]:
+    """(height, width) with the short side ``size``, unless that makes the long side exceed ``max_size``."""
+    ratio = short_side_ratio(height, width, size=size, max_size=max_size)
     return max(1, round(height * ratio)), max(1, round(width * ratio))
 
 
@@ -118,6 +144,25 @@ def hflip(image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
     boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
     out["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
     return image.flip(-1), out
+
+
+def sanitize_boxes(target: Target, *, height: int, width: int) -> Target:
+    """Clip boxes to the image and drop those under ``MIN_BOX_SIDE`` a side, with their per-box fields.
+
+    The one rule for every training view (the dataset applies it last; the augmentation after a
+    crop). It equals torchvision's ``ClampBoundingBoxes`` + ``SanitizeBoundingBoxes(min_size=1,
+    min_area=1)`` on XYXY boxes.
+    """
+    boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4).clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    keep = ((boxes[:, 2] - boxes[:, 0]) >= MIN_BOX_SIDE) & ((boxes[:, 3] - boxes[:, 1]) >= MIN_BOX_SIDE)
+    out = dict(target)
+    out["boxes"] = boxes[keep]
+    for key in PER_BOX_KEYS:
+        if key in target:
+            out[key] = torch.as_tensor(target[key])[keep]
+    return out
 
 
 def scale_batch(

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+from detkd.config import Config
+from detkd.data.augment import reference_transform
 from detkd.data.dataset import DetectionDataset
 from detkd.data.records import DetectionSource
-from detkd.data.transforms import Compose, RandomHorizontalFlip, ResizeShortSide, ScaleBy, eval_transform
+from detkd.data.transforms import Compose, ScaleBy, eval_transform
 from detkd.engine.plan import open_split
 from detkd.records import InputSpec, RunPlan
 
 
-def train_transform(plan: RunPlan) -> Compose:
-    """Reference view + flip; plain students are scaled here, distilled ones by the distiller
-    (so every teacher and the student see exactly aligned views of one augmented batch)."""
-    spec = plan.input
-    steps = [ResizeShortSide(spec.size, spec.max_size)]
-    if plan.config.input.hflip > 0:
-        steps.append(RandomHorizontalFlip(plan.config.input.hflip))
-    if spec.scale != 1.0 and not plan.distilling:
-        steps.append(ScaleBy(spec.scale))
+def training_transform(cfg: Config, *, distilling: bool) -> Compose:
+    """The augmented reference view (``input.augment``); plain students are scaled here, distilled ones by
+    the distiller (so every teacher and the student see exactly aligned views of one augmented batch).
+
+    ``cfg`` is a plan's config: ``engine.plan.resolve_augment`` has filled in the multi-scale teacher's jitter.
+    """
+    steps = list(reference_transform(cfg.input).transforms)
+    if cfg.input.scale != 1.0 and not distilling:
+        steps.append(ScaleBy(cfg.input.scale))
     return Compose(steps)
+
+
+def train_transform(plan: RunPlan) -> Compose:
+    return training_transform(plan.config, distilling=plan.distilling)
 
 
 def eval_dataset(source: DetectionSource, spec: InputSpec) -> DetectionDataset:

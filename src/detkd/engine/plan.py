@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
-from detkd.config import Config, ConfigError, SplitConfig, deep_merge, validate_config
+from detkd.config import Config, ConfigError, ScaleJitterConfig, SplitConfig, deep_merge, validate_config
 from detkd.config import absolute_paths as config_absolute_paths
 from detkd.data.records import DetectionSource
 from detkd.models.checkpoint import file_digest
@@ -34,6 +35,34 @@ def input_spec(cfg: Config) -> InputSpec:
         mean=tuple(IMAGENET_MEAN),
         std=tuple(IMAGENET_STD),
     )
+
+
+logger = logging.getLogger(__name__)
+
+# MSAD trains its multi-scale teacher with multi-scale input: short sides 640..800 for 800 (detectron2's
+# ResizeShortestEdge), i.e. [0.8 x size, size].
+MULTISCALE_SHORT_SIDE = 0.8
+
+
+def resolve_augment(cfg: Config) -> Config:
+    """``cfg`` with the augmentation training will use: the one place where defaults depend on the model.
+
+    An MSAD multi-scale teacher (``model.multiscale``) without an explicit ``input.augment.scale_jitter``
+    trains with short sides drawn from [round(0.8 x input.size), input.size], as in its paper; an
+    explicit ``scale_jitter`` wins. The result is what the plan stores and the digest covers.
+    """
+    augment = cfg.input.augment
+    if not cfg.model.multiscale or augment.scale_jitter is not None:
+        return cfg
+    jitter = ScaleJitterConfig(short_side=(round(MULTISCALE_SHORT_SIDE * cfg.input.size), cfg.input.size))
+    logger.info(
+        "%s: MSAD multi-scale teacher: training short side jittered in [%d, %d] px "
+        "(input.augment.scale_jitter, set it to choose another range)",
+        cfg.name,
+        *jitter.short_side,
+    )
+    augment = augment.model_copy(update={"scale_jitter": jitter})
+    return cfg.model_copy(update={"input": cfg.input.model_copy(update={"augment": augment})})
 
 
 def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
@@ -61,6 +90,12 @@ def config_digest(cfg: Config, teachers: tuple[TeacherSpec, ...]) -> str:
             if section is not None and section.get(key) is None:
                 section.pop(key, None)
     data["train"].pop("log_every", None)
+    # input.augment enters as digests before it existed had it (input.hflip), plus the ops that are on:
+    # a config without augmentation ops keeps its digest, and so its Ray run folder.
+    augment = data["input"].pop("augment")
+    data["input"]["hflip"] = augment.pop("hflip")
+    if ops := {k: v for k, v in augment.items() if v is not None}:
+        data["input"]["augment"] = ops
     for key in ("weights", "backbone_weights"):
         value = data["model"].pop(key)
         data["model"][f"{key}_sha256"] = file_digest(Path(value)) if value and Path(value).is_file() else value
@@ -122,7 +157,7 @@ def build_plan(
     where = where or cfg.name
     if cfg.distill is not None and cfg.distill.stages:
         raise ConfigError(f"{where}: distill.stages: plan each stage with stage_configs() first")
-    cfg = absolute_paths(cfg)
+    cfg = resolve_augment(absolute_paths(cfg))
     if cfg.data.train is None:
         raise ConfigError(f"{where}: data.train: the config has no training split")
     train = (sources if sources is not None else open_sources(cfg))["train"]
