@@ -210,8 +210,11 @@ def data_to_parquet(
 
 @data_app.command("preview")
 def data_preview(
-    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    config: Annotated[Path, typer.Argument(help="run config YAML, or a pipeline spec with --model")],
     out: Annotated[Path, typer.Option(help="output folder (created; a non-empty one needs --overwrite)")],
+    model: Annotated[
+        str | None, typer.Option(help="CONFIG is a pipeline spec: preview this teacher or student of it")
+    ] = None,
     images: Annotated[int, typer.Option(min=1, help="the first N training samples")] = 8,
     seed: Annotated[int | None, typer.Option(help="augmentation seed (default: the config's seed)")] = None,
     overrides: SetOption = None,
@@ -222,8 +225,24 @@ def data_preview(
     from detkd.engine.preview import write_preview
 
     try:
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, overrides or []) if model is None else _pipeline_model(config, model, overrides)
         entries = write_preview(cfg, out=out, images=images, seed=seed, overwrite=overwrite)
     except _user_errors() as exc:
         _fail(exc)
     console.print(f"wrote {len(entries)} sample(s) to {out}: <k>_teacher.png, <k>_student.png, boxes.json")
+
+
+def _pipeline_model(path: Path, name: str, overrides):
+    """The run config of the teacher or student ``name`` of the pipeline spec at ``path``.
+
+    A pipeline's synthetic data exists only once its data step ran (``detkd step PIPELINE data``)."""
+    from detkd.config import ConfigError
+    from detkd.pipeline.spec import model_config, read_pipeline
+
+    spec = read_pipeline(path, overrides or [])
+    for role, entries in (("teacher", spec.teachers), ("student", spec.students)):
+        for entry in entries:
+            if entry.name == name:
+                return model_config(spec, entry, role=role, source=f"{path}: {name}")
+    names = [e.name for e in spec.teachers + spec.students]
+    raise ConfigError(f"{path}: --model {name!r}: no such teacher or student (models: {', '.join(names)})")
