@@ -119,9 +119,7 @@ class ModelConfig(_Section):
     ] = Field("tiny", json_schema_extra=_TV)
     num_classes: int | None = Field(None, ge=1)
     min_level: int = Field(3, ge=2, le=5, json_schema_extra=_TV)
-    max_level: int = Field(
-        7, ge=2, le=7, description="levels above P5: see top_levels", json_schema_extra=_TV
-    )
+    max_level: int = Field(7, ge=2, le=7, description="levels above P5: see top_levels", json_schema_extra=_TV)
     fpn_channels: int = Field(64, ge=8, json_schema_extra=_TV)
     head_convs: int = Field(
         2, ge=1, description="conv layers per FCOS head branch (RetinaNet/Faster R-CNN: fixed)", json_schema_extra=_TV

@@ -70,10 +70,6 @@ class WeightsFile:
     state: dict[str, Tensor]
     network: dict[str, Any] | None = None  # a detkd checkpoint's ``model`` entry
 
-    @property
-    def is_detkd(self) -> bool:
-        return self.network is not None
-
 
 def read_weights(path: Path) -> WeightsFile:
     """The tensors of ``path``: a detkd checkpoint (checksums verified) or a foreign ``torch.save`` file.
