@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,10 +121,10 @@ def test_weight_files_are_matched_while_the_plan_is_built(tiny_dataset, tiny_con
 
     misfit = _misfit(tmp_path)
     data["model"]["weights"] = str(misfit)
-    with pytest.raises(
-        ConfigError, match=rf"^tiny: model.weights: {misfit}: does not fit the model .*first mismatches"
-    ):
+    with pytest.raises(ConfigError) as caught:
         build_plan(Config.model_validate(data), tracking=TRACKING)
+    assert re.match(rf"tiny: model.weights: {misfit}: does not fit the model .*first mismatches", str(caught.value))
+    assert str(caught.value).endswith("a classifier's, not a detector's: model.backbone_weights takes a backbone file")
     data["model"].update(weights=None, backbone_weights=str(misfit))
     with pytest.raises(ConfigError, match=rf"^tiny: model.backbone_weights: {misfit}: the 'tiny' backbone has no"):
         build_plan(Config.model_validate(data), tracking=TRACKING)

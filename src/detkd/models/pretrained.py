@@ -414,11 +414,21 @@ def _describe(model: nn.Module) -> str:
     return "the model"
 
 
+def _refuse_poor_fit(fit: WeightsFit, model: nn.Module, weights: WeightsFile) -> None:
+    if fit.fits:
+        return
+    message = fit.refusal(_describe(model))
+    detector_parts = ("backbone.", "head.", "rpn.", "roi_heads.", "detector.", "mm.", "neck.", "bbox_head.")
+    if not any(k.startswith(detector_parts) for k in weights.state):
+        message += ". Its names are a classifier's, not a detector's: model.backbone_weights takes a backbone file"
+    raise CheckpointError(message)
+
+
 def check_weights(model: nn.Module, path: Path) -> WeightsFit:
     """Match ``path`` with ``model`` (e.g. built on the meta device) and refuse a poor fit, loading nothing."""
-    fit = match_weights(model, read_weights(Path(path)))
-    if not fit.fits:
-        raise CheckpointError(fit.refusal(_describe(model)))
+    weights = read_weights(Path(path))
+    fit = match_weights(model, weights)
+    _refuse_poor_fit(fit, model, weights)
     return fit
 
 
@@ -427,8 +437,7 @@ def load_weights(model: nn.Module, path: Path) -> WeightsFit:
     initialisation) and log one line of what was kept; a poor fit raises :class:`CheckpointError`."""
     weights = read_weights(Path(path))
     fit = match_weights(model, weights)
-    if not fit.fits:
-        raise CheckpointError(fit.refusal(_describe(model)))
+    _refuse_poor_fit(fit, model, weights)
     chosen = {key: weights.state[file_key] for key, file_key in {**fit.load, **fit.counters}.items()}
     with torch.no_grad():
         unwrap_model(model).load_state_dict(chosen, strict=False)
