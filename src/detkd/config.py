@@ -162,9 +162,7 @@ class ModelConfig(_Section):
     ] = Field("tiny", json_schema_extra=_TV)
     num_classes: int | None = Field(None, ge=1)
     min_level: int = Field(3, ge=2, le=5, json_schema_extra=_TV)
-    max_level: int = Field(
-        7, ge=2, le=7, description="P6 and P7 come from torchvision's LastLevelP6P7", json_schema_extra=_TV
-    )
+    max_level: int = Field(7, ge=2, le=7, description="levels above P5: see top_levels", json_schema_extra=_TV)
     fpn_channels: int = Field(64, ge=8, json_schema_extra=_TV)
     head_convs: int = Field(
         2, ge=1, description="conv layers per FCOS head branch (RetinaNet/Faster R-CNN: fixed)", json_schema_extra=_TV
@@ -181,9 +179,77 @@ class ModelConfig(_Section):
     score_thresh: float = Field(0.05, ge=0, le=1, json_schema_extra=_TV)
     nms_thresh: float = Field(0.6, gt=0, le=1, json_schema_extra=_TV)
     detections_per_img: int = Field(100, ge=1, json_schema_extra=_TV)
-    norm: Literal["bn", "frozen_bn"] = Field("bn", json_schema_extra=_TV)
-    backbone_weights: LocalPath | None = Field(None, json_schema_extra=_TV)
-    weights: LocalPath | None = None
+    norm: Literal["bn", "frozen_bn"] = Field(
+        "bn",
+        description="the backbone's BatchNorm: bn trains it; frozen_bn fixes its statistics and affine "
+        "(torchvision's FrozenBatchNorm2d, as its detection references fine-tune pretrained backbones)",
+        json_schema_extra=_TV,
+    )
+    norm_eps: float | None = Field(
+        None,
+        ge=0,
+        description="epsilon of the backbone's BatchNorm; None: the backbone's own (ResNet 1e-5, MobileNetV3 "
+        "1e-3). torchvision's COCO files of retinanet_resnet50_fpn and fasterrcnn_resnet50_fpn run with 0.0",
+        json_schema_extra=_TV,
+    )
+    top_levels: Literal["conv_p5", "conv_c5", "maxpool"] = Field(
+        "conv_p5",
+        description="how the levels above P5 are made: conv_p5: stride-2 convs from P5 (P6, P7); conv_c5: the "
+        "first from C5 (torchvision's RetinaNet v2); maxpool: P6 = P5 subsampled, no weights (torchvision's "
+        "Faster R-CNN; max_level 6 at most)",
+        json_schema_extra=_TV,
+    )
+    fpn_norm: Literal["none", "bn"] = Field(
+        "none",
+        description="normalisation in the FPN's convs: bn as torchvision's fasterrcnn_resnet50_fpn_v2",
+        json_schema_extra=_TV,
+    )
+    fcos_box_activation: Literal["softplus", "relu"] = Field(
+        "softplus",
+        description="FCOS: what makes the box distances positive. softplus (detkd's: never stuck at zero) or "
+        "relu (torchvision's fcos_resnet50_fpn; its files also load into the softplus head)",
+        json_schema_extra=_TV,
+    )
+    head_norm: Literal["gn", "none"] = Field(
+        "gn",
+        description="RetinaNet: GroupNorm in the head's convs, or none (torchvision's retinanet_resnet50_fpn v1)",
+        json_schema_extra=_TV,
+    )
+    box_loss: Literal["l1", "giou"] = Field(
+        "l1",
+        description="RetinaNet: the box regression loss; giou as torchvision's retinanet_resnet50_fpn_v2",
+        json_schema_extra=_TV,
+    )
+    rpn_convs: int = Field(
+        1,
+        ge=1,
+        le=4,
+        description="Faster R-CNN: 3x3 convs in the RPN head (torchvision's v2: 2)",
+        json_schema_extra=_TV,
+    )
+    box_head: Literal["mlp", "conv"] = Field(
+        "mlp",
+        description="Faster R-CNN box head: mlp (two fc layers, torchvision's v1) or conv (four 3x3 convs with "
+        "BatchNorm and one fc layer, torchvision's v2)",
+        json_schema_extra=_TV,
+    )
+    backbone_weights: LocalPath | None = Field(
+        None,
+        description="a torchvision classification state dict of the backbone, or a torchvision detection file "
+        "whose backbone.body this backbone is",
+        json_schema_extra=_TV,
+    )
+    weights: LocalPath | None = Field(
+        None,
+        description="a detkd checkpoint, a torchvision detection state dict or an MMDetection checkpoint; class "
+        "layers are re-initialised when the classes differ, a file that fits poorly is refused (docs/pretrained.md)",
+    )
+    trainable_layers: int | None = Field(
+        None,
+        ge=0,
+        description="train only the top N stages of the backbone (torchvision's trainable_backbone_layers; "
+        "ResNet 0..5: layer4, layer3, ... conv1), freeze the rest; None: all trainable",
+    )
     multiscale: bool = Field(
         False, description="MSAD aligned multi-scale teacher (one-stage archs)", json_schema_extra=_TV
     )
@@ -211,8 +277,13 @@ class ModelConfig(_Section):
                     f"{', '.join(changed)}: not used with arch mmdet, whose network, levels, anchors and "
                     f"test_cfg come from mmdet_config; remove them or edit the MMDetection config{why}"
                 )
+            if self.trainable_layers is not None:
+                raise ValueError(
+                    "trainable_layers: not used with arch mmdet; set frozen_stages in the MMDetection config"
+                )
         elif self.mmdet_config is not None:
             raise ValueError(f"mmdet_config is only read with arch mmdet (arch is {self.arch})")
+        self._arch_settings()
         if self.design != "standard" and self.arch != "fcos":
             raise ValueError(f"design {self.design!r} is an FCOS design (arch is {self.arch})")
         if self.design != "standard" and self.multiscale:
@@ -223,6 +294,27 @@ class ModelConfig(_Section):
         if self.max_level < self.min_level:
             raise ValueError(f"max_level ({self.max_level}) must be >= min_level ({self.min_level})")
         return self
+
+    def _arch_settings(self) -> None:
+        """Refuse a setting of another arch (or design) than the one built, instead of ignoring it."""
+        defaults = ModelConfig.model_fields
+        owners = {
+            "fcos_box_activation": ("fcos",),
+            "head_norm": ("retinanet",),
+            "box_loss": ("retinanet",),
+            "rpn_convs": ("fasterrcnn",),
+            "box_head": ("fasterrcnn",),
+        }
+        for key, archs in owners.items():
+            if self.arch != "mmdet" and self.arch not in archs and getattr(self, key) != defaults[key].default:
+                raise ValueError(f"{key} is a {'/'.join(archs)} setting (arch is {self.arch})")
+        if self.design == "lite" and (self.fcos_box_activation != "softplus" or self.fpn_norm != "none"):
+            raise ValueError(
+                "design lite has its own separable FPN and softplus head: fcos_box_activation and "
+                "fpn_norm keep their defaults"
+            )
+        if self.top_levels == "maxpool" and self.max_level > 6:
+            raise ValueError(f"top_levels maxpool makes one level above P5 (P6): max_level {self.max_level} > 6")
 
 
 # The ModelConfig keys of a torchvision-based detkd network, read off the schema.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,7 @@ def test_plan_needs_neither_ray_nor_mlflow(tiny_dataset, tiny_config, tmp_path):
         ({"model": {"arch": "fasterrcnn", "multiscale": True}}, "one-stage"),
         ({"model": {"num_classes": 7}}, "model.num_classes"),
         ({"train": {"batch_size": 500}}, "train.batch_size"),
+        ({"model": {"trainable_layers": 6}}, "model.trainable_layers: 6 is out of range for backbone tiny"),
     ],
 )
 def test_a_plan_that_cannot_run_fails_while_it_is_built(tiny_dataset, tiny_config, tmp_path, override, expected):
@@ -92,3 +94,53 @@ def test_a_checkpoint_that_no_longer_fits_is_refused_naming_the_run_folder(tiny_
         run_training(cfg, tracking=TRACKING)
     message = str(caught.value)
     assert str(folder.parent) in message and "--fresh" in message and "backbone.old_layer.weight" in message
+
+
+def _misfit(tmp_path: Path) -> Path:
+    """A ResNet-18 classifier's state dict given as detector weights (model.backbone_weights takes it)."""
+    from torchvision.models import resnet18
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet18(weights=None).state_dict(), path)
+    return path
+
+
+def test_weight_files_are_matched_while_the_plan_is_built(tiny_dataset, tiny_config, tmp_path, caplog):
+    import logging
+
+    from factories import tiny_fcos
+
+    data = tiny_config(tiny_dataset, tmp_path)
+    other = tmp_path / "seven_classes.pth"  # the right network, trained on other classes
+    torch.save(tiny_fcos(32, num_classes=7, head_convs=1).state_dict(), other)
+    data["model"]["weights"] = str(other)
+    with caplog.at_level(logging.INFO, logger="detkd"):
+        build_plan(Config.model_validate(data), tracking=TRACKING)
+    assert "tiny: model.weights seven_classes.pth: kept 71 of 73 tensors; re-initialised " in caplog.text
+    assert "head.classification_head.cls_logits (7 -> 3 classes)" in caplog.text
+
+    misfit = _misfit(tmp_path)
+    data["model"]["weights"] = str(misfit)
+    with pytest.raises(ConfigError) as caught:
+        build_plan(Config.model_validate(data), tracking=TRACKING)
+    assert re.match(rf"tiny: model.weights: {misfit}: does not fit the model .*first mismatches", str(caught.value))
+    assert str(caught.value).endswith("a classifier's, not a detector's: model.backbone_weights takes a backbone file")
+    data["model"].update(weights=None, backbone_weights=str(misfit))
+    with pytest.raises(ConfigError, match=rf"^tiny: model.backbone_weights: {misfit}: the 'tiny' backbone has no"):
+        build_plan(Config.model_validate(data), tracking=TRACKING)
+    data["model"]["backbone_weights"] = None
+    data["model"]["weights"] = str(tmp_path / "absent.pth")
+    with pytest.raises(ConfigError, match=r"^tiny: model.weights: .*absent.pth: weights file not found"):
+        build_plan(Config.model_validate(data), tracking=TRACKING)
+
+
+def test_cli_refuses_misfitting_weights_with_one_line_and_exit_2_before_ray(tiny_dataset, tiny_config, tmp_path):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(json.dumps(tiny_config(tiny_dataset, tmp_path)))
+    misfit = _misfit(tmp_path)
+    result = CliRunner().invoke(app, ["train", str(cfg_path), "--set", f"model.weights={misfit}"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: tiny: model.weights: {misfit}: does not fit")
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "ray").exists()  # refused before any Ray run started

@@ -141,14 +141,27 @@ def test_build_detector_from_config_translates_every_field():
         nms_thresh=0.4,
         detections_per_img=7,
         norm="frozen_bn",
+        norm_eps=0.0,
+        top_levels="conv_c5",
+        fpn_norm="bn",
+        head_norm="none",
+        box_loss="giou",
         weights="/nonexistent/never-loaded.pt",
         backbone_weights="/nonexistent/never-loaded.pth",
+        trainable_layers=2,
     )
     model = build_detector_from_config(cfg, num_classes=4)
     config = detector_config(model)
-    expected = cfg.model_dump(exclude={"weights", "backbone_weights", "mmdet_config"}) | {"num_classes": 4}
-    assert config == expected
+    # trainable_layers is a training setting: it freezes parameters, the network is the same
+    expected = cfg.model_dump(exclude={"weights", "backbone_weights", "mmdet_config", "trainable_layers"})
+    assert config == expected | {"num_classes": 4}
     assert model.score_thresh == 0.2 and model.nms_thresh == 0.4 and model.detections_per_img == 7
+    assert model.head.regression_head._loss_type == "giou" and not model.backbone.fpn.extra_blocks.use_P5
+    assert model.backbone.fpn.extra_blocks.p6.in_channels == 128  # the tiny body's C5
+    assert isinstance(model.backbone.fpn.inner_blocks[0][1], torch.nn.BatchNorm2d)
+    assert {m.eps for m in model.backbone.body.modules() if hasattr(m, "running_var")} == {0.0}
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in model.head.modules())
+    assert not any(p.requires_grad for p in model.backbone.body.stem.parameters())
     assert (
         build_detector_from_config(cfg.model_copy(update={"num_classes": 2}), num_classes=4).detkd_config["num_classes"]
         == 2

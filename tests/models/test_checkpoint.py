@@ -127,10 +127,16 @@ def test_build_model_loads_detector_weights_from_checkpoint_or_raw_state_dict(tm
         built.state_dict()["head.classification_head.cls_logits.weight"],
         model.state_dict()["head.classification_head.cls_logits.weight"],
     )
+    # a P2-P6 model takes the P3-P5 file's FPN blocks by level; its P2 blocks and P6 conv stay at init
     other = ModelConfig(arch="fcos", backbone="tiny", min_level=2, max_level=6, fpn_channels=32, weights=path)
-    with pytest.raises(CheckpointError, match=f"{path}: "):
-        build_model(other, num_classes=2)
-    with pytest.raises(CheckpointError, match="missing.pt: checkpoint file not found"):
+    wider = build_model(other, num_classes=2).state_dict()
+    source = model.state_dict()
+    assert torch.equal(wider["backbone.fpn.inner_blocks.1.0.weight"], source["backbone.fpn.inner_blocks.0.0.weight"])
+    assert torch.equal(wider["backbone.fpn.layer_blocks.3.0.bias"], source["backbone.fpn.layer_blocks.2.0.bias"])
+    wrong = other.model_copy(update={"backbone": "resnet18"})
+    with pytest.raises(CheckpointError, match=f"{path}: does not fit the model .*first mismatches: backbone.body"):
+        build_model(wrong, num_classes=2)
+    with pytest.raises(CheckpointError, match="missing.pt: weights file not found"):
         build_model(cfg.model_copy(update={"weights": tmp_path / "missing.pt"}), num_classes=2)
 
 

@@ -389,3 +389,42 @@ def test_train_an_mmdet_retinanet_distil_it_into_a_detkd_student_and_evaluate_bo
         app, ["export", str(teacher.model_path), "--format", "onnx", "--out", str(tmp_path / "t.onnx")]
     )
     assert exported.exit_code != 0 and "MMDeploy" in exported.output and not (tmp_path / "t.onnx").exists()
+
+
+@pytest.mark.mmdet
+@pytest.mark.parametrize(
+    ("config", "layers"),
+    [
+        (RETINANET, "mm.bbox_head.retina_cls"),
+        (FASTER_RCNN, "mm.roi_head.bbox_head.fc_cls, mm.roi_head.bbox_head.fc_reg"),
+    ],
+)
+def test_an_mmdetection_zoo_file_of_other_classes_keeps_all_but_its_class_layers(
+    mmdet, tmp_path, caplog, config, layers
+):
+    import logging
+
+    from mmengine.runner import save_checkpoint
+
+    from detkd.config import ModelConfig
+    from detkd.models import build_model
+
+    torch.manual_seed(0)
+    zoo = _build(config, num_classes=80).mm.state_dict()
+    path = tmp_path / "zoo.pth"
+    save_checkpoint({"meta": {"epoch": 12}, "state_dict": zoo}, str(path))
+    cfg = ModelConfig(arch="mmdet", mmdet_config=config, weights=path)
+    torch.manual_seed(3)
+    fresh = build_model(cfg.model_copy(update={"weights": None}), num_classes=3).state_dict()
+    torch.manual_seed(3)
+    with caplog.at_level(logging.INFO, logger="detkd.models"):
+        model = build_model(cfg, num_classes=3)
+    reset = [k for k in fresh if k.rsplit(".", 1)[0] in layers.split(", ")]
+    tensors = len([k for k in zoo if not k.endswith("num_batches_tracked")])
+    assert (
+        caplog.messages[-1]
+        == f"zoo.pth: kept {tensors - len(reset)} of {tensors} tensors; re-initialised {layers} (80 -> 3 classes)"
+    )
+    for key, value in model.state_dict().items():
+        expected = fresh[key] if key in reset else zoo[key.removeprefix("mm.")]
+        assert torch.equal(value, expected), key

@@ -1,4 +1,4 @@
-"""The model commands: ``detkd train``, ``distill``, ``evaluate``, ``export``, ``lineage``."""
+"""The model commands: ``detkd train``, ``distill``, ``evaluate``, ``export``, ``lineage``, ``models ...``."""
 
 from __future__ import annotations
 
@@ -305,3 +305,28 @@ def lineage(
         print(json.dumps(tree.as_dict(), indent=2))
     else:
         console.print(render(tree))
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Model settings: the torchvision detectors detkd builds.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("torchvision-config")
+def torchvision_config(
+    name: Annotated[str, typer.Argument(help="a torchvision detection builder, e.g. fcos_resnet50_fpn")],
+) -> None:
+    """Print the `model:` settings that build torchvision's NAME: its published file then loads as model.weights."""
+    import yaml
+
+    from detkd.models.torchvision_zoo import TORCHVISION_FILES, TORCHVISION_INPUT, torchvision_model_config
+
+    try:
+        settings = torchvision_model_config(name)
+    except ValueError as exc:
+        _fail(exc)
+    size, max_size = TORCHVISION_INPUT["size"], TORCHVISION_INPUT["max_size"]
+    print(f"# torchvision's {name}; its COCO file: {TORCHVISION_FILES[name]}")
+    print(f"# torchvision resizes to a short side of {size}, a long side of at most {max_size}:")
+    print(f"# input: {{size: {size}, max_size: {max_size}}}. trainable_layers is its fine-tuning default.")
+    settings["weights"] = f"path/to/{TORCHVISION_FILES[name]}"
+    print(yaml.safe_dump({"model": settings}, sort_keys=False, default_flow_style=None), end="")

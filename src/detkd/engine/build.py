@@ -26,8 +26,9 @@ def build_trainable(plan: RunPlan, *, device: str | torch.device = "cpu") -> tup
     built from the builder config stored in their checkpoints.
     """
     from detkd.distill.distiller import Distiller, Teacher
-    from detkd.models.checkpoint import build_model, copy_matching_weights, load_teacher, same_framework
+    from detkd.models.checkpoint import copy_matching_weights, load_teacher, same_framework
     from detkd.models.detectors import build_detector_from_config, rebuild_detector
+    from detkd.models.pretrained import build_model
 
     cfg = plan.config
     meta = torch.device(device).type == "meta"

@@ -17,12 +17,20 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from detkd.config import Config, ConfigError, ScaleJitterConfig, SplitConfig, deep_merge, validate_config
 from detkd.config import absolute_paths as config_absolute_paths
 from detkd.data.records import DetectionSource
 from detkd.models.checkpoint import file_digest
 from detkd.records import InputSpec, RunPlan, TeacherSpec, TrackingContext
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from detkd.config import ModelConfig
+
+log = logging.getLogger("detkd.train")
 
 
 def input_spec(cfg: Config) -> InputSpec:
@@ -145,12 +153,14 @@ def build_plan(
     teacher_names: dict[str, Path] | None = None,
     sources: dict[str, DetectionSource] | None = None,
     where: str | None = None,
+    check_weights: bool = True,
 ) -> RunPlan:
-    """Validate ``cfg`` against its data, teachers and model and return the run's plan.
+    """Validate ``cfg`` against its data, teachers, model and weight files and return the run's plan.
 
     ``teacher_names`` maps pipeline model names to their checkpoints; ``sources`` are the
     splits if the caller already opened them (``open_sources``). Raises ConfigError (or
-    the data's DatasetError) naming ``where`` (default: the run name).
+    the data's DatasetError) naming ``where`` (default: the run name). ``check_weights=False``
+    leaves ``model.weights`` unread (a later progressive stage starts from weights not yet trained).
     """
     from detkd.engine.teachers import resolve_teachers
 
@@ -185,7 +195,7 @@ def build_plan(
         tracking=tracking,
         categories=categories,
     )
-    check_buildable(plan, where=where)
+    check_buildable(plan, where=where, weights=check_weights)
     return plan
 
 
@@ -225,17 +235,40 @@ def plan_stages(
             teacher_names=teacher_names,
             sources=sources if stage.data == cfg.data else None,
             where=f"{cfg.name}: distill.stages[{k}]",
+            check_weights=k == 0,  # stage k > 0 starts from stage k - 1's student
         )
         for k, stage in enumerate(stage_configs(cfg))
     ]
 
 
-def check_buildable(plan: RunPlan, *, where: str) -> None:
-    """Build the trainable module on the meta device: every construction error becomes a ConfigError."""
+def check_buildable(plan: RunPlan, *, where: str, weights: bool = True) -> None:
+    """Build the trainable module on the meta device: every construction error becomes a ConfigError;
+    with ``weights``, the weight files are matched against it too (:func:`check_weight_files`)."""
     from detkd.engine.build import build_trainable
 
     try:
-        build_trainable(plan, device="meta")
+        _, student = build_trainable(plan, device="meta")
     except (ValueError, RuntimeError, TypeError, KeyError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{where}: the model cannot be built from this config: {message}") from exc
+    if weights:
+        check_weight_files(plan.config.model, student, where=where)
+
+
+def check_weight_files(model: ModelConfig, student: nn.Module, *, where: str) -> None:
+    """Match ``model.backbone_weights`` and ``model.weights`` with the student built on the meta device, reading
+    only the files' tensors: a file that does not fit fails here, naming its key, not in a retried Ray worker."""
+    from detkd.models.checkpoint import CheckpointError, check_backbone_weights
+    from detkd.models.pretrained import check_weights
+
+    if model.backbone_weights is not None:
+        try:
+            check_backbone_weights(student, Path(model.backbone_weights), backbone=model.backbone)
+        except CheckpointError as exc:
+            raise ConfigError(f"{where}: model.backbone_weights: {exc}") from None
+    if model.weights is not None:
+        try:
+            fit = check_weights(student, Path(model.weights))
+        except CheckpointError as exc:
+            raise ConfigError(f"{where}: model.weights: {exc}") from None
+        log.info(f"{where}: model.weights {fit.summary()}")

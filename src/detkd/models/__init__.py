@@ -2,7 +2,6 @@
 
 from detkd.models.checkpoint import (
     CheckpointError,
-    build_model,
     copy_matching_weights,
     load_detector,
     save_detector,
@@ -24,6 +23,7 @@ from detkd.models.detectors import (
     unwrap_model,
 )
 from detkd.models.multiscale import MultiScaleDetector
+from detkd.models.pretrained import build_model, check_weights, load_weights
 from detkd.models.taps import DetectorTaps, has_dense_logits
 
 __all__ = [
@@ -38,12 +38,14 @@ __all__ = [
     "build_fcos",
     "build_model",
     "build_retinanet",
+    "check_weights",
     "copy_matching_weights",
     "detector_config",
     "fasterrcnn_from_config",
     "fcos_from_config",
     "has_dense_logits",
     "load_detector",
+    "load_weights",
     "pyramid_strides",
     "retinanet_from_config",
     "save_detector",

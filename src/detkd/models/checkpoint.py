@@ -1,4 +1,8 @@
-"""Checkpoints that verify themselves, and every way weights get into a detector.
+"""Checkpoints that verify themselves, and the strict ways weights get into a detector.
+
+Strict: a teacher, ``detkd evaluate`` and serving load a detkd checkpoint whole, a backbone file
+fits its body whole. ``model.weights`` (a user's pretrained file, classes possibly other) goes
+through ``detkd.models.pretrained``.
 
 A checkpoint file is one header line and the ``torch.save`` bytes of a dict::
 
@@ -24,7 +28,7 @@ import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +36,6 @@ from torch import Tensor, nn
 from detkd.models.backbones import body_state_from_classifier
 from detkd.models.detectors import (
     GroupNormFCOSHead,
-    build_detector_from_config,
     pyramid_backbone,
     rebuild_detector,
     single_scale,
@@ -40,9 +43,6 @@ from detkd.models.detectors import (
 )
 from detkd.models.mmdet_detector import MMDetDetector
 from detkd.records import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointMeta, InputSpec, RunPlan
-
-if TYPE_CHECKING:
-    from detkd.config import ModelConfig
 
 FORMAT = f"{CHECKPOINT_FORMAT}/{CHECKPOINT_VERSION}"  # what this detkd writes
 MAGIC = b"DETKD-CHECKPOINT"
@@ -267,27 +267,32 @@ def set_head_norm_groups(model: nn.Module, groups: int) -> None:
             module.num_groups = groups
 
 
-def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
-    """Build from the config, then load ``cfg.backbone_weights`` and ``cfg.weights`` when set (local files only)."""
-    model = build_detector_from_config(cfg, num_classes=num_classes)
-    if cfg.backbone_weights is not None:  # torchvision archs only (ModelConfig)
-        load_backbone_weights(model, Path(cfg.backbone_weights), backbone=cfg.backbone)
-    if cfg.weights is not None:
-        load_state_into(model, Path(cfg.weights))
-    return model
-
-
-def load_backbone_weights(model: nn.Module, path: Path, *, backbone: str) -> None:
-    """Load a local torchvision ``backbone`` classification state dict into the body (its classifier is dropped)."""
+def backbone_state(path: Path, *, backbone: str) -> dict[str, Tensor]:
+    """The body's tensors in a local torchvision file: a ``backbone`` classification state dict (its classifier
+    dropped) or a torchvision detection state dict (its ``backbone.body``)."""
     path = Path(path)
     state = load_payload(path, verify=False)
     state = state.get("state_dict", state)
+    if any(str(k).startswith("backbone.body.") for k in state):
+        return {k.removeprefix("backbone.body."): v for k, v in state.items() if k.startswith("backbone.body.")}
     try:
-        body_state = body_state_from_classifier(backbone, state)
+        return body_state_from_classifier(backbone, state)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+
+
+def load_backbone_weights(model: nn.Module, path: Path, *, backbone: str) -> None:
+    """Load a local torchvision ``backbone`` state dict (:func:`backbone_state`) into the body, strictly."""
     body = pyramid_backbone(single_scale(model)).body
-    _load_state(body, body_state, path, what=f"a torchvision {backbone} state dict")
+    _load_state(body, backbone_state(path, backbone=backbone), Path(path), what=f"a torchvision {backbone} body")
+
+
+def check_backbone_weights(model: nn.Module, path: Path, *, backbone: str) -> None:
+    """What :func:`load_backbone_weights` checks, against a model built on the meta device (nothing loaded)."""
+    body = pyramid_backbone(single_scale(model)).body
+    _check_state(
+        body.state_dict(), backbone_state(path, backbone=backbone), Path(path), what=f"a torchvision {backbone} body"
+    )
 
 
 def load_state_into(model: nn.Module, path: Path) -> None:
@@ -336,6 +341,23 @@ def load_teacher(path: Path, model_config: dict[str, Any]) -> nn.Module:
     model = rebuild_detector(model_config)
     load_state_into(model, path)
     return model.eval()
+
+
+def _check_state(own: dict[str, Tensor], state: dict[str, Any], path: Path, *, what: str) -> None:
+    """Refuse a state of other names or shapes than ``own`` (BatchNorm step counters aside: FrozenBatchNorm2d
+    files have none)."""
+    wrong = [k for k, v in state.items() if k in own and isinstance(v, Tensor) and own[k].shape != v.shape]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(
+            f"{path}: does not match {what}: shape mismatch for {k}: checkpoint {tuple(state[k].shape)}"
+            f" vs model {tuple(own[k].shape)} ({len(wrong)} tensors differ)"
+        )
+    counter = "num_batches_tracked"
+    missing = [k for k in own if k not in state and not k.endswith(counter)]
+    unexpected = [k for k in state if k not in own and not k.endswith(counter)]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match {what}: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def _load_state(model: nn.Module, state: dict[str, Any], path: Path, *, what: str = "the model") -> None:

@@ -20,13 +20,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from detkd.config import NETWORK_KEYS, ModelConfig, format_validation_error
-from detkd.models.backbones import PyramidBackbone, build_pyramid_backbone
+from detkd.models.backbones import PyramidBackbone, build_pyramid_backbone, freeze_body
 from detkd.models.lite import DESIGNS, LiteFCOSHead, make_fpn_separable
 from detkd.models.mmdet_detector import MMDetDetector, build_mmdet_detector, read_mmdet_config
 from detkd.models.multiscale import MultiScaleDetector, level_shift
@@ -133,16 +135,27 @@ class GroupNormFCOSHead(FCOSHead):
         return self.classification_head(x)
 
 
-def fcos_head(channels: int, anchors: int, classes: int, *, num_convs: int) -> GroupNormFCOSHead:
-    """An FCOS head (groups from :func:`head_norm_groups`) with softplus in front of its ReLU on the box distances.
+FCOS_BOX_ACTIVATIONS = ("softplus", "relu")
 
-    A ReLU whose input turns negative at every positive location never recovers (zero
-    gradient): measured here, 1 seed in 3 of a small 64 px FCOS ended with its box loss
-    stuck at 1.0 and AP 0. relu(softplus(x)) = softplus(x) keeps the distances positive
-    with a gradient everywhere.
+
+def fcos_head(
+    channels: int, anchors: int, classes: int, *, num_convs: int, box_activation: str = "softplus"
+) -> GroupNormFCOSHead:
+    """An FCOS head (groups from :func:`head_norm_groups`); ``box_activation`` says what keeps the box distances
+    positive.
+
+    ``"softplus"`` (detkd's default) puts a softplus in front of FCOS's ReLU: a ReLU whose input
+    turns negative at every positive location never recovers (zero gradient): measured here, 1
+    seed in 3 of a small 64 px FCOS ended with its box loss stuck at 1.0 and AP 0.
+    relu(softplus(x)) = softplus(x) keeps the distances positive with a gradient everywhere.
+    ``"relu"`` is torchvision's own head (``bbox_reg`` a bare conv), which its published files need
+    for identical detections.
     """
+    if box_activation not in FCOS_BOX_ACTIVATIONS:
+        raise ValueError(f"fcos_box_activation must be one of {FCOS_BOX_ACTIVATIONS}, got {box_activation!r}")
     head = GroupNormFCOSHead(channels, anchors, classes, num_convs=num_convs, groups=head_norm_groups(channels))
-    head.regression_head.bbox_reg = nn.Sequential(head.regression_head.bbox_reg, nn.Softplus())
+    if box_activation == "softplus":
+        head.regression_head.bbox_reg = nn.Sequential(head.regression_head.bbox_reg, nn.Softplus())
     return head
 
 
@@ -180,6 +193,10 @@ def build_fcos(
     nms_thresh: float,
     detections_per_img: int,
     norm: str,
+    norm_eps: float | None,
+    top_levels: str,
+    fpn_norm: str,
+    fcos_box_activation: str,
     design: str,
 ) -> FCOS:
     """FCOS (one point per location). ``num_classes`` excludes background (labels are 1..num_classes).
@@ -193,8 +210,17 @@ def build_fcos(
     classes = _check_classes(num_classes)
     if design == "standard":
         head_norm_groups(fpn_channels)  # refuse a width the head cannot normalise before building anything
+    elif fcos_box_activation != "softplus" or fpn_norm != "none":
+        raise ValueError("design lite has its own separable FPN and softplus head")
     pyramid = build_pyramid_backbone(
-        backbone=backbone, min_level=min_level, max_level=max_level, fpn_channels=fpn_channels, norm=norm
+        backbone=backbone,
+        min_level=min_level,
+        max_level=max_level,
+        fpn_channels=fpn_channels,
+        norm=norm,
+        norm_eps=norm_eps,
+        top_levels=top_levels,
+        fpn_norm=fpn_norm,
     )
     anchors = _anchors("fcos", anchor_sizes, min_level=min_level, max_level=max_level, ratios=(1.0,))
     num_anchors = anchors.num_anchors_per_location()[0]
@@ -204,7 +230,7 @@ def build_fcos(
             fpn_channels, num_anchors, classes, num_convs=head_convs, num_levels=max_level - min_level + 1
         )
     else:
-        head = fcos_head(fpn_channels, num_anchors, classes, num_convs=head_convs)
+        head = fcos_head(fpn_channels, num_anchors, classes, num_convs=head_convs, box_activation=fcos_box_activation)
     model = FCOS(
         pyramid,
         classes,
@@ -232,8 +258,16 @@ def fcos_from_config(cfg: ModelConfig, *, num_classes: int) -> FCOS:
         nms_thresh=cfg.nms_thresh,
         detections_per_img=cfg.detections_per_img,
         norm=cfg.norm,
+        norm_eps=cfg.norm_eps,
+        top_levels=cfg.top_levels,
+        fpn_norm=cfg.fpn_norm,
+        fcos_box_activation=cfg.fcos_box_activation,
         design=cfg.design,
     )
+
+
+RETINANET_HEAD_NORMS = ("gn", "none")
+RETINANET_BOX_LOSSES = ("l1", "giou")
 
 
 def build_retinanet(
@@ -248,19 +282,38 @@ def build_retinanet(
     nms_thresh: float,
     detections_per_img: int,
     norm: str,
+    norm_eps: float | None,
+    top_levels: str,
+    fpn_norm: str,
+    head_norm: str,
+    box_loss: str,
 ) -> RetinaNet:
-    """RetinaNet (9 anchors per location); torchvision's head (4 convs per branch) with GroupNorm."""
+    """RetinaNet (9 anchors per location); torchvision's head (4 convs per branch) with GroupNorm
+    (``head_norm="gn"``, as torchvision's v2) or without (``"none"``: conv + bias, as its v1)."""
     classes = _check_classes(num_classes)
-    groups = min(32, fpn_channels // 4)
-    if groups < 1 or fpn_channels % groups:
-        raise ValueError(f"retinanet heads use GroupNorm({groups}): fpn_channels={fpn_channels} does not divide")
+    if head_norm not in RETINANET_HEAD_NORMS:
+        raise ValueError(f"head_norm must be one of {RETINANET_HEAD_NORMS}, got {head_norm!r}")
+    if box_loss not in RETINANET_BOX_LOSSES:
+        raise ValueError(f"box_loss must be one of {RETINANET_BOX_LOSSES}, got {box_loss!r}")
+    norm_layer = None
+    if head_norm == "gn":
+        groups = min(32, fpn_channels // 4)
+        if groups < 1 or fpn_channels % groups:
+            raise ValueError(f"retinanet heads use GroupNorm({groups}): fpn_channels={fpn_channels} does not divide")
+        norm_layer = partial(nn.GroupNorm, groups)
     pyramid = build_pyramid_backbone(
-        backbone=backbone, min_level=min_level, max_level=max_level, fpn_channels=fpn_channels, norm=norm
+        backbone=backbone,
+        min_level=min_level,
+        max_level=max_level,
+        fpn_channels=fpn_channels,
+        norm=norm,
+        norm_eps=norm_eps,
+        top_levels=top_levels,
+        fpn_norm=fpn_norm,
     )
     anchors = _anchors("retinanet", anchor_sizes, min_level=min_level, max_level=max_level, ratios=(0.5, 1.0, 2.0))
-    head = RetinaNetHead(
-        fpn_channels, anchors.num_anchors_per_location()[0], classes, norm_layer=lambda c: nn.GroupNorm(groups, c)
-    )
+    head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], classes, norm_layer=norm_layer)
+    head.regression_head._loss_type = box_loss  # what torchvision's retinanet_resnet50_fpn_v2 sets for "giou"
     model = RetinaNet(
         pyramid,
         classes,
@@ -287,7 +340,15 @@ def retinanet_from_config(cfg: ModelConfig, *, num_classes: int) -> RetinaNet:
         nms_thresh=cfg.nms_thresh,
         detections_per_img=cfg.detections_per_img,
         norm=cfg.norm,
+        norm_eps=cfg.norm_eps,
+        top_levels=cfg.top_levels,
+        fpn_norm=cfg.fpn_norm,
+        head_norm=cfg.head_norm,
+        box_loss=cfg.box_loss,
     )
+
+
+FASTERRCNN_BOX_HEADS = ("mlp", "conv")
 
 
 def build_fasterrcnn(
@@ -302,19 +363,46 @@ def build_fasterrcnn(
     nms_thresh: float,
     detections_per_img: int,
     norm: str,
+    norm_eps: float | None,
+    top_levels: str,
+    fpn_norm: str,
+    rpn_convs: int,
+    box_head: str,
 ) -> FasterRCNN:
-    """Faster R-CNN; RoIs are pooled from the levels up to P5 (P6/P7 only feed the RPN)."""
+    """Faster R-CNN; RoIs are pooled from the levels up to P5 (P6/P7 only feed the RPN).
+
+    ``rpn_convs`` 3x3 convs in the RPN head (torchvision's v1: 1, v2: 2); ``box_head="mlp"`` is
+    torchvision's ``TwoMLPHead`` (v1), ``"conv"`` its ``FastRCNNConvFCHead`` of four 3x3 convs with
+    BatchNorm and one 1024-wide fc layer (v2).
+    """
     classes = _check_classes(num_classes)
+    if box_head not in FASTERRCNN_BOX_HEADS:
+        raise ValueError(f"box_head must be one of {FASTERRCNN_BOX_HEADS}, got {box_head!r}")
+    if rpn_convs < 1:
+        raise ValueError(f"rpn_convs must be >= 1, got {rpn_convs}")
     pyramid = build_pyramid_backbone(
-        backbone=backbone, min_level=min_level, max_level=max_level, fpn_channels=fpn_channels, norm=norm
+        backbone=backbone,
+        min_level=min_level,
+        max_level=max_level,
+        fpn_channels=fpn_channels,
+        norm=norm,
+        norm_eps=norm_eps,
+        top_levels=top_levels,
+        fpn_norm=fpn_norm,
     )
     anchors = _anchors("fasterrcnn", anchor_sizes, min_level=min_level, max_level=max_level, ratios=(0.5, 1.0, 2.0))
-    roi_levels = [f"p{lvl}" for lvl in pyramid.fpn_levels]
+    rpn_head = RPNHead(fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=rpn_convs)
+    roi_pool = MultiScaleRoIAlign([f"p{lvl}" for lvl in pyramid.fpn_levels], output_size=7, sampling_ratio=2)
+    roi_head = None  # FasterRCNN's default: TwoMLPHead(channels * 7 * 7, 1024)
+    if box_head == "conv":
+        roi_head = FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [1024], norm_layer=nn.BatchNorm2d)
     model = FasterRCNN(
         pyramid,
         classes,
         rpn_anchor_generator=anchors,
-        box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2),
+        rpn_head=rpn_head,
+        box_roi_pool=roi_pool,
+        box_head=roi_head,
         box_score_thresh=score_thresh,
         box_nms_thresh=nms_thresh,
         box_detections_per_img=detections_per_img,
@@ -336,6 +424,11 @@ def fasterrcnn_from_config(cfg: ModelConfig, *, num_classes: int) -> FasterRCNN:
         nms_thresh=cfg.nms_thresh,
         detections_per_img=cfg.detections_per_img,
         norm=cfg.norm,
+        norm_eps=cfg.norm_eps,
+        top_levels=cfg.top_levels,
+        fpn_norm=cfg.fpn_norm,
+        rpn_convs=cfg.rpn_convs,
+        box_head=cfg.box_head,
     )
 
 
@@ -384,6 +477,8 @@ def resolved_anchor_sizes(cfg: ModelConfig) -> list[list[float]]:
 def build_detector_from_config(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
     """The one way a detector is built (no weights); ``cfg.num_classes`` wins over ``num_classes`` when set.
 
+    ``cfg.trainable_layers`` freezes the body's lower stages (``requires_grad=False``).
+
     The network part of ``cfg`` (:data:`~detkd.config.NETWORK_KEYS`, class count and anchor
     sizes resolved) is kept in ``model.detkd_config``: a checkpoint stores it, and
     :func:`rebuild_detector` builds the same network from it.
@@ -402,6 +497,8 @@ def build_detector_from_config(cfg: ModelConfig, *, num_classes: int) -> nn.Modu
     else:
         model = DETECTOR_BUILDERS[cfg.arch](cfg, num_classes=classes)
     model.detkd_config = cfg.model_dump(include=set(NETWORK_KEYS))
+    if cfg.trainable_layers is not None:  # a training setting: not part of the network a checkpoint rebuilds
+        freeze_body(pyramid_backbone(single_scale(model)).body, cfg.backbone, trainable_layers=cfg.trainable_layers)
     return model
 
 

@@ -226,5 +226,3 @@ def ensure_synthetic_data(spec: PipelineSpec) -> dict[str, Any]:
     summary = synthesize(root, spec.data.synth)
     marker.write_text(json.dumps(settings, sort_keys=True))
     return {"reused": False, **summary}
-
-
