@@ -80,7 +80,8 @@ def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
 
 # Bump when what enters the digest changes: runs planned by older code then start in new Ray run folders
 # instead of resuming. 2: every model field enters as it is (1 left out design "standard" and mmdet_config).
-DIGEST_VERSION = 2
+# 3: the model settings of torchvision's detectors (norm_eps, top_levels, fpn_norm, ...) and trainable_layers.
+DIGEST_VERSION = 3
 
 
 def config_digest(cfg: Config, teachers: tuple[TeacherSpec, ...]) -> str:
