@@ -136,3 +136,28 @@ def test_pipeline_model_reference_must_exist(tmp_path):
         distill_pipeline(DistillRequest(teacher=f"{spec}:teacher", data=tmp_path / "x.yaml"))
     with pytest.raises(ConfigError, match="has no model 'nobody'"):
         distill_pipeline(DistillRequest(teacher=f"{spec}:nobody", data=tmp_path / "x.yaml"))
+
+
+def test_a_pipeline_refuses_weights_that_do_not_fit_before_any_step(tmp_path):
+    """read_pipeline matches each model's weight file with its network on the meta device (no data needed)."""
+    from detkd.models import build_detector
+
+    import torch
+
+    path = tmp_path / "other.pt"  # a ResNet-18 FCOS's weights for the default tiny FCOS
+    torch.save(build_detector(arch="fcos", backbone="resnet18", num_classes=2).state_dict(), path)
+    spec = tmp_path / "p.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "p",
+                "workdir": str(tmp_path / "w"),
+                "data": {"synth": {"images": 20}},
+                "teachers": [{"name": "teacher", "settings": {"model": {"weights": str(path)}}}],
+            }
+        )
+    )
+    from detkd.pipeline.spec import read_pipeline
+
+    with pytest.raises(ConfigError, match=r"teachers\[0\] \(teacher\): model.weights: .*other.pt"):
+        read_pipeline(spec)

@@ -84,7 +84,32 @@ def check_model_config(cfg: ModelConfig, *, where: str) -> None:
             return
     try:
         with torch.device("meta"):
-            build_detector_from_config(cfg, num_classes=cfg.num_classes or 1)
+            model = build_detector_from_config(cfg, num_classes=cfg.num_classes or 1)
     except (ValueError, RuntimeError, TypeError, KeyError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{where}: model: the detector cannot be built: {message}") from exc
+    missing = [key for key in ("weights", "backbone_weights") if (f := getattr(cfg, key)) and not Path(f).is_file()]
+    if missing:  # e.g. compiled here for a cluster that has the file: its step checks it
+        file = getattr(cfg, missing[0])
+        log.warning(f"{where}: model.{missing[0]}: {file} not found here; checked when its step runs")
+        return
+    check_weight_files(cfg, model, where=where)  # the class layers' size is unknown here: they never count
+
+
+def check_weight_files(model: ModelConfig, student: nn.Module, *, where: str) -> None:
+    """Match ``model.backbone_weights`` and ``model.weights`` with the student built on the meta device, reading
+    only the files' tensors: a file that does not fit fails here, naming its key, not in a retried Ray worker."""
+    from detkd.models.checkpoint import CheckpointError, check_backbone_weights
+    from detkd.models.pretrained import check_weights
+
+    if model.backbone_weights is not None:
+        try:
+            check_backbone_weights(student, Path(model.backbone_weights), backbone=model.backbone)
+        except CheckpointError as exc:
+            raise ConfigError(f"{where}: model.backbone_weights: {exc}") from None
+    if model.weights is not None:
+        try:
+            fit = check_weights(student, Path(model.weights))
+        except CheckpointError as exc:
+            raise ConfigError(f"{where}: model.weights: {exc}") from None
+        log.info(f"{where}: model.weights {fit.summary()}")

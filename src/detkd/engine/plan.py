@@ -17,18 +17,12 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from detkd.config import Config, ConfigError, ScaleJitterConfig, SplitConfig, deep_merge, validate_config
 from detkd.config import absolute_paths as config_absolute_paths
 from detkd.data.records import DetectionSource
 from detkd.models.checkpoint import file_digest
 from detkd.records import InputSpec, RunPlan, TeacherSpec, TrackingContext
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from detkd.config import ModelConfig
 
 log = logging.getLogger("detkd.train")
 
@@ -245,7 +239,7 @@ def plan_stages(
 def check_buildable(plan: RunPlan, *, where: str, weights: bool = True) -> None:
     """Build the trainable module on the meta device: every construction error becomes a ConfigError;
     with ``weights``, the weight files are matched against it too (:func:`check_weight_files`)."""
-    from detkd.engine.build import build_trainable
+    from detkd.engine.build import build_trainable, check_weight_files
 
     try:
         _, student = build_trainable(plan, device="meta")
@@ -254,22 +248,3 @@ def check_buildable(plan: RunPlan, *, where: str, weights: bool = True) -> None:
         raise ConfigError(f"{where}: the model cannot be built from this config: {message}") from exc
     if weights:
         check_weight_files(plan.config.model, student, where=where)
-
-
-def check_weight_files(model: ModelConfig, student: nn.Module, *, where: str) -> None:
-    """Match ``model.backbone_weights`` and ``model.weights`` with the student built on the meta device, reading
-    only the files' tensors: a file that does not fit fails here, naming its key, not in a retried Ray worker."""
-    from detkd.models.checkpoint import CheckpointError, check_backbone_weights
-    from detkd.models.pretrained import check_weights
-
-    if model.backbone_weights is not None:
-        try:
-            check_backbone_weights(student, Path(model.backbone_weights), backbone=model.backbone)
-        except CheckpointError as exc:
-            raise ConfigError(f"{where}: model.backbone_weights: {exc}") from None
-    if model.weights is not None:
-        try:
-            fit = check_weights(student, Path(model.weights))
-        except CheckpointError as exc:
-            raise ConfigError(f"{where}: model.weights: {exc}") from None
-        log.info(f"{where}: model.weights {fit.summary()}")
