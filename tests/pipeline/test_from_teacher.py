@@ -140,9 +140,9 @@ def test_pipeline_model_reference_must_exist(tmp_path):
 
 def test_a_pipeline_refuses_weights_that_do_not_fit_before_any_step(tmp_path):
     """read_pipeline matches each model's weight file with its network on the meta device (no data needed)."""
-    from detkd.models import build_detector
-
     import torch
+
+    from detkd.models import build_detector
 
     path = tmp_path / "other.pt"  # a ResNet-18 FCOS's weights for the default tiny FCOS
     torch.save(build_detector(arch="fcos", backbone="resnet18", num_classes=2).state_dict(), path)
