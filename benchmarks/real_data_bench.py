@@ -71,13 +71,13 @@ def augment(size: int) -> dict:
 
 def build_spec(args: argparse.Namespace, budget: dict, workdir: str) -> dict:
     from detkd.models.torchvision_zoo import torchvision_model_config
-
     from detkd.pipeline.from_teacher import STUDENTS, data_section
 
     data = data_section(args.data, images=args.images, val=args.val, val_images=args.val_images, workdir=Path(workdir))
 
     teacher_model = {**torchvision_model_config(args.torchvision), "weights": str(Path(args.weights).resolve())}
-    half = {"input": {"scale": 0.5}, "model": {"min_level": 2, "max_level": 6}}
+    student = STUDENTS[args.student]  # set per student: the teacher's model section replaces nothing of it
+    half = {"input": {"scale": 0.5}, "model": {**student, "min_level": 2, "max_level": 6}}
     students = []
     for name, _, settings in ROWS:
         for seed in budget["seeds"]:
@@ -85,7 +85,7 @@ def build_spec(args: argparse.Namespace, budget: dict, workdir: str) -> dict:
             for key, value in settings.items():
                 merged[key] = {**merged.get(key, {}), **value}
             if name == "student_hr":
-                merged["model"] = {"min_level": 3, "max_level": 7}
+                merged["model"] = {**student, "min_level": 3, "max_level": 7}
             merged["seed"] = seed
             students.append({"name": f"{name}-s{seed}", "settings": merged})
     train = {
@@ -106,7 +106,6 @@ def build_spec(args: argparse.Namespace, budget: dict, workdir: str) -> dict:
         "tracking": {"experiment": "detkd-real-data-bench"},
         "data": data,
         "defaults": {
-            "model": STUDENTS[args.student],
             "input": {"size": budget["size"], "max_size": budget["max_size"], "augment": augment(budget["size"])},
             "optim": {"name": "adamw", "lr": 0.002, "warmup_iters": 200, "schedule": "cosine"},
             "train": {**train, "epochs": budget["epochs"]},
@@ -146,6 +145,8 @@ def markdown(table: list[dict], meta: dict) -> str:
             f"{e['AP50']:.4f} +- {e['AP50_std']:.4f} | {e['APs']:.4f} +- {e['APs_std']:.4f} | {e['AP_gain']:+.4f} |"
         )
     lines += ["", "Rows: " + "; ".join(f"**{e['row']}**: {e['what']}" for e in table), ""]
+    teachers = [f"{t['name']} AP {t['AP']:.4f} at {t['input_size']} px" for t in meta["teachers"]]
+    lines += [f"Teachers (one run each): {'; '.join(teachers)}.", ""]
     return "\n".join(lines)
 
 
@@ -197,6 +198,7 @@ def main() -> None:
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}",
         "note": "A smoke run: two steps per model, it measures nothing." if args.budget == "cpu_smoke" else "",
         "workdir": repo_path(args.workdir),
+        "teachers": [row for row in rows if row["role"] == "teacher"],
     }
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "table": table, "rows": rows}, indent=1) + "\n")
     Path(f"{stem}.md").write_text(markdown(table, meta))

@@ -93,10 +93,10 @@ def check_model_config(cfg: ModelConfig, *, where: str) -> None:
         file = getattr(cfg, missing[0])
         log.warning(f"{where}: model.{missing[0]}: {file} not found here; checked when its step runs")
         return
-    check_weight_files(cfg, model, where=where)  # the class layers' size is unknown here: they never count
+    check_weight_files(cfg, model, where=where, report=False)  # the class count is unknown here: the plan reports
 
 
-def check_weight_files(model: ModelConfig, student: nn.Module, *, where: str) -> None:
+def check_weight_files(model: ModelConfig, student: nn.Module, *, where: str, report: bool = True) -> None:
     """Match ``model.backbone_weights`` and ``model.weights`` with the student built on the meta device, reading
     only the files' tensors: a file that does not fit fails here, naming its key, not in a retried Ray worker."""
     from detkd.models.checkpoint import CheckpointError, check_backbone_weights
@@ -112,4 +112,5 @@ def check_weight_files(model: ModelConfig, student: nn.Module, *, where: str) ->
             fit = check_weights(student, Path(model.weights))
         except CheckpointError as exc:
             raise ConfigError(f"{where}: model.weights: {exc}") from None
-        log.info(f"{where}: model.weights {fit.summary()}")
+        if report:
+            log.info(f"{where}: model.weights {fit.summary()}")
