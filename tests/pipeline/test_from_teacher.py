@@ -69,13 +69,17 @@ def test_no_baseline_trains_only_the_distilled_student(tiny_dataset, teacher_fil
 
 
 def test_written_pipeline_and_run_configs_load(tiny_dataset, teacher_file, tmp_path):
-    path = write_distill_pipeline(coco_request(tiny_dataset, teacher_file, tmp_path / "out"))
+    overrides = ["defaults.train.max_steps=7", "students.student_ssim.settings.distill.ssim.weight=2.0"]
+    path = write_distill_pipeline(coco_request(tiny_dataset, teacher_file, tmp_path / "out"), overrides=overrides)
     assert path == (tmp_path / "out" / "pipeline.yaml").resolve()
     for name in ("student_baseline", "student_ssim"):
         cfg = load_config(path.parent / "configs" / f"{name}.yaml")
         assert cfg.name == name
         assert cfg.input.scale == 0.5
-    assert load_config(path.parent / "configs" / "student_ssim.yaml").method == "ssim"
+        assert cfg.train.max_steps == 7  # --set items are part of the written config
+    distilled = load_config(path.parent / "configs" / "student_ssim.yaml")
+    assert distilled.method == "ssim" and distilled.distill.ssim.weight == 2.0
+    assert "--set defaults.train.max_steps=7" in path.read_text()
     assert load_config(path.parent / "configs" / "student_baseline.yaml").distill is None
 
 

@@ -92,9 +92,9 @@ def _distill_from_teacher(request, overrides, summary: Path | None, address, fre
     from detkd.pipeline.runner import PipelineFailed, run_pipeline, summary_table, write_summary
 
     try:
-        path = write_distill_pipeline(request)
+        path = write_distill_pipeline(request, overrides=overrides)
         console.print(f"pipeline: {path} (run configs in {path.parent / 'configs'})", highlight=False)
-        spec = load_pipeline(path, overrides or [])
+        spec = load_pipeline(path)
         rows = run_pipeline(spec, address=address, fresh=fresh)
     except _user_errors() as exc:
         _fail(exc)

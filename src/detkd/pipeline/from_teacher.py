@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from detkd.config import METHOD_ORDER, ConfigError, read_yaml
+from detkd.config import METHOD_ORDER, ConfigError, apply_overrides, read_yaml
 from detkd.models.checkpoint import CheckpointError, atomic_write_bytes, read_checkpoint_meta
 from detkd.models.multiscale import level_shift
 from detkd.pipeline.spec import ModelEntry, PipelineSpec, model_config, read_pipeline
@@ -243,13 +243,18 @@ def distill_pipeline(request: DistillRequest, *, tracking_uri: str | None = None
     }
 
 
-def write_distill_pipeline(request: DistillRequest, *, tracking_uri: str | None = None) -> Path:
-    """Write ``OUT/pipeline.yaml`` and ``OUT/configs/<student>.yaml``; returns the pipeline file (validated)."""
-    spec_data = distill_pipeline(request, tracking_uri=tracking_uri)
+def write_distill_pipeline(
+    request: DistillRequest, *, overrides: list[str] | None = None, tracking_uri: str | None = None
+) -> Path:
+    """Write ``OUT/pipeline.yaml`` and ``OUT/configs/<student>.yaml``; returns the pipeline file (validated).
+
+    ``overrides`` (``--set key=value`` on the spec) are written into the files: they are the config that runs."""
+    spec_data = apply_overrides(distill_pipeline(request, tracking_uri=tracking_uri), overrides or [])
     workdir = Path(spec_data["workdir"])
     path = workdir / "pipeline.yaml"
+    options = "".join(f" --set {item}" for item in overrides or [])
     header = (
-        f"# Written by `detkd distill --teacher {request.teacher} --data {request.data}`.\n"
+        f"# Written by `detkd distill --teacher {request.teacher} --data {request.data}{options}`.\n"
         f"# Rerun it with `detkd run {path}`, or edit it first (docs/pipelines.md).\n"
     )
     atomic_write_bytes(path, (header + yaml.safe_dump(spec_data, sort_keys=False)).encode())
