@@ -106,11 +106,10 @@ def test_teachers_train_side_by_side_with_the_lineage_of_one_at_a_time_and_rerun
 @pytest.mark.ray
 def test_a_failed_step_stops_what_needs_it_and_keeps_the_rest(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    broken = tmp_path / "broken.pt"
-    broken.write_bytes(b"not a checkpoint")  # exists (the spec is valid) but fails when the worker loads it
+    # a valid spec whose step fails: the class count is checked against the data, which exists once the data step ran
     teachers = [
         {"name": "t_a", "settings": {}},
-        {"name": "t_bad", "settings": {"model": {"weights": str(broken)}, "run": {"max_failures": 0}}},
+        {"name": "t_bad", "settings": {"model": {"num_classes": 7}, "run": {"max_failures": 0}}},
     ]
     students = [
         {"name": "s_base", "settings": HALF},
