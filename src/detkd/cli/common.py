@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     add_completion=False,
@@ -75,7 +76,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _fail(exc: BaseException) -> None:
     for line in str(exc).splitlines() or [type(exc).__name__]:
-        err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)  # e.g. '.[kfp]'
     raise typer.Exit(2)
 
 

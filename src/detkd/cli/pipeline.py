@@ -87,14 +87,16 @@ def compile_command(
     ] = "",
 ) -> None:
     """Compile a pipeline spec into a Kubeflow Pipelines v2 pipeline whose tasks are its steps (needs the kfp extra)."""
+    from detkd.extras import MissingExtra, require
     from detkd.pipeline.dag import build_dag
     from detkd.pipeline.load import load_pipeline
 
     try:
-        from detkd.cluster.kubeflow import compile_pipeline
-    except ImportError as exc:
-        extra = "pip install -c constraints.txt -e '.[kfp]'"
-        _fail(FileNotFoundError(f"detkd compile needs the kfp extra: {extra} ({exc})"))
+        require("kfp", why="detkd compile")
+    except MissingExtra as exc:
+        _fail(exc)
+    from detkd.cluster.kubeflow import compile_pipeline
+
     try:
         dag = build_dag(load_pipeline(pipeline, overrides or []))
         written = compile_pipeline(

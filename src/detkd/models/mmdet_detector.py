@@ -35,11 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detkd.extras import MissingExtra, missing_extra
+
 INSTALL_HINT = "install it with `bash scripts/install_mmdet.sh` (mmdet 3.3 + mmcv 2.1.0 built with its ops)"
 
 
-class MMDetUnavailable(RuntimeError):
-    """MMDetection (or mmcv's compiled ops) is not installed."""
+class MMDetUnavailable(MissingExtra, RuntimeError):
+    """MMDetection (or mmcv's compiled ops) is not installed (a user error: the CLI prints one line)."""
 
 
 def import_mmdet() -> None:
@@ -49,7 +51,7 @@ def import_mmdet() -> None:
         import mmdet.models  # noqa: F401
         from mmdet.utils import register_all_modules
     except ImportError as exc:
-        raise MMDetUnavailable(f"model.arch 'mmdet' needs MMDetection ({exc}); {INSTALL_HINT}") from None
+        raise missing_extra("mmdet", why="model.arch 'mmdet'", detail=str(exc), cls=MMDetUnavailable) from None
     register_all_modules(init_default_scope=True)
 
 
@@ -72,7 +74,7 @@ def read_mmdet_config(path: Path) -> dict[str, Any]:
     try:
         from mmengine.config import Config
     except ImportError as exc:
-        raise MMDetUnavailable(f"reading {path} needs mmengine ({exc}); {INSTALL_HINT}") from None
+        raise missing_extra("mmdet", why=f"reading {path}", detail=str(exc), cls=MMDetUnavailable) from None
     try:
         cfg = Config.fromfile(str(path))
     except Exception as exc:  # mmengine raises SyntaxError, KeyError, FileNotFoundError for _base_, ...

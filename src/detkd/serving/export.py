@@ -27,6 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from detkd.extras import require
+
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
 META_KEY = "detkd"  # ONNX metadata_props key / TorchScript extra file holding input view and categories
@@ -77,6 +79,8 @@ def export_detector(
 
     if format not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "onnx":
+        require("export", why="exporting to ONNX")
     checkpoint = Path(checkpoint)
     model, meta = load_detector(checkpoint)
     plan = checkpoint_plan(checkpoint, meta)
@@ -206,6 +210,7 @@ def read_info(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no such exported model")
     if is_torchscript(path):
         return load_export(path)[0]
+    require("export", "onnx", why=f"reading {path} (not TorchScript: ONNX)")
     import onnx
 
     try:
@@ -235,6 +240,7 @@ def load_export(path: Path) -> tuple[dict[str, Any], Runner]:
                 return module(image)
 
         return parse_info(path, files[META_KEY]), run_script
+    require("export", "onnxruntime", why=f"running {path} (not TorchScript: ONNX)")
     import onnxruntime
 
     info = read_info(path)

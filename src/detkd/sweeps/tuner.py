@@ -21,6 +21,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from detkd.config import ConfigError
+from detkd.extras import missing_extra, require
 from detkd.records import TrackingContext, TrialRow
 from detkd.sweeps.space import LoadedSpace, Parameter, SweepBudget, student_epochs
 from detkd.sweeps.trial import TRIAL_EPOCH, SweepJob, run_trial
@@ -82,6 +83,8 @@ def run_sweep(
     from detkd.sweeps import report
     from detkd.tracking.runs import RunLogger, check_tracking_uri, run_context
 
+    if options.search == "optuna":
+        require("optuna", why="--search optuna")  # before any folder, run or Ray
     workdir = loaded.workdir()
     digest = sweep_digest(loaded, options)
     if fresh and workdir.exists():
@@ -298,7 +301,7 @@ def tune_config(loaded: LoadedSpace, options: SweepOptions) -> tune.TuneConfig:
 
             search_alg = OptunaSearch(seed=options.seed)
         except (ImportError, AssertionError) as exc:
-            raise ConfigError("--search optuna needs optuna: pip install 'detkd[optuna]'") from exc
+            raise missing_extra("optuna", why="--search optuna", detail=str(exc)) from None
     else:
         search_alg = BasicVariantGenerator(random_state=options.seed, max_concurrent=options.max_concurrent)
     return tune.TuneConfig(

@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from detkd.config import ConfigError
+from detkd.extras import require
 from detkd.tracking.redact import redact, redact_value
 
 TAG_PREFIX = "detkd."
@@ -89,6 +90,8 @@ def check_tracking_uri(tracking_uri: str) -> None:
     """
     if tracking_uri in _checked:
         return
+    if tracking_uri.startswith(("postgresql://", "postgresql+psycopg://")):  # SQLAlchemy's driver: psycopg 3
+        require("server", "psycopg", why=f"MLflow tracking store {redact(tracking_uri)}")
     if tracking_uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request
@@ -126,14 +129,24 @@ def experiment_id(tracking_uri: str, name: str) -> str:
         if any(found.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):  # made before detkd tagged them
             for key, value in EXPERIMENT_KIND.items():
                 client.set_experiment_tag(found.experiment_id, key, value)
+        check_artifact_client(found.artifact_location, name)
         return found.experiment_id
     location = None
     if (database := sqlite_file(tracking_uri)) is not None:
         location = (database.parent / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        created = client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:  # created concurrently
-        return client.get_experiment_by_name(name).experiment_id
+        created = client.get_experiment_by_name(name).experiment_id
+    check_artifact_client(client.get_experiment(created).artifact_location, name)
+    return created
+
+
+def check_artifact_client(location: str, experiment: str) -> None:
+    """MLflow writes an ``s3://`` artifact root from this process with boto3 (a server's proxied
+    ``mlflow-artifacts:`` root needs nothing): say so before a run starts rather than at its first file."""
+    if location.startswith("s3://"):
+        require("server", "boto3", why=f"the artifacts of experiment {experiment!r} in {redact(location)}")
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
