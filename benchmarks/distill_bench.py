@@ -208,6 +208,17 @@ def plot(table: list[dict], path: Path, *, title: str = "Half-resolution student
     plt.close(fig)
 
 
+def log_results(stem: Path, experiment: str) -> None:
+    """The results files (``stem``.md/.png/.json) as artifacts of the experiment's latest pipeline parent run."""
+    from detkd.tracking.runs import RunLogger, find_runs, resolve_tracking_uri
+
+    parent = find_runs(resolve_tracking_uri(), experiment, {"detkd.kind": "pipeline"})
+    if parent:
+        logger = RunLogger(tracking_uri=resolve_tracking_uri(), run_id=parent[0].info.run_id)
+        for suffix in (".md", ".png", ".json"):
+            logger.artifact(Path(f"{stem}{suffix}"), "benchmark")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
@@ -219,7 +230,6 @@ def main() -> None:
 
     from detkd.pipeline.load import load_pipeline
     from detkd.pipeline.runner import run_pipeline
-    from detkd.tracking.runs import RunLogger, find_runs, resolve_tracking_uri
 
     budget = BUDGETS[args.budget]
     stem = args.out / f"distill_bench_{args.budget}"
@@ -261,11 +271,7 @@ def main() -> None:
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "table": table, "rows": rows}, indent=1) + "\n")
     Path(f"{stem}.md").write_text(markdown(table, meta))
     plot(table, Path(f"{stem}.png"))
-    parent = find_runs(resolve_tracking_uri(), spec.tracking.experiment, {"detkd.kind": "pipeline"})
-    if parent:
-        logger = RunLogger(tracking_uri=resolve_tracking_uri(), run_id=parent[0].info.run_id)
-        for suffix in (".md", ".png", ".json"):
-            logger.artifact(Path(f"{stem}{suffix}"), "benchmark")
+    log_results(stem, spec.tracking.experiment)
     print(markdown(table, meta))
 
 

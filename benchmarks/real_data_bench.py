@@ -27,7 +27,7 @@ import platform
 import time
 from pathlib import Path
 
-from distill_bench import plot, summarise  # this folder is on sys.path when run
+from distill_bench import log_results, plot, summarise  # this folder is on sys.path when run
 from repo_paths import repo_command, repo_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -171,7 +171,6 @@ def main() -> None:
     from detkd.pipeline.load import load_pipeline
     from detkd.pipeline.runner import run_pipeline
     from detkd.pipeline.spec import data_splits
-    from detkd.tracking.runs import RunLogger, find_runs, resolve_tracking_uri
 
     budget = BUDGETS[args.budget]
     stem = args.out / f"real_data_{args.budget}"
@@ -203,11 +202,7 @@ def main() -> None:
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "table": table, "rows": rows}, indent=1) + "\n")
     Path(f"{stem}.md").write_text(markdown(table, meta))
     plot(table, Path(f"{stem}.png"), title=f"Real data ({args.budget}): half-resolution students")
-    parent = find_runs(resolve_tracking_uri(), spec.tracking.experiment, {"detkd.kind": "pipeline"})
-    if parent:
-        logger = RunLogger(tracking_uri=resolve_tracking_uri(), run_id=parent[0].info.run_id)
-        for suffix in (".md", ".png", ".json"):
-            logger.artifact(Path(f"{stem}{suffix}"), "benchmark")
+    log_results(stem, spec.tracking.experiment)
     print(markdown(table, meta))
 
 

@@ -74,10 +74,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, DatasetError, EvaluationError, CheckpointError, FileNotFoundError
 
 
-def _fail(exc: BaseException) -> None:
+def _print_errors(exc: BaseException) -> None:
     for line in str(exc).splitlines() or [type(exc).__name__]:
         err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)  # e.g. '.[kfp]'
+
+
+def _fail(exc: BaseException) -> None:
+    _print_errors(exc)
     raise typer.Exit(2)
+
+
+def _fail_pipeline(exc: BaseException, *, tracebacks: bool = True) -> None:
+    """A pipeline with failed steps (``PipelineFailed``): with ``tracebacks``, each step that crashed (a bug, not
+    a user error) with its traceback; then the summary as ``error:`` lines, exit code 1."""
+    if tracebacks:
+        import traceback
+
+        for name, error in exc.execution.failed.items():
+            if not isinstance(error, _user_errors()):
+                err_console.print(f"step {name}:", highlight=False)
+                err_console.print("".join(traceback.format_exception(error)), highlight=False, markup=False)
+    _print_errors(exc)
+    raise typer.Exit(1) from None
 
 
 def _local_model(ref: str | Path) -> Path:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from detkd.cli.common import FreshOption, SetOption, _fail, _local_model, _user_errors, app, console, err_console
+from detkd.cli.common import FreshOption, SetOption, _fail, _fail_pipeline, _local_model, _user_errors, app, console
 
 
 @app.command("train")
@@ -99,9 +99,7 @@ def _distill_from_teacher(request, overrides, summary: Path | None, address, fre
     except _user_errors() as exc:
         _fail(exc)
     except PipelineFailed as exc:
-        for line in str(exc).splitlines():
-            err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        _fail_pipeline(exc)
     console.print(summary_table(rows))
     if summary is not None:
         write_summary(rows, summary)

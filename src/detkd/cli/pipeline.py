@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from detkd.cli.common import FreshOption, SetOption, _fail, _user_errors, app, console, err_console
+from detkd.cli.common import FreshOption, SetOption, _fail, _fail_pipeline, _user_errors, app, console
 
 
 @app.command("run")
@@ -35,15 +35,7 @@ def run(
     except _user_errors() as exc:
         _fail(exc)
     except PipelineFailed as exc:
-        for name, error in exc.execution.failed.items():
-            if not isinstance(error, _user_errors()):  # a bug or a crash: its traceback, not only its message
-                import traceback
-
-                err_console.print(f"step {name}:", highlight=False)
-                err_console.print("".join(traceback.format_exception(error)), highlight=False, markup=False)
-        for line in str(exc).splitlines():
-            err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        _fail_pipeline(exc)  # a step that crashed (a bug) shows its traceback, not only its message
     console.print(summary_table(rows))
     if summary:
         write_summary(rows, summary)
@@ -87,17 +79,14 @@ def compile_command(
     ] = "",
 ) -> None:
     """Compile a pipeline spec into a Kubeflow Pipelines v2 pipeline whose tasks are its steps (needs the kfp extra)."""
-    from detkd.extras import MissingExtra, require
+    from detkd.extras import require
     from detkd.pipeline.dag import build_dag
     from detkd.pipeline.load import load_pipeline
 
     try:
-        require("kfp", why="detkd compile")
-    except MissingExtra as exc:
-        _fail(exc)
-    from detkd.cluster.kubeflow import compile_pipeline
+        require("kfp", why="detkd compile")  # before kfp is imported: one error line, not a traceback
+        from detkd.cluster.kubeflow import compile_pipeline
 
-    try:
         dag = build_dag(load_pipeline(pipeline, overrides or []))
         written = compile_pipeline(
             dag, out, spec=spec_path or str(pipeline), overrides=list(overrides or []), ray_address=ray_address
@@ -130,9 +119,7 @@ def step_command(
     except _user_errors() as exc:
         _fail(exc)
     except PipelineFailed as exc:
-        for line in str(exc).splitlines():
-            err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        _fail_pipeline(exc, tracebacks=False)
     from detkd.pipeline.step import OUTPUTS_MARKER
 
     text = json.dumps(result, default=str)

@@ -346,13 +346,7 @@ def load_teacher(path: Path, model_config: dict[str, Any]) -> nn.Module:
 def _check_state(own: dict[str, Tensor], state: dict[str, Any], path: Path, *, what: str) -> None:
     """Refuse a state of other names or shapes than ``own`` (BatchNorm step counters aside: FrozenBatchNorm2d
     files have none)."""
-    wrong = [k for k, v in state.items() if k in own and isinstance(v, Tensor) and own[k].shape != v.shape]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointError(
-            f"{path}: does not match {what}: shape mismatch for {k}: checkpoint {tuple(state[k].shape)}"
-            f" vs model {tuple(own[k].shape)} ({len(wrong)} tensors differ)"
-        )
+    _refuse_misshapen(own, state, path, what=what)
     counter = "num_batches_tracked"
     missing = [k for k in own if k not in state and not k.endswith(counter)]
     unexpected = [k for k in state if k not in own and not k.endswith(counter)]
@@ -360,8 +354,8 @@ def _check_state(own: dict[str, Tensor], state: dict[str, Any], path: Path, *, w
         raise CheckpointError(f"{path}: does not match {what}: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def _load_state(model: nn.Module, state: dict[str, Any], path: Path, *, what: str = "the model") -> None:
-    own = model.state_dict()
+def _refuse_misshapen(own: dict[str, Tensor], state: dict[str, Any], path: Path, *, what: str) -> None:
+    """Refuse a state with a tensor of another shape than the model's tensor of the same name."""
     wrong = [k for k, v in state.items() if k in own and isinstance(v, Tensor) and own[k].shape != v.shape]
     if wrong:
         k = wrong[0]
@@ -369,6 +363,10 @@ def _load_state(model: nn.Module, state: dict[str, Any], path: Path, *, what: st
             f"{path}: does not match {what}: shape mismatch for {k}: checkpoint {tuple(state[k].shape)}"
             f" vs model {tuple(own[k].shape)} ({len(wrong)} tensors differ)"
         )
+
+
+def _load_state(model: nn.Module, state: dict[str, Any], path: Path, *, what: str = "the model") -> None:
+    _refuse_misshapen(model.state_dict(), state, path, what=what)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: does not match {what}: missing {missing[:3]}, unexpected {unexpected[:3]}")
