@@ -51,11 +51,28 @@ def tiny_pipeline(work: Path, mlflow_uri: str) -> dict:
     }
 
 
+@pytest.fixture(scope="session")
+def sweep_store(tmp_path_factory) -> tuple[Path, str]:
+    """(work folder, tracking URI) shared by the sweep tests: the pipeline's teachers are trained by the first
+    sweep that needs them and found again (by plan digest) by the others, as a user's later sweeps would."""
+    root = tmp_path_factory.mktemp("sweeps")
+    return root / "work", f"sqlite:///{root / 'mlflow.db'}"
+
+
 @pytest.fixture()
-def sweep_files(tmp_path, mlflow_uri):
-    """Factory: ``sweep_files(parameters, budget=..., **space)`` -> (space path, pipeline path)."""
+def sweep_uri(sweep_store) -> str:
+    return sweep_store[1]
+
+
+@pytest.fixture()
+def sweep_files(tmp_path, sweep_store):
+    """Factory: ``sweep_files(parameters, budget=..., **space)`` -> (space path, pipeline path).
+
+    Each test's space and pipeline files are its own; the workdir and tracking store are the session's
+    (``sweep_store``), so give each sweep its own ``name``."""
+    work, uri = sweep_store
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(yaml.safe_dump(tiny_pipeline(tmp_path / "work", mlflow_uri)))
+    pipeline.write_text(yaml.safe_dump(tiny_pipeline(work, uri)))
 
     def make(parameters: dict, *, budget: dict | None = None, name: str = "dev", **extra) -> tuple[Path, Path]:
         space = {

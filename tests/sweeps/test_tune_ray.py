@@ -20,8 +20,8 @@ from detkd.sweeps.space import TEACHER_SEQUENCE, load_space
 from detkd.sweeps.tuner import SweepOptions, run_sweep
 
 
-def runs_of(mlflow_uri: str, **tags):
-    client = MlflowClient(mlflow_uri)
+def runs_of(tracking_uri: str, **tags):
+    client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("sweeps")
     if experiment is None:  # nothing logged yet
         return []
@@ -29,8 +29,8 @@ def runs_of(mlflow_uri: str, **tags):
     return client.search_runs([experiment.experiment_id], filter_string=query)
 
 
-def children(mlflow_uri: str, run_id: str):
-    client = MlflowClient(mlflow_uri)
+def children(tracking_uri: str, run_id: str):
+    client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("sweeps")
     return client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
 
@@ -42,7 +42,7 @@ def sweep(space_path, **options):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_asha_stops_weak_trials_and_the_best_config_runs_with_distill(ray_cluster, sweep_files, mlflow_uri):
+def test_asha_stops_weak_trials_and_the_best_config_runs_with_distill(ray_cluster, sweep_files, sweep_uri):
     space, _ = sweep_files(
         {"optim.lr": {"grid": [1.0e-6, 4.0e-3]}, "distill.mgd.weight": {"loguniform": [1.0e-6, 1.0e-4]}},
         budget={"samples": 2, "max_concurrent": 2, "scheduler": "asha", "grace_epochs": 1, "reduction_factor": 4},
@@ -73,10 +73,10 @@ def test_asha_stops_weak_trials_and_the_best_config_runs_with_distill(ray_cluste
     assert best["val/AP"] == max(t["val/AP"] for t in outcome.trials if not t["stopped_early"])
     assert 0.0 <= best["test/AP"] <= 1.0 and not math.isnan(best["test/AP"])
 
-    sweep_run = MlflowClient(mlflow_uri).get_run(outcome.sweep_run_id)
+    sweep_run = MlflowClient(sweep_uri).get_run(outcome.sweep_run_id)
     assert sweep_run.data.tags["detkd.best_trial"] == best["trial_id"]
     assert sweep_run.data.metrics["best/test/AP"] == pytest.approx(best["test/AP"])
-    trial_runs = children(mlflow_uri, outcome.sweep_run_id)
+    trial_runs = children(sweep_uri, outcome.sweep_run_id)
     assert len([r for r in trial_runs if r.data.tags.get("detkd.kind") == "trial"]) == 4
     assert [r.data.tags.get("detkd.trial_id") for r in trial_runs if r.data.tags.get("detkd.best") == "true"] == [
         best["trial_id"]
@@ -84,7 +84,7 @@ def test_asha_stops_weak_trials_and_the_best_config_runs_with_distill(ray_cluste
     for r in trial_runs:
         if r.data.tags.get("detkd.kind") == "trial":
             assert r.info.status == ("KILLED" if r.data.tags["detkd.stopped_early"] == "true" else "FINISHED")
-            history = MlflowClient(mlflow_uri).get_metric_history(r.info.run_id, "val/AP")
+            history = MlflowClient(sweep_uri).get_metric_history(r.info.run_id, "val/AP")
             assert sorted(m.step for m in history) == list(range(1, len(history) + 1))  # one point per trial epoch
 
     best_config = yaml.safe_load(outcome.best_config.read_text())
@@ -98,7 +98,7 @@ def test_asha_stops_weak_trials_and_the_best_config_runs_with_distill(ray_cluste
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_grid_over_teacher_sequences_runs_the_stages_in_order(ray_cluster, sweep_files, mlflow_uri):
+def test_a_grid_over_teacher_sequences_runs_the_stages_in_order(ray_cluster, sweep_files, sweep_uri):
     space, _ = sweep_files(
         {TEACHER_SEQUENCE: {"grid": [["t_small", "t_wide"], ["t_wide"]]}},
         budget={"samples": 1, "max_concurrent": 2, "scheduler": "fifo", "search": "grid"},
@@ -107,10 +107,10 @@ def test_a_grid_over_teacher_sequences_runs_the_stages_in_order(ray_cluster, swe
     outcome = sweep(space)
     assert outcome.complete and len(outcome.trials) == 2
 
-    teacher_runs = {name: runs_of(mlflow_uri, name=name)[0].info.run_id for name in ("t_small", "t_wide")}
+    teacher_runs = {name: runs_of(sweep_uri, name=name)[0].info.run_id for name in ("t_small", "t_wide")}
     sequences = {}
-    for trial in runs_of(mlflow_uri, kind="trial", sweep="sequences"):
-        stages = sorted(children(mlflow_uri, trial.info.run_id), key=lambda r: int(r.data.tags.get("detkd.stage", 1)))
+    for trial in runs_of(sweep_uri, kind="trial", sweep="sequences"):
+        stages = sorted(children(sweep_uri, trial.info.run_id), key=lambda r: int(r.data.tags.get("detkd.stage", 1)))
         sequences[trial.data.tags["detkd.teacher_sequence"]] = [r.data.tags["detkd.teacher.0.run_id"] for r in stages]
         assert trial.data.tags["detkd.teacher.0.run_id"] == sequences[trial.data.tags["detkd.teacher_sequence"]][0]
     assert sequences == {
@@ -118,12 +118,12 @@ def test_a_grid_over_teacher_sequences_runs_the_stages_in_order(ray_cluster, swe
         "t_wide": [teacher_runs["t_wide"]],
     }
     # each teacher trained once for the whole sweep
-    assert all(len(runs_of(mlflow_uri, name=name)) == 1 for name in ("t_small", "t_wide"))
+    assert all(len(runs_of(sweep_uri, name=name)) == 1 for name in ("t_small", "t_wide"))
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(ray_cluster, sweep_files, mlflow_uri):
+def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(ray_cluster, sweep_files, sweep_uri, sweep_store):
     space, _ = sweep_files(
         {"distill.mgd.weight": {"grid": [1.0e-5, 4.0e-5]}},
         budget={"samples": 1, "max_concurrent": 1, "scheduler": "fifo"},
@@ -136,7 +136,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(ray_cluste
     deadline = time.monotonic() + 400
     finished = []
     while time.monotonic() < deadline and first.poll() is None:
-        finished = [r for r in runs_of(mlflow_uri, kind="trial", sweep="resumable") if r.info.status == "FINISHED"]
+        finished = [r for r in runs_of(sweep_uri, kind="trial", sweep="resumable") if r.info.status == "FINISHED"]
         if finished:
             break
         time.sleep(2)
@@ -149,17 +149,19 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(ray_cluste
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
-    trials = pd.read_parquet(space.parent / "work/sweeps/resumable/trials.parquet")
+    trials = pd.read_parquet(sweep_store[0] / "sweeps/resumable/trials.parquet")
     assert len(trials) == 2 and set(trials["state"]) == {"TERMINATED"}
     attempts = dict(zip(trials["trial_id"], trials["attempts"], strict=True))
     assert all(attempts[t] == 1 for t in done_before)  # finished trials were not started again
-    for trial in runs_of(mlflow_uri, kind="trial", sweep="resumable"):
-        assert len(children(mlflow_uri, trial.info.run_id)) == 1  # one training run per trial, resumed in place
+    for trial in runs_of(sweep_uri, kind="trial", sweep="resumable"):
+        assert len(children(sweep_uri, trial.info.run_id)) == 1  # one training run per trial, resumed in place
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_pipeline_tune_step_adds_the_tuned_student_beside_the_others(ray_cluster, sweep_files, mlflow_uri):
+def test_a_pipeline_tune_step_adds_the_tuned_student_beside_the_others(
+    ray_cluster, sweep_files, sweep_uri, sweep_store
+):
     from detkd.pipeline.load import load_pipeline
     from detkd.pipeline.runner import run_pipeline
 
@@ -178,8 +180,8 @@ def test_a_pipeline_tune_step_adds_the_tuned_student_beside_the_others(ray_clust
     assert set(by_name) == {"t_small", "student", "student_tuned"}
     assert {row.split for row in rows} == {"test"}  # the pipeline has a held-out split: all are scored on it
     assert by_name["student_tuned"].method == "mgd (tuned)"
-    assert (pipeline.parent / "work/models/student_tuned/model.pt").is_file()
-    sweep_run = runs_of(mlflow_uri, kind="sweep", sweep="in_pipeline")[0]
-    pipeline_run = runs_of(mlflow_uri, kind="pipeline")[0]
+    assert (sweep_store[0] / "models/student_tuned/model.pt").is_file()
+    sweep_run = runs_of(sweep_uri, kind="sweep", sweep="in_pipeline")[0]
+    pipeline_run = runs_of(sweep_uri, kind="pipeline")[0]
     assert sweep_run.data.tags["mlflow.parentRunId"] == pipeline_run.info.run_id
-    assert len(runs_of(mlflow_uri, name="t_small")) == 1  # the sweep found the pipeline's teacher again
+    assert len(runs_of(sweep_uri, name="t_small")) == 1  # the sweep found the pipeline's teacher again
