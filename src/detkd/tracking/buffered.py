@@ -24,11 +24,10 @@ from detkd.tracking.delivery import (
     answers,
     deliver,
     first_line,
-    meta_value,
     next_batch,
     unreachable,
 )
-from detkd.tracking.outbox import OUTBOX_DIR, Outbox, OutboxError, Record, describe
+from detkd.tracking.outbox import OUTBOX_DIR, Outbox, OutboxError, Record, describe, read_meta
 from detkd.tracking.redact import redact, redact_value
 
 log = logging.getLogger(__name__)
@@ -311,10 +310,10 @@ class BufferedLogger:
         source = Path(folder) / OUTBOX_DIR
         if not source.is_dir():
             return 0
-        carried = Outbox(source, tracking_uri=self.tracking_uri)
-        records = carried.check()
-        since = meta_value(source, "since")
-        self.refused.extend(meta_value(source, "refused") or [])
+        records = Outbox(source, tracking_uri=self.tracking_uri).check()
+        meta = read_meta(source)
+        since = meta.get("since")
+        self.refused.extend(meta.get("refused") or [])
         with self.changed:
             if since is not None:  # the worker saw the server go: look before sending (no MLflow retry wait)
                 self.carried_since = min(since, self.carried_since or since)

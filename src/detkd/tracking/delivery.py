@@ -14,9 +14,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from detkd.tracking.outbox import Outbox, OutboxError, Record, describe, outbox_folder
+from detkd.tracking.outbox import Outbox, OutboxError, Record, describe, outbox_folder, read_meta
 
 log = logging.getLogger(__name__)
 BATCH_METRICS = 1000  # MLflow's log_batch limit
@@ -176,8 +175,7 @@ def replay_target(folder: Path, tracking_uri: str | None) -> tuple[Outbox, str, 
     box = outbox_folder(folder)
     if not (box / "records.jsonl").is_file():
         raise OutboxError(f"{box / 'records.jsonl'}: no tracking outbox here (nothing was kept, or it was delivered)")
-    probe = Outbox(box, tracking_uri=tracking_uri or "")
-    meta = probe.meta()
+    meta = read_meta(box)
     uri = tracking_uri or meta.get("tracking_uri")
     if not uri:
         raise OutboxError(f"{box / 'meta.json'}: no tracking_uri recorded; give --tracking-uri")
@@ -220,11 +218,3 @@ def replay(folder: Path, *, tracking_uri: str | None = None) -> Replayed:
         outbox.done(len(batch))
         records = records[len(batch) :]
     return Replayed(redact(uri), run_ids, describe(delivered), refused)
-
-
-def meta_value(folder: Path, key: str) -> Any:
-    """One value of a carried outbox's meta.json (None when absent)."""
-    try:
-        return Outbox(folder, tracking_uri="").meta().get(key)
-    except OutboxError:
-        return None

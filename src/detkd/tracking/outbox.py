@@ -108,6 +108,18 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def read_meta(folder: Path) -> dict[str, Any]:
+    """An outbox folder's ``meta.json`` (tracking_uri; a carried one also since and refused); {} without one."""
+    path = Path(folder) / META
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OutboxError(f"{path}: not JSON ({exc})") from None
+    return meta if isinstance(meta, dict) else {}
+
+
 def outbox_folder(path: Path) -> Path:
     """The outbox of a run folder (``RUN_FOLDER/tracking-outbox``), or ``path`` itself when it is one."""
     path = Path(path)
@@ -142,14 +154,7 @@ class Outbox:
         return self.folder / RECORDS
 
     def meta(self) -> dict[str, Any]:
-        path = self.folder / META
-        if not path.is_file():
-            return {}
-        try:
-            meta = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise OutboxError(f"{path}: not JSON ({exc})") from None
-        return meta if isinstance(meta, dict) else {}
+        return read_meta(self.folder)
 
     def _open_file(self) -> None:
         """Pick up a file an earlier process left: where its delivery stopped, and each line after that."""
@@ -164,7 +169,10 @@ class Outbox:
             fh.seek(self.offset)
             for number, line in enumerate(fh, start=self.delivered_lines + 1):
                 if not line.endswith(b"\n"):  # a spill cut short (the process died mid-write): not a record yet
-                    raise OutboxError(f"{self.records_file}:{number}: an unfinished line (the write was cut short)")
+                    raise OutboxError(
+                        f"{self.records_file}:{number}: an unfinished line (its write was cut short, e.g. by a "
+                        "full disk); delete that line to deliver the ones before it"
+                    )
                 self.line_sizes.append(len(line))
 
     def check(self) -> list[Record]:
