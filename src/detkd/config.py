@@ -563,6 +563,12 @@ class TrackingConfig(_Section):
     experiment: str = "detkd"
     tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
     log_model: bool = True
+    outage_wait_s: float = Field(
+        10.0,
+        ge=0,
+        description="at a run's end, how long to wait for a tracking server that stopped answering before "
+        "keeping what it missed for `detkd tracking replay` (the training itself never waits)",
+    )
 
 
 class EvalConfig(_Section):

@@ -12,7 +12,7 @@ from detkd.cli.common import app, console, err_console, install_log_handler
 
 # importing a module registers its commands, in this order
 # isort: off
-from detkd.cli import data, models, pipeline, tune, jobs  # noqa: F401
+from detkd.cli import data, models, pipeline, tune, jobs, tracking  # noqa: F401
 # isort: on
 
 __all__ = ["app", "console", "err_console", "install_log_handler", "main"]

@@ -84,14 +84,23 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
+def _fail_undelivered(exc: BaseException) -> None:
+    """The training finished and kept its work, but tracking records did not reach the server
+    (``TrackingNotDelivered``): its one line, exit code 1."""
+    _print_errors(exc)
+    raise typer.Exit(1)
+
+
 def _fail_pipeline(exc: BaseException, *, tracebacks: bool = True) -> None:
     """A pipeline with failed steps (``PipelineFailed``): with ``tracebacks``, each step that crashed (a bug, not
     a user error) with its traceback; then the summary as ``error:`` lines, exit code 1."""
     if tracebacks:
         import traceback
 
+        from detkd.tracking.delivery import TrackingNotDelivered
+
         for name, error in exc.execution.failed.items():
-            if not isinstance(error, _user_errors()):
+            if not isinstance(error, (*_user_errors(), TrackingNotDelivered)):
                 err_console.print(f"step {name}:", highlight=False)
                 err_console.print("".join(traceback.format_exception(error)), highlight=False, markup=False)
     _print_errors(exc)

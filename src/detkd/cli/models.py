@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from detkd.cli.common import FreshOption, SetOption, _fail, _fail_pipeline, _local_model, _user_errors, app, console
+from detkd.cli.common import (
+    FreshOption,
+    SetOption,
+    _fail,
+    _fail_pipeline,
+    _fail_undelivered,
+    _local_model,
+    _user_errors,
+    app,
+    console,
+)
 
 
 @app.command("train")
@@ -110,6 +120,7 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh:
     from detkd.engine.launch import run_training
     from detkd.engine.plan import open_split, stage_configs
     from detkd.pipeline.runner import evaluation_row, write_summary
+    from detkd.tracking.delivery import TrackingNotDelivered
 
     try:
         cfg = load_config(config, overrides or [])
@@ -124,6 +135,8 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh:
         outcome = run_training(cfg, address=address, fresh=fresh)
     except _user_errors() as exc:
         _fail(exc)
+    except TrackingNotDelivered as exc:  # trained and published; MLflow missed part of it
+        _fail_undelivered(exc)
     console.print(f"[green]done[/green]: {outcome.model_path} (MLflow run {outcome.run_id}, {outcome.seconds:.0f}s)")
     if summary is not None:
         split_name = "test" if cfg.data.test is not None else "val"

@@ -177,6 +177,7 @@ def run_plan(
             raise RuntimeError(f"training run {plan.ray_name} finished without a checkpoint")
         with result.checkpoint.as_directory() as folder:
             model_path = publish_model(Path(folder), plan.out_dir)
+            logger.merge(Path(folder))  # what the training worker could not deliver, to its run folder's outbox
         metrics = dict(result.metrics or {})
         log_outcome(plan, logger, model_path, metrics)
     return TrainOutcome(
@@ -313,8 +314,13 @@ def discard_run(plan: RunPlan) -> None:
 def mlflow_run(
     plan: RunPlan, sources: dict[str, DetectionSource], *, extra_tags: dict[str, str] | None, resume: bool
 ) -> Iterator[tuple[str, Any]]:
-    """Open the run's MLflow run (continuing an interrupted attempt at the same Ray run) with its lineage."""
-    from detkd.tracking.runs import RunLogger, code_version_tags, run_context
+    """Open the run's MLflow run (continuing an interrupted attempt at the same Ray run) with its lineage.
+
+    Everything after the run's creation goes through a ``BufferedLogger``: a tracking server that goes
+    away costs no training; what it missed is kept in ``plan.out_dir/tracking-outbox`` and, if still
+    undelivered at the end, raises TrackingNotDelivered (after the model is published)."""
+    from detkd.tracking.buffered import buffered_run
+    from detkd.tracking.runs import code_version_tags
 
     cfg = plan.config
     tags = {
@@ -337,26 +343,29 @@ def mlflow_run(
         if teacher.mlflow_run_id:
             tags[f"teacher.{i}.run_id"] = teacher.mlflow_run_id
     resume_id = unfinished_run(plan) if resume else None
-    with run_context(
+    with buffered_run(
         tracking_uri=plan.tracking.uri,
         experiment=plan.tracking.experiment,
         run_name=cfg.name,
+        run_folder=plan.out_dir,
+        close_timeout=cfg.tracking.outage_wait_s,
         tags=tags,
         parent_run_id=plan.tracking.parent_run_id,
         resume_run_id=resume_id,
-    ) as run_id:
-        logger = RunLogger(tracking_uri=plan.tracking.uri, run_id=run_id)
+    ) as logger:
+        run_id = logger.run_id
         if resume_id:
             log.info(f"continuing MLflow run {run_id} of the interrupted attempt at {plan.ray_name}")
         else:
             logger.params(cfg.model_dump(mode="json"))
         logger.dict(plan.to_dict(), "plan.json")
-        logger.tags(
-            {
-                f"dataset.{split}": log_split(plan.tracking.uri, run_id, split, getattr(cfg.data, split), source)
-                for split, source in sources.items()
-            }
-        )
+        digests = {
+            split: logger.dataset(
+                records=dataset_records(source), source=getattr(cfg.data, split).location(), name=split, context=split
+            )
+            for split, source in sources.items()
+        }
+        logger.tags({f"dataset.{split}": digest for split, digest in digests.items()})
         yield run_id, logger
 
 
@@ -382,16 +391,14 @@ def log_split(uri: str, run_id: str, name: str, split, source: DetectionSource) 
 
 
 def log_outcome(plan: RunPlan, logger, model_path: Path, metrics: dict[str, Any]) -> None:
-    from detkd.tracking.runs import log_detector_model
-
+    """The final metrics, the published file's checksum tag, the file itself and (``tracking.log_model``)
+    its pyfunc model, through the run's BufferedLogger (none of it waits for the server)."""
     logger.metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     logger.tags({"model_sha256": file_digest(model_path)})  # ties the published file to this run (reruns reuse it)
     logger.artifact(model_path, "checkpoint")
     logger.artifact(Path(f"{model_path}.sha256"), "checkpoint")
     if plan.config.tracking.log_model:
-        log_detector_model(
-            tracking_uri=plan.tracking.uri, run_id=logger.run_id, checkpoint=model_path, example_size=plan.input.size
-        )
+        logger.model(model_path, example_size=plan.input.size)
 
 
 def unfinished_run(plan: RunPlan) -> str | None:

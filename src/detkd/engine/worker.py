@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     resume(run, plan, rank=rank, world_size=world)
     logger = mlflow_logger(plan, loop_config.get("run_id")) if rank == 0 else None
-    report = CheckpointReport(plan, run, rank=rank, run_id=loop_config.get("run_id"))
+    carry = logger.carry if logger else None
+    report = CheckpointReport(plan, run, rank=rank, run_id=loop_config.get("run_id"), carry=carry)
     hooks: list[StepHook] = [
         ProgressLog(
             name=cfg.name,
@@ -170,11 +172,18 @@ def validate(
 
 
 def mlflow_logger(plan: RunPlan, run_id: str | None):
+    """Rank 0's logger: it never waits for the tracking server. What it cannot deliver waits in a folder of
+    this node's temp dir, and the final checkpoint carries it to the driver (``CheckpointReport.carry``)."""
     if not run_id:
         return None
-    from detkd.tracking.runs import RunLogger
+    import os
 
-    return RunLogger(tracking_uri=plan.tracking.uri, run_id=run_id)
+    from detkd.tracking.buffered import BufferedLogger
+    from detkd.tracking.delivery import delivery_env
+
+    delivery_env()  # per process: this worker's only MLflow traffic is this logger's
+    folder = Path(tempfile.gettempdir()) / f"detkd-outbox-{run_id}-{os.getpid()}"
+    return BufferedLogger(tracking_uri=plan.tracking.uri, run_id=run_id, folder=folder)
 
 
 class CheckpointReport:
@@ -185,8 +194,11 @@ class CheckpointReport:
     average when ``train.ema`` is on, with the plan in its meta).
     """
 
-    def __init__(self, plan: RunPlan, run: TrainRun, *, rank: int, run_id: str | None) -> None:
+    def __init__(
+        self, plan: RunPlan, run: TrainRun, *, rank: int, run_id: str | None, carry: Callable[[Path], Any] | None = None
+    ) -> None:
         self.plan, self.run, self.rank, self.run_id = plan, run, rank, run_id
+        self.carry = carry  # rank 0's logger: the last checkpoint takes what it could not deliver to MLflow
 
     def model_meta(self, metrics: dict[str, Any]) -> dict[str, Any]:
         cfg = self.plan.config
@@ -217,6 +229,8 @@ class CheckpointReport:
                 payload = {**self.run.state.state_dict(), "rng": states, "plan": self.plan.to_dict()}
                 save_payload(Path(folder) / TRAIN_STATE, payload)
                 save_detector(Path(folder) / MODEL_FILE, self.run.state.published, meta=self.model_meta(metrics))
+                if self.carry is not None and self.run.state.step >= self.run.total_steps:
+                    self.carry(Path(folder))
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
                 if self.run.state.ema is not None:
                     log.info(

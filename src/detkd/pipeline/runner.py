@@ -31,7 +31,7 @@ def run_pipeline(
     """Run every step; returns one summary row per trained model. ``fresh`` retrains every model;
     ``parallel`` steps at most train at once (independent ones, when the cluster has room)."""
     from detkd.engine.launch import ensure_ray
-    from detkd.tracking.runs import RunLogger, check_tracking_uri
+    from detkd.tracking.runs import RunLogger, TrackingUnreachable, check_reachable, check_tracking_uri
 
     spec = spec.model_copy(update={"workdir": spec.workdir.resolve()})
     check_tracking_uri(tracking_context(spec).uri)
@@ -47,10 +47,14 @@ def run_pipeline(
             )
             raise PipelineFailed(execution)
         outcomes = [execution.results[name] for name in final_models(spec)]
+        check_reachable(tracking_context(spec).uri)  # evaluation and registration need the server: gone, say so
         rows = run_evaluate_and_register(spec, outcomes, parent_id)
         close_pipeline_run(spec, parent_id, rows, seconds=time.perf_counter() - started)
     except BaseException as exc:
-        end_pipeline_run(spec, parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        try:
+            end_pipeline_run(spec, parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        except TrackingUnreachable as closing:  # the failure the user must see is exc, not this
+            log.warning(f"{closing}: the pipeline's MLflow run {parent_id} stays RUNNING")
         raise
     return rows
 

@@ -93,25 +93,7 @@ def check_tracking_uri(tracking_uri: str) -> None:
     if tracking_uri.startswith(("postgresql://", "postgresql+psycopg://")):  # SQLAlchemy's driver: psycopg 3
         require("server", "psycopg", why=f"MLflow tracking store {redact(tracking_uri)}")
     if tracking_uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
-        url = tracking_uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=REACHABLE_TIMEOUT_S) as response:
-                response.read(64)
-        except urllib.error.HTTPError as exc:
-            if exc.code >= 500:
-                raise TrackingUnreachable(
-                    f"MLflow tracking server {tracking_uri} answered {exc.code} on /health; "
-                    "check the server (MLFLOW_TRACKING_URI or tracking.tracking_uri)"
-                ) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TrackingUnreachable(
-                f"MLflow tracking server {tracking_uri} is unreachable ({reason}); start it, or point "
-                "MLFLOW_TRACKING_URI / tracking.tracking_uri at a running one (unset: a local mlflow.db)"
-            ) from None
+        check_server(tracking_uri)
     elif (database := sqlite_file(tracking_uri)) is not None:
         folder = database.parent
         if not folder.is_dir():
@@ -119,6 +101,30 @@ def check_tracking_uri(tracking_uri: str) -> None:
         if not os.access(folder, os.W_OK):
             raise TrackingUnreachable(f"MLflow tracking store {tracking_uri}: the folder {folder} is not writable")
     _checked.add(tracking_uri)
+
+
+def check_server(tracking_uri: str) -> None:
+    """Ask an ``http(s)://`` tracking server's ``/health`` once, with a short timeout; TrackingUnreachable
+    when it does not answer or answers 5xx."""
+    import urllib.error
+    import urllib.request
+
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=REACHABLE_TIMEOUT_S) as response:
+            response.read(64)
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500:
+            raise TrackingUnreachable(
+                f"MLflow tracking server {redact(tracking_uri)} answered {exc.code} on /health; "
+                "check the server (MLFLOW_TRACKING_URI or tracking.tracking_uri)"
+            ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnreachable(
+            f"MLflow tracking server {redact(tracking_uri)} is unreachable ({reason}); start it, or point "
+            "MLFLOW_TRACKING_URI / tracking.tracking_uri at a running one (unset: a local mlflow.db)"
+        ) from None
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:
@@ -160,6 +166,30 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def start_run(
+    *,
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
+) -> str:
+    """Create a run (``detkd.``-prefixed, redacted ``tags``; a child of ``parent_run_id``), or set
+    ``resume_run_id`` RUNNING again with those tags; its id."""
+    mlflow.set_tracking_uri(tracking_uri)
+    exp_id = experiment_id(tracking_uri, experiment)
+    all_tags = {f"{TAG_PREFIX}{k}": redact(str(v)) for k, v in (tags or {}).items()}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    client = MlflowClient(tracking_uri)
+    if resume_run_id:
+        client.update_run(resume_run_id, status="RUNNING")
+        RunLogger(tracking_uri=tracking_uri, run_id=resume_run_id).tags(all_tags)
+        return resume_run_id
+    return client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+
+
 @contextlib.contextmanager
 def run_context(
     *,
@@ -170,19 +200,17 @@ def run_context(
     parent_run_id: str | None = None,
     resume_run_id: str | None = None,
 ) -> Iterator[str]:
-    """Start (or nest, or resume) an MLflow run; yields its id, marks FAILED/KILLED on error."""
-    mlflow.set_tracking_uri(tracking_uri)
-    exp_id = experiment_id(tracking_uri, experiment)
-    all_tags = {f"{TAG_PREFIX}{k}": redact(str(v)) for k, v in (tags or {}).items()}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
+    """Start (or nest, or resume) an MLflow run; yields its id, marks FAILED/KILLED on error.
+    (A training run's driver uses ``buffered.buffered_run``: the same, without waiting for the server.)"""
+    run_id = start_run(
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        run_name=run_name,
+        tags=tags,
+        parent_run_id=parent_run_id,
+        resume_run_id=resume_run_id,
+    )
     client = MlflowClient(tracking_uri)
-    if resume_run_id:
-        run_id = resume_run_id
-        client.update_run(run_id, status="RUNNING")
-        RunLogger(tracking_uri=tracking_uri, run_id=run_id).tags({k: v for k, v in all_tags.items()})
-    else:
-        run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
     status = "FAILED"
     try:
         yield run_id
@@ -194,8 +222,22 @@ def run_context(
         client.set_terminated(run_id, status=status)
 
 
+def param_items(params: dict[str, Any]) -> list[tuple[str, str]]:
+    """A nested dict as MLflow params: dotted keys, redacted values cut to MLflow's 6000 characters."""
+    return [(k, redact(str(v))[:6000]) for k, v in flatten(params).items()]
+
+
+def tag_items(tags: dict[str, Any]) -> list[tuple[str, str]]:
+    """Tags as logged: ``detkd.`` before keys that carry neither it nor ``mlflow.``; redacted values."""
+    return [
+        (f"{TAG_PREFIX}{k}" if not k.startswith(("mlflow.", TAG_PREFIX)) else k, redact(str(v)))
+        for k, v in tags.items()
+    ]
+
+
 class RunLogger:
-    """Log into an existing run by id from any process (driver or Ray worker)."""
+    """Log into an existing run by id from any process, waiting for the store (a training run's
+    driver and rank-0 worker use ``buffered.BufferedLogger``, which does not wait)."""
 
     def __init__(self, *, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri = tracking_uri
@@ -203,8 +245,7 @@ class RunLogger:
         self.client = MlflowClient(tracking_uri)
 
     def params(self, params: dict[str, Any]) -> None:
-        flat = flatten(params)
-        items = [Param(k, redact(str(v))[:6000]) for k, v in flat.items()]
+        items = [Param(k, v) for k, v in param_items(params)]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -215,10 +256,7 @@ class RunLogger:
             self.client.log_batch(self.run_id, metrics=items)
 
     def tags(self, tags: dict[str, Any]) -> None:
-        items = [
-            RunTag(f"{TAG_PREFIX}{k}" if not k.startswith(("mlflow.", TAG_PREFIX)) else k, redact(str(v)))
-            for k, v in tags.items()
-        ]
+        items = [RunTag(k, v) for k, v in tag_items(tags)]
         if items:
             self.client.log_batch(self.run_id, tags=items)
 
@@ -250,18 +288,23 @@ def log_dataset(
     *, tracking_uri: str, run_id: str, records: list[dict[str, Any]], source: str, name: str, context: str
 ) -> str:
     """Record a dataset input (digest of its image records) on the run for lineage."""
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    mlflow.set_tracking_uri(tracking_uri)
+    fields = dataset_fields(records, source=source, name=name)
+    MlflowClient(tracking_uri).log_inputs(
+        run_id, datasets=[DatasetInput(dataset=Dataset(**fields), tags=[InputTag("mlflow.data.context", context)])]
+    )
+    return fields["digest"]
+
+
+def dataset_fields(records: list[dict[str, Any]], *, source: str, name: str) -> dict[str, Any]:
+    """The fields of the MLflow dataset entity of ``records`` (name, digest, source, schema, profile)."""
     dataset = pandas_dataset(records, source=source, name=name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         entity = dataset._to_mlflow_entity()
-
-    MlflowClient(tracking_uri).log_inputs(
-        run_id, datasets=[DatasetInput(dataset=entity, tags=[InputTag("mlflow.data.context", context)])]
-    )
-    return dataset.digest
+    keys = ("name", "digest", "source_type", "source", "schema", "profile")
+    return {key: getattr(entity, key) for key in keys}
 
 
 def detector_signature():
@@ -405,8 +448,17 @@ def open_parent_run(tracking_uri: str, experiment: str, *, run_name: str, tags: 
     return run.info.run_id
 
 
+def check_reachable(tracking_uri: str) -> None:
+    """:func:`check_server` for ``http(s)://`` stores, every time (``check_tracking_uri`` asks once per
+    process): a server that went away since the start fails in seconds, not after MLflow's minutes."""
+    if tracking_uri.startswith(("http://", "https://")):
+        check_server(tracking_uri)
+
+
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:
-    """Mark a run terminated with ``status`` (FINISHED, FAILED or KILLED)."""
+    """Mark a run terminated with ``status`` (FINISHED, FAILED or KILLED); TrackingUnreachable at once
+    when the server went away (:func:`check_reachable`)."""
+    check_reachable(tracking_uri)
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 
 
