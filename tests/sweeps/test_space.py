@@ -155,10 +155,10 @@ def test_the_cli_ends_a_bad_space_or_option_with_error_lines_and_exit_2(sweep_fi
     assert result.exit_code == 2 and "--resume: no sweep to resume" in " ".join(result.output.split())
 
 
-def test_relative_paths_of_the_target_become_absolute_for_the_trials(sweep_files, tmp_path, monkeypatch):
+def test_relative_paths_of_the_target_become_absolute_for_the_trials(sweep_files, sweep_store, tmp_path, monkeypatch):
     space, pipeline = sweep_files({"optim.lr": {"choice": [0.001]}})
     monkeypatch.chdir(tmp_path)
-    pipeline.write_text(pipeline.read_text().replace(str(tmp_path / "work"), "work"))  # workdir relative to the cwd
+    pipeline.write_text(pipeline.read_text().replace(str(sweep_store[0]), "work"))  # workdir relative to the cwd
     loaded = load_space(space)
     assert loaded.base.data.train.coco == tmp_path / "work/data/annotations/instances_train.json"
     assert str(loaded.base.run.storage_path).startswith(str(tmp_path))
