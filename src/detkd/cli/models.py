@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from detkd.cli.common import FreshOption, SetOption, _fail, _fail_pipeline, _local_model, _user_errors, app, console
+from detkd.cli.common import (
+    FreshOption,
+    SetOption,
+    _fail,
+    _fail_pipeline,
+    _local_model,
+    _print_errors,
+    _user_errors,
+    app,
+    console,
+)
 
 
 @app.command("train")
@@ -109,6 +119,7 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh:
     from detkd.config import ConfigError, load_config
     from detkd.engine.launch import run_training
     from detkd.engine.plan import open_split, stage_configs
+    from detkd.engine.storage_errors import StorageUnreachable
     from detkd.pipeline.runner import evaluation_row, write_summary
 
     try:
@@ -124,6 +135,9 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh:
         outcome = run_training(cfg, address=address, fresh=fresh)
     except _user_errors() as exc:
         _fail(exc)
+    except StorageUnreachable as exc:  # not the input's fault: exit code 1
+        _print_errors(exc)
+        raise typer.Exit(1) from None
     console.print(f"[green]done[/green]: {outcome.model_path} (MLflow run {outcome.run_id}, {outcome.seconds:.0f}s)")
     if summary is not None:
         split_name = "test" if cfg.data.test is not None else "val"
