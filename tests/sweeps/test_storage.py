@@ -43,3 +43,10 @@ def test_an_s3_storage_path_holds_the_experiment_and_the_trials_under_sweeps_nam
 )
 def test_join_keeps_a_uri_query_at_the_end(location, joined):
     assert join(location, "train") == joined
+
+
+def test_messages_show_the_storage_without_its_secrets(tmp_path):
+    cfg = Config.model_validate({"run": {"storage_path": "s3://b/x?secret_key=hunter2"}})
+    storage = sweep_storage(cfg, name="s", workdir=tmp_path)
+    assert storage.train == "s3://b/x/sweeps/s/train?secret_key=hunter2"  # what Ray needs
+    assert "hunter2" not in storage.shown and storage.shown.startswith("s3://b/x/sweeps/s")

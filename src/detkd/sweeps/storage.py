@@ -40,6 +40,13 @@ class SweepStorage:
         return "://" in self.root
 
     @property
+    def shown(self) -> str:
+        """``root`` for messages (a password or secret query value masked)."""
+        from detkd.tracking.redact import redact
+
+        return redact(self.root)
+
+    @property
     def tune(self) -> str:
         """The Tune experiment's path (with ``filesystem``): ``Tuner.restore`` and ``can_restore`` take it."""
         return f"{self.path}/tune"

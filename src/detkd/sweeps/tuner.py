@@ -119,7 +119,7 @@ def run_sweep(
         if not restorable:
             write_state(storage, {"digest": digest, "sweep_run_id": sweep_run_id, "complete": False})
             sweep_log.params({"space": loaded.space.model_dump(mode="json"), "options": options.__dict__})
-        stored = f" (trials stored under {storage.root})" if storage.remote else ""
+        stored = f" (trials stored under {storage.shown})" if storage.remote else ""
         log.info(f"sweep {loaded.name}: {'continuing' if restorable else 'starting'} under {workdir}{stored}")
         job = sweep_job(loaded, options, tracking=replace(tracking, parent_run_id=sweep_run_id), storage=storage)
         results = build_tuner(loaded, options, job, storage=storage, restorable=restorable).fit()
@@ -130,7 +130,7 @@ def run_sweep(
             failed = [r.trial_id for r in outcome.rows if r.state == "ERROR"]
             raise SweepFailed(
                 f"sweep {loaded.name}: no trial trained to the end ({len(failed)} of {len(outcome.rows)} failed); "
-                f"their errors are under {storage.root}/tune/*/error.txt"
+                f"their errors are under {storage.shown}/tune/*/error.txt"
             )
     return outcome
 
@@ -139,10 +139,10 @@ def check_restorable(storage: SweepStorage, state: dict[str, Any], digest: str, 
     """Whether the sweep's storage holds a Tune experiment to continue; a ConfigError when it is another sweep's."""
     restorable = tune.Tuner.can_restore(storage.tune, storage_filesystem=storage.filesystem)
     if resume and not restorable:
-        raise ConfigError(f"--resume: no sweep to resume under {storage.root}; run without --resume to start it")
+        raise ConfigError(f"--resume: no sweep to resume under {storage.shown}; run without --resume to start it")
     if restorable and state.get("digest") != digest:
         raise ConfigError(
-            f"{storage.root}: the sweep there was started from another space, target or budget; "
+            f"{storage.shown}: the sweep there was started from another space, target or budget; "
             "start over with --fresh, or set the space's workdir elsewhere"
         )
     return restorable
