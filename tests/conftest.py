@@ -31,6 +31,7 @@ FIXTURE_MARKERS: dict[str, tuple[str, ...]] = {
     "mlflow_server": ("server",),
     "server_process": ("server",),
     "s3": ("server",),
+    "two_nodes": ("ray", "server"),
     "mmdet": ("mmdet",),
 }
 

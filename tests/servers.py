@@ -13,17 +13,17 @@ import glob
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -63,6 +63,7 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID": "detkd-test", "AWS_SECRET_ACCESS_KEY": "detkd-te
 class S3Server(NamedTuple):
     endpoint: str
     env: dict[str, str]  # what a client (boto3, pyarrow, MLflow) needs to reach it
+    process: subprocess.Popen | None = None  # the server (a fault test stops and continues it)
 
     def client(self):
         import boto3
@@ -85,7 +86,7 @@ def s3_server(root: Path, *, buckets: tuple[str, ...]) -> Iterator[S3Server]:
     endpoint = f"http://127.0.0.1:{port}"
     env = {**os.environ, **S3_KEYS, "AWS_DEFAULT_REGION": "us-east-1"}
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    with serving(command, ready_url=f"{endpoint}/moto-api/", log_path=root / "s3.log", env=env, wait_s=60):
+    with serving(command, ready_url=f"{endpoint}/moto-api/", log_path=root / "s3.log", env=env, wait_s=60) as process:
         server = S3Server(
             endpoint,
             {
@@ -94,6 +95,7 @@ def s3_server(root: Path, *, buckets: tuple[str, ...]) -> Iterator[S3Server]:
                 "AWS_ENDPOINT_URL": endpoint,
                 "MLFLOW_S3_ENDPOINT_URL": endpoint,
             },
+            process,
         )
         for bucket in buckets:
             server.client().create_bucket(Bucket=bucket)
@@ -143,3 +145,81 @@ def postgres_server(database: str = "mlflow") -> Iterator[Postgres]:
     finally:
         subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 in front of a server: ``stop()`` closes its port and cuts every open
+    connection (clients meet refused and reset connections, as from a server that was stopped), ``start()``
+    opens the same port again. The server behind keeps its state: a store that restarts with its data."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            sockets, self._open = list(self._open), set()
+        for sock in sockets:
+            _close(sock)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # stopped
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open.update((client, upstream))
+            threading.Thread(target=self._forward, args=(client, upstream), daemon=True).start()
+
+    def _forward(self, client: socket.socket, upstream: socket.socket) -> None:
+        back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+        back.start()
+        _pump(client, upstream)
+        back.join()
+        with self._lock:
+            self._open.difference_update((client, upstream))
+        _close(client)
+        _close(upstream)
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    """Copy until ``source`` ends, then end ``sink``'s writing side."""
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()

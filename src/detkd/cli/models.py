@@ -15,6 +15,7 @@ from detkd.cli.common import (
     _fail_pipeline,
     _fail_undelivered,
     _local_model,
+    _print_errors,
     _user_errors,
     app,
     console,
@@ -119,6 +120,7 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh:
     from detkd.config import ConfigError, load_config
     from detkd.engine.launch import run_training
     from detkd.engine.plan import open_split, stage_configs
+    from detkd.engine.storage_errors import StorageUnreachable
     from detkd.pipeline.runner import evaluation_row, write_summary
     from detkd.tracking.delivery import TrackingNotDelivered
 
@@ -137,6 +139,9 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh:
         _fail(exc)
     except TrackingNotDelivered as exc:  # trained and published; MLflow missed part of it
         _fail_undelivered(exc)
+    except StorageUnreachable as exc:  # not the input's fault: exit code 1
+        _print_errors(exc)
+        raise typer.Exit(1) from None
     console.print(f"[green]done[/green]: {outcome.model_path} (MLflow run {outcome.run_id}, {outcome.seconds:.0f}s)")
     if summary is not None:
         split_name = "test" if cfg.data.test is not None else "val"

@@ -25,6 +25,7 @@ from detkd.config import Config, ConfigError
 from detkd.data.records import DetectionSource
 from detkd.engine.faults import MARKER
 from detkd.engine.plan import build_plan, open_sources, plan_stages, stage_configs
+from detkd.engine.storage_errors import storage_outage
 from detkd.engine.worker import MODEL_FILE, TRAIN_STATE, mismatch_message, train_loop_per_worker
 from detkd.models.checkpoint import CheckpointError, file_digest, load_payload
 from detkd.records import RunPlan, TrackingContext, TrainOutcome
@@ -222,7 +223,8 @@ def finished_outcome(plan: RunPlan) -> TrainOutcome | None:
 def fit(
     plan: RunPlan, *, run_id: str | None, callbacks: list[Any] | None = None, cpus_per_worker: float | None = None
 ) -> ray.train.Result:
-    """Run the Ray Train job; Ctrl-C leaves a resumable run and says how to resume it.
+    """Run the Ray Train job; Ctrl-C leaves a resumable run and says how to resume it; a checkpoint store that
+    stopped answering (after Ray Train's retries) ends it with a StorageUnreachable.
 
     CPUs per worker: ``scaling.cpus_per_worker``, else ``cpus_per_worker`` (a pipeline running
     steps side by side gives each its share), else the whole cluster split over the workers.
@@ -256,6 +258,11 @@ def fit(
             "run the same command again to resume"
         )
         raise KeyboardInterrupt from exc
+    except Exception as exc:
+        outage = storage_outage(exc, cfg)  # the checkpoint store stopped answering: say so, in one error
+        if outage is None:
+            raise
+        raise outage from exc
 
 
 def local_run_folder(plan: RunPlan) -> Path | None:

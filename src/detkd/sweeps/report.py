@@ -103,7 +103,7 @@ def trial_rows(results, *, job: SweepJob) -> tuple[list[TrialRow], pd.DataFrame]
 
     from detkd.tracking.runs import find_runs
 
-    analysis = ExperimentAnalysis(results.experiment_path)
+    analysis = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem)
     frames = analysis.trial_dataframes
     rows, epoch_frames = [], []
     for trial in analysis.trials:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,10 @@ class SweepJob:
     teacher_checkpoints: dict[str, Path] = field(default_factory=dict)  # pipeline teacher name -> model.pt
     teacher_runs: dict[str, str] = field(default_factory=dict)  # pipeline teacher name -> MLflow run id
     cpus_per_worker: float | None = None
+    train_storage: str | None = None  # the trials' run.storage_path (sweeps.storage); None: <workdir>/train
+    # the AWS keys and region of the sweep's driver, set in each trial's process before its Train run starts
+    # there (see sweeps.storage.storage_keys); never printed
+    storage_env: dict[str, str] = field(default_factory=dict, repr=False)
 
     def decode(self, sampled: dict[str, Any]) -> dict[str, Any]:
         """Tune's sampled labels -> the YAML values of the space."""
@@ -55,7 +60,8 @@ class SweepJob:
         data["name"] = f"{self.base.name}-{trial_id}"
         data["data"]["test"] = None
         data["train"].update(eval_every=1, checkpoint_every=1, checkpoint_every_steps=0)
-        data["run"].update(storage_path=str(self.workdir / "train"), output_dir=str(self.workdir / "models"))
+        storage = self.train_storage or str(self.workdir / "train")
+        data["run"].update(storage_path=storage, output_dir=str(self.workdir / "models"))
         data["tracking"]["log_model"] = False  # the checkpoint artifact is logged; the chosen model is the product
         if self.cpus_per_worker and not data["scaling"]["cpus_per_worker"]:
             data["scaling"]["cpus_per_worker"] = self.cpus_per_worker
@@ -116,6 +122,7 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
     from detkd.tracking.runs import RunLogger, find_runs, max_metric, run_context
 
     log_to_stdout()
+    os.environ.update(job.storage_env)  # this trial may run on a node without the driver's storage keys
     trial_id = tune.get_context().get_trial_id()
     values = job.decode(sampled)
     cfg = job.trial_config(values, trial_id)

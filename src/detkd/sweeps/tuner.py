@@ -1,9 +1,10 @@
 """Run, resume and finish a sweep with Ray Tune (each trial a Ray Train run, see ``trial``).
 
-A sweep's folder holds the Tune experiment (``tune/``), the trials' Train runs
-(``train/``) and models (``models/``), and the results: ``trials.parquet``,
-``epochs.parquet``, ``best_config.yaml``, ``summary.json`` and ``plots/``. Running the
-same command again continues an interrupted sweep without redoing finished trials.
+A sweep's folder holds the trials' models (``models/``) and the results: ``trials.parquet``,
+``epochs.parquet``, ``best_config.yaml``, ``summary.json`` and ``plots/``; the Tune experiment
+(``tune/``) and the trials' Train runs (``train/``) are there too, or under the target's
+``run.storage_path`` when that is a URI (``storage``). Running the same command again continues an
+interrupted sweep without redoing finished trials.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from detkd.config import ConfigError
 from detkd.extras import missing_extra, require
 from detkd.records import TrackingContext, TrialRow
 from detkd.sweeps.space import LoadedSpace, Parameter, SweepBudget, student_epochs
+from detkd.sweeps.storage import SweepStorage, storage_keys, sweep_storage
 from detkd.sweeps.trial import TRIAL_EPOCH, SweepJob, run_trial
 
 STATE_FILE = "sweep.json"
@@ -86,11 +88,14 @@ def run_sweep(
     if options.search == "optuna":
         require("optuna", why="--search optuna")  # before any folder, run or Ray
     workdir = loaded.workdir()
+    storage = sweep_storage(loaded.base, name=loaded.name, workdir=workdir)
     digest = sweep_digest(loaded, options)
-    if fresh and workdir.exists():
-        shutil.rmtree(workdir)
-    state = read_state(workdir)
-    restorable = check_restorable(workdir, state, digest, resume=resume)
+    if fresh:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if storage.remote:
+            storage.discard()
+    state = read_state(storage)
+    restorable = check_restorable(storage, state, digest, resume=resume)
     tracking = tracking or target_tracking(loaded)
     check_tracking_uri(tracking.uri)
     ensure_ray(address)
@@ -105,44 +110,49 @@ def run_sweep(
             "sweep": loaded.name,
             "space": str(loaded.path),
             "workdir": str(workdir),
+            "sweep_storage": storage.root,
         },
         parent_run_id=tracking.parent_run_id,
         resume_run_id=state.get("sweep_run_id") if restorable else None,
     ) as sweep_run_id:
         sweep_log = RunLogger(tracking_uri=tracking.uri, run_id=sweep_run_id)
         if not restorable:
-            write_state(workdir, {"digest": digest, "sweep_run_id": sweep_run_id, "complete": False})
+            write_state(storage, {"digest": digest, "sweep_run_id": sweep_run_id, "complete": False})
             sweep_log.params({"space": loaded.space.model_dump(mode="json"), "options": options.__dict__})
-        log.info(f"sweep {loaded.name}: {'continuing' if restorable else 'starting'} under {workdir}")
-        job = sweep_job(loaded, options, tracking=replace(tracking, parent_run_id=sweep_run_id))
-        results = build_tuner(loaded, options, job, restorable=restorable).fit()
+        stored = f" (trials stored under {storage.shown})" if storage.remote else ""
+        log.info(f"sweep {loaded.name}: {'continuing' if restorable else 'starting'} under {workdir}{stored}")
+        job = sweep_job(loaded, options, tracking=replace(tracking, parent_run_id=sweep_run_id), storage=storage)
+        results = build_tuner(loaded, options, job, storage=storage, restorable=restorable).fit()
         outcome, epochs = collect_trials(loaded, options, job, results, sweep_run_id=sweep_run_id)
         report.finish(outcome, job=job, epochs=epochs, sweep_log=sweep_log)
-        write_state(workdir, {"digest": digest, "sweep_run_id": sweep_run_id, "complete": True})
+        write_state(storage, {"digest": digest, "sweep_run_id": sweep_run_id, "complete": True})
         if outcome.best is None:
             failed = [r.trial_id for r in outcome.rows if r.state == "ERROR"]
             raise SweepFailed(
                 f"sweep {loaded.name}: no trial trained to the end ({len(failed)} of {len(outcome.rows)} failed); "
-                f"their errors are under {workdir / 'tune'}/*/error.txt"
+                f"their errors are under {storage.shown}/tune/*/error.txt"
             )
     return outcome
 
 
-def check_restorable(workdir: Path, state: dict[str, Any], digest: str, *, resume: bool) -> bool:
-    """Whether the sweep folder holds a Tune experiment to continue; a ConfigError when it is another sweep's."""
-    restorable = tune.Tuner.can_restore(str(workdir / "tune"))
+def check_restorable(storage: SweepStorage, state: dict[str, Any], digest: str, *, resume: bool) -> bool:
+    """Whether the sweep's storage holds a Tune experiment to continue; a ConfigError when it is another sweep's."""
+    restorable = tune.Tuner.can_restore(storage.tune, storage_filesystem=storage.filesystem)
     if resume and not restorable:
-        raise ConfigError(f"--resume: no sweep to resume under {workdir}; run without --resume to start it")
+        raise ConfigError(f"--resume: no sweep to resume under {storage.shown}; run without --resume to start it")
     if restorable and state.get("digest") != digest:
         raise ConfigError(
-            f"{workdir}: the sweep there was started from another space, target or budget; "
+            f"{storage.shown}: the sweep there was started from another space, target or budget; "
             "start over with --fresh, or set the space's workdir elsewhere"
         )
     return restorable
 
 
-def sweep_job(loaded: LoadedSpace, options: SweepOptions, *, tracking: TrackingContext) -> SweepJob:
-    """What every trial needs: the target, its parameters, the teachers (trained once, here) and its CPUs."""
+def sweep_job(
+    loaded: LoadedSpace, options: SweepOptions, *, tracking: TrackingContext, storage: SweepStorage
+) -> SweepJob:
+    """What every trial needs: the target, its parameters, the teachers (trained once, here), its CPUs and
+    where its Train run stores its checkpoints."""
     checkpoints, runs = prepare_teachers(loaded, tracking=tracking)
     return SweepJob(
         name=loaded.name,
@@ -154,18 +164,27 @@ def sweep_job(loaded: LoadedSpace, options: SweepOptions, *, tracking: TrackingC
         teacher_checkpoints=checkpoints,
         teacher_runs=runs,
         cpus_per_worker=worker_cpus(loaded, options),
+        train_storage=storage.train,
+        storage_env=storage_keys(storage),
     )
 
 
-def build_tuner(loaded: LoadedSpace, options: SweepOptions, job: SweepJob, *, restorable: bool) -> tune.Tuner:
+def build_tuner(
+    loaded: LoadedSpace, options: SweepOptions, job: SweepJob, *, storage: SweepStorage, restorable: bool
+) -> tune.Tuner:
     """A new Tuner, or the interrupted one restored (its errored trials retried)."""
     from detkd.sweeps import report
 
-    tune_dir = job.workdir / "tune"
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": TRIAL_DRIVER_CPU})
     space = param_space(loaded.parameters, options.search, where=str(loaded.path))
     if restorable:
-        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True, param_space=space)
+        return tune.Tuner.restore(
+            storage.tune,
+            trainable=trainable,
+            resume_errored=True,
+            param_space=space,
+            storage_filesystem=storage.filesystem,
+        )
     table = report.LiveTable(metric_key=job.metric_key, parameters=[p.name for p in loaded.parameters])
     return tune.Tuner(
         trainable,
@@ -173,7 +192,8 @@ def build_tuner(loaded: LoadedSpace, options: SweepOptions, job: SweepJob, *, re
         tune_config=tune_config(loaded, options),
         run_config=tune.RunConfig(
             name="tune",
-            storage_path=str(job.workdir),
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
             callbacks=[table],
             verbose=0,
@@ -232,15 +252,13 @@ def sweep_digest(loaded: LoadedSpace, options: SweepOptions) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def read_state(workdir: Path) -> dict[str, Any]:
-    path = workdir / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+def read_state(storage: SweepStorage) -> dict[str, Any]:
+    data = storage.read(STATE_FILE)
+    return json.loads(data) if data is not None else {}
 
 
-def write_state(workdir: Path, state: dict[str, Any]) -> None:
-    from detkd.models.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(workdir / STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
+def write_state(storage: SweepStorage, state: dict[str, Any]) -> None:
+    storage.write(STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
 
 
 def worker_cpus(loaded: LoadedSpace, options: SweepOptions) -> float:
