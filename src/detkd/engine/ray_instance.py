@@ -112,12 +112,23 @@ def start_local_ray(**init_kwargs) -> str:
     """Start a Ray instance owned by this process (it stops when the process ends); returns its GCS address.
 
     Its processes (and so Ray Train's cleaner) get ``RAY_ADDRESS`` naming it: they never look for it
-    among the machine's other instances. ``init_kwargs`` go to ``ray.init``."""
-    address = f"127.0.0.1:{free_port()}"
-    with _environ(RAY_GCS_SERVER_PORT=address.rsplit(":", 1)[1], RAY_ADDRESS=address):
-        ray.init(address=LOCAL, **init_kwargs)  # "local": never RAY_ADDRESS, never a recorded head
-    log.info(f"started a private local Ray instance at {address}")
-    return address
+    among the machine's other instances. ``init_kwargs`` go to ``ray.init``. A port taken between
+    choosing it and the GCS binding it (Ray's "Failed to start GCS") is chosen again."""
+    tries = 3
+    while True:
+        tries -= 1
+        address = f"127.0.0.1:{free_port()}"
+        try:
+            with _environ(RAY_GCS_SERVER_PORT=address.rsplit(":", 1)[1], RAY_ADDRESS=address):
+                ray.init(address=LOCAL, **init_kwargs)  # "local": never RAY_ADDRESS, never a recorded head
+        except RuntimeError as exc:
+            if "Failed to start GCS" not in str(exc) or not tries:
+                raise
+            log.warning(f"Ray's port {address} was taken before its GCS started; choosing another")
+            ray.shutdown()
+            continue
+        log.info(f"started a private local Ray instance at {address}")
+        return address
 
 
 def free_port() -> int:
