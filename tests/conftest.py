@@ -113,13 +113,18 @@ def varied_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """A local Ray instance owned by this test session (shut down at the end, nothing else touched)."""
+    """A local Ray instance owned by this test session (shut down at the end, nothing else touched).
+
+    Started as detkd starts its private instances (``start_local_ray``): its processes know its address, so
+    a ``detkd`` subprocess that starts its own Ray meanwhile confuses neither (tests/faults/test_two_drivers.py)."""
     import ray
+
+    from detkd.engine.ray_instance import start_local_ray
 
     if ray.is_initialized():
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    start_local_ray(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -95,9 +95,7 @@ def test_teachers_train_side_by_side_with_the_lineage_of_one_at_a_time_and_rerun
 
     # a rerun trains nothing again: every model step is reused (no new MLflow run) and scores the same
     rerun = run_pipeline(load_pipeline(concurrent), parallel=2)
-    assert [(r.name, r.mlflow_run_id, r.AP) for r in rerun] == [
-        (r.name, r.mlflow_run_id, r.AP) for r in rows_par
-    ]
+    assert [(r.name, r.mlflow_run_id, r.AP) for r in rerun] == [(r.name, r.mlflow_run_id, r.AP) for r in rows_par]
     first, second = parent_of(uri, "concurrent")
     assert second != first and set(model_runs(uri, second)) == {"data", "evaluate"}  # nothing trained again
 

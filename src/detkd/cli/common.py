@@ -60,6 +60,10 @@ def _setup() -> None:
 
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="dotted override, e.g. input.scale=0.5")]
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster to join, HOST:6379 or ray://HOST:10001 (default: RAY_ADDRESS, else a local Ray)"),
+]
 FreshOption = Annotated[
     bool, typer.Option("--fresh", help="start over: discard this run's checkpoints instead of resuming them")
 ]

@@ -10,6 +10,7 @@ import typer
 
 from detkd.cli.common import (
     FreshOption,
+    RayAddressOption,
     SetOption,
     _fail,
     _fail_pipeline,
@@ -28,7 +29,7 @@ def train(
     overrides: SetOption = None,
     summary: Annotated[Path | None, typer.Option(help="write a JSON summary row here")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="drop invalid records instead of refusing the data")] = False,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+    address: RayAddressOption = None,
     fresh: FreshOption = False,
 ) -> None:
     """Train a teacher or a plain student with Ray Train."""
@@ -67,7 +68,7 @@ def distill(
     overrides: SetOption = None,
     summary: Annotated[Path | None, typer.Option(help="write a JSON summary row here")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="drop invalid records instead of refusing the data")] = False,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+    address: RayAddressOption = None,
     fresh: FreshOption = False,
 ) -> None:
     """Distill frozen teachers into a student: from a run config, or from a teacher and a dataset in one command.

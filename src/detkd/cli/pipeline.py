@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from detkd.cli.common import FreshOption, SetOption, _fail, _fail_pipeline, _user_errors, app, console
+from detkd.cli.common import FreshOption, RayAddressOption, SetOption, _fail, _fail_pipeline, _user_errors, app, console
 
 
 @app.command("run")
@@ -16,7 +16,7 @@ def run(
     pipeline: Annotated[Path, typer.Argument(help="pipeline spec YAML")],
     overrides: SetOption = None,
     summary: Annotated[Path | None, typer.Option(help="write the summary rows as JSON here")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+    address: RayAddressOption = None,
     fresh: FreshOption = False,
     parallel: Annotated[
         int,
@@ -105,7 +105,7 @@ def step_command(
         str | None, typer.Option(help="the pipeline's MLflow run (the data step's output; it opens one without)")
     ] = None,
     outputs: Annotated[Path | None, typer.Option(help="also write the step's outputs here as JSON")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+    address: RayAddressOption = None,
     fresh: FreshOption = False,
 ) -> None:
     """Run one step of a pipeline (what each Kubeflow component runs); the steps it needs must have finished."""

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from detkd.cli.common import _fail, _user_errors, app, console, err_console
+from detkd.cli.common import RayAddressOption, _fail, _user_errors, app, console, err_console
 from detkd.config import format_validation_error
 
 
@@ -21,7 +21,7 @@ def tune_command(
     max_concurrent: Annotated[int | None, typer.Option(min=1, help="trials running at once")] = None,
     scheduler: Annotated[str | None, typer.Option(help="asha (stops weak trials early) or fifo")] = None,
     search: Annotated[str | None, typer.Option(help="random, grid or optuna")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+    address: RayAddressOption = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="continue the interrupted sweep (the same command again does too)")
     ] = False,

@@ -82,27 +82,10 @@ SECRET_EXCLUDES = [
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def use_local_token() -> None:
-    """Ray 2.60 clusters started here enable token auth; the Jobs client must opt in to send the token.
-
-    Setting RAY_AUTH_MODE alone is not enough once Ray's config is cached in this
-    process, so ask Ray to re-read it (the same call ``ray.init`` makes).
-    """
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    if os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file():
-        try:
-            from ray._private.authentication.authentication_token_setup import (
-                maybe_enable_token_auth_if_token_available,
-            )
-
-            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-        except ImportError:  # a Ray without token auth
-            pass
-
-
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
+
+    from detkd.engine.ray_instance import use_local_token
 
     use_local_token()
     try:

@@ -71,18 +71,22 @@ LOCAL_HEALTH_CHECK_INTERVAL_S = "0.25"  # seconds; a cluster's own environment d
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS), else start a local Ray on this machine."""
+    """Join ``address`` (else RAY_ADDRESS, else a head ``ray start`` recorded here), or start a private local Ray.
+
+    See :mod:`detkd.engine.ray_instance` for why a second detkd process starts its own instance."""
+    from detkd.engine.ray_instance import join_ray, resolve_address, start_local_ray
+
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    target, source = resolve_address(address)
+    if target:
+        join_ray(target, source=source)
     else:
         # A local Ray's processes inherit this: Ray Train's controller collects worker reports every interval
         # (2 s by default) and a worker holds one unread report, so short epochs would each wait for the poll.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
-        ray.init(log_to_driver=True)
+        start_local_ray(log_to_driver=True)
 
 
 def publish_model(source_dir: Path, out_dir: Path) -> Path:
