@@ -1,4 +1,5 @@
-"""The gated registry on a real MLflow store: promotion, refusal, re-scoring, rollback, locking, concurrency."""
+"""The gated registry on a real MLflow store: promotion, refusal, re-scoring, rollback, locking, concurrency,
+and registering the same run's model again (nothing new)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from factories import registrable_model
 from mlflow.tracking import MlflowClient
 
 from detkd.data.coco import load_coco
@@ -27,6 +29,7 @@ from detkd.tracking.registry import (
     Candidate,
     Gate,
     RegistryBusy,
+    Registration,
     logged_model_uri,
     register_candidate,
 )
@@ -270,3 +273,74 @@ def test_registered_models_go_wherever_checkpoints_go(models, tiny_dataset, tiny
     missing = {**student, "distill": {"teachers": [{"source": "models:/shipped@nobody"}], "mse": {}}}
     with pytest.raises(ConfigError, match="models:/shipped@nobody: no such registered model version"):
         build_plan(Config.model_validate(missing), tracking=TrackingContext(uri=models["uri"], experiment="detkd"))
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("mlflow server", marks=pytest.mark.server)])
+def untrained(request, tiny_dataset, tiny_config, tmp_path_factory):
+    """Two untrained detectors, each with a finished run and a logged model, in a SQLite store and in a real
+    ``mlflow server``: what registering needs, without training (their APs are given, on one split)."""
+    work = tmp_path_factory.mktemp("untrained")
+    if request.param == "sqlite":
+        uri = f"sqlite:///{work / 'mlflow.db'}"
+    else:
+        uri = request.getfixturevalue("mlflow_server").uri
+    made = {}
+    for seed, name in enumerate(("a", "b")):
+        path = work / name / "model.pt"
+        run_id, model_uri = registrable_model(tiny_config(tiny_dataset, work), path, tracking_uri=uri, seed=seed)
+        made[name] = (run_id, path, model_uri)
+    return {"uri": uri, "made": made, "work": work}
+
+
+def register_untrained(untrained, model: str, who: str, ap: float, *, checkpoint: Path | None = None) -> Registration:
+    run_id, path, model_uri = untrained["made"][who]
+
+    def no_rescoring(_: Path) -> float:
+        raise AssertionError("every candidate here was scored on the same split: nothing is re-scored")
+
+    return register_candidate(
+        tracking_uri=untrained["uri"],
+        model=model,
+        candidate=Candidate(who, run_id, checkpoint or path, ap, 50.0, "val", "one-split"),
+        baseline=None,
+        gate=Gate(),
+        model_uri=model_uri,
+        score_on_split=no_rescoring,
+        owner=f"test-{who}",
+    )
+
+
+def aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    return {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
+
+
+def test_registering_the_same_run_and_checkpoint_again_returns_its_version(untrained):
+    client = MlflowClient(untrained["uri"])
+    name = "rerun"
+    first = register_untrained(untrained, name, "a", 0.3)
+    assert (first.version, first.alias, first.existing) == ("1", CHAMPION, False)
+    sha = client.get_model_version(name, "1").tags["detkd.checkpoint_sha256"]
+    assert len(sha) == 64
+
+    again = register_untrained(untrained, name, "a", 0.3)  # a pipeline rerun that reused the finished student
+    assert (again.version, again.alias, again.existing) == ("1", CHAMPION, True)
+    run_a = untrained["made"]["a"][0]
+    assert again.verdict == f"a: run {run_a} is already version 1 of rerun (champion); nothing registered"
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+
+    better = register_untrained(untrained, name, "b", 0.5)
+    assert (better.version, better.alias) == ("2", CHAMPION)
+    later = register_untrained(untrained, name, "a", 0.3)  # aliases stay where they are: v1 holds none now
+    assert (later.version, later.alias, later.existing) == ("1", "", True)
+    assert "(no alias); nothing registered" in later.verdict
+    assert aliases(client, name) == {CHAMPION: "2"}
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+
+    # the same run with other weights (a run resumed and trained further) is another model: a new version
+    retrained = untrained["work"] / "a-retrained" / "model.pt"
+    retrained.parent.mkdir()
+    retrained.write_bytes(untrained["made"]["b"][1].read_bytes())
+    other = register_untrained(untrained, name, "a", 0.3, checkpoint=retrained)
+    assert (other.version, other.alias, other.existing) == ("3", CHALLENGER, False)
+    assert aliases(client, name) == {CHAMPION: "2", CHALLENGER: "3"}
+    assert not client.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")  # the lock was released each time
