@@ -26,12 +26,14 @@ from detkd.tracking.registry import (
     CHALLENGER,
     CHAMPION,
     LOCK_SUFFIX,
+    STALE_MARK,
     Candidate,
     Gate,
-    RegistryBusy,
     Registration,
+    RegistryBusy,
     logged_model_uri,
     register_candidate,
+    registry_lock,
 )
 from detkd.tracking.runs import dataset_digest, experiment_id
 
@@ -170,7 +172,7 @@ def test_failure_mid_registration_leaves_no_version_and_no_alias_move(models):
 def test_a_held_lock_makes_registration_wait_then_refuse(models):
     client = MlflowClient(models["uri"])
     client.create_registered_model(f"locked{LOCK_SUFFIX}", tags={"detkd.lock_since": f"{time.time():.3f}"})
-    with pytest.raises(RegistryBusy, match="another registration holds it"):
+    with pytest.raises(RegistryBusy, match="held by another registration; try again later"):
         register(models, "locked", "strong", lock_wait_s=1.0)
     assert not client.search_model_versions("name = 'locked'")
     # a lock left by a crashed registration (older than the stale limit) is taken over
@@ -344,3 +346,25 @@ def test_registering_the_same_run_and_checkpoint_again_returns_its_version(untra
     assert (other.version, other.alias, other.existing) == ("3", CHALLENGER, False)
     assert aliases(client, name) == {CHAMPION: "2", CHALLENGER: "3"}
     assert not client.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")  # the lock was released each time
+
+
+def test_a_stale_lock_is_taken_over_once_even_by_waiters_that_read_it_together(untrained):
+    """The interleaving that let two waiters hold the lock, forced: a waiter reads a stale lock, another takes it
+    over and holds it, then the first acts on what it read. It must leave the live lock alone."""
+    client = MlflowClient(untrained["uri"])
+    stale = {"detkd.lock_id": "crashed", "detkd.lock_since": f"{time.time() - 3600:.3f}"}
+    client.create_registered_model(f"stale{LOCK_SUFFIX}", tags=stale)
+    late = registry_lock(client, "stale", owner="late waiter")
+    read = late._tags()  # the late waiter finds the lock stale...
+    with registry_lock(client, "stale", owner="first waiter", wait_s=5) as first:  # ...another takes it over
+        late._take_over(read)  # ...and the late waiter acts on what it read
+        assert first.held()
+        first.check()
+        # a registration whose lock was taken over (it stopped refreshing it) must not move an alias
+        client.rename_registered_model(f"stale{LOCK_SUFFIX}", "stale.elsewhere")
+        with pytest.raises(RegistryBusy, match="taken over during this registration"):
+            first.check()
+        client.rename_registered_model("stale.elsewhere", f"stale{LOCK_SUFFIX}")
+    assert not client.search_registered_models(f"name = 'stale{LOCK_SUFFIX}'")  # released by its holder
+    tombstones = [m.name for m in client.search_registered_models(f"name LIKE 'stale{LOCK_SUFFIX}{STALE_MARK}%'")]
+    assert tombstones == [f"stale{LOCK_SUFFIX}{STALE_MARK}crashed"]

@@ -197,14 +197,17 @@ class registry_lock:  # noqa: N801 - used as a context manager, like open()
     def _take_over(self, tags: dict[str, str]) -> None:
         """Rename the stale lock whose tags were read to a tombstone named after its id; a waiter that read
         the same lock finds that name taken and leaves the lock (now perhaps a live one) alone."""
-        stale_id = tags.get(f"{TAG}lock_id") or tags.get(f"{TAG}lock_since", "unknown")
+        stale_id = _lock_id(tags)
         tombstone = f"{self.name}{STALE_MARK}{stale_id}"
         try:
             self.client.rename_registered_model(self.name, tombstone)
-        except MlflowException as exc:
-            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+        except MlflowException:
+            # the tombstone's name is taken, the lock is gone, or (SQL stores) another rename of the same row
+            # won: another waiter took it over first. Only a lock still the stale one is an error of its own.
+            now = self._tags()
+            if now is not None and _lock_id(now) == stale_id:
                 raise
-            return  # another waiter took it over first, or its holder released it
+            return
         self.client.set_registered_model_tag(tombstone, f"{TAG}taken_over_at", f"{time.time():.3f}")
         log.warning(
             f"registered model {self.name}: took over a lock of {tags.get(f'{TAG}lock_owner', 'unknown')} "
@@ -252,6 +255,11 @@ class registry_lock:  # noqa: N801 - used as a context manager, like open()
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
+
+
+def _lock_id(tags: dict[str, str]) -> str:
+    """A lock's identity (older locks have no id: their time stands in)."""
+    return tags.get(f"{TAG}lock_id") or tags.get(f"{TAG}lock_since", "unknown")
 
 
 def _since(tags: dict[str, str]) -> float:
