@@ -73,7 +73,14 @@ def models(request, trained_detector, tiny_dataset, tmp_path_factory):
     uris = {c.name: logged_model_uri(uri, c.run_id, checkpoint=c.checkpoint, example_size=64) for c in (strong, weak)}
     assert client.get_run(weak.run_id).info.status == "FINISHED"  # logging into a finished run keeps it finished
     mlflow.set_tracking_uri(uri)
+
+    def another_run(who: str) -> tuple[Candidate, str]:
+        """The same checkpoint logged by another run (so registering it makes a new version): (candidate, URI)."""
+        chosen = Candidate(**{**{"strong": strong, "weak": weak}[who].__dict__, "run_id": finished_run(f"{who} again")})
+        return chosen, logged_model_uri(uri, chosen.run_id, checkpoint=chosen.checkpoint, example_size=64)
+
     return {
+        "another_run": another_run,
         "uri": uri,
         "artifacts": artifacts,
         "source": source,
@@ -84,7 +91,7 @@ def models(request, trained_detector, tiny_dataset, tmp_path_factory):
     }
 
 
-def register(models, name, who, *, gate=None, baseline=None, candidate=None, **kwargs):
+def register(models, name, who, *, gate=None, baseline=None, candidate=None, model_uri=None, **kwargs):
     chosen = candidate or models[who]
     return register_candidate(
         tracking_uri=models["uri"],
@@ -92,7 +99,7 @@ def register(models, name, who, *, gate=None, baseline=None, candidate=None, **k
         candidate=chosen,
         baseline=baseline,
         gate=gate or Gate(),
-        model_uri=models["model_uri"][who],
+        model_uri=model_uri or models["model_uri"][who],
         score_on_split=lambda path: evaluate_checkpoint(path, models["source"]).metrics["AP"],
         owner=f"test-{who}",
         **kwargs,
@@ -109,10 +116,18 @@ def test_gate_promotes_the_better_and_refuses_the_worse(models, tiny_dataset):
     assert better.alias == CHAMPION and better.champion_before == first.version
     assert better.champion_before_ap == pytest.approx(models["weak"].ap, abs=1e-6)  # the tag keeps 6 decimals
 
-    again = register(models, "gated", "weak")  # passes the floors, does not beat the champion
-    assert again.alias == CHALLENGER and "does not beat champion" in again.verdict
+    same = register(models, "gated", "weak")  # the same run and checkpoint again: nothing new, no alias moves
+    assert (same.existing, same.version, same.alias) == (True, first.version, "")
 
-    gated = register(models, "gated", "weak", baseline=models["strong"], gate=Gate(min_gain=0.0, min_ap=0.0))
+    weak_again, weak_again_uri = models["another_run"]("weak")
+    again = register(models, "gated", "weak", candidate=weak_again, model_uri=weak_again_uri)
+    assert again.alias == CHALLENGER and "does not beat champion" in again.verdict  # passes the floors
+
+    weak_gated, weak_gated_uri = models["another_run"]("weak")
+    gated = register(
+        models, "gated", "weak", candidate=weak_gated, model_uri=weak_gated_uri, baseline=models["strong"],
+        gate=Gate(min_gain=0.0, min_ap=0.0),
+    )  # fmt: skip
     assert gated.alias == CHALLENGER and not gated.gate.passed
     assert "baseline strong" in gated.gate.reasons[0]
     tags = client.get_model_version("gated", gated.version).tags
@@ -120,7 +135,10 @@ def test_gate_promotes_the_better_and_refuses_the_worse(models, tiny_dataset):
     assert float(tags["detkd.gate.baseline_ap"]) == pytest.approx(models["strong"].ap, abs=1e-4)
     assert tags["detkd.champion_before"] == better.version
 
-    floor = register(models, "gated", "strong", gate=Gate(min_ap=0.99))
+    strong_again, strong_again_uri = models["another_run"]("strong")
+    floor = register(
+        models, "gated", "strong", candidate=strong_again, model_uri=strong_again_uri, gate=Gate(min_ap=0.99)
+    )
     assert floor.alias == CHALLENGER and "floor 0.99" in floor.verdict
 
     assert str(client.get_model_version_by_alias("gated", CHAMPION).version) == better.version

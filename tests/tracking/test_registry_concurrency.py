@@ -21,7 +21,6 @@ from detkd.tracking.registry import CHAMPION, LOCK_SUFFIX, STALE_MARK
 
 ROUNDS = [  # (a stale lock waits for them, seconds the strong one starts late, seconds the weak one starts late)
     (False, 0.0, 0.0),
-    (False, 0.0, 0.0),
     (False, 0.4, 0.0),  # the weak one is champion for a moment; the strong one must still take it
     (False, 0.0, 0.4),
     (True, 0.0, 0.0),  # every waiter finds the same stale lock: exactly one may take it over
