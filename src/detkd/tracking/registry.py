@@ -46,7 +46,7 @@ LOCK_SUFFIX = ".registering"
 STALE_MARK = ".stale."  # a lock taken over is renamed <lock>.stale.<its id>
 LOCK_HEARTBEAT_S = 10.0  # the holder refreshes its lock this often
 LOCK_STALE_S = 120.0  # a lock not refreshed for this long was left by a crashed registration
-TOMBSTONE_KEEP_S = 3600.0  # taken-over locks are kept this long (see registry_lock._take_over)
+TOMBSTONE_KEEP_S = 3600.0  # a taken-over lock is kept this long, then a registration deletes it
 TAG = "detkd."
 
 
@@ -213,7 +213,6 @@ class registry_lock:  # noqa: N801 - used as a context manager, like open()
             f"registered model {self.name}: took over a lock of {tags.get(f'{TAG}lock_owner', 'unknown')} "
             f"not refreshed for {time.time() - _since(tags):.0f} s (a registration that crashed)"
         )
-        self._forget_old_tombstones()
 
     def _forget_old_tombstones(self) -> None:
         """Delete tombstones older than TOMBSTONE_KEEP_S (by then no waiter still acts on what it read)."""
@@ -252,9 +251,10 @@ class registry_lock:  # noqa: N801 - used as a context manager, like open()
         try:
             if self.held():
                 self.client.delete_registered_model(self.name)
-        except MlflowException as exc:
+            self._forget_old_tombstones()
+        except MlflowException as exc:  # not fatal: the lock goes stale and the next registration takes it over
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
+                log.warning(f"registered model {self.name}: could not release the lock ({exc.message[:200]})")
 
 
 def _lock_id(tags: dict[str, str]) -> str:
