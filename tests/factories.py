@@ -40,6 +40,29 @@ def tiny_fcos(
     )
 
 
+def registrable_model(config: dict, path: Path, *, tracking_uri: str, seed: int = 0) -> tuple[str, str]:
+    """An untrained detector of run config ``config`` saved with its run plan at ``path``, a FINISHED MLflow run
+    (experiment ``detkd``) it belongs to, and its logged pyfunc: (run id, model URI). What registering needs,
+    without training."""
+    from mlflow.tracking import MlflowClient
+
+    from detkd.config import validate_config
+    from detkd.engine.plan import build_plan
+    from detkd.models import build_model, save_detector
+    from detkd.records import TrackingContext
+    from detkd.tracking.registry import logged_model_uri
+    from detkd.tracking.runs import experiment_id
+
+    cfg = validate_config(config, source="test")
+    plan = build_plan(cfg, tracking=TrackingContext(uri=tracking_uri, experiment="detkd"))
+    torch.manual_seed(seed)
+    save_detector(path, build_model(cfg.model, num_classes=plan.num_classes), meta={"plan": plan.to_dict()})
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(experiment_id(tracking_uri, "detkd"), run_name=path.parent.name).info.run_id
+    client.set_terminated(run_id)
+    return run_id, logged_model_uri(tracking_uri, run_id, checkpoint=path, example_size=64)
+
+
 Boxes = Sequence[Sequence[float]]
 
 

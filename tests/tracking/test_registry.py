@@ -1,4 +1,5 @@
-"""The gated registry on a real MLflow store: promotion, refusal, re-scoring, rollback, locking, concurrency."""
+"""The gated registry on a real MLflow store: promotion, refusal, re-scoring, rollback, locking, concurrency,
+and registering the same run's model again (nothing new)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from factories import registrable_model
 from mlflow.tracking import MlflowClient
 
 from detkd.data.coco import load_coco
@@ -24,11 +26,14 @@ from detkd.tracking.registry import (
     CHALLENGER,
     CHAMPION,
     LOCK_SUFFIX,
+    STALE_MARK,
     Candidate,
     Gate,
+    Registration,
     RegistryBusy,
     logged_model_uri,
     register_candidate,
+    registry_lock,
 )
 from detkd.tracking.runs import dataset_digest, experiment_id
 
@@ -68,7 +73,14 @@ def models(request, trained_detector, tiny_dataset, tmp_path_factory):
     uris = {c.name: logged_model_uri(uri, c.run_id, checkpoint=c.checkpoint, example_size=64) for c in (strong, weak)}
     assert client.get_run(weak.run_id).info.status == "FINISHED"  # logging into a finished run keeps it finished
     mlflow.set_tracking_uri(uri)
+
+    def another_run(who: str) -> tuple[Candidate, str]:
+        """The same checkpoint logged by another run (so registering it makes a new version): (candidate, URI)."""
+        chosen = Candidate(**{**{"strong": strong, "weak": weak}[who].__dict__, "run_id": finished_run(f"{who} again")})
+        return chosen, logged_model_uri(uri, chosen.run_id, checkpoint=chosen.checkpoint, example_size=64)
+
     return {
+        "another_run": another_run,
         "uri": uri,
         "artifacts": artifacts,
         "source": source,
@@ -79,7 +91,7 @@ def models(request, trained_detector, tiny_dataset, tmp_path_factory):
     }
 
 
-def register(models, name, who, *, gate=None, baseline=None, candidate=None, **kwargs):
+def register(models, name, who, *, gate=None, baseline=None, candidate=None, model_uri=None, **kwargs):
     chosen = candidate or models[who]
     return register_candidate(
         tracking_uri=models["uri"],
@@ -87,7 +99,7 @@ def register(models, name, who, *, gate=None, baseline=None, candidate=None, **k
         candidate=chosen,
         baseline=baseline,
         gate=gate or Gate(),
-        model_uri=models["model_uri"][who],
+        model_uri=model_uri or models["model_uri"][who],
         score_on_split=lambda path: evaluate_checkpoint(path, models["source"]).metrics["AP"],
         owner=f"test-{who}",
         **kwargs,
@@ -104,10 +116,18 @@ def test_gate_promotes_the_better_and_refuses_the_worse(models, tiny_dataset):
     assert better.alias == CHAMPION and better.champion_before == first.version
     assert better.champion_before_ap == pytest.approx(models["weak"].ap, abs=1e-6)  # the tag keeps 6 decimals
 
-    again = register(models, "gated", "weak")  # passes the floors, does not beat the champion
-    assert again.alias == CHALLENGER and "does not beat champion" in again.verdict
+    same = register(models, "gated", "weak")  # the same run and checkpoint again: nothing new, no alias moves
+    assert (same.existing, same.version, same.alias) == (True, first.version, "")
 
-    gated = register(models, "gated", "weak", baseline=models["strong"], gate=Gate(min_gain=0.0, min_ap=0.0))
+    weak_again, weak_again_uri = models["another_run"]("weak")
+    again = register(models, "gated", "weak", candidate=weak_again, model_uri=weak_again_uri)
+    assert again.alias == CHALLENGER and "does not beat champion" in again.verdict  # passes the floors
+
+    weak_gated, weak_gated_uri = models["another_run"]("weak")
+    gated = register(
+        models, "gated", "weak", candidate=weak_gated, model_uri=weak_gated_uri, baseline=models["strong"],
+        gate=Gate(min_gain=0.0, min_ap=0.0),
+    )  # fmt: skip
     assert gated.alias == CHALLENGER and not gated.gate.passed
     assert "baseline strong" in gated.gate.reasons[0]
     tags = client.get_model_version("gated", gated.version).tags
@@ -115,7 +135,10 @@ def test_gate_promotes_the_better_and_refuses_the_worse(models, tiny_dataset):
     assert float(tags["detkd.gate.baseline_ap"]) == pytest.approx(models["strong"].ap, abs=1e-4)
     assert tags["detkd.champion_before"] == better.version
 
-    floor = register(models, "gated", "strong", gate=Gate(min_ap=0.99))
+    strong_again, strong_again_uri = models["another_run"]("strong")
+    floor = register(
+        models, "gated", "strong", candidate=strong_again, model_uri=strong_again_uri, gate=Gate(min_ap=0.99)
+    )
     assert floor.alias == CHALLENGER and "floor 0.99" in floor.verdict
 
     assert str(client.get_model_version_by_alias("gated", CHAMPION).version) == better.version
@@ -167,7 +190,7 @@ def test_failure_mid_registration_leaves_no_version_and_no_alias_move(models):
 def test_a_held_lock_makes_registration_wait_then_refuse(models):
     client = MlflowClient(models["uri"])
     client.create_registered_model(f"locked{LOCK_SUFFIX}", tags={"detkd.lock_since": f"{time.time():.3f}"})
-    with pytest.raises(RegistryBusy, match="another registration holds it"):
+    with pytest.raises(RegistryBusy, match="held by another registration; try again later"):
         register(models, "locked", "strong", lock_wait_s=1.0)
     assert not client.search_model_versions("name = 'locked'")
     # a lock left by a crashed registration (older than the stale limit) is taken over
@@ -270,3 +293,96 @@ def test_registered_models_go_wherever_checkpoints_go(models, tiny_dataset, tiny
     missing = {**student, "distill": {"teachers": [{"source": "models:/shipped@nobody"}], "mse": {}}}
     with pytest.raises(ConfigError, match="models:/shipped@nobody: no such registered model version"):
         build_plan(Config.model_validate(missing), tracking=TrackingContext(uri=models["uri"], experiment="detkd"))
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("mlflow server", marks=pytest.mark.server)])
+def untrained(request, tiny_dataset, tiny_config, tmp_path_factory):
+    """Two untrained detectors, each with a finished run and a logged model, in a SQLite store and in a real
+    ``mlflow server``: what registering needs, without training (their APs are given, on one split)."""
+    work = tmp_path_factory.mktemp("untrained")
+    if request.param == "sqlite":
+        uri = f"sqlite:///{work / 'mlflow.db'}"
+    else:
+        uri = request.getfixturevalue("mlflow_server").uri
+    made = {}
+    for seed, name in enumerate(("a", "b")):
+        path = work / name / "model.pt"
+        run_id, model_uri = registrable_model(tiny_config(tiny_dataset, work), path, tracking_uri=uri, seed=seed)
+        made[name] = (run_id, path, model_uri)
+    return {"uri": uri, "made": made, "work": work}
+
+
+def register_untrained(untrained, model: str, who: str, ap: float, *, checkpoint: Path | None = None) -> Registration:
+    run_id, path, model_uri = untrained["made"][who]
+
+    def no_rescoring(_: Path) -> float:
+        raise AssertionError("every candidate here was scored on the same split: nothing is re-scored")
+
+    return register_candidate(
+        tracking_uri=untrained["uri"],
+        model=model,
+        candidate=Candidate(who, run_id, checkpoint or path, ap, 50.0, "val", "one-split"),
+        baseline=None,
+        gate=Gate(),
+        model_uri=model_uri,
+        score_on_split=no_rescoring,
+        owner=f"test-{who}",
+    )
+
+
+def aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    return {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
+
+
+def test_registering_the_same_run_and_checkpoint_again_returns_its_version(untrained):
+    client = MlflowClient(untrained["uri"])
+    name = "rerun"
+    first = register_untrained(untrained, name, "a", 0.3)
+    assert (first.version, first.alias, first.existing) == ("1", CHAMPION, False)
+    sha = client.get_model_version(name, "1").tags["detkd.checkpoint_sha256"]
+    assert len(sha) == 64
+
+    again = register_untrained(untrained, name, "a", 0.3)  # a pipeline rerun that reused the finished student
+    assert (again.version, again.alias, again.existing) == ("1", CHAMPION, True)
+    run_a = untrained["made"]["a"][0]
+    assert again.verdict == f"a: run {run_a} is already version 1 of rerun (champion); nothing registered"
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+
+    better = register_untrained(untrained, name, "b", 0.5)
+    assert (better.version, better.alias) == ("2", CHAMPION)
+    later = register_untrained(untrained, name, "a", 0.3)  # aliases stay where they are: v1 holds none now
+    assert (later.version, later.alias, later.existing) == ("1", "", True)
+    assert "(no alias); nothing registered" in later.verdict
+    assert aliases(client, name) == {CHAMPION: "2"}
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+
+    # the same run with other weights (a run resumed and trained further) is another model: a new version
+    retrained = untrained["work"] / "a-retrained" / "model.pt"
+    retrained.parent.mkdir()
+    retrained.write_bytes(untrained["made"]["b"][1].read_bytes())
+    other = register_untrained(untrained, name, "a", 0.3, checkpoint=retrained)
+    assert (other.version, other.alias, other.existing) == ("3", CHALLENGER, False)
+    assert aliases(client, name) == {CHAMPION: "2", CHALLENGER: "3"}
+    assert not client.search_registered_models(f"name = '{name}{LOCK_SUFFIX}'")  # the lock was released each time
+
+
+def test_a_stale_lock_is_taken_over_once_even_by_waiters_that_read_it_together(untrained):
+    """The interleaving that let two waiters hold the lock, forced: a waiter reads a stale lock, another takes it
+    over and holds it, then the first acts on what it read. It must leave the live lock alone."""
+    client = MlflowClient(untrained["uri"])
+    stale = {"detkd.lock_id": "crashed", "detkd.lock_since": f"{time.time() - 3600:.3f}"}
+    client.create_registered_model(f"stale{LOCK_SUFFIX}", tags=stale)
+    late = registry_lock(client, "stale", owner="late waiter")
+    read = late._tags()  # the late waiter finds the lock stale...
+    with registry_lock(client, "stale", owner="first waiter", wait_s=5) as first:  # ...another takes it over
+        late._take_over(read)  # ...and the late waiter acts on what it read
+        assert first.held()
+        first.check()
+        # a registration whose lock was taken over (it stopped refreshing it) must not move an alias
+        client.rename_registered_model(f"stale{LOCK_SUFFIX}", "stale.elsewhere")
+        with pytest.raises(RegistryBusy, match="taken over during this registration"):
+            first.check()
+        client.rename_registered_model("stale.elsewhere", f"stale{LOCK_SUFFIX}")
+    assert not client.search_registered_models(f"name = 'stale{LOCK_SUFFIX}'")  # released by its holder
+    tombstones = [m.name for m in client.search_registered_models(f"name LIKE 'stale{LOCK_SUFFIX}{STALE_MARK}%'")]
+    assert tombstones == [f"stale{LOCK_SUFFIX}{STALE_MARK}crashed"]

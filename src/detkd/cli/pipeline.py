@@ -105,6 +105,9 @@ def step_command(
         str | None, typer.Option(help="the pipeline's MLflow run (the data step's output; it opens one without)")
     ] = None,
     outputs: Annotated[Path | None, typer.Option(help="also write the step's outputs here as JSON")] = None,
+    run_key: Annotated[
+        str, typer.Option(help="data step: tag the pipeline's MLflow run with this id (a Kubeflow run's id)")
+    ] = "",
     address: RayAddressOption = None,
     fresh: FreshOption = False,
 ) -> None:
@@ -115,7 +118,7 @@ def step_command(
 
     try:
         spec = load_pipeline(pipeline, overrides or [])
-        result = run_step(spec, step, pipeline_run=pipeline_run, address=address, fresh=fresh)
+        result = run_step(spec, step, pipeline_run=pipeline_run, address=address, fresh=fresh, run_key=run_key)
     except _user_errors() as exc:
         _fail(exc)
     except PipelineFailed as exc:

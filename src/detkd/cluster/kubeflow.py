@@ -11,6 +11,12 @@ may become champion) or its ``dsl.Else`` (it is registered as challenger). A mod
 instead of training inside its own pod. Tasks share the pipeline's workdir (a volume on a
 cluster, a folder with ``kfp.local``) and are named after their steps.
 
+Every task runs inside a ``dsl.ExitHandler`` whose exit task ``finish`` runs after them whatever
+happened: it gets the group's ``dsl.PipelineTaskFinalStatus`` and marks the pipeline's MLflow run
+FAILED when a task failed (KILLED when the run was cancelled). An exit task may not take another
+task's output, so it finds that MLflow run by KFP's run id (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``),
+which the data task tagged it with (``detkd.run_key``).
+
 Needs the ``kfp`` extra: ``pip install -c constraints.txt -e ".[kfp]"``.
 """
 
@@ -27,7 +33,9 @@ from detkd.pipeline.dag import PipelineDag
 IMAGE = f"detkd:{__version__}"
 
 
-def detkd_step(spec: str, step: str, overrides: list, pipeline_run: str, ray_address: str = "") -> dict:
+def detkd_step(
+    spec: str, step: str, overrides: list, pipeline_run: str, ray_address: str = "", run_key: str = ""
+) -> dict:
     """Run `detkd step` here, or through `detkd submit --follow` on a Ray cluster; its outputs (a dict)."""
     import json
     import subprocess
@@ -42,6 +50,8 @@ def detkd_step(spec: str, step: str, overrides: list, pipeline_run: str, ray_add
         command += ["--set", item]
     if pipeline_run:
         command += ["--pipeline-run", pipeline_run]
+    if run_key:
+        command += ["--run-key", run_key]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     print(done.stdout, flush=True)
     if done.returncode != 0:
@@ -54,12 +64,14 @@ def detkd_step(spec: str, step: str, overrides: list, pipeline_run: str, ray_add
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False, additional_funcs=[detkd_step])
-def data_component(spec: str, overrides: list, data: Output[Dataset]) -> NamedTuple("DataOutputs", pipeline_run=str):
-    """Synthesize or check the data and open the pipeline's MLflow run."""
+def data_component(spec: str, overrides: list, data: Output[Dataset], run_key: str = "") -> NamedTuple(
+    "DataOutputs", pipeline_run=str
+):
+    """Synthesize or check the data and open the pipeline's MLflow run (tagged ``detkd.run_key=run_key``)."""
     import json
     from collections import namedtuple
 
-    outputs = detkd_step(spec, "data", overrides, "")  # noqa: F821 (embedded with the component)
+    outputs = detkd_step(spec, "data", overrides, "", run_key=run_key)  # noqa: F821 (embedded with the component)
     data.metadata.update(folder=outputs["data"], pipeline_run=outputs["pipeline_run"])
     with open(data.path, "w") as handle:
         json.dump(outputs, handle)
@@ -127,6 +139,19 @@ def register_component(spec: str, overrides: list, pipeline_run: str) -> NamedTu
     return namedtuple("RegisterOutputs", ["version", "alias"])(str(outputs["version"]), outputs["alias"])
 
 
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def finish_component(spec: str, overrides: list, run_key: str, status: dsl.PipelineTaskFinalStatus) -> str:
+    """The exit task: mark the pipeline's MLflow run FAILED (KILLED when cancelled) unless every task succeeded."""
+    from detkd.pipeline.load import load_pipeline
+    from detkd.pipeline.runner import end_pipeline_run_by_key
+
+    state = {"SUCCEEDED": "FINISHED", "CANCELLED": "KILLED"}.get(status.state, "FAILED")
+    error = f"{status.pipeline_task_name}: {status.state} {status.error_code or ''} {status.error_message or ''}"
+    print(f"pipeline tasks ended {status.state}; the MLflow run of KFP run {run_key} becomes {state}", flush=True)
+    found = end_pipeline_run_by_key(load_pipeline(spec, overrides), run_key, status=state, error=error.strip())
+    return found or ""
+
+
 COMPONENTS = {
     "data": data_component,
     "teacher": teacher_component,
@@ -135,6 +160,7 @@ COMPONENTS = {
     "tune": tune_component,
     "evaluate": evaluate_component,
     "register": register_component,
+    "finish": finish_component,
 }
 
 
@@ -143,37 +169,45 @@ def build_pipeline(dag: PipelineDag, *, spec: str, overrides: list[str], ray_add
 
     @dsl.pipeline(name=f"detkd-{dag.pipeline}".replace("_", "-"), description=f"detkd pipeline {dag.pipeline}")
     def pipeline() -> None:
-        tasks: dict[str, Any] = {}
-        data = data_component(spec=spec, overrides=overrides)
-        data.set_display_name("data").set_caching_options(False)
-        tasks["data"] = data
-        run_id = data.outputs["pipeline_run"]
-        for step in dag.steps[1:]:
-            others = [tasks[n] for n in step.needs if n != "data"]
-            if step.kind in ("teacher", "student", "stage", "tune"):
-                task = COMPONENTS[step.kind](
-                    spec=spec,
-                    step=step.name,
-                    overrides=overrides,
-                    pipeline_run=run_id,
-                    data=data.outputs["data"],
-                    ray_address=ray_address,
-                )
-            elif step.kind == "evaluate":
-                task = evaluate_component(spec=spec, overrides=overrides, pipeline_run=run_id)
-            else:  # register: champion possible only behind the gate; a failed gate still files a challenger
-                gate = tasks["evaluate"].outputs["gate"]
-                with dsl.If(gate == "pass", name="gate-passed"):
-                    task = register_component(spec=spec, overrides=overrides, pipeline_run=run_id)
-                with dsl.Else(name="gate-failed"):
-                    challenger = register_component(spec=spec, overrides=overrides, pipeline_run=run_id)
-                    challenger.set_display_name("register (challenger)").set_caching_options(False)
-            task.set_display_name(step.name).set_caching_options(False)  # detkd reuses finished steps itself
-            if others:
-                task.after(*others)
-            tasks[step.name] = task
+        finish = finish_component(spec=spec, overrides=overrides, run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        finish.set_display_name("finish").set_caching_options(False)
+        with dsl.ExitHandler(finish, name="steps"):
+            _step_tasks(dag, spec=spec, overrides=overrides, ray_address=ray_address)
 
     return pipeline
+
+
+def _step_tasks(dag: PipelineDag, *, spec: str, overrides: list[str], ray_address: str) -> None:
+    """One task per step of ``dag`` (inside the pipeline function), with the step's dependencies."""
+    tasks: dict[str, Any] = {}
+    data = data_component(spec=spec, overrides=overrides, run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    data.set_display_name("data").set_caching_options(False)
+    tasks["data"] = data
+    run_id = data.outputs["pipeline_run"]
+    for step in dag.steps[1:]:
+        others = [tasks[n] for n in step.needs if n != "data"]
+        if step.kind in ("teacher", "student", "stage", "tune"):
+            task = COMPONENTS[step.kind](
+                spec=spec,
+                step=step.name,
+                overrides=overrides,
+                pipeline_run=run_id,
+                data=data.outputs["data"],
+                ray_address=ray_address,
+            )
+        elif step.kind == "evaluate":
+            task = evaluate_component(spec=spec, overrides=overrides, pipeline_run=run_id)
+        else:  # register: champion possible only behind the gate; a failed gate still files a challenger
+            gate = tasks["evaluate"].outputs["gate"]
+            with dsl.If(gate == "pass", name="gate-passed"):
+                task = register_component(spec=spec, overrides=overrides, pipeline_run=run_id)
+            with dsl.Else(name="gate-failed"):
+                challenger = register_component(spec=spec, overrides=overrides, pipeline_run=run_id)
+                challenger.set_display_name("register (challenger)").set_caching_options(False)
+        task.set_display_name(step.name).set_caching_options(False)  # detkd reuses finished steps itself
+        if others:
+            task.after(*others)
+        tasks[step.name] = task
 
 
 def compile_pipeline(dag: PipelineDag, out: Path, *, spec: str, overrides: list[str], ray_address: str = "") -> Path:

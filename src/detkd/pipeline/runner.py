@@ -5,6 +5,7 @@ One parent MLflow run per pipeline run and one child run per component.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -59,22 +60,93 @@ def run_pipeline(
     return rows
 
 
-def open_pipeline_run(spec: PipelineSpec) -> str:
-    """The pipeline's parent MLflow run, left RUNNING: every step's run is its child (steps may be other processes)."""
+def open_pipeline_run(spec: PipelineSpec, *, run_key: str = "") -> str:
+    """The pipeline's parent MLflow run, left RUNNING: every step's run is its child (steps may be other processes).
+
+    Tagged ``detkd.pipeline_key`` (the pipeline's name and workdir: what a rerun shares) and, when the
+    last parent run of the same pipeline failed or was stopped, ``detkd.rerun_of`` = that run.
+    ``run_key`` (an orchestrator's id of this run, e.g. KFP's run id) becomes ``detkd.run_key``, by which
+    ``end_pipeline_run_by_key`` finds the run again."""
     from detkd.tracking.runs import RunLogger, code_version_tags, open_parent_run
 
     tracking = tracking_context(spec)
-    tags = {"pipeline": spec.name, "kind": "pipeline", "component": "pipeline", **code_version_tags()}
+    key = pipeline_key(spec)
+    previous = previous_pipeline_run(spec, key)
+    tags = {
+        "pipeline": spec.name,
+        "kind": "pipeline",
+        "component": "pipeline",
+        "pipeline_key": key,
+        "spec_digest": spec_digest(spec),
+        **code_version_tags(),
+    }
+    if run_key:
+        tags["run_key"] = run_key
+    if previous is not None and previous.info.status in ("FAILED", "KILLED"):
+        tags["rerun_of"] = previous.info.run_id
     run_id = open_parent_run(tracking.uri, tracking.experiment, run_name=f"pipeline:{spec.name}", tags=tags)
+    if "rerun_of" in tags:
+        log.info(f"pipeline {spec.name}: MLflow run {run_id} reruns {tags['rerun_of']}, which {previous.info.status}")
     logger = RunLogger(tracking_uri=tracking.uri, run_id=run_id)
     logger.params({"pipeline": spec.model_dump(mode="json", by_alias=True)})
     return run_id
+
+
+def pipeline_key(spec: PipelineSpec) -> str:
+    """Which parent runs are runs of the same pipeline: the same name and workdir (its finished steps are
+    reused from there), whatever settings were changed to fix a failure."""
+    return hashlib.sha256(f"{spec.name}\n{Path(spec.workdir).resolve()}".encode()).hexdigest()[:16]
+
+
+def spec_digest(spec: PipelineSpec) -> str:
+    """The spec's settings as run (overrides applied), to tell whether a rerun changed them."""
+    text = json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def previous_pipeline_run(spec: PipelineSpec, key: str):
+    """The newest parent run of the same pipeline (None when there is none)."""
+    from detkd.tracking.runs import find_runs
+
+    tracking = tracking_context(spec)
+    runs = find_runs(tracking.uri, tracking.experiment, {"detkd.kind": "pipeline", "detkd.pipeline_key": key})
+    return runs[0] if runs else None
 
 
 def end_pipeline_run(spec: PipelineSpec, parent_id: str, status: str) -> None:
     from detkd.tracking.runs import end_run
 
     end_run(tracking_context(spec).uri, parent_id, status)
+
+
+def end_pipeline_run_by_key(spec: PipelineSpec, run_key: str, *, status: str, error: str = "") -> str | None:
+    """What a pipeline's exit handler does: end the parent run opened with ``run_key`` with ``status``.
+
+    FINISHED only makes sure the run is closed (its last step normally closed it already); FAILED or
+    KILLED also ends its children still RUNNING (a step whose process ended without closing its run)
+    and records ``error`` as ``detkd.error``. Returns the run id, None when the pipeline failed before
+    its run was opened."""
+    from detkd.tracking.runs import RunLogger, child_runs, find_runs
+
+    tracking = tracking_context(spec)
+    found = find_runs(tracking.uri, tracking.experiment, {"detkd.kind": "pipeline", "detkd.run_key": run_key})
+    if not found:
+        log.info(f"pipeline {spec.name}: no MLflow run was opened for run {run_key}; nothing to close")
+        return None
+    parent = found[0]
+    parent_id = parent.info.run_id
+    if status == "FINISHED":
+        if parent.info.status == "RUNNING":
+            end_pipeline_run(spec, parent_id, "FINISHED")
+        return parent_id
+    for child in child_runs(tracking.uri, parent_id):
+        if child.info.status == "RUNNING":
+            end_pipeline_run(spec, child.info.run_id, status)
+    if error:
+        RunLogger(tracking_uri=tracking.uri, run_id=parent_id).tags({"error": error[:5000]})
+    end_pipeline_run(spec, parent_id, status)
+    log.info(f"pipeline {spec.name}: MLflow run {parent_id} ended {status}")
+    return parent_id
 
 
 def close_pipeline_run(spec: PipelineSpec, parent_id: str, rows: list[SummaryRow], *, seconds: float) -> None:
@@ -409,9 +481,18 @@ def run_register_step(
         chosen, baseline = registration_candidates(spec, rows, split, digest=digest, outcomes=outcomes)
         (row,) = [row for row in rows if row.name == chosen.name]
         result = _register(spec, chosen, baseline, source, example_size=row.input_size, parent_run_id=parent_run_id)
-        row.registered = f"{result.model} v{result.version} @{result.alias}"
-        log.info(f"register: {result.model} v{result.version} -> {result.alias} ({result.verdict})")
+        row.registered = registered_label(result)
+        if result.existing:
+            log.info(f"register: {result.verdict}")
+        else:
+            log.info(f"register: {result.model} v{result.version} -> {result.alias} ({result.verdict})")
         return result
+
+
+def registered_label(result) -> str:
+    """A summary row's ``registered``: ``MODEL vN @alias``, marked when the version was already there."""
+    label = f"{result.model} v{result.version}" + (f" @{result.alias}" if result.alias else "")
+    return f"{label} (already registered)" if result.existing else label
 
 
 def _register(spec: PipelineSpec, chosen, baseline, source, *, example_size: int, parent_run_id: str):
@@ -456,6 +537,7 @@ def _register(spec: PipelineSpec, chosen, baseline, source, *, example_size: int
                 "registered_version": result.version,
                 "alias": result.alias,
                 "verdict": result.verdict,
+                "already_registered": str(result.existing).lower(),
             }
         )
         logger.dict({"registration": result.tags, "gate": result.gate.numbers}, "registration.json")

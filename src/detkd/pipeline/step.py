@@ -52,9 +52,11 @@ def run_step(
     pipeline_run: str | None = None,
     address: str | None = None,
     fresh: bool = False,
+    run_key: str = "",
 ) -> dict[str, Any]:
     """Run step ``name`` of ``spec``'s DAG; returns its outputs (the pipeline run id, and per kind: the model,
-    its MLflow run and metrics; the summary rows and the gate's verdict; the registered version)."""
+    its MLflow run and metrics; the summary rows and the gate's verdict; the registered version).
+    ``run_key`` tags the parent run the data step opens (an orchestrator's id of this pipeline run)."""
     from detkd.pipeline.dag import build_dag
     from detkd.tracking.runs import check_tracking_uri
 
@@ -65,7 +67,7 @@ def run_step(
     step = dag.step(name)
     check_tracking_uri(tracking_context(spec).uri)
     if step.kind == "data":
-        parent = pipeline_run or open_pipeline_run(spec)
+        parent = pipeline_run or open_pipeline_run(spec, run_key=run_key)
         run_data_step(spec, parent)
         outputs: dict[str, Any] = {"pipeline_run": parent, "data": str(spec.workdir / "data")}
     elif not pipeline_run:
@@ -121,7 +123,13 @@ def register(spec: PipelineSpec, pipeline_run: str) -> dict[str, Any]:
     digest = dataset_digest(dataset_records(source))
     result = run_register_step(spec, rows, outcomes, source, split_name, digest, parent_run_id=pipeline_run)
     write_summary(rows, summary_file(spec))  # the chosen student's row now names its registered version
-    return {"model": result.model, "version": result.version, "alias": result.alias, "verdict": result.verdict}
+    return {
+        "model": result.model,
+        "version": result.version,
+        "alias": result.alias,
+        "verdict": result.verdict,
+        "existing": result.existing,
+    }
 
 
 def _seconds_since_start(spec: PipelineSpec, outputs: dict[str, Any]) -> float:
