@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from detkd.cli.common import FreshOption, SetOption, _fail, _fail_pipeline, _local_model, _user_errors, app, console
+from detkd.cli.common import (
+    FreshOption,
+    SetOption,
+    _fail,
+    _fail_pipeline,
+    _local_model,
+    _os_errors,
+    _user_errors,
+    app,
+    console,
+)
 
 
 @app.command("train")
@@ -95,7 +105,8 @@ def _distill_from_teacher(request, overrides, summary: Path | None, address, fre
         path = write_distill_pipeline(request, overrides=overrides)
         console.print(f"pipeline: {path} (run configs in {path.parent / 'configs'})", highlight=False)
         spec = load_pipeline(path)
-        rows = run_pipeline(spec, address=address, fresh=fresh)
+        with _os_errors():
+            rows = run_pipeline(spec, address=address, fresh=fresh)
     except _user_errors() as exc:
         _fail(exc)
     except PipelineFailed as exc:
@@ -121,7 +132,8 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh:
             raise ConfigError(f"{config}: data.val: --summary needs a validation (or data.test) split to evaluate on")
         if skip_invalid:
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"skip_invalid": True})})
-        outcome = run_training(cfg, address=address, fresh=fresh)
+        with _os_errors():
+            outcome = run_training(cfg, address=address, fresh=fresh)
     except _user_errors() as exc:
         _fail(exc)
     console.print(f"[green]done[/green]: {outcome.model_path} (MLflow run {outcome.run_id}, {outcome.seconds:.0f}s)")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from detkd.cli.common import FreshOption, SetOption, _fail, _fail_pipeline, _user_errors, app, console
+from detkd.cli.common import FreshOption, SetOption, _fail, _fail_pipeline, _os_errors, _user_errors, app, console
 
 
 @app.command("run")
@@ -31,7 +31,8 @@ def run(
 
     try:
         spec = load_pipeline(pipeline, overrides or [])
-        rows = run_pipeline(spec, address=address, fresh=fresh, parallel=parallel)
+        with _os_errors():
+            rows = run_pipeline(spec, address=address, fresh=fresh, parallel=parallel)
     except _user_errors() as exc:
         _fail(exc)
     except PipelineFailed as exc:
@@ -115,7 +116,8 @@ def step_command(
 
     try:
         spec = load_pipeline(pipeline, overrides or [])
-        result = run_step(spec, step, pipeline_run=pipeline_run, address=address, fresh=fresh)
+        with _os_errors():
+            result = run_step(spec, step, pipeline_run=pipeline_run, address=address, fresh=fresh)
     except _user_errors() as exc:
         _fail(exc)
     except PipelineFailed as exc:
