@@ -90,9 +90,7 @@ def test_disk_full_at_the_mlflow_artifact_upload_keeps_the_model_and_checkpoints
     the model file."""
     work = tmp_path / "work"
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    data = tiny_config(
-        tiny_dataset, work, train={"epochs": 1}, tracking={"log_model": False, "tracking_uri": uri}
-    )
+    data = tiny_config(tiny_dataset, work, train={"epochs": 1}, tracking={"log_model": False, "tracking_uri": uri})
     config = write_config(tmp_path / "teacher.yaml", data)
     work.mkdir()
     with small_filesystem(tmp_path / "artifacts", size_mb=1) as fs:

@@ -6,10 +6,10 @@ One module per command group; importing them registers their commands on ``app``
 
 from __future__ import annotations
 
-import signal
 import sys
 
 from detkd.cli.common import app, console, err_console, install_log_handler
+from detkd.signals import Terminated, sigterm_received, terminate_on_sigterm
 
 # importing a module registers its commands, in this order
 # isort: off
@@ -19,24 +19,23 @@ from detkd.cli import data, models, pipeline, tune, jobs  # noqa: F401
 __all__ = ["app", "console", "err_console", "install_log_handler", "main"]
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a cluster preempting the pod, ``kill``): stops the command as Ctrl-C does, so the MLflow run is
-    marked KILLED, Ray Train's run ends, checkpoints stay, and the local Ray this process started is shut down."""
-
-
-def _terminate(signum, frame) -> None:
-    raise Terminated()
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    terminate_on_sigterm()  # SIGTERM stops the command as Ctrl-C does (detkd/signals.py)
     try:
         app()
-    except Terminated:
-        err_console.print(
-            "terminated (SIGTERM): the checkpoints are kept; run the same command again to resume from the last one"
-        )
-        sys.exit(143)
-    except KeyboardInterrupt:
+    except SystemExit as exc:  # typer ends an interrupted command with exit code 130
+        if exc.code == 130 and sigterm_received():
+            _terminated()
+        raise
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated) or sigterm_received():
+            _terminated()
         err_console.print("interrupted: rerun the same command to resume from the last checkpoint")
         sys.exit(130)
+
+
+def _terminated() -> None:
+    err_console.print(
+        "terminated (SIGTERM): the checkpoints are kept; run the same command again to resume from the last one"
+    )
+    sys.exit(143)

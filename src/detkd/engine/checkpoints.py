@@ -103,26 +103,43 @@ def read_checkpoint(folder: RunFolder, name: str) -> dict[str, Any]:
             raise CheckpointError(str(exc).replace(f"{local}/", "")) from None
 
 
-def newest_good(
-    folder: RunFolder, *, first: str | None = None, logger: logging.Logger | None = log
-) -> GoodCheckpoint | None:
-    """The newest checkpoint that reads back whole (``first``, Ray's latest, is tried before the others).
+def newest_good(folder: RunFolder, *, logger: logging.Logger | None = log) -> GoodCheckpoint | None:
+    """The newest checkpoint whose files read back whole; each newer one skipped is logged (to ``logger``,
+    unless None) with the reason, e.g. ``skipping .../checkpoint_...: train_state.pt: the file is corrupted:
+    truncated (0 of 4436300 payload bytes)``."""
+    for name in folder.checkpoints():
+        try:
+            return GoodCheckpoint(name, read_checkpoint(folder, name))
+        except (CheckpointError, OSError) as exc:
+            if logger is not None:
+                logger.warning(f"skipping {folder.shown(name)}: {str(exc).splitlines()[0]}")
+    return None
 
-    Each one skipped is logged (to ``logger``, unless None) with the reason, e.g. ``skipping
-    .../checkpoint_...: train_state.pt: the file is corrupted: truncated (0 of 4436300 payload bytes)``."""
-    names = [first] if first else []
-    tried = False
-    while True:
-        for name in names:
-            try:
-                return GoodCheckpoint(name, read_checkpoint(folder, name))
-            except (CheckpointError, OSError) as exc:
-                if logger is not None:
-                    logger.warning(f"skipping {folder.shown(name)}: {str(exc).splitlines()[0]}")
-        if tried:
-            return None
-        tried = True
-        names = [n for n in folder.checkpoints() if n != first]
+
+def registered(folder: RunFolder) -> set[str] | None:
+    """The checkpoints Ray Train's list of this run names (None when there is no readable list)."""
+    path = f"{folder.path}/{SNAPSHOT}"
+    try:
+        with folder.filesystem.open_input_stream(path) as stream:
+            state = json.loads(stream.read().decode())
+        return {r["checkpoint_dir_name"] for r in state["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remove_strays(folder: RunFolder, newest: GoodCheckpoint) -> list[str]:
+    """Delete the checkpoint folders older than ``newest`` (the one a run resumes from) that Ray's list does
+    not name: copies cut short, or copied whole but never registered (the driver stopped first). Nothing
+    reads them again and Ray's ``num_to_keep`` never deletes them; the ones it lists are Ray's to prune.
+    Without a readable list nothing is deleted. Returns the names deleted."""
+    listed = registered(folder)
+    if listed is None:
+        return []
+    strays = [n for n in folder.checkpoints() if n < newest.name and n not in listed]
+    for name in strays:
+        folder.filesystem.delete_dir(f"{folder.path}/{name}")
+        log.info(f"removed {folder.shown(name)}: older than {newest.name} and not in Ray Train's list of checkpoints")
+    return strays
 
 
 def snapshot_problem(folder: RunFolder, ray_version: str) -> str | None:

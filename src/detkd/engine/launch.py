@@ -23,7 +23,14 @@ from ray.train.torch import TorchTrainer
 
 from detkd.config import Config, ConfigError
 from detkd.data.records import DetectionSource
-from detkd.engine.checkpoints import CheckpointMismatch, RunFolder, newest_good, set_aside_snapshot, snapshot_problem
+from detkd.engine.checkpoints import (
+    CheckpointMismatch,
+    RunFolder,
+    newest_good,
+    remove_strays,
+    set_aside_snapshot,
+    snapshot_problem,
+)
 from detkd.engine.faults import MARKER
 from detkd.engine.plan import build_plan, open_sources, plan_stages, stage_configs
 from detkd.engine.stops import StopOnUnfixable, unfixable
@@ -31,6 +38,7 @@ from detkd.engine.worker import MODEL_FILE, mismatch_message, train_loop_per_wor
 from detkd.models.checkpoint import file_digest, verified_bytes
 from detkd.oserrors import PermanentOSError, permanent_os_error, quiet_permanent_os_errors
 from detkd.records import RunPlan, TrackingContext, TrainOutcome
+from detkd.signals import terminate_on_sigterm
 
 log = logging.getLogger(__name__)
 CallbackFactory = Callable[[RunPlan, int], list[Any]]  # (plan, stage index) -> Ray Train callbacks
@@ -277,6 +285,7 @@ def fit(
         ),
     )
     plan.out_dir.mkdir(parents=True, exist_ok=True)
+    terminate_on_sigterm()  # again: ray.init replaced the handler (detkd/signals.py)
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as exc:
@@ -355,7 +364,8 @@ def permanent_stop(
 def check_resumable(plan: RunPlan) -> None:
     """Before Ray starts: find the newest checkpoint that reads back whole (skipping, with a line each,
     incomplete or unreadable ones) and refuse it when it no longer fits the model. A list of checkpoints
-    Ray Train could not start from (cut short by a full disk, pointing at a deleted folder) is set aside."""
+    Ray Train could not start from (cut short by a full disk, pointing at a deleted folder) is set aside;
+    stray folders older than the one resumed from are removed (``engine.checkpoints.remove_strays``)."""
     from detkd.engine.build import build_trainable
 
     folder = run_folder(plan)
@@ -364,6 +374,8 @@ def check_resumable(plan: RunPlan) -> None:
         if problem is not None:
             set_aside_snapshot(folder, problem)
         good = newest_good(folder)
+        if good is not None:
+            remove_strays(folder, good)
     except OSError as exc:  # storage unreachable from here: the workers find out for themselves
         log.warning(f"{folder.display}: cannot read the run's checkpoints before starting ({exc})")
         return

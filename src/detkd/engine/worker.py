@@ -111,9 +111,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def resume(run: TrainRun, plan: RunPlan, *, rank: int, world_size: int, folder: RunFolder | None = None) -> None:
-    """Continue from Ray's latest checkpoint (a rerun, or a restart after a lost worker), or, when that one is
-    incomplete or unreadable, from the newest good checkpoint beside it (in ``folder``, the run folder, when
-    Ray has none), saying which were skipped and why."""
+    """Continue from the newest checkpoint that reads back whole (a rerun, or a restart after a lost worker),
+    saying which newer ones were skipped and why (a copy cut short by a full disk or a killed worker)."""
     found = resume_point(ray.train.get_checkpoint(), folder, say=rank == 0)
     if found is None:
         return
@@ -132,16 +131,16 @@ def resume(run: TrainRun, plan: RunPlan, *, rank: int, world_size: int, folder: 
 def resume_point(
     checkpoint: ray.train.Checkpoint | None, folder: RunFolder | None, *, say: bool
 ) -> GoodCheckpoint | None:
-    """Ray's latest checkpoint when it reads back whole, else the newest good one in its folder (or in
-    ``folder`` when Ray has none: its list of checkpoints was set aside, or none was registered)."""
-    first = None
+    """The newest good checkpoint of the run folder: the folder of Ray's latest checkpoint, read through its
+    filesystem, else ``folder`` (Ray has none when its list of checkpoints was set aside or none was
+    registered). Newest by name, not Ray's latest: a checkpoint copied whole but not yet registered when
+    the driver stopped (SIGTERM) is newer than Ray's latest, and is where training stopped."""
     if checkpoint is not None:
-        parent, first = checkpoint.path.rstrip("/").rsplit("/", 1)
-        display = folder.display if folder is not None else parent
-        folder = RunFolder(checkpoint.filesystem, parent, display)
+        parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+        folder = RunFolder(checkpoint.filesystem, parent, folder.display if folder is not None else parent)
     if folder is None:
         return None
-    return newest_good(folder, first=first, logger=log if say else None)
+    return newest_good(folder, logger=log if say else None)
 
 
 def mismatch_message(plan: RunPlan, detail: str) -> str:
