@@ -176,3 +176,37 @@ def test_a_published_model_is_verified_before_it_replaces_the_last_one(tmp_path)
     with pytest.raises(CheckpointError, match="truncated"):
         publish_model(source, out)
     assert published.read_bytes() == before  # the published file is untouched
+
+
+@pytest.mark.server
+def test_the_walk_reads_an_s3_run_folder_through_its_filesystem(tmp_path):
+    """The same walk on an S3-compatible store (moto): a checkpoint copied up in part is skipped."""
+    import pyarrow.fs
+    from servers import S3_KEYS, s3_server
+
+    local = tmp_path / "local"
+    names = _names(2)
+    for step, name in enumerate(names, start=1):
+        _checkpoint(local, name, step=step)
+    _cut(local / names[1] / TRAIN_STATE, 500)
+    with s3_server(tmp_path, buckets=("ckpt",)) as server:
+        filesystem = pyarrow.fs.S3FileSystem(
+            endpoint_override=server.endpoint,
+            access_key=S3_KEYS["AWS_ACCESS_KEY_ID"],
+            secret_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+            region="us-east-1",
+        )
+        pyarrow.fs.copy_files(str(local), "ckpt/runs/tiny-1", destination_filesystem=filesystem)
+        folder = RunFolder.at("ckpt/runs/tiny-1", filesystem=filesystem, display="s3://ckpt/runs/tiny-1")
+        assert folder.checkpoints() == names[::-1]
+        messages: list[str] = []
+        logger = logging.getLogger("test.walk")
+        logger.addHandler(handler := logging.Handler())
+        handler.emit = lambda record: messages.append(record.getMessage())
+        try:
+            good = newest_good(folder, logger=logger)
+        finally:
+            logger.removeHandler(handler)
+    assert good is not None and (good.name, good.step) == (names[0], 1)
+    (line,) = messages
+    assert line.startswith(f"skipping s3://ckpt/runs/tiny-1/{names[1]}: train_state.pt: the file is corrupted: trunc")
