@@ -76,7 +76,8 @@ def test_truncated_file_is_refused_with_sidecar(tmp_path):
     length = len(path.read_bytes()) - path.read_bytes().index(b"\n") - 1
     path.write_bytes(path.read_bytes()[:-100])
     # the header says how much is missing (the sidecar would only say that the file differs)
-    with pytest.raises(CheckpointError, match=rf"{path}: the file is corrupted: truncated \({length - 100} of {length}"):
+    expected = rf"{path}: the file is corrupted: truncated \({length - 100} of {length}"
+    with pytest.raises(CheckpointError, match=expected):
         load_payload(path)
 
 
