@@ -77,7 +77,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run = setup(
         plan, rank=rank, world_size=world, device=ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model
     )
-    resume(run, plan, rank=rank, world_size=world, folder=loop_config.get("run_folder"))
+    unknown_to_ray = resume(run, plan, rank=rank, world_size=world, folder=loop_config.get("run_folder"))
     logger = mlflow_logger(plan, loop_config.get("run_id")) if rank == 0 else None
     report = CheckpointReport(plan, run, rank=rank, run_id=loop_config.get("run_id"))
     hooks: list[StepHook] = [
@@ -108,14 +108,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             report.save(metrics)
         else:
             ray.train.report(metrics)
+    if unknown_to_ray and not report.reported:
+        # resumed at the end from a checkpoint Ray did not register: report it, or Ray's result would be its
+        # latest registered one (older, or none) and that model would be published
+        report.save(end_of_epoch(plan, run, {}, rank=rank, world_size=world))
 
 
-def resume(run: TrainRun, plan: RunPlan, *, rank: int, world_size: int, folder: RunFolder | None = None) -> None:
+def resume(run: TrainRun, plan: RunPlan, *, rank: int, world_size: int, folder: RunFolder | None = None) -> bool:
     """Continue from the newest checkpoint that reads back whole (a rerun, or a restart after a lost worker),
-    saying which newer ones were skipped and why (a copy cut short by a full disk or a killed worker)."""
-    found = resume_point(ray.train.get_checkpoint(), folder, say=rank == 0)
+    saying which newer ones were skipped and why (a copy cut short by a full disk or a killed worker).
+
+    Returns whether that checkpoint is one Ray Train did not register (not its latest)."""
+    latest = ray.train.get_checkpoint()
+    found = resume_point(latest, folder, say=rank == 0)
     if found is None:
-        return
+        return False
     state = found.state
     try:
         run.state.load_state_dict(state)
@@ -126,6 +133,7 @@ def resume(run: TrainRun, plan: RunPlan, *, rank: int, world_size: int, folder: 
     if rank == 0:
         ema = f" (EMA of {run.state.ema.updates} updates)" if run.state.ema is not None else ""
         log.info(f"[{plan.name}] resumed from step {run.state.step}/{run.total_steps}{ema} ({found.name})")
+    return latest is None or latest.path.rstrip("/").rsplit("/", 1)[-1] != found.name
 
 
 def resume_point(
@@ -223,6 +231,7 @@ class CheckpointReport:
 
     def __init__(self, plan: RunPlan, run: TrainRun, *, rank: int, run_id: str | None) -> None:
         self.plan, self.run, self.rank, self.run_id = plan, run, rank, run_id
+        self.reported = 0  # checkpoints reported by this attempt
 
     def model_meta(self, metrics: dict[str, Any]) -> dict[str, Any]:
         cfg = self.plan.config
@@ -263,6 +272,7 @@ class CheckpointReport:
                         )
                 # Ray copies the folder into storage as ``name`` (rank 0's name is every rank's)
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if self.rank == 0 else None)
+            self.reported += 1
         except OSError as exc:
             stop = self.stopped(exc, name)
             if stop is None:
