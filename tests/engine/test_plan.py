@@ -90,6 +90,7 @@ def test_a_checkpoint_that_no_longer_fits_is_refused_naming_the_run_folder(tiny_
     folder = Path(plan.config.run.storage_path) / plan.ray_name / "checkpoint_2026-01-01_00-00-00.000000"
     state = {"model": {"backbone.old_layer.weight": torch.zeros(3)}, "step": 4, "rng": []}
     save_payload(folder / TRAIN_STATE, state)
+    save_payload(folder / "model.pt", {"state_dict": {}})  # a complete checkpoint has both files
     with pytest.raises(ConfigError) as caught:
         run_training(cfg, tracking=TRACKING)
     message = str(caught.value)

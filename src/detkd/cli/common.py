@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -95,9 +97,39 @@ def _fail_undelivered(exc: BaseException) -> None:
     raise typer.Exit(1)
 
 
+@contextlib.contextmanager
+def _os_errors() -> Iterator[None]:
+    """A run that stopped on an OS error no retry can fix (a full disk, a read-only filesystem, a denied
+    permission, a quota; see ``detkd.oserrors``) ends in one ``error:`` line naming the path and the errno's
+    meaning, exit code 1. Any other error passes through unchanged."""
+    from detkd.oserrors import permanent_os_error
+    from detkd.pipeline.runner import PipelineFailed
+
+    try:
+        yield
+    except (typer.Exit, PipelineFailed):  # a failed pipeline says which step stopped: _fail_pipeline
+        raise
+    except Exception as exc:
+        stop = permanent_os_error(exc)
+        if stop is None:
+            raise
+        _print_errors(stop)
+        raise typer.Exit(1) from None
+
+
 def _fail_pipeline(exc: BaseException, *, tracebacks: bool = True) -> None:
     """A pipeline with failed steps (``PipelineFailed``): with ``tracebacks``, each step that crashed (a bug, not
-    a user error) with its traceback; then the summary as ``error:`` lines, exit code 1."""
+    a user error) with its traceback; then the summary as ``error:`` lines, exit code 1. A step stopped by a
+    permanent OS error (a full disk) gives the one ``error:`` line, the summary follows as plain lines."""
+    from detkd.oserrors import permanent_os_error
+
+    stops = {name: stop for name, error in exc.execution.failed.items() if (stop := permanent_os_error(error))}
+    if stops:
+        name, stop = next(iter(stops.items()))
+        _print_errors(RuntimeError(f"step {name}: {stop}"))
+        for line in str(exc).splitlines():
+            err_console.print(line, highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     if tracebacks:
         import traceback
 

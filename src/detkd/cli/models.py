@@ -16,6 +16,7 @@ from detkd.cli.common import (
     _fail_pipeline,
     _fail_undelivered,
     _local_model,
+    _os_errors,
     _print_errors,
     _user_errors,
     app,
@@ -107,7 +108,8 @@ def _distill_from_teacher(request, overrides, summary: Path | None, address, fre
         path = write_distill_pipeline(request, overrides=overrides)
         console.print(f"pipeline: {path} (run configs in {path.parent / 'configs'})", highlight=False)
         spec = load_pipeline(path)
-        rows = run_pipeline(spec, address=address, fresh=fresh)
+        with _os_errors():
+            rows = run_pipeline(spec, address=address, fresh=fresh)
     except _user_errors() as exc:
         _fail(exc)
     except PipelineFailed as exc:
@@ -135,7 +137,8 @@ def _train(config: Path, overrides, summary, skip_invalid: bool, address, fresh:
             raise ConfigError(f"{config}: data.val: --summary needs a validation (or data.test) split to evaluate on")
         if skip_invalid:
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"skip_invalid": True})})
-        outcome = run_training(cfg, address=address, fresh=fresh)
+        with _os_errors():
+            outcome = run_training(cfg, address=address, fresh=fresh)
     except _user_errors() as exc:
         _fail(exc)
     except TrackingNotDelivered as exc:  # trained and published; MLflow missed part of it

@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from detkd.cli.common import FreshOption, RayAddressOption, SetOption, _fail, _fail_pipeline, _user_errors, app, console
+from detkd.cli.common import (
+    FreshOption,
+    RayAddressOption,
+    SetOption,
+    _fail,
+    _fail_pipeline,
+    _os_errors,
+    _user_errors,
+    app,
+    console,
+)
 
 
 @app.command("run")
@@ -31,7 +41,8 @@ def run(
 
     try:
         spec = load_pipeline(pipeline, overrides or [])
-        rows = run_pipeline(spec, address=address, fresh=fresh, parallel=parallel)
+        with _os_errors():
+            rows = run_pipeline(spec, address=address, fresh=fresh, parallel=parallel)
     except _user_errors() as exc:
         _fail(exc)
     except PipelineFailed as exc:
@@ -118,7 +129,8 @@ def step_command(
 
     try:
         spec = load_pipeline(pipeline, overrides or [])
-        result = run_step(spec, step, pipeline_run=pipeline_run, address=address, fresh=fresh, run_key=run_key)
+        with _os_errors():
+            result = run_step(spec, step, pipeline_run=pipeline_run, address=address, fresh=fresh, run_key=run_key)
     except _user_errors() as exc:
         _fail(exc)
     except PipelineFailed as exc:

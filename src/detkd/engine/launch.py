@@ -23,12 +23,23 @@ from ray.train.torch import TorchTrainer
 
 from detkd.config import Config, ConfigError
 from detkd.data.records import DetectionSource
+from detkd.engine.checkpoints import (
+    CheckpointMismatch,
+    RunFolder,
+    newest_good,
+    remove_strays,
+    set_aside_snapshot,
+    snapshot_problem,
+)
 from detkd.engine.faults import MARKER
 from detkd.engine.plan import build_plan, open_sources, plan_stages, stage_configs
+from detkd.engine.stops import StopOnUnfixable, unfixable
 from detkd.engine.storage_errors import storage_outage
-from detkd.engine.worker import MODEL_FILE, TRAIN_STATE, mismatch_message, train_loop_per_worker
-from detkd.models.checkpoint import CheckpointError, file_digest, load_payload
+from detkd.engine.worker import MODEL_FILE, mismatch_message, train_loop_per_worker
+from detkd.models.checkpoint import file_digest, verified_bytes
+from detkd.oserrors import PermanentOSError, permanent_os_error, quiet_permanent_os_errors
 from detkd.records import RunPlan, TrackingContext, TrainOutcome
+from detkd.signals import terminate_on_sigterm
 
 log = logging.getLogger(__name__)
 CallbackFactory = Callable[[RunPlan, int], list[Any]]  # (plan, stage index) -> Ray Train callbacks
@@ -90,10 +101,13 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 def publish_model(source_dir: Path, out_dir: Path) -> Path:
-    """Copy a student-only ``model.pt`` and its checksum into ``out_dir``, each file atomically."""
+    """Copy a student-only ``model.pt`` and its checksum into ``out_dir``, each file atomically; the copy is
+    verified before it replaces the published one."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (MODEL_FILE, f"{MODEL_FILE}.sha256"):
         shutil.copyfile(source_dir / name, out_dir / f".{name}.tmp")
+    verified_bytes(out_dir / f".{MODEL_FILE}.tmp")  # against its header (the sidecar is named for the final file)
+    for name in (MODEL_FILE, f"{MODEL_FILE}.sha256"):
         os.replace(out_dir / f".{name}.tmp", out_dir / name)
     return out_dir / MODEL_FILE
 
@@ -175,16 +189,27 @@ def run_plan(
     else:
         check_resumable(plan)
     ensure_ray(address)
+    quiet_permanent_os_errors()  # reported once, by the error this raises
     started = time.perf_counter()
-    with mlflow_run(plan, sources, extra_tags=extra_tags, resume=not fresh) as (run_id, logger):
-        result = fit(plan, run_id=run_id, callbacks=callbacks, cpus_per_worker=cpus_per_worker)
-        if result.checkpoint is None:
-            raise RuntimeError(f"training run {plan.ray_name} finished without a checkpoint")
-        with result.checkpoint.as_directory() as folder:
-            model_path = publish_model(Path(folder), plan.out_dir)
-            logger.merge(Path(folder))  # what the training worker could not deliver, to its run folder's outbox
-        metrics = dict(result.metrics or {})
-        log_outcome(plan, logger, model_path, metrics)
+    published: list[Path] = []  # the model, once training finished and it is published
+    run_ids: list[str] = []
+    try:
+        with mlflow_run(plan, sources, extra_tags=extra_tags, resume=not fresh) as (run_id, logger):
+            run_ids.append(run_id)
+            result = fit(plan, run_id=run_id, callbacks=callbacks, cpus_per_worker=cpus_per_worker)
+            if result.checkpoint is None:
+                raise RuntimeError(f"training run {plan.ray_name} finished without a checkpoint")
+            with result.checkpoint.as_directory() as folder:
+                model_path = publish_model(Path(folder), plan.out_dir)
+                logger.merge(Path(folder))  # what the training worker could not deliver, to its run folder's outbox
+            published.append(model_path)
+            metrics = dict(result.metrics or {})
+            log_outcome(plan, logger, model_path, metrics)
+    except Exception as exc:
+        stop = permanent_stop(plan, exc, published=published, run_ids=run_ids)
+        if stop is None:
+            raise
+        raise stop from exc
     return TrainOutcome(
         name=plan.name,
         role=plan.config.role,
@@ -232,14 +257,28 @@ def fit(
 
     CPUs per worker: ``scaling.cpus_per_worker``, else ``cpus_per_worker`` (a pipeline running
     steps side by side gives each its share), else the whole cluster split over the workers.
-    Not part of the config digest: where a run gets its CPUs does not make it another run."""
+    Not part of the config digest: where a run gets its CPUs does not make it another run.
+
+    An error that a restart would meet again (a full disk, a corrupt image, a checkpoint that does not
+    fit) ends the run at once, without Ray Train's retries (``engine/stops.py``), and is raised here as
+    itself: a PermanentOSError, a DatasetError, a ConfigError."""
+    from detkd.tracking.runs import sqlite_file
+
     cfg = plan.config
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
     cpus = cfg.scaling.cpus_per_worker or cpus_per_worker or max(1, total_cpus // cfg.scaling.num_workers)
     storage_path, storage_filesystem = storage_target(cfg)
+    database = sqlite_file(plan.tracking.uri)
+    database = None if database is None else str(database)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan.to_dict(), "run_id": run_id, "threads_per_worker": max(1, round(cpus))},
+        train_loop_config={
+            "plan": plan.to_dict(),
+            "run_id": run_id,
+            "threads_per_worker": max(1, round(cpus)),
+            "run_folder": run_folder(plan),  # where a worker looks for good checkpoints when Ray's latest is not
+            "database": database,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cpus}
         ),
@@ -249,18 +288,34 @@ def fit(
             storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            callbacks=callbacks or None,
+            callbacks=[*(callbacks or []), StopOnUnfixable(database=database)],
         ),
     )
     plan.out_dir.mkdir(parents=True, exist_ok=True)
+    terminate_on_sigterm()  # again: ray.init replaced the handler (detkd/signals.py)
     try:
         return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        cause = unfixable(exc, database=database)
+        if cause is None:
+            outage = storage_outage(exc, cfg)  # the checkpoint store stopped answering: say so, in one error
+            if outage is None:
+                raise
+            raise outage from exc
+        if isinstance(cause, CheckpointMismatch):
+            raise ConfigError(str(cause)) from None
+        if isinstance(cause, PermanentOSError):
+            raise cause.with_note(kept_note(plan)) from None
+        raise cause from None
     except (KeyboardInterrupt, SystemExit) as exc:
-        # Ray Train's own SIGINT handler aborts the run and calls sys.exit(0) inside fit()
+        # Ray Train's own SIGINT handler aborts the run and calls sys.exit(0) inside fit(); the CLI turns
+        # SIGTERM into a KeyboardInterrupt (cli.Terminated), kept as it is
         log.info(
             f"interrupted: checkpoints are kept under {cfg.run.storage_path}/{plan.ray_name}; "
             "run the same command again to resume"
         )
+        if isinstance(exc, KeyboardInterrupt):
+            raise
         raise KeyboardInterrupt from exc
     except Exception as exc:
         outage = storage_outage(exc, cfg)  # the checkpoint store stopped answering: say so, in one error
@@ -275,18 +330,75 @@ def local_run_folder(plan: RunPlan) -> Path | None:
     return None if "://" in storage else Path(storage) / plan.ray_name
 
 
+def run_folder(plan: RunPlan) -> RunFolder:
+    """The Ray run folder on the filesystem Ray Train writes it with (a local folder, or s3://...)."""
+    path, filesystem = storage_target(plan.config)
+    return RunFolder.at(
+        f"{path.rstrip('/')}/{plan.ray_name}",
+        filesystem=filesystem,
+        display=f"{str(plan.config.run.storage_path).rstrip('/')}/{plan.ray_name}",
+    )
+
+
+def kept_note(plan: RunPlan) -> str:
+    """What a stopped run keeps, for its error message: the newest good checkpoint and its step."""
+    try:
+        good = newest_good(run_folder(plan), logger=None)
+    except OSError:
+        return f"its checkpoints are kept under {run_folder(plan).display}"
+    if good is None:
+        return "no checkpoint was kept"
+    return f"{good.name} (step {good.step}) is kept"
+
+
+def permanent_stop(
+    plan: RunPlan, error: BaseException, *, published: list[Path], run_ids: list[str]
+) -> PermanentOSError | None:
+    """The permanent OS error (full disk, read-only, permission, quota) that ended a run, saying what was
+    kept; None for any other error. One from :func:`fit` already says where training stopped. A write
+    that names no file here is MLflow's artifact store writing the run's files."""
+    from detkd.tracking.runs import artifact_uri, sqlite_file
+
+    database = sqlite_file(plan.tracking.uri)
+    stop = permanent_os_error(error, database=None if database is None else str(database))
+    if stop is None or stop.notes:
+        return stop
+    if stop.path is None and run_ids:
+        try:
+            where = f"the artifacts of MLflow run {run_ids[0]} ({artifact_uri(plan.tracking.uri, run_ids[0])})"
+        except Exception:  # noqa: BLE001 - the store itself may be what failed
+            where = f"the artifacts of MLflow run {run_ids[0]}"
+        stop = PermanentOSError(stop.errno, where, action=stop.action)
+    if published:
+        return stop.with_note(
+            f"training finished: its model is published at {published[0]} and its checkpoints are kept"
+        )
+    return stop.with_note(kept_note(plan))
+
+
 def check_resumable(plan: RunPlan) -> None:
-    """Refuse, before Ray starts, a run folder whose latest checkpoint no longer fits the model."""
+    """Before Ray starts: find the newest checkpoint that reads back whole (skipping, with a line each,
+    incomplete or unreadable ones) and refuse it when it no longer fits the model. A list of checkpoints
+    Ray Train could not start from (cut short by a full disk, pointing at a deleted folder) is set aside;
+    stray folders older than the one resumed from are removed (``engine.checkpoints.remove_strays``)."""
     from detkd.engine.build import build_trainable
 
-    folder = local_run_folder(plan)
-    checkpoints = sorted(folder.glob(f"checkpoint_*/{TRAIN_STATE}")) if folder and folder.is_dir() else []
-    if not checkpoints:
-        return
+    folder = run_folder(plan)
     try:
-        saved = load_payload(checkpoints[-1])["model"]
-    except (CheckpointError, KeyError) as exc:
-        raise ConfigError(mismatch_message(plan, f"unreadable: {exc}")) from None
+        problem = snapshot_problem(folder, ray.__version__)
+        if problem is not None:
+            set_aside_snapshot(folder, problem)
+        good = newest_good(folder)
+        if good is not None:
+            remove_strays(folder, good)
+    except OSError as exc:  # storage unreachable from here: the workers find out for themselves
+        log.warning(f"{folder.display}: cannot read the run's checkpoints before starting ({exc})")
+        return
+    if good is None:
+        return
+    saved = good.state.get("model")
+    if not isinstance(saved, dict):
+        raise ConfigError(mismatch_message(plan, f"{good.name} holds no model state"))
     expected = {k: tuple(v.shape) for k, v in build_trainable(plan, device="meta")[0].state_dict().items()}
     found = {k: tuple(v.shape) for k, v in saved.items()}
     if expected != found:
@@ -302,7 +414,7 @@ def check_resumable(plan: RunPlan) -> None:
             )
             if keys
         ]
-        raise ConfigError(mismatch_message(plan, "; ".join(parts)))
+        raise ConfigError(mismatch_message(plan, f"{good.name}: " + "; ".join(parts)))
 
 
 def discard_run(plan: RunPlan) -> None:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from detkd.config import OptimConfig
 from detkd.data.dataset import DetectionDataset, collate_detection
+from detkd.engine.datasets import readable_batch
 from detkd.engine.ema import ModelEMA
 from detkd.engine.sampler import EpochBatchSampler
 from detkd.models.detectors import unwrap_model
@@ -259,11 +260,11 @@ def setup(
     """Datasets, loader, model, optimizer and schedule of one worker. ``wrap`` places the
     trainable module on its device and in DDP (Ray's ``prepare_model``); the teachers stay outside."""
     from detkd.engine.build import build_trainable
-    from detkd.engine.datasets import build_dataset
+    from detkd.engine.datasets import TrainingImages, build_dataset
 
     cfg = plan.config
     device = device or torch.device("cpu")
-    train_set = build_dataset(plan, "train", train=True)
+    train_set = TrainingImages(build_dataset(plan, "train", train=True), skip_invalid=cfg.data.skip_invalid)
     val_set = build_dataset(plan, "val", train=False) if cfg.data.val is not None else None
     trainable, student = build_trainable(plan)
     model = wrap(trainable)
@@ -305,7 +306,8 @@ def train_one_epoch(run: TrainRun, *, clip_grad_norm: float | None, hooks: Seque
     state = run.state
     state.model.train()
     means = RunningMeans()
-    for images, targets in run.loader:
+    for batch in run.loader:
+        images, targets = readable_batch(*batch)  # an image that cannot be read stops the run, naming it
         images = [img.to(run.device, non_blocking=True) for img in images]
         result = train_step(
             state.model,

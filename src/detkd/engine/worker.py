@@ -7,9 +7,11 @@ Checkpoints go through ``ray.train.report``; only rank 0 writes files and logs t
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +20,18 @@ import ray.train.torch
 import torch
 
 from detkd.engine import rng
+from detkd.engine.checkpoints import MODEL_FILE, TRAIN_STATE, CheckpointMismatch, GoodCheckpoint, RunFolder, newest_good
 from detkd.engine.evaluate import evaluate_distributed
 from detkd.engine.faults import FaultInjection
 from detkd.engine.loop import ProgressLog, StepHook, TrainRun, reduce_means, setup, train_one_epoch
-from detkd.models.checkpoint import load_payload, save_detector, save_payload
+from detkd.engine.stops import WORKER_ERROR_LOGGER, quiet_handled_errors, unfixable
+from detkd.models.checkpoint import save_detector, save_payload
+from detkd.oserrors import PermanentOSError, as_permanent, quiet_permanent_os_errors
 from detkd.records import RunPlan
 
-TRAIN_STATE = "train_state.pt"
-MODEL_FILE = "model.pt"
+__all__ = ["MODEL_FILE", "TRAIN_STATE", "CheckpointMismatch", "train_loop_per_worker"]
 # Ray Train routes worker logging to the driver console and its log files; print() may be echoed twice.
 log = logging.getLogger("detkd.train")
-
-
-class CheckpointMismatch(RuntimeError):
-    """A run folder's checkpoint does not fit the model this code builds."""
 
 
 def quiet_ray_train_reports() -> None:
@@ -44,6 +44,27 @@ def quiet_ray_train_reports() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def stops_unfixable(train_fn):
+    """An error a restart would meet again leaves the worker as detkd's own error (see engine/stops.py),
+    whose traceback Ray need not print: the driver reports it in one line."""
+
+    @functools.wraps(train_fn)
+    def wrapped(loop_config: dict[str, Any]) -> None:
+        quiet_handled_errors(WORKER_ERROR_LOGGER)
+        quiet_permanent_os_errors()
+        try:
+            train_fn(loop_config)
+        except Exception as exc:
+            cause = unfixable(exc, database=loop_config.get("database"))
+            if cause is None or cause is exc:
+                raise
+            log.debug("unfixable error in the training function", exc_info=True)
+            raise cause from None
+
+    return wrapped
+
+
+@stops_unfixable
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: setup, resume, then epochs of train / evaluate / checkpoint."""
     plan = RunPlan.from_dict(loop_config["plan"])
@@ -57,7 +78,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run = setup(
         plan, rank=rank, world_size=world, device=ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model
     )
-    resume(run, plan, rank=rank, world_size=world)
+    unknown_to_ray = resume(run, plan, rank=rank, world_size=world, folder=loop_config.get("run_folder"))
     logger = mlflow_logger(plan, loop_config.get("run_id")) if rank == 0 else None
     carry = logger.carry if logger else None
     report = CheckpointReport(plan, run, rank=rank, run_id=loop_config.get("run_id"), carry=carry)
@@ -89,15 +110,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             report.save(metrics)
         else:
             ray.train.report(metrics)
+    if unknown_to_ray and not report.reported:
+        # resumed at the end from a checkpoint Ray did not register: report it, or Ray's result would be its
+        # latest registered one (older, or none) and that model would be published
+        report.save(end_of_epoch(plan, run, {}, rank=rank, world_size=world))
 
 
-def resume(run: TrainRun, plan: RunPlan, *, rank: int, world_size: int) -> None:
-    """Continue from Ray's latest checkpoint (a rerun, or a restart after a lost worker)."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return
-    with checkpoint.as_directory() as folder:
-        state = load_payload(Path(folder) / TRAIN_STATE)
+def resume(run: TrainRun, plan: RunPlan, *, rank: int, world_size: int, folder: RunFolder | None = None) -> bool:
+    """Continue from the newest checkpoint that reads back whole (a rerun, or a restart after a lost worker),
+    saying which newer ones were skipped and why (a copy cut short by a full disk or a killed worker).
+
+    Returns whether that checkpoint is one Ray Train did not register (not its latest)."""
+    latest = ray.train.get_checkpoint()
+    found = resume_point(latest, folder, say=rank == 0)
+    if found is None:
+        return False
+    state = found.state
     try:
         run.state.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -106,7 +134,23 @@ def resume(run: TrainRun, plan: RunPlan, *, rank: int, world_size: int) -> None:
         rng.restore(state["rng"][rank])
     if rank == 0:
         ema = f" (EMA of {run.state.ema.updates} updates)" if run.state.ema is not None else ""
-        log.info(f"[{plan.name}] resumed from step {run.state.step}/{run.total_steps}{ema}")
+        log.info(f"[{plan.name}] resumed from step {run.state.step}/{run.total_steps}{ema} ({found.name})")
+    return latest is None or latest.path.rstrip("/").rsplit("/", 1)[-1] != found.name
+
+
+def resume_point(
+    checkpoint: ray.train.Checkpoint | None, folder: RunFolder | None, *, say: bool
+) -> GoodCheckpoint | None:
+    """The newest good checkpoint of the run folder: the folder of Ray's latest checkpoint, read through its
+    filesystem, else ``folder`` (Ray has none when its list of checkpoints was set aside or none was
+    registered). Newest by name, not Ray's latest: a checkpoint copied whole but not yet registered when
+    the driver stopped (SIGTERM) is newer than Ray's latest, and is where training stopped."""
+    if checkpoint is not None:
+        parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+        folder = RunFolder(checkpoint.filesystem, parent, folder.display if folder is not None else parent)
+    if folder is None:
+        return None
+    return newest_good(folder, logger=log if say else None)
 
 
 def mismatch_message(plan: RunPlan, detail: str) -> str:
@@ -199,6 +243,7 @@ class CheckpointReport:
     ) -> None:
         self.plan, self.run, self.rank, self.run_id = plan, run, rank, run_id
         self.carry = carry  # rank 0's logger: the last checkpoint takes what it could not deliver to MLflow
+        self.reported = 0  # checkpoints reported by this attempt
 
     def model_meta(self, metrics: dict[str, Any]) -> dict[str, Any]:
         cfg = self.plan.config
@@ -223,21 +268,40 @@ class CheckpointReport:
         if self.run.state.ema is not None:
             self.run.state.ema.sync()  # rank 0's average is saved: every worker continues from it, as on resume
         metrics = {**metrics, **self.run.state.ema_metrics()}
-        with tempfile.TemporaryDirectory(prefix="detkd-ckpt-") as folder:
-            checkpoint = None
-            if self.rank == 0:
-                payload = {**self.run.state.state_dict(), "rng": states, "plan": self.plan.to_dict()}
-                save_payload(Path(folder) / TRAIN_STATE, payload)
-                save_detector(Path(folder) / MODEL_FILE, self.run.state.published, meta=self.model_meta(metrics))
-                if self.carry is not None and self.run.state.step >= self.run.total_steps:
-                    self.carry(Path(folder))
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-                if self.run.state.ema is not None:
-                    log.info(
-                        f"[{self.plan.name}] checkpoint at step {self.run.state.step}: EMA of "
-                        f"{metrics['ema/updates']:.0f} updates, decay {metrics['ema/decay']:.6f}"
-                    )
-            ray.train.report(metrics, checkpoint=checkpoint)
+        name = f"checkpoint_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"  # Ray's own form: name order is age order
+        try:
+            with tempfile.TemporaryDirectory(prefix="detkd-ckpt-") as folder:
+                checkpoint = None
+                if self.rank == 0:
+                    payload = {**self.run.state.state_dict(), "rng": states, "plan": self.plan.to_dict()}
+                    save_payload(Path(folder) / TRAIN_STATE, payload)
+                    save_detector(Path(folder) / MODEL_FILE, self.run.state.published, meta=self.model_meta(metrics))
+                    if self.carry is not None and self.run.state.step >= self.run.total_steps:
+                        self.carry(Path(folder))
+                    checkpoint = ray.train.Checkpoint.from_directory(folder)
+                    if self.run.state.ema is not None:
+                        log.info(
+                            f"[{self.plan.name}] checkpoint at step {self.run.state.step}: EMA of "
+                            f"{metrics['ema/updates']:.0f} updates, decay {metrics['ema/decay']:.6f}"
+                        )
+                # Ray copies the folder into storage as ``name`` (rank 0's name is every rank's)
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if self.rank == 0 else None)
+            self.reported += 1
+        except OSError as exc:
+            stop = self.stopped(exc, name)
+            if stop is None:
+                raise
+            raise stop from exc
+
+    def stopped(self, error: OSError, name: str) -> PermanentOSError | None:
+        """A checkpoint write that failed for good, as the error that ends the run, naming the checkpoint."""
+        stop = as_permanent(error)
+        if stop is None:
+            return None
+        if stop.path is None:  # pyarrow's copy into storage names no file
+            cfg = self.plan.config
+            stop = PermanentOSError(stop.errno, f"{cfg.run.storage_path}/{self.plan.ray_name}/{name}")
+        return stop.with_note(f"training stopped at step {self.run.state.step} of {self.run.total_steps}")
 
     def every_steps_hook(self, every: int) -> StepHook:
         """Step hook: a checkpoint every ``every`` steps between epoch ends (0: never)."""

@@ -79,6 +79,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None and exc.errno is not None:  # a failed write names no file: name the target
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -101,12 +106,17 @@ def save_payload(path: Path, payload: dict[str, Any]) -> str:
 
 
 def _check_sidecar(path: Path, data: bytes) -> bool:
-    """True when a ``.sha256`` sidecar exists and matches; a mismatch raises."""
+    """True when a ``.sha256`` sidecar exists and matches; a mismatch raises.
+
+    A sidecar cut short (its write interrupted: not a whole digest) beside a file that carries its own
+    checksum is ignored; the file's header decides."""
     sidecar = Path(f"{path}.sha256")
     if not sidecar.is_file():
         return False
-    text = sidecar.read_text().split()
+    text = sidecar.read_text(errors="replace").split()
     expected = text[0] if text else ""
+    if data.startswith(MAGIC) and not re.fullmatch(r"[0-9a-f]{64}", expected):
+        return False
     if _sha256(data) != expected:
         raise CheckpointError(
             f"{path}: checksum mismatch with {sidecar.name}: the file is corrupted or truncated"
@@ -134,6 +144,27 @@ def _verified_body(path: Path, data: bytes) -> bytes:
     return body
 
 
+def verified_bytes(path: Path, *, verify: bool = True) -> bytes:
+    """The payload bytes of a checkpoint file, checked against its header and sidecar (see :func:`load_payload`);
+    nothing is unpickled. A CheckpointError says what is wrong: missing, empty, truncated, or corrupted."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    data = path.read_bytes()
+    if not data:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes): its write did not finish")
+    if data.startswith(MAGIC):  # the header first: it says how much is missing from a file cut short
+        body = _verified_body(path, data)
+        _check_sidecar(path, data)
+        return body
+    if _check_sidecar(path, data) or not verify:
+        return data
+    raise CheckpointError(
+        f"{path}: cannot be verified: it carries no checksum (an old-format or foreign file)"
+        f" and no {path.name}.sha256 lies beside it"
+    )
+
+
 def load_payload(path: Path, *, verify: bool = True) -> dict[str, Any]:
     """Read a dict written by :func:`save_payload`, refusing corrupt or unverifiable files.
 
@@ -143,19 +174,7 @@ def load_payload(path: Path, *, verify: bool = True) -> dict[str, Any]:
     accepts such a plain ``torch.save`` file (e.g. a state dict from elsewhere).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    data = path.read_bytes()
-    sidecar_ok = _check_sidecar(path, data)
-    if data.startswith(MAGIC):
-        body = _verified_body(path, data)
-    elif sidecar_ok or not verify:
-        body = data
-    else:
-        raise CheckpointError(
-            f"{path}: cannot be verified: it carries no checksum (an old-format or foreign file)"
-            f" and no {path.name}.sha256 lies beside it"
-        )
+    body = verified_bytes(path, verify=verify)
     try:
         payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for broken archives

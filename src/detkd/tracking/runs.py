@@ -465,3 +465,8 @@ def end_run(tracking_uri: str, run_id: str, status: str) -> None:
 def run_start_time(tracking_uri: str, run_id: str) -> float:
     """When a run started, in seconds since the epoch."""
     return MlflowClient(tracking_uri).get_run(run_id).info.start_time / 1000
+
+
+def artifact_uri(tracking_uri: str, run_id: str) -> str:
+    """Where a run's artifacts are stored (named when writing them fails)."""
+    return MlflowClient(tracking_uri).get_run(run_id).info.artifact_uri
