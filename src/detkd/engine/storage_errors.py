@@ -10,9 +10,8 @@ restart. A longer one ends the run with pyarrow's ``OSError`` deep inside Ray Tr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from detkd.config import Config
+from detkd.oserrors import linked
 
 # pyarrow's S3 errors of a store that does not answer (Ray Train retries uploads on the first five)
 UNREACHABLE = (
@@ -47,7 +46,7 @@ def storage_outage(error: BaseException, cfg: Config) -> StorageUnreachable | No
     """The outage of ``cfg``'s checkpoint store that ``error`` is or carries, else None."""
     from detkd.tracking.redact import redact
 
-    chain = list(_linked(error))
+    chain = list(linked(error))
     for found in [e for e in chain if isinstance(e, OSError)] + [e for e in chain if not isinstance(e, OSError)]:
         for line in str(found).splitlines():
             if any(token in line for token in UNREACHABLE):
@@ -57,16 +56,3 @@ def storage_outage(error: BaseException, cfg: Config) -> StorageUnreachable | No
                 detail = line.strip().removeprefix("OSError: ")
                 return StorageUnreachable(redact(storage), redact(detail))
     return None
-
-
-def _linked(error: BaseException) -> Iterator[BaseException]:
-    """``error``, its causes and contexts, and the errors Ray Train wraps (each worker's, the controller's)."""
-    queue, seen = [error], set()
-    while queue:
-        current = queue.pop(0)
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        queue += [current.__cause__, current.__context__, getattr(current, "controller_failure", None)]
-        queue += list((getattr(current, "worker_failures", None) or {}).values())
