@@ -24,6 +24,7 @@ from ckpt_helpers import (  # noqa: F401 - no_ray_in_pytest is a fixture
     wait_for,
     write_config,
 )
+from mlflow import MlflowClient
 
 from detkd.engine.checkpoints import MODEL_FILE, TRAIN_STATE
 from detkd.models.checkpoint import load_detector
@@ -69,6 +70,9 @@ def test_sigterm_to_the_driver_ends_resumable_and_the_rerun_resumes(tiny_dataset
     steps = good_steps(storage)
     last = max(steps.values())
     assert 2 <= last < 24  # stopped mid-run, with checkpoints kept
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("detkd").experiment_id])
+    assert run.info.status == "KILLED"
 
     second = run_detkd(["train", str(config)])
     output = second.stdout + second.stderr
@@ -76,6 +80,7 @@ def test_sigterm_to_the_driver_ends_resumable_and_the_rerun_resumes(tiny_dataset
     name = max(steps, key=lambda n: (steps[n], n))
     assert f"resumed from step {last}/24 ({name})" in output
     assert load_detector(work / "models/tiny/model.pt")[1]["step"] == 24
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"  # the same MLflow run, continued
 
 
 def _incomplete(folder: Path) -> bool:
