@@ -210,3 +210,37 @@ def test_the_walk_reads_an_s3_run_folder_through_its_filesystem(tmp_path):
     assert good is not None and (good.name, good.step) == (names[0], 1)
     (line,) = messages
     assert line.startswith(f"skipping s3://ckpt/runs/tiny-1/{names[1]}: train_state.pt: the file is corrupted: trunc")
+
+
+def test_a_copy_cut_at_any_byte_leaves_the_previous_checkpoint_and_is_recognised(tmp_path):
+    """Ray copies a checkpoint file by file; wherever the copy stops (every 7th byte of the whole stream and
+    every file boundary), the folder counts as a checkpoint only once both payload files are whole, and the
+    previous checkpoint is untouched."""
+    source = _checkpoint(tmp_path / "source", "checkpoint_x", step=9)
+    files = sorted(p.name for p in source.iterdir())  # the order of a sorted copy; any order holds the same
+    data = {name: (source / name).read_bytes() for name in files}
+    ends, total = {}, 0
+    for name in files:
+        total += len(data[name])
+        ends[name] = total
+    whole_at = max(ends[TRAIN_STATE], ends[MODEL_FILE])  # both payloads written: a usable checkpoint
+    old, new = _names(2)
+    runs = tmp_path / "run"
+    _checkpoint(runs, old, step=4)
+    before = {p.name: p.read_bytes() for p in (runs / old).iterdir()}
+    cuts = sorted({*range(0, total + 1, 7), *(e + d for e in ends.values() for d in (-1, 0, 1) if 0 <= e + d <= total)})
+    folder = RunFolder.at(str(runs))
+    for cut in cuts:
+        target = runs / new
+        for stale in target.glob("*") if target.exists() else []:
+            stale.unlink()
+        target.mkdir(exist_ok=True)
+        start = 0
+        for name in files:
+            if cut > start:
+                (target / name).write_bytes(data[name][: cut - start])
+            start += len(data[name])
+        good = newest_good(folder, logger=None)
+        expected = (new, 9) if cut >= whole_at else (old, 4)
+        assert (good.name, good.step) == expected, cut
+    assert {p.name: p.read_bytes() for p in (runs / old).iterdir()} == before

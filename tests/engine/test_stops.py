@@ -50,9 +50,15 @@ def _record(message: str, error: BaseException | None = None) -> logging.LogReco
 
 def test_only_the_tracebacks_of_handled_errors_are_dropped():
     keep = HandledErrorFilter().filter
-    handled = "Error in training function:\nTraceback ...\ndetkd.oserrors.PermanentOSError: no space left on device"
-    assert not keep(_record(handled))
-    assert not keep(_record("Error in training function:\n...\ndetkd.data.records.DatasetError: /d: bad"))
-    assert keep(_record("Error in training function:\nTraceback ...\nZeroDivisionError: division by zero"))
+    head = "Error in training function:\nTraceback (most recent call last):\n  File x\n"
+    assert not keep(_record(head + "detkd.oserrors.PermanentOSError: no space left on device"))
+    assert not keep(_record(head + "detkd.data.records.DatasetError: /d: bad\n/d: worse"))
+    assert keep(_record(head + "ZeroDivisionError: division by zero"))
+    # a bug raised while handling one of them is not handled: its traceback stays
+    chained = (
+        head + "detkd.data.records.DatasetError: /d: bad\n\nDuring handling of the above exception, another "
+        "exception occurred:\n\nTraceback (most recent call last):\n  File y\nNameError: name 'z' is not defined"
+    )
+    assert keep(_record(chained))
     assert not keep(_record("[FailurePolicy] RAISE", ray.train.ControllerError(CORRUPT)))
     assert keep(_record("[FailurePolicy] RETRY", ray.train.ControllerError(RuntimeError("startup"))))

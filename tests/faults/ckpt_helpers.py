@@ -14,10 +14,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import pytest
+
 from detkd.engine.checkpoints import MODEL_FILE, TRAIN_STATE
 from detkd.models.checkpoint import CheckpointError, load_payload, verified_bytes
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=False)
+def no_ray_in_pytest():
+    """These tests' ``detkd`` subprocesses start their own local Ray; a Ray held by this pytest process (the
+    session's ``ray_cluster``, started by earlier tests) would make two on one machine, and Ray Train's
+    placement-group cleaner fails on that ("Found multiple active Ray instances"). It is stopped for the
+    module and started again after it as conftest.py starts it."""
+    import ray
+
+    held = ray.is_initialized()
+    if held:
+        ray.shutdown()
+    yield
+    if held:
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def detkd_env(extra_path: Path | None = None) -> dict[str, str]:

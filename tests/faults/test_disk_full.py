@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from ckpt_helpers import (
+from ckpt_helpers import (  # noqa: F401 - no_ray_in_pytest is a fixture
     attempts,
     checkpoint_bytes,
     checkpoint_folders,
@@ -18,6 +18,7 @@ from ckpt_helpers import (
     error_lines,
     fill,
     good_steps,
+    no_ray_in_pytest,
     readable_step,
     run_detkd,
     small_filesystem,
@@ -27,7 +28,7 @@ from mlflow import MlflowClient
 
 from detkd.models.checkpoint import load_detector
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.usefixtures("no_ray_in_pytest")]
 
 
 def _experiment(uri: str, artifacts: Path) -> None:

@@ -47,7 +47,8 @@ class RunFolder:
     def at(cls, location: str, *, filesystem: pyarrow.fs.FileSystem | None = None, display: str = "") -> RunFolder:
         """``location`` on ``filesystem`` (a path without its scheme), or a folder or URI pyarrow resolves."""
         if filesystem is None:
-            filesystem, path = pyarrow.fs.FileSystem.from_uri(location if "://" in location else str(Path(location)))
+            uri = location if "://" in location else str(Path(location).absolute())
+            filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
         else:
             path = location
         return cls(filesystem, path.rstrip("/"), display or location)

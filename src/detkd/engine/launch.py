@@ -276,7 +276,7 @@ def fit(
             "plan": plan.to_dict(),
             "run_id": run_id,
             "threads_per_worker": max(1, round(cpus)),
-            "run_folder": run_folder(plan),  # where a worker looks for good checkpoints when Ray's latest is not
+            "run_folder": run_folder(plan),  # where a worker finds checkpoints when Ray registered none
             "database": database,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -308,8 +308,8 @@ def fit(
             raise cause.with_note(kept_note(plan)) from None
         raise cause from None
     except (KeyboardInterrupt, SystemExit) as exc:
-        # Ray Train's own SIGINT handler aborts the run and calls sys.exit(0) inside fit(); the CLI turns
-        # SIGTERM into a KeyboardInterrupt (cli.Terminated), kept as it is
+        # Ray Train's own SIGINT handler aborts the run and calls sys.exit(0) inside fit(); SIGTERM arrives as
+        # a KeyboardInterrupt (detkd.signals), kept as it is
         log.info(
             f"interrupted: checkpoints are kept under {cfg.run.storage_path}/{plan.ray_name}; "
             "run the same command again to resume"

@@ -45,8 +45,17 @@ class HandledErrorFilter(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         if error is not None:
             return not isinstance(getattr(error, "controller_failure", None), HANDLED)
-        message = record.getMessage()
-        return not any(f"{t.__module__}.{t.__qualname__}:" in message for t in HANDLED)
+        raised = final_exception_line(record.getMessage())
+        return not any(raised.startswith(f"{t.__module__}.{t.__qualname__}:") for t in HANDLED)
+
+
+def final_exception_line(text: str) -> str:
+    """In a formatted traceback, the line naming the exception finally raised (chained ones come before it)."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if not starts:
+        return ""
+    return next((line for line in lines[starts[-1] + 1 :] if line and not line[0].isspace()), "")
 
 
 def quiet_handled_errors(logger_name: str) -> None:

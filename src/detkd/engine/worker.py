@@ -29,7 +29,6 @@ from detkd.models.checkpoint import save_detector, save_payload
 from detkd.oserrors import PermanentOSError, as_permanent, quiet_permanent_os_errors
 from detkd.records import RunPlan
 
-__all__ = ["MODEL_FILE", "TRAIN_STATE", "CheckpointMismatch", "train_loop_per_worker"]
 # Ray Train routes worker logging to the driver console and its log files; print() may be echoed twice.
 log = logging.getLogger("detkd.train")
 
