@@ -84,7 +84,8 @@ def test_a_lost_worker_node_rejoins_and_the_run_resumes_from_its_s3_checkpoint(
     data = tiny_config(
         tiny_dataset,
         tmp_path,
-        train={"epochs": 3, "log_every": 1, "checkpoint_every_steps": 2},
+        # 10 epochs of 4 steps: the kill (within a second of the first checkpoint) lands well before the end
+        train={"epochs": 10, "log_every": 1, "checkpoint_every_steps": 2},
         run={"max_failures": 1, "storage_path": f"s3://{BUCKET}/lost-node", "storage_endpoint": s3.endpoint},
         tracking={"log_model": False, "tracking_uri": uri},
     )
@@ -103,9 +104,6 @@ def test_a_lost_worker_node_rejoins_and_the_run_resumes_from_its_s3_checkpoint(
             os.killpg(driver.pid, signal.SIGKILL)
     output = log.read_text()
     assert driver.returncode == 0, output[-4000:]
-    assert "[FailurePolicy] RETRY" in output and "its node has died" in output  # the node's loss, retried
-    resumed = [int(m) for m in re.findall(r"resumed from step (\d+)/", output)]
-    assert resumed and resumed[0] >= 2, output[-4000:]  # from an S3 checkpoint, not from scratch
     assert (tmp_path / "models/tiny/model.pt").is_file()  # published by the driver on the head
     keys = [k for k in s3.keys(BUCKET, "lost-node/") if k != "lost-node/"]
     assert keys and all(k.startswith("lost-node/tiny-") for k in keys), keys[:10]  # one run folder, on S3
@@ -114,7 +112,11 @@ def test_a_lost_worker_node_rejoins_and_the_run_resumes_from_its_s3_checkpoint(
     run = client.search_runs([client.get_experiment_by_name("detkd").experiment_id])[0]
     assert run.info.status == "FINISHED"
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
-    assert steps == list(range(1, 13)) and run.data.metrics["final/step"] == 12
+    assert steps == list(range(1, 41)) and run.data.metrics["final/step"] == 40
+    # Ray Train restarted the worker group on the new node, from an S3 checkpoint, not from scratch (the
+    # restarted worker's own log lines come from a node that joined later: the driver may not show them)
+    resumed = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_step")]
+    assert resumed and min(resumed) >= 2, output[-4000:]
 
 
 def stored_trials(s3, prefix: str) -> dict[str, str]:
@@ -192,13 +194,17 @@ def test_a_sweep_on_two_nodes_resumes_after_its_driver_and_then_a_trials_node_ar
     output = second_log.read_text()
     assert second.returncode == 0, output[-4000:]
     assert "sweep nodes: continuing" in output
-    assert re.search(r"resumed from step [1-9]", output), output[-4000:]  # the retried trial, from S3
     trials = pd.read_parquet(tmp_path / "sweep/trials.parquet")
     assert len(trials) == 2 and set(trials["state"]) == {"TERMINATED"}
     attempts = dict(zip(trials["trial_id"], trials["attempts"], strict=True))
     assert attempts[done] == 1  # the trial finished before the driver was lost was not run again
     (other,) = set(attempts) - {done}
     assert attempts[other] >= 2  # started again after the node was lost
+    client = MlflowClient(uri)  # its Train run resumed from its S3 checkpoint, not from scratch
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    other_runs = client.search_runs(experiments, filter_string=f"tags.`detkd.trial_id` = '{other}'")
+    resumed = [m.value for r in other_runs for m in client.get_metric_history(r.info.run_id, "resumed_from_step")]
+    assert resumed and min(resumed) >= 1, output[-4000:]
     assert (tmp_path / "sweep/best_config.yaml").is_file()
     keys = s3.keys(BUCKET, stored)
     assert f"{stored}sweep.json" in keys

@@ -79,6 +79,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     unknown_to_ray = resume(run, plan, rank=rank, world_size=world, folder=loop_config.get("run_folder"))
     logger = mlflow_logger(plan, loop_config.get("run_id")) if rank == 0 else None
+    if logger and run.state.step > 0:  # a rerun or a restart after a lost worker: the run's record says so
+        logger.metrics({"resumed_from_step": run.state.step}, step=run.state.step)
     carry = logger.carry if logger else None
     report = CheckpointReport(plan, run, rank=rank, run_id=loop_config.get("run_id"), carry=carry)
     hooks: list[StepHook] = [

@@ -226,8 +226,9 @@ def parse_info(path: Path, text: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-def load_export(path: Path) -> tuple[dict[str, Any], Runner]:
-    """The file's info and a callable running its graph: torch.jit, or ONNX Runtime on CPU (each loaded once)."""
+def load_export(path: Path, *, threads: int | None = None) -> tuple[dict[str, Any], Runner]:
+    """The file's info and a callable running its graph: torch.jit, or ONNX Runtime on CPU (each loaded once)
+    with ``threads`` intra-op threads (default: ``DETKD_ORT_THREADS``, else 1)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such exported model")
@@ -248,7 +249,7 @@ def load_export(path: Path) -> tuple[dict[str, Any], Runner]:
     # One image per run of a small detector: a second intra-op thread (spinning between runs, beside
     # PyTorch's pool that prepares the images) made it 2.3x slower per image on 2 cores, not faster
     # (benchmarks/results/latency.md). DETKD_ORT_THREADS sets another count for bigger models.
-    options.intra_op_num_threads = int(os.environ.get("DETKD_ORT_THREADS", "1"))
+    options.intra_op_num_threads = threads or int(os.environ.get("DETKD_ORT_THREADS", "1"))
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run_onnx(image: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -145,11 +145,11 @@ class Predictor:
         return cls(EagerBackend(model), input_spec=plan.input, categories=plan.categories, **options)
 
     @classmethod
-    def from_export(cls, path: Path | str, **options: Any) -> Predictor:
-        """A ``detkd export`` file (ONNX, run by ONNX Runtime on CPU, or TorchScript)."""
+    def from_export(cls, path: Path | str, *, threads: int | None = None, **options: Any) -> Predictor:
+        """A ``detkd export`` file (ONNX, run by ONNX Runtime on CPU with ``threads``, or TorchScript)."""
         from detkd.serving.export import load_export
 
-        info, runner = load_export(Path(path))
+        info, runner = load_export(Path(path), threads=threads)
         backend = ExportedBackend(
             runner,
             score_thresh=float(info["score_thresh"]),
