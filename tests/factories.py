@@ -40,23 +40,31 @@ def tiny_fcos(
     )
 
 
-def registrable_model(config: dict, path: Path, *, tracking_uri: str, seed: int = 0) -> tuple[str, str]:
-    """An untrained detector of run config ``config`` saved with its run plan at ``path``, a FINISHED MLflow run
-    (experiment ``detkd``) it belongs to, and its logged pyfunc: (run id, model URI). What registering needs,
-    without training."""
-    from mlflow.tracking import MlflowClient
-
+def untrained_checkpoint(config: dict, path: Path, *, seed: int = 0, tracking_uri: str | None = None) -> Path:
+    """An untrained detector of run config ``config`` saved with its run plan at ``path``: a checkpoint
+    that loads, exports and runs like a trained one (no training)."""
     from detkd.config import validate_config
     from detkd.engine.plan import build_plan
     from detkd.models import build_model, save_detector
     from detkd.records import TrackingContext
+
+    cfg = validate_config(config, source="test")
+    uri = tracking_uri or f"sqlite:///{path.parent / 'mlflow.db'}"
+    plan = build_plan(cfg, tracking=TrackingContext(uri=uri, experiment="detkd"))
+    torch.manual_seed(seed)
+    save_detector(path, build_model(cfg.model, num_classes=plan.num_classes), meta={"plan": plan.to_dict()})
+    return path
+
+
+def registrable_model(config: dict, path: Path, *, tracking_uri: str, seed: int = 0) -> tuple[str, str]:
+    """:func:`untrained_checkpoint` at ``path``, a FINISHED MLflow run (experiment ``detkd``) it belongs to,
+    and its logged pyfunc: (run id, model URI). What registering needs, without training."""
+    from mlflow.tracking import MlflowClient
+
     from detkd.tracking.registry import logged_model_uri
     from detkd.tracking.runs import experiment_id
 
-    cfg = validate_config(config, source="test")
-    plan = build_plan(cfg, tracking=TrackingContext(uri=tracking_uri, experiment="detkd"))
-    torch.manual_seed(seed)
-    save_detector(path, build_model(cfg.model, num_classes=plan.num_classes), meta={"plan": plan.to_dict()})
+    untrained_checkpoint(config, path, seed=seed, tracking_uri=tracking_uri)
     client = MlflowClient(tracking_uri)
     run_id = client.create_run(experiment_id(tracking_uri, "detkd"), run_name=path.parent.name).info.run_id
     client.set_terminated(run_id)

@@ -273,6 +273,14 @@ class TrialRow:
     attempts: int = 0
     mlflow_run_id: str | None = None
     model_path: str | None = None  # the trial's model when it trained to the end
+    # cost/mflops, cost/params (every trial) and speed/speedup, speed/latency_ms, ... (trials that trained to
+    # the end and had a reference): the columns of trials.parquet of the same names
+    measures: dict[str, float] = field(default_factory=dict)
+    design: str = ""  # the student in a few words (sweeps.space.design_label)
+    feasible: bool = True  # meets every constraint of the space
+    unmet: str = ""  # the constraints it breaks, with the measured values
+    ruled_out: bool = False  # stopped before training by a cost bound
+    pareto: bool = False  # on the Pareto front of the space's objectives
 
     @property
     def finished(self) -> bool:
@@ -291,6 +299,12 @@ class TrialRow:
             "attempts": self.attempts,
             "mlflow_run_id": self.mlflow_run_id,
             "model_path": self.model_path,
+            "design": self.design,
+            **self.measures,
+            "feasible": self.feasible,
+            "unmet": self.unmet,
+            "ruled_out": self.ruled_out,
+            "pareto": self.pareto,
         }
 
     @classmethod
@@ -308,6 +322,14 @@ class TrialRow:
             attempts=int(data.get("attempts", 0)),
             mlflow_run_id=data.get("mlflow_run_id") or None,
             model_path=data.get("model_path") or None,
+            measures={
+                k: float(v) for k, v in data.items() if k.startswith(("speed/", "cost/")) and v is not None and v == v
+            },
+            design=str(data.get("design") or ""),
+            feasible=bool(data.get("feasible", True)),
+            unmet=str(data.get("unmet") or ""),
+            ruled_out=bool(data.get("ruled_out", False)),
+            pareto=bool(data.get("pareto", False)),
         )
 
 

@@ -22,7 +22,9 @@ from ray import tune
 
 from detkd.config import Config
 from detkd.records import TrialRow
-from detkd.sweeps.space import student_epochs, value_label
+from detkd.sweeps import pareto
+from detkd.sweeps.objectives import INFEASIBLE, pareto_front, unmet
+from detkd.sweeps.space import design_label, student_epochs, value_label
 from detkd.sweeps.trial import TRIAL_EPOCH, SweepJob
 
 PLOTS = ("metric_vs_parameters.png", "learning_curves.png")
@@ -110,7 +112,11 @@ def trial_rows(results, *, job: SweepJob) -> tuple[list[TrialRow], pd.DataFrame]
         values = job.decode(trial.config)
         cfg = job.trial_config(values, trial.trial_id)
         planned = student_epochs(cfg)
-        reports = frames.get(trial.trial_id, pd.DataFrame())
+        every = frames.get(trial.trial_id, pd.DataFrame())
+        measures = last_measures(every)
+        ruled_out = INFEASIBLE in every and bool((every[INFEASIBLE] == 1).any()) and not speed_measured(measures)
+        # the epoch reports (the last one, with speed and cost, carries INFEASIBLE; it repeats the last epoch)
+        reports = every[every[INFEASIBLE].isna()] if INFEASIBLE in every else every
         if job.metric_key in reports:
             reports = reports[reports[job.metric_key].notna()].sort_values(TRIAL_EPOCH)
         else:
@@ -125,7 +131,7 @@ def trial_rows(results, *, job: SweepJob) -> tuple[list[TrialRow], pd.DataFrame]
         row = TrialRow(
             trial_id=trial.trial_id,
             state=trial.status,
-            stopped_early=trial.status == "TERMINATED" and done < planned,
+            stopped_early=trial.status == "TERMINATED" and done < planned and not ruled_out,
             epochs=done,
             planned_epochs=planned,
             metric_key=job.metric_key,
@@ -134,14 +140,55 @@ def trial_rows(results, *, job: SweepJob) -> tuple[list[TrialRow], pd.DataFrame]
             params={k: value_label(v) for k, v in values.items()},
             attempts=int(runs[0].data.metrics.get("attempt", 0)) if runs else 0,
             mlflow_run_id=runs[0].info.run_id if runs else None,
-            model_path=str(model) if model.is_file() and trial.status == "TERMINATED" else None,
+            model_path=str(model) if model.is_file() and trial.status == "TERMINATED" and not ruled_out else None,
+            measures=measures,
+            design=design_label(cfg),
+            ruled_out=ruled_out,
         )
+        reasons = unmet({job.metric_key: row.metric, **measures}, job.constraints)
+        row.feasible, row.unmet = not reasons, "; ".join(reasons)
         rows.append(row)
         if len(reports):
             keep = [c for c in reports.columns if c in (TRIAL_EPOCH, "stage") or c.startswith(("val/", "train/"))]
             epoch_frames.append(reports[keep].assign(trial_id=trial.trial_id))
     epochs = pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame()
+    mark_front(rows, job=job)
     return rows, epochs
+
+
+def last_measures(reports: pd.DataFrame) -> dict[str, float]:
+    """A trial's ``cost/*`` and ``speed/*`` values: the last one reported of each."""
+    out = {}
+    for column in reports.columns:
+        if str(column).startswith(("cost/", "speed/")):
+            values = reports[column].dropna()
+            if len(values):
+                out[str(column)] = float(values.iloc[-1])
+    return out
+
+
+def speed_measured(measures: dict[str, float]) -> bool:
+    return any(k.startswith("speed/") for k in measures)
+
+
+def objective_value(row: TrialRow, key: str) -> float:
+    return row.metric if key == row.metric_key else row.measures.get(key, float("nan"))
+
+
+def mark_front(rows: list[TrialRow], *, job: SweepJob) -> None:
+    """``pareto`` on the trials no other trial beats in every objective (among those with every objective
+    measured: the trials that trained to the end); only a sweep of several objectives has a front."""
+    if len(job.objectives) < 2:
+        return
+    measured = [
+        r for r in rows
+        if not r.stopped_early and r.model_path and all(
+            not math.isnan(objective_value(r, o.key)) for o in job.objectives
+        )
+    ]  # fmt: skip
+    points = [[objective_value(r, o.key) for o in job.objectives] for r in measured]
+    for index in pareto_front(points, [o.mode for o in job.objectives]):
+        measured[index].pareto = True
 
 
 def write_tables(workdir: Path, rows: list[TrialRow], epochs: pd.DataFrame) -> None:
@@ -176,10 +223,11 @@ def close_trial_runs(rows: list[TrialRow], *, tracking_uri: str) -> None:
 
 
 def choose_best(rows: list[TrialRow]) -> TrialRow | None:
-    """The trial with the best last validation score among those that trained their whole budget."""
+    """The trial with the best last validation score among those that trained their whole budget and meet
+    every constraint of the space."""
     scored = [r for r in rows if r.model_path and not math.isnan(r.metric)]
     complete = [r for r in scored if not r.stopped_early]
-    pool = complete or scored
+    pool = [r for r in complete or scored if r.feasible]
     return max(pool, key=lambda r: r.metric) if pool else None
 
 
@@ -210,6 +258,7 @@ def finish(outcome, *, job: SweepJob, epochs: pd.DataFrame, sweep_log) -> None:
     workdir, rows, metric = outcome.workdir, outcome.rows, job.metric_key
     best = choose_best(rows)
     plots = write_plots(workdir / "plots", rows, epochs, job=job, best=best)
+    front = pareto.write_front(workdir, rows, job=job, best=best)
     log_table(
         [{k.removeprefix("param."): v for k, v in r.to_dict().items() if k not in ("model_path", "mlflow_run_id")}
          for r in rows],
@@ -224,15 +273,17 @@ def finish(outcome, *, job: SweepJob, epochs: pd.DataFrame, sweep_log) -> None:
             "scores": scores,
             "model_path": best.model_path,
             "mlflow_run_id": best.mlflow_run_id,
+            "design": best.design,
+            "measures": best.measures,
         }
     atomic_write_bytes(workdir / "summary.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
     sweep_log.metrics(
         {"trials": len(rows), "stopped_early": summary["stopped_early"], "trial_epochs": summary["trial_epochs"]}
     )
-    for name in ("trials.parquet", "epochs.parquet", "summary.json", "best_config.yaml"):
+    for name in ("trials.parquet", "epochs.parquet", "summary.json", "best_config.yaml", pareto.PARETO_TABLE):
         if (workdir / name).is_file():
             sweep_log.artifact(workdir / name)
-    for path in plots:
+    for path in plots + [p for p in front if p.suffix == ".png"]:
         sweep_log.artifact(path, "plots")
 
 
@@ -245,6 +296,11 @@ def sweep_summary(job: SweepJob, rows: list[TrialRow]) -> dict[str, Any]:
         "failed": sum(r.state == "ERROR" for r in rows),
         "trial_epochs": int(sum(r.epochs for r in rows)),
         "metric": job.metric_key,
+        "objectives": {o.name: o.mode for o in job.objectives},
+        "constraints": [str(c) for c in job.constraints],
+        "ruled_out": sum(r.ruled_out for r in rows),
+        "feasible": sum(r.feasible for r in rows),
+        "front": [r.trial_id for r in rows if r.pareto],
         "best": None,
     }
 
@@ -267,6 +323,13 @@ def publish_best(outcome, *, job: SweepJob, best: TrialRow, sweep_log) -> dict[s
         header += f"# Held-out test split (no trial saw it): test/AP {test['AP']:.4f}.\n"
     else:
         header += "# The target has no test split: the validation score above is optimistic.\n"
+    if job.constraints:
+        header += f"# The most accurate trial that meets {', '.join(str(c) for c in job.constraints)}.\n"
+    if "speed/speedup" in best.measures:
+        header += (
+            f"# Deployed: {best.measures['speed/speedup']:.2f}x its reference "
+            f"({best.measures['speed/latency_ms']:.2f} ms/image, ONNX Runtime batch 1, on the trial's node).\n"
+        )
     header += f"# Run it: detkd distill {workdir / 'best_config.yaml'}\n"
     cfg = shippable_config(job, best)
     text = header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
@@ -278,9 +341,11 @@ def publish_best(outcome, *, job: SweepJob, best: TrialRow, sweep_log) -> dict[s
         trial_log.tags({"best": "true"})
         trial_log.metrics({k: v for k, v in scores.items() if k.startswith("test/")})
     sweep_log.tags({"best_trial": best.trial_id, "best_run": best.mlflow_run_id or ""})
-    sweep_log.metrics({f"best/{k}": v for k, v in scores.items()})
+    sweep_log.metrics({f"best/{k}": v for k, v in {**scores, **best.measures}.items()})
     test_line = f", test/AP {scores['test/AP']:.4f} (held out)" if "test/AP" in scores else ""
-    log.info(f"best: trial {best.trial_id} {metric} {best.metric:.4f} (validation){test_line}")
+    speed = best.measures.get("speed/speedup")
+    speed_line = f", {speed:.2f}x its reference deployed" if speed is not None else ""
+    log.info(f"best: trial {best.trial_id} {metric} {best.metric:.4f} (validation){test_line}{speed_line}")
     log.info(f"best configuration: {workdir / 'best_config.yaml'}")
     return scores
 

@@ -30,6 +30,8 @@ from detkd.config import (
 )
 from detkd.engine.plan import absolute_paths, stage_configs
 from detkd.pipeline.spec import PipelineSpec, model_config, read_pipeline
+from detkd.serving.speed import SpeedSettings
+from detkd.sweeps.objectives import SPEED, Constraint, Objective, parse_constraint, parse_objectives
 
 TEACHER_SEQUENCE = "teacher_sequence"
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
@@ -59,6 +61,9 @@ class SweepBudget(_Section):
     max_concurrent: int = Field(2, ge=1)
     scheduler: Literal["asha", "fifo"] = "asha"
     search: Literal["random", "grid", "optuna"] = "random"
+    sampler: Literal["tpe", "nsga2"] = Field(
+        "tpe", description="optuna's sampler: (multi-objective) TPE or NSGA-II; both honour the constraints"
+    )
     grace_epochs: int = Field(2, ge=1, description="ASHA: epochs every trial gets before it can be stopped")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep the best 1/reduction_factor at each rung")
     max_failures: int = Field(1, ge=0, description="retries of a failed trial (from its last checkpoint)")
@@ -72,13 +77,28 @@ class SearchSpace(_Section):
     metric: Literal["AP", "AP50", "AP75", "APs", "APm", "APl"] = Field(
         "AP", description="the validation metric trials are ranked by (val/<metric>)"
     )
+    objectives: dict[str, str] | None = Field(
+        None, description="several objectives, e.g. {AP: max, speedup: max} (instead of metric)"
+    )
+    constraints: dict[str, str] = Field(
+        default_factory=dict, description='bounds a chosen trial must meet, e.g. {speedup: ">= 3.0"}'
+    )
+    speed: SpeedSettings = Field(
+        default_factory=SpeedSettings, description="how each trial's deployed speed is measured, and against what"
+    )
     parameters: dict[str, Any]
     budget: SweepBudget = Field(default_factory=SweepBudget)
     workdir: Path | None = Field(None, description="the sweep's folder; default <pipeline workdir>/sweeps/<name>")
 
-    @property
-    def metric_key(self) -> str:
-        return f"val/{self.metric}"
+    @model_validator(mode="after")
+    def _metric_or_objectives(self) -> SearchSpace:
+        if self.objectives is not None and "metric" in self.model_fields_set:
+            raise ValueError("give metric (one objective) or objectives, not both")
+        return self
+
+    def objective_map(self) -> dict[str, str]:
+        """The objectives as written: ``{metric: max}`` for a single-metric space."""
+        return dict(self.objectives) if self.objectives is not None else {self.metric: "max"}
 
 
 @dataclass(frozen=True)
@@ -135,10 +155,21 @@ class LoadedSpace:
     pipeline: PipelineSpec | None = None  # the target's pipeline, for a pipeline target
     teacher_names: tuple[str, ...] = ()  # teachers a trial may name (a pipeline's teacher entries)
     needed_teachers: tuple[str, ...] = field(default_factory=tuple)  # the pipeline teachers the trials use
+    objectives: tuple[Objective, ...] = ()
+    constraints: tuple[Constraint, ...] = ()
 
     @property
     def name(self) -> str:
         return self.space.name
+
+    @property
+    def metric_key(self) -> str:
+        """The accuracy objective's key (``val/AP``): what ASHA stops on and the chosen trial is the best of."""
+        return next(o.key for o in self.objectives if o.key.startswith("val/"))
+
+    @property
+    def needs_speed(self) -> bool:
+        return any(x.name in SPEED for x in (*self.objectives, *self.constraints))
 
     def workdir(self) -> Path:
         if self.space.workdir is not None:
@@ -338,9 +369,19 @@ def load_space(path: Path, *, pipeline: PipelineSpec | None = None) -> LoadedSpa
             errors += problems
             if not problems:
                 parameters.append(param)
+    objectives, problems = parse_objectives(space.objective_map(), where=where)
+    errors += problems
+    constraints: list[Constraint] = []
+    for name, text in space.constraints.items():
+        constraint, problems = parse_constraint(name, text, where=where)
+        errors += problems
+        if constraint is not None:
+            constraints.append(constraint)
+    errors += check_reference(space, base, parameters, teacher_names=teachers, where=where)
     if errors:
         raise ConfigError("\n".join(errors))
-    needed = tuple(sorted(set(used_teachers(base, parameters)) & set(teachers)))
+    used = used_teachers(base, parameters) + ([space.speed.reference] if space.speed.reference else [])
+    needed = tuple(sorted(set(used) & set(teachers)))
     return LoadedSpace(
         path=path.resolve(),
         space=space,
@@ -349,7 +390,32 @@ def load_space(path: Path, *, pipeline: PipelineSpec | None = None) -> LoadedSpa
         pipeline=spec,
         teacher_names=teachers,
         needed_teachers=needed,
+        objectives=tuple(objectives),
+        constraints=tuple(constraints),
     )
+
+
+def check_reference(
+    space: SearchSpace, base: Config, parameters: list[Parameter], *, teacher_names: tuple[str, ...], where: str
+) -> list[str]:
+    """A named speed reference must be a pipeline teacher or a checkpoint file; a space that objects or constrains
+    speed needs a reference for every trial (the named one, or each trial's teacher)."""
+    reference = space.speed.reference
+    if reference is not None:
+        if reference not in teacher_names and not Path(reference).is_file():
+            return [
+                f"{where}: speed.reference: {reference!r} is neither a teacher of the target pipeline "
+                f"({list(teacher_names)}) nor a checkpoint file"
+            ]
+        return []
+    speed_used = [x for x in (*space.objective_map(), *space.constraints) if x in SPEED]
+    distills = base.distill is not None and (base.distill.teachers or base.distill.stages)
+    if speed_used and not distills and not any(p.name == TEACHER_SEQUENCE for p in parameters):
+        return [
+            f"{where}: speed.reference: {', '.join(speed_used)} is measured against a reference model, and the "
+            "target student distils from no teacher: name one (a pipeline teacher or a checkpoint file)"
+        ]
+    return []
 
 
 def target_config(
@@ -429,3 +495,16 @@ def used_teachers(base: Config, parameters: list[Parameter]) -> list[str]:
         if param.name == TEACHER_SEQUENCE:
             names += [n for value in param.values for n in value]
     return names
+
+
+def design_label(cfg: Config) -> str:
+    """A trial's student in a few words, for plots and tables: ``lite tiny 64px fpn64 h2 P2-P4 ssim``."""
+    model = cfg.model
+    px = int(round(cfg.input.size * cfg.input.scale))
+    methods = cfg.distill.method_name if cfg.distill is not None else "no KD"
+    if model.arch == "mmdet":
+        return f"mmdet {Path(str(model.mmdet_config)).stem} {px}px {methods}"
+    return (
+        f"{model.design} {model.backbone} {px}px fpn{model.fpn_channels} h{model.head_convs} "
+        f"P{model.min_level}-P{model.max_level} {methods}"
+    )

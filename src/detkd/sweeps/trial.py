@@ -22,9 +22,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from detkd.config import Config
 from detkd.records import RunPlan, TrackingContext
-from detkd.sweeps.space import Parameter, apply_trial, stage_epochs, trial_settings, value_label
+from detkd.serving.speed import SpeedSettings
+from detkd.sweeps.objectives import INFEASIBLE, Constraint, Objective, unmet
+from detkd.sweeps.space import Parameter, apply_trial, stage_epochs, student_epochs, trial_settings, value_label
 
 TRIAL_EPOCH = "trial_epoch"  # epochs the trial has trained, over all its stages: ASHA's time axis
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,21 @@ class SweepJob:
     # the AWS keys and region of the sweep's driver, set in each trial's process before its Train run starts
     # there (see sweeps.storage.storage_keys); never printed
     storage_env: dict[str, str] = field(default_factory=dict, repr=False)
+    objectives: tuple[Objective, ...] = ()
+    constraints: tuple[Constraint, ...] = ()
+    speed: SpeedSettings = field(default_factory=SpeedSettings)
+    measure_speed: bool = True  # whenever a reference is known; a space with a speed objective needs one
+
+    def speed_reference(self, cfg: Config) -> tuple[str, Path] | None:
+        """(name, checkpoint) a trial's deployed speed is compared with: the space's ``speed.reference``, else the
+        trial's (first) teacher; None when there is neither."""
+        from detkd.engine.teachers import resolve_source
+
+        name = self.speed.reference or next(iter(sequence_of(cfg)), None)
+        if name is None:
+            return None
+        cache, uri = self.workdir / "references", self.tracking.uri
+        return name, resolve_source(name, names=self.teacher_checkpoints, cache_dir=cache, tracking_uri=uri)
 
     def decode(self, sampled: dict[str, Any]) -> dict[str, Any]:
         """Tune's sampled labels -> the YAML values of the space."""
@@ -157,6 +175,15 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
         logger.metrics({"attempt": attempt}, step=attempt)
         if attempt == 1:
             logger.params({f"tune.{k}": value_label(v) for k, v in values.items()})
+        cost = trial_cost(cfg)
+        logger.metrics(cost, step=0)
+        ruled_out = unmet(cost, [c for c in job.constraints if c.before_training])
+        if ruled_out:
+            reason = "ruled out before training: " + "; ".join(ruled_out)
+            log.info(f"trial {trial_id}: {reason}")
+            logger.tags({"infeasible": reason})
+            tune.report({TRIAL_EPOCH: 0, job.metric_key: float("nan"), INFEASIBLE: 1.0, **cost})
+            return
         offsets = [0, *itertools.accumulate(stage_epochs(cfg))]  # epochs before each stage
 
         def callbacks(plan: RunPlan, stage: int) -> list[Any]:
@@ -181,3 +208,42 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
         )
         logger.tags({"model_path": str(outcome.model_path), "train_run": outcome.run_id or ""})
         logger.metrics({f"final/{k}": v for k, v in outcome.metrics.items() if k.startswith("val/")})
+        speed = trial_speed(job, cfg, Path(outcome.model_path), logger=logger, trial_id=trial_id)
+        final = {job.metric_key: outcome.metrics.get(job.metric_key, float("nan")), **cost, **speed}
+        reasons = unmet(final, job.constraints)
+        if reasons:
+            logger.tags({"infeasible": "; ".join(reasons)})
+        # the last report: what the searcher's objectives and the trial table read (after the last epoch's)
+        tune.report({TRIAL_EPOCH: student_epochs(cfg), **final, INFEASIBLE: float(bool(reasons))})
+
+
+def trial_cost(cfg: Config) -> dict[str, float]:
+    """``cost/mflops`` and ``cost/params`` of the trial's untrained student (the architecture decides them)."""
+    from detkd.engine.plan import open_split
+    from detkd.models.cost import config_cost
+
+    classes = cfg.model.num_classes or len(open_split(cfg.data.train, skip_invalid=True).categories)
+    return {f"cost/{k}": v for k, v in config_cost(cfg, num_classes=classes).metrics().items()}
+
+
+def trial_speed(job: SweepJob, cfg: Config, model: Path, *, logger, trial_id: str) -> dict[str, float]:
+    """``speed/*`` of the trained student against its reference (see ``detkd.serving.speed``), logged on the
+    trial's run; empty (and the reason tagged) when there is no reference or the model cannot be exported."""
+    from detkd.serving.speed import SpeedUnavailable, measure_speed, speed_description, split_images
+
+    reference = job.speed_reference(cfg) if job.measure_speed else None
+    if reference is None:
+        return {}
+    name, checkpoint = reference
+    try:
+        images = split_images(cfg.data.val, count=job.speed.images)
+        report = measure_speed(model, checkpoint, images, settings=job.speed, reference_name=name)
+    except SpeedUnavailable as exc:
+        log.info(f"trial {trial_id}: no deployed speed: {exc}")
+        logger.tags({"speed.unavailable": str(exc)})
+        return {}
+    metrics = {f"speed/{k}": v for k, v in report.metrics().items()}
+    logger.metrics(metrics, step=student_epochs(cfg))
+    logger.tags(report.tags())
+    log.info(f"trial {trial_id}: deployed {speed_description(report.metrics())} against {name}")
+    return metrics

@@ -45,6 +45,7 @@ class SweepOptions:
     reduction_factor: float
     max_failures: int
     seed: int
+    sampler: str = "tpe"
 
     @classmethod
     def from_budget(cls, budget: SweepBudget, **overrides: Any) -> SweepOptions:
@@ -126,6 +127,12 @@ def run_sweep(
         outcome, epochs = collect_trials(loaded, options, job, results, sweep_run_id=sweep_run_id)
         report.finish(outcome, job=job, epochs=epochs, sweep_log=sweep_log)
         write_state(storage, {"digest": digest, "sweep_run_id": sweep_run_id, "complete": True})
+        if outcome.best is None and loaded.constraints and any(r.model_path for r in outcome.rows):
+            raise SweepFailed(
+                f"sweep {loaded.name}: no trial that trained to the end meets "
+                f"{', '.join(str(c) for c in loaded.constraints)}; every trial and what it missed: "
+                f"{workdir / 'pareto.md'}"
+            )
         if outcome.best is None:
             failed = [r.trial_id for r in outcome.rows if r.state == "ERROR"]
             raise SweepFailed(
@@ -160,12 +167,15 @@ def sweep_job(
         parameters=loaded.parameters,
         workdir=loaded.workdir(),
         tracking=tracking,
-        metric_key=loaded.space.metric_key,
+        metric_key=loaded.metric_key,
         teacher_checkpoints=checkpoints,
         teacher_runs=runs,
         cpus_per_worker=worker_cpus(loaded, options),
         train_storage=storage.train,
         storage_env=storage_keys(storage),
+        objectives=loaded.objectives,
+        constraints=loaded.constraints,
+        speed=loaded.space.speed,
     )
 
 
@@ -302,10 +312,14 @@ def param_space(parameters: tuple[Parameter, ...], search: str, *, where: str) -
 
 
 def tune_config(loaded: LoadedSpace, options: SweepOptions) -> tune.TuneConfig:
+    """Tune's settings: ASHA stops trials on the accuracy objective; the searcher (optuna) sees every objective
+    and constraint. The scheduler and the searcher carry their own metrics, so TuneConfig names none."""
     epochs = student_epochs(loaded.base)
     if options.scheduler == "asha":
         scheduler = ASHAScheduler(
             time_attr=TRIAL_EPOCH,
+            metric=loaded.metric_key,
+            mode="max",
             max_t=epochs,
             grace_period=min(options.grace_epochs, epochs),
             reduction_factor=options.reduction_factor,
@@ -315,16 +329,19 @@ def tune_config(loaded: LoadedSpace, options: SweepOptions) -> tune.TuneConfig:
         scheduler = FIFOScheduler()
     if options.search == "optuna":
         try:
-            from ray.tune.search.optuna import OptunaSearch
+            from detkd.sweeps.search import ConstrainedOptunaSearch
 
-            search_alg = OptunaSearch(seed=options.seed)
+            search_alg = ConstrainedOptunaSearch(
+                objectives=loaded.objectives,
+                constraints=loaded.constraints,
+                sampler_name=options.sampler,
+                seed=options.seed,
+            )
         except (ImportError, AssertionError) as exc:
             raise missing_extra("optuna", why="--search optuna", detail=str(exc)) from None
     else:
         search_alg = BasicVariantGenerator(random_state=options.seed, max_concurrent=options.max_concurrent)
     return tune.TuneConfig(
-        metric=loaded.space.metric_key,
-        mode="max",
         num_samples=options.samples,
         # a Searcher (optuna) is limited here; the variant generator above limits itself
         max_concurrent_trials=options.max_concurrent if options.search == "optuna" else None,
