@@ -257,9 +257,7 @@ def main() -> None:
     import ray
 
     meta = {
-        "command": "; then ".join(
-            filter(None, [previous.get("meta", {}).get("command"), repo_command()])
-        ),
+        "command": "; then ".join(filter(None, [previous.get("meta", {}).get("command"), repo_command()])),
         "budget": args.budget,
         "budget_settings": budget,
         "wall_s": wall,

@@ -202,9 +202,7 @@ def main() -> None:
     rows, breakdown = [], {}
     models = {"teacher": args.teacher, "student": args.student}
     flops = {name: network_flops(checkpoint) for name, checkpoint in models.items()}
-    measured = measure_rounds(
-        models, BACKENDS, args.images, count=args.count, repeats=args.repeats, rounds=args.rounds
-    )
+    measured = measure_rounds(models, BACKENDS, args.images, count=args.count, repeats=args.repeats, rounds=args.rounds)
     for (name, _), result in measured.items():
         rows += result["rows"]
         if result["breakdown"]:

@@ -130,9 +130,7 @@ def main() -> None:
     models = {"teacher": args.teacher}
     models |= {d: args.workdir / "models" / f"{d}_ssim_s{args.seeds[0]}" / "model.pt" for d in args.designs}
     flops = {name: network_flops(checkpoint) for name, checkpoint in models.items()}
-    measured = measure_rounds(
-        models, SPEED_BACKENDS, args.images, count=64, repeats=args.repeats, rounds=args.rounds
-    )
+    measured = measure_rounds(models, SPEED_BACKENDS, args.images, count=64, repeats=args.repeats, rounds=args.rounds)
     speed: dict[str, dict[str, float]] = {name: {} for name in models}
     for (name, backend), result in measured.items():
         speed[name][backend] = next(r["images_per_s"] for r in result["rows"] if r["batch"] == 1)

@@ -59,8 +59,9 @@ def test_a_model_onnx_cannot_carry_has_no_deployed_speed(checkpoints, tiny_datas
     path = untrained_checkpoint(multiscale, tmp_path / "msad.pt")
     config = validate_config(checkpoints["config"], source="test")
     images = split_images(config.data.val, count=2)
+    once = SpeedSettings(turns=1, calls=1)
     with pytest.raises(SpeedUnavailable, match="multi-scale"):
-        measure_speed(path, checkpoints["small"], images, settings=SpeedSettings(turns=1, calls=1))
+        measure_speed(path, checkpoints["small"], images, settings=once)
     with pytest.raises(SpeedUnavailable, match="the reference ref: .*multi-scale"):
-        measure_speed(checkpoints["small"], path, images, settings=SpeedSettings(turns=1, calls=1), reference_name="ref")
+        measure_speed(checkpoints["small"], path, images, settings=once, reference_name="ref")
     assert checkpoint_cost(path).mflops > 0  # its cost is still known

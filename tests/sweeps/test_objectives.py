@@ -55,9 +55,7 @@ def space_file(tmp_path, tiny_dataset, tiny_config, **space):
     return path
 
 
-def test_a_space_with_objectives_and_constraints_loads_and_bad_ones_name_their_key(
-    tmp_path, tiny_dataset, tiny_config
-):
+def test_a_space_with_objectives_and_constraints_loads_and_bad_ones_name_their_key(tmp_path, tiny_dataset, tiny_config):
     reference = tmp_path / "reference.pt"
     reference.write_bytes(b"a checkpoint file")
     path = space_file(
