@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import random_batch
+from factories import random_batch, untrained_checkpoint
 
 from detkd.config import Config, ConfigError, validate_config
 
@@ -252,6 +252,20 @@ def test_swin_teachers_distil_a_cnn_student(mmdet, teacher, tmp_path):
 
 
 @pytest.mark.mmdet
+def test_an_mmdet_model_has_a_cost_and_says_why_it_has_no_deployed_speed(mmdet, tmp_path, tiny_dataset, tiny_config):
+    from detkd.models.cost import checkpoint_cost
+    from detkd.serving.speed import SpeedSettings, SpeedUnavailable, measure_speed, split_images
+
+    data = tiny_config(tiny_dataset, tmp_path)
+    data["model"] = {"arch": "mmdet", "mmdet_config": str(RETINANET)}
+    path = untrained_checkpoint(data, tmp_path / "retina.pt")
+    cost = checkpoint_cost(path)
+    assert cost.mflops > 100 and cost.params > 1_000_000 and cost.input_px == 64  # ResNet-18 RetinaNet at 64 px
+    images = split_images(validate_config(data, source="test").data.val, count=1)
+    with pytest.raises(SpeedUnavailable, match="an MMDetection model"):
+        measure_speed(path, path, images, settings=SpeedSettings(turns=1, calls=1))
+
+
 def test_the_run_digest_follows_the_resolved_config_base_files_included(mmdet, tmp_path, tiny_dataset, tiny_config):
     from detkd.engine.plan import config_digest
 

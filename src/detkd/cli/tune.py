@@ -21,6 +21,7 @@ def tune_command(
     max_concurrent: Annotated[int | None, typer.Option(min=1, help="trials running at once")] = None,
     scheduler: Annotated[str | None, typer.Option(help="asha (stops weak trials early) or fifo")] = None,
     search: Annotated[str | None, typer.Option(help="random, grid or optuna")] = None,
+    sampler: Annotated[str | None, typer.Option(help="optuna sampler: tpe or nsga2 (both honour constraints)")] = None,
     address: RayAddressOption = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="continue the interrupted sweep (the same command again does too)")
@@ -41,6 +42,7 @@ def tune_command(
             max_concurrent=max_concurrent,
             scheduler=scheduler,
             search=search,
+            sampler=sampler,
         )
         outcome = run_sweep(loaded, options=options, address=address, resume=resume, fresh=fresh)
     except _user_errors() as exc:
@@ -52,4 +54,5 @@ def tune_command(
     except SweepFailed as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    console.print(f"results: {outcome.workdir} (trials.parquet, best_config.yaml, plots/)")
+    front = ", pareto.md" if (outcome.workdir / "pareto.md").is_file() else ""
+    console.print(f"results: {outcome.workdir} (trials.parquet, best_config.yaml{front}, plots/)")

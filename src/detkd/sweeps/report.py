@@ -28,6 +28,11 @@ from detkd.sweeps.space import design_label, student_epochs, value_label
 from detkd.sweeps.trial import TRIAL_EPOCH, SweepJob
 
 PLOTS = ("metric_vs_parameters.png", "learning_curves.png")
+# columns of trials.parquet the final table in the log leaves out (pareto.md has the speed and cost details)
+TABLE_LEAVES_OUT = (
+    "model_path", "mlflow_run_id", "unmet", "speed/reference_latency_ms", "speed/speedup_spread",
+    "speed/images_per_s", "cost/params",
+)  # fmt: skip
 log = logging.getLogger(__name__)
 
 
@@ -114,7 +119,7 @@ def trial_rows(results, *, job: SweepJob) -> tuple[list[TrialRow], pd.DataFrame]
         planned = student_epochs(cfg)
         every = frames.get(trial.trial_id, pd.DataFrame())
         measures = last_measures(every)
-        ruled_out = INFEASIBLE in every and bool((every[INFEASIBLE] == 1).any()) and not speed_measured(measures)
+        ruled_out = ruled_out_before_training(every)
         # the epoch reports (the last one, with speed and cost, carries INFEASIBLE; it repeats the last epoch)
         reports = every[every[INFEASIBLE].isna()] if INFEASIBLE in every else every
         if job.metric_key in reports:
@@ -167,8 +172,11 @@ def last_measures(reports: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def speed_measured(measures: dict[str, float]) -> bool:
-    return any(k.startswith("speed/") for k in measures)
+def ruled_out_before_training(reports: pd.DataFrame) -> bool:
+    """Whether the trial's reports include the one a cost bound ends it with: infeasible at trial epoch 0."""
+    if INFEASIBLE not in reports or TRIAL_EPOCH not in reports:
+        return False
+    return bool(((reports[INFEASIBLE] == 1) & (reports[TRIAL_EPOCH] == 0)).any())
 
 
 def objective_value(row: TrialRow, key: str) -> float:
@@ -260,8 +268,7 @@ def finish(outcome, *, job: SweepJob, epochs: pd.DataFrame, sweep_log) -> None:
     plots = write_plots(workdir / "plots", rows, epochs, job=job, best=best)
     front = pareto.write_front(workdir, rows, job=job, best=best)
     log_table(
-        [{k.removeprefix("param."): v for k, v in r.to_dict().items() if k not in ("model_path", "mlflow_run_id")}
-         for r in rows],
+        [{k.removeprefix("param."): v for k, v in r.to_dict().items() if k not in TABLE_LEAVES_OUT} for r in rows],
         title=f"sweep {job.name}: {len(rows)} trials ({metric} on the validation split)",
     )  # fmt: skip
     summary = sweep_summary(job, rows)
