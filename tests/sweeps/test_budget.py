@@ -112,3 +112,42 @@ def test_a_two_objective_sweep_yields_a_front_and_chooses_the_best_student_withi
     assert "pareto.md" in artifacts and "pareto.png" in {
         a.path.split("/")[-1] for a in client.list_artifacts(outcome.sweep_run_id, "plots")
     }
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_an_optuna_sweep_on_two_objectives_under_asha_finds_a_front(ray_cluster, tiny_dataset, tiny_config, tmp_path):
+    """Optuna's NSGA-II through Ray Tune on AP and speedup, ASHA stopping on AP, a FLOPs bound: every report a
+    trial makes carries both objectives (Tune refuses one without), and the sweep ends with its front."""
+    pytest.importorskip("optuna")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = tiny_config(tiny_dataset, tmp_path, train={"epochs": 2}, tracking={"tracking_uri": uri})
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(base))
+    reference = untrained_checkpoint(base, tmp_path / "reference.pt")
+    space = {
+        "name": "optuna_budget",
+        "target": {"config": str(tmp_path / "student.yaml")},
+        "objectives": {"AP": "max", "speedup": "max"},
+        "constraints": {"mflops": "<= 100"},
+        "speed": {"reference": str(reference), "score_threshold": 0.9, "turns": 2, "calls": 5},
+        "parameters": {
+            "net": {"choice": [DESIGNS[0], DESIGNS[1], DESIGNS[3]]},
+            "optim.lr": {"loguniform": [1e-3, 4e-3]},
+        },
+        "budget": {"samples": 3, "search": "optuna", "sampler": "nsga2", "scheduler": "asha", "grace_epochs": 1},
+        "workdir": str(tmp_path / "sweep"),
+    }
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+    loaded = load_space(tmp_path / "space.yaml")
+    outcome = run_sweep(loaded, options=SweepOptions.from_budget(loaded.space.budget))
+
+    trials = pd.read_parquet(outcome.workdir / "trials.parquet")
+    assert outcome.complete and len(trials) == 3
+    for t in trials.to_dict("records"):
+        wide = yaml.safe_load(t["param.net"])["model.fpn_channels"] == 128
+        assert t["ruled_out"] == wide and (t["epochs"] == 0) == wide  # only the 237 MFLOP design, and untrained
+        if t["model_path"] and not t["stopped_early"]:  # trained to the end: its deployed speed was measured
+            assert t["speed/speedup"] > 0
+    front = trials[trials["pareto"]]
+    assert len(front) >= 1 and not front["ruled_out"].any() and not front["stopped_early"].any()
+    assert (outcome.workdir / "plots/pareto.png").is_file() and (outcome.workdir / "pareto.md").is_file()

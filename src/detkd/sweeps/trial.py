@@ -102,9 +102,19 @@ class TrialReport(TuneReportCallback):
     trial's epoch (``epoch_offset`` = epochs of the earlier progressive stages).
     """
 
-    def __init__(self, *, metric_key: str, tracking_uri: str, trial_run_id: str, epoch_offset: int, stage: int):
+    def __init__(
+        self,
+        *,
+        metric_key: str,
+        tracking_uri: str,
+        trial_run_id: str,
+        epoch_offset: int,
+        stage: int,
+        objective_keys: tuple[str, ...] = (),
+    ):
         super().__init__()
         self.metric_key = metric_key
+        self.objective_keys = objective_keys
         self.tracking_uri = tracking_uri
         self.trial_run_id = trial_run_id
         self.epoch_offset = epoch_offset
@@ -119,7 +129,14 @@ class TrialReport(TuneReportCallback):
         epoch = self.epoch_offset + int(first["epoch"])
         scores = {k: v for k, v in first.items() if k.startswith(("val/", "train/")) and isinstance(v, (int, float))}
         RunLogger(tracking_uri=self.tracking_uri, run_id=self.trial_run_id).metrics(scores, step=epoch)
-        super().after_report(run_context, [{**first, TRIAL_EPOCH: epoch, "stage": self.stage}], checkpoint)
+        report = {**not_yet(self.objective_keys), **first, TRIAL_EPOCH: epoch, "stage": self.stage}
+        super().after_report(run_context, [report], checkpoint)
+
+
+def not_yet(keys: tuple[str, ...]) -> dict[str, float]:
+    """NaN for each objective a report cannot have yet (speed before the last epoch): Tune refuses a result
+    without every metric its searcher optimises."""
+    return dict.fromkeys(keys, float("nan"))
 
 
 def log_to_stdout() -> None:
@@ -182,7 +199,8 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
             reason = "ruled out before training: " + "; ".join(ruled_out)
             log.info(f"trial {trial_id}: {reason}")
             logger.tags({"infeasible": reason})
-            tune.report({TRIAL_EPOCH: 0, job.metric_key: float("nan"), INFEASIBLE: 1.0, **cost})
+            objectives = not_yet(tuple(o.key for o in job.objectives))
+            tune.report({**objectives, TRIAL_EPOCH: 0, job.metric_key: float("nan"), INFEASIBLE: 1.0, **cost})
             return
         offsets = [0, *itertools.accumulate(stage_epochs(cfg))]  # epochs before each stage
 
@@ -194,6 +212,7 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
                     trial_run_id=trial_run_id,
                     epoch_offset=offsets[stage],
                     stage=stage + 1,
+                    objective_keys=tuple(o.key for o in job.objectives),
                 )
             ]
 
@@ -214,7 +233,8 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
         if reasons:
             logger.tags({"infeasible": "; ".join(reasons)})
         # the last report: what the searcher's objectives and the trial table read (after the last epoch's)
-        tune.report({TRIAL_EPOCH: student_epochs(cfg), **final, INFEASIBLE: float(bool(reasons))})
+        objectives = not_yet(tuple(o.key for o in job.objectives))
+        tune.report({**objectives, TRIAL_EPOCH: student_epochs(cfg), **final, INFEASIBLE: float(bool(reasons))})
 
 
 def trial_cost(cfg: Config) -> dict[str, float]:
