@@ -73,12 +73,17 @@ def test_quickstart_pipeline_small(quickstart_small, tmp_path):
     assert rows[2]["registered"] == f"detkd-quickstart-student v1 @{alias}"
     assert str(client.get_model_version_by_alias("detkd-quickstart-student", alias).version) == "1"
     assert children["register"].data.tags["detkd.alias"] == alias
+    # every version carries its deployed speed against the student's teacher, measured on this machine
+    assert tags["detkd.speed.reference"] == "teacher" and float(tags["detkd.speed.speedup"]) > 0
+    assert tags["detkd.speed.machine"] and int(tags["detkd.cost.params"]) > 0
+    assert children["register"].data.metrics["speed/speedup"] == pytest.approx(float(tags["detkd.speed.speedup"]))
 
     # detkd lineage of the registered version: the tree back to the data, by digest and run
     shown = runner.invoke(app, ["lineage", "models:/detkd-quickstart-student/1", "--json", "--tracking-uri", uri])
     assert shown.exit_code == 0, shown.output
     tree = json.loads(shown.output)
     assert tree["kind"] == "registered" and tree["label"].startswith("registered detkd-quickstart-student v1")
+    assert tree["details"]["speed"].startswith(f"{float(tags['detkd.speed.speedup']):.2f}x teacher (")
     (student_node,) = tree["children"]
     assert student_node["run_id"] == rows[2]["mlflow_run_id"]
     datasets = {c["label"] for c in student_node["children"] if c["kind"] == "dataset"}
