@@ -62,7 +62,8 @@ def test_every_shipped_spec_compiles_to_its_dag(spec, tmp_path):
     assert result.exit_code == 0, result.output
     dag = build_dag(load_pipeline(spec))
     tasks = read_ir(out)
-    expected = set(dag.names) | ({"register (challenger)"} if "register" in dag.names else set()) | {"finish"}
+    branches = {"register (speed gate)", "register (challenger)"}
+    expected = set(dag.names) | (branches if "register" in dag.names else set()) | {"finish"}
     assert set(tasks) == expected
     # the exit handler: after every other task (the group "steps"), whatever happened, with the group's final
     # status, and KFP's run id, which the data task tags the pipeline's MLflow run with
@@ -80,6 +81,11 @@ def test_every_shipped_spec_compiles_to_its_dag(spec, tmp_path):
             assert task["after"] >= {"evaluate"} and task["conditions"] == [
                 "inputs.parameter_values['pipelinechannel--evaluate-component-gate'] == 'pass'"
             ]
+            # AP floors met, a speed floor left to the register step, which measures deployed speed and decides
+            measured = tasks["register (speed gate)"]
+            assert measured["conditions"][-1].endswith(
+                "inputs.parameter_values['pipelinechannel--evaluate-component-gate'] == 'speed-at-registration'"
+            ) and measured["conditions"][-1].startswith("!(")
             challenger = tasks["register (challenger)"]
             assert (
                 challenger["conditions"][0].startswith("!(")

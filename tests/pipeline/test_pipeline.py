@@ -73,12 +73,24 @@ def test_quickstart_pipeline_small(quickstart_small, tmp_path):
     assert rows[2]["registered"] == f"detkd-quickstart-student v1 @{alias}"
     assert str(client.get_model_version_by_alias("detkd-quickstart-student", alias).version) == "1"
     assert children["register"].data.tags["detkd.alias"] == alias
+    # every version carries its deployed speed against the student's teacher, measured on this machine, or why
+    # not (a one-epoch student can fail the export's check against PyTorch: near-threshold boxes) and its cost
+    assert int(tags["detkd.cost.params"]) > 0 and children["register"].data.metrics["cost/params"] > 0
+    if "detkd.speed.speedup" in tags:
+        assert tags["detkd.speed.reference"] == "teacher" and tags["detkd.speed.machine"]
+        speedup = children["register"].data.metrics["speed/speedup"]
+        assert speedup == pytest.approx(float(tags["detkd.speed.speedup"]))
+        speed_line = f"{speedup:.2f}x teacher ("
+    else:
+        speed_line = f"not measured ({tags['detkd.speed.unavailable']})"
+        assert children["register"].data.tags["detkd.speed.unavailable"] == tags["detkd.speed.unavailable"]
 
     # detkd lineage of the registered version: the tree back to the data, by digest and run
     shown = runner.invoke(app, ["lineage", "models:/detkd-quickstart-student/1", "--json", "--tracking-uri", uri])
     assert shown.exit_code == 0, shown.output
     tree = json.loads(shown.output)
     assert tree["kind"] == "registered" and tree["label"].startswith("registered detkd-quickstart-student v1")
+    assert tree["details"]["speed"].startswith(speed_line)
     (student_node,) = tree["children"]
     assert student_node["run_id"] == rows[2]["mlflow_run_id"]
     datasets = {c["label"] for c in student_node["children"] if c["kind"] == "dataset"}

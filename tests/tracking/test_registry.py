@@ -65,7 +65,7 @@ def models(request, trained_detector, tiny_dataset, tmp_path_factory):
 
     def candidate(name, run_id, path) -> Candidate:
         result = evaluate_checkpoint(path, source)
-        return Candidate(name, run_id, path, result.metrics["AP"], result.images_per_s, "val", digest)
+        return Candidate(name, run_id, path, result.metrics["AP"], "val", digest)
 
     strong = candidate("strong", strong_run, trained_detector.model_path)
     weak = candidate("weak", finished_run("weak"), weak_path)
@@ -321,7 +321,7 @@ def register_untrained(untrained, model: str, who: str, ap: float, *, checkpoint
     return register_candidate(
         tracking_uri=untrained["uri"],
         model=model,
-        candidate=Candidate(who, run_id, checkpoint or path, ap, 50.0, "val", "one-split"),
+        candidate=Candidate(who, run_id, checkpoint or path, ap, "val", "one-split"),
         baseline=None,
         gate=Gate(),
         model_uri=model_uri,

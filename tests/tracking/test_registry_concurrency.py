@@ -83,7 +83,7 @@ def test_concurrent_registrations_leave_champion_on_the_better_and_one_version_p
             "delays": [r[late] for r in ROUNDS],
             "model_uri": model_uri,
             "candidate": {
-                "name": which, "run_id": run_id, "checkpoint": str(path), "ap": aps[which], "images_per_s": 50.0,
+                "name": which, "run_id": run_id, "checkpoint": str(path), "ap": aps[which],
                 "split": "test", "split_digest": "one-split",
             },
         }  # fmt: skip

@@ -6,7 +6,8 @@ whose base image is ``detkd:<version>``, which holds detkd and kfp), so a KFP ru
 id on; model tasks output their checkpoint as a Model artifact with its MLflow run id and
 validation AP as parameters; ``evaluate`` outputs the summary (a Metrics artifact and the rows
 as JSON) and the gate's verdict; registration runs under ``dsl.If(gate == "pass")`` (the version
-may become champion) or its ``dsl.Else`` (it is registered as challenger). A model task with a
+may become champion), ``dsl.Elif(gate == "speed-at-registration")`` (AP floors met; the register
+step measures deployed speed and its gate decides) or ``dsl.Else`` (it is registered as challenger). A model task with a
 ``ray_address`` hands its training to that Ray cluster through ``detkd submit`` (Ray Jobs API)
 instead of training inside its own pod. Tasks share the pipeline's workdir (a volume on a
 cluster, a folder with ``kfp.local``) and are named after their steps.
@@ -29,6 +30,7 @@ from kfp.dsl import Artifact, Dataset, Metrics, Model, Output
 
 from detkd import __version__
 from detkd.pipeline.dag import PipelineDag
+from detkd.pipeline.step import GATE_AT_REGISTRATION, GATE_PASS
 
 IMAGE = f"detkd:{__version__}"
 
@@ -199,8 +201,12 @@ def _step_tasks(dag: PipelineDag, *, spec: str, overrides: list[str], ray_addres
             task = evaluate_component(spec=spec, overrides=overrides, pipeline_run=run_id)
         else:  # register: champion possible only behind the gate; a failed gate still files a challenger
             gate = tasks["evaluate"].outputs["gate"]
-            with dsl.If(gate == "pass", name="gate-passed"):
+            with dsl.If(gate == GATE_PASS, name="gate-passed"):
                 task = register_component(spec=spec, overrides=overrides, pipeline_run=run_id)
+            with dsl.Elif(gate == GATE_AT_REGISTRATION, name="gate-speed-at-registration"):
+                # AP floors met; the register step measures deployed speed and its gate decides the alias
+                measured = register_component(spec=spec, overrides=overrides, pipeline_run=run_id)
+                measured.set_display_name("register (speed gate)").set_caching_options(False)
             with dsl.Else(name="gate-failed"):
                 challenger = register_component(spec=spec, overrides=overrides, pipeline_run=run_id)
                 challenger.set_display_name("register (challenger)").set_caching_options(False)

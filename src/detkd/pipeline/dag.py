@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from detkd.config import Config
-    from detkd.pipeline.spec import PipelineSpec
+    from detkd.pipeline.spec import PipelineSpec, RegisterStep
 
 StepKind = Literal["data", "teacher", "student", "stage", "tune", "evaluate", "register"]
 
@@ -155,10 +155,21 @@ def build_dag(spec: PipelineSpec) -> PipelineDag:
             reg = spec.registration
             gate = reg.gate
             rule = f"AP >= {reg.baseline} {gate.min_gain:+g}" if reg.baseline else "no baseline"
-            detail = f"{reg.student} -> {reg.model} (gate: {rule}, AP >= {gate.min_ap:g}"
-            detail += f", images/s >= {gate.min_images_per_s:g})" if gate.min_images_per_s else ")"
+            detail = f"{reg.student} -> {reg.model} (gate: {rule}, AP >= {gate.min_ap:g}{speed_rule(reg)})"
             steps.append(Step("register", "register", ("evaluate",), detail))
     return PipelineDag(spec.name, tuple(steps))
+
+
+def speed_rule(reg: RegisterStep) -> str:
+    """The gate's speed floor as the DAG shows it: ``, speedup >= 3x teacher, <= 5 ms/image``."""
+    gate = reg.gate
+    reference = gate.speed.reference or f"{reg.student}'s teacher"
+    rule = f", speedup >= {gate.min_speedup:g}x {reference}" if gate.min_speedup is not None else ""
+    if gate.max_latency_ms is not None:
+        rule += f", <= {gate.max_latency_ms:g} ms/image"
+    if rule:
+        rule += f" (ONNX Runtime, {gate.speed.threads} thread(s), measured at registration)"
+    return rule
 
 
 def _unique(names: list[str]) -> tuple[str, ...]:

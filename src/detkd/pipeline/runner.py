@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 from detkd.config import Config, ConfigError
 from detkd.pipeline.spec import (
     PipelineSpec,
+    RegisterGate,
     TuneStep,
     data_splits,
     ensure_synthetic_data,
@@ -207,6 +208,7 @@ def run_evaluate_and_register(spec: PipelineSpec, outcomes: list, parent_id: str
             evaluation.split,
             evaluation.digest,
             parent_run_id=parent_id,
+            configs={cfg.name: cfg for cfg, _ in outcomes},
         )
     return evaluation.rows
 
@@ -452,11 +454,11 @@ def registration_candidates(
     def candidate(name: str) -> Candidate:
         row = row_of[name]
         if outcomes is None:
-            return Candidate(name, row.mlflow_run_id, Path(), row.AP, row.images_per_s, split, digest)
+            return Candidate(name, row.mlflow_run_id, Path(), row.AP, split, digest)
         outcome = outcomes[name]
         if outcome.run_id is None:
             raise ConfigError(f"register: {name} has no MLflow run to register from")
-        return Candidate(name, outcome.run_id, outcome.model_path, row.AP, row.images_per_s, split, digest)
+        return Candidate(name, outcome.run_id, outcome.model_path, row.AP, split, digest)
 
     reg = spec.registration
     return candidate(reg.student), candidate(reg.baseline) if reg.baseline else None
@@ -471,14 +473,20 @@ def run_register_step(
     digest: str,
     *,
     parent_run_id,
+    configs: dict[str, Config],
 ):
     """Register the chosen student behind the gate (a child run ``register``); its row gets the outcome.
 
-    ``source`` is the scoring split the rows were measured on and ``digest`` its dataset digest."""
+    ``source`` is the scoring split the rows were measured on and ``digest`` its dataset digest;
+    ``outcomes`` and ``configs`` are the trained models' (the student's teacher is its speed reference)."""
+    from dataclasses import replace
+
     from detkd.pipeline.events import reporting
 
     with reporting("register"):
         chosen, baseline = registration_candidates(spec, rows, split, digest=digest, outcomes=outcomes)
+        speed, unavailable = deployed_speed(spec, chosen.checkpoint, configs.get(chosen.name), outcomes)
+        chosen = replace(chosen, speed=speed, speed_unavailable=unavailable, cost=student_cost(chosen.checkpoint))
         (row,) = [row for row in rows if row.name == chosen.name]
         result = _register(spec, chosen, baseline, source, example_size=row.input_size, parent_run_id=parent_run_id)
         row.registered = registered_label(result)
@@ -487,6 +495,66 @@ def run_register_step(
         else:
             log.info(f"register: {result.model} v{result.version} -> {result.alias} ({result.verdict})")
         return result
+
+
+def speed_reference(
+    spec: PipelineSpec, student: Config | None, outcomes: dict[str, TrainOutcome]
+) -> tuple[str, Path] | None:
+    """(name, checkpoint) of the model the registered student's deployed speed is compared with:
+    ``register.gate.speed.reference``, else the student's teacher (its first; a progressive student's
+    last stage's), else the pipeline's first teacher; None when there is none."""
+    from detkd.engine.teachers import resolve_source
+
+    name = spec.registration.gate.speed.reference or student_teacher(student)
+    if name is None and spec.teachers:
+        name = spec.teachers[0].name
+    if name is None:
+        return None
+    names = {model: outcome.model_path for model, outcome in outcomes.items()}
+    cache = Path(spec.workdir) / "cache" / "references"
+    return name, resolve_source(name, names=names, cache_dir=cache, tracking_uri=tracking_context(spec).uri)
+
+
+def student_teacher(cfg: Config | None) -> str | None:
+    """The teacher a student learned from (the source of its first, or its last stage's); None when undistilled."""
+    if cfg is None or cfg.distill is None:
+        return None
+    if cfg.distill.teachers:
+        return cfg.distill.teachers[0].source
+    return cfg.distill.stages[-1].teacher.source if cfg.distill.stages else None
+
+
+def deployed_speed(spec: PipelineSpec, checkpoint: Path, student: Config | None, outcomes: dict[str, TrainOutcome]):
+    """(SpeedReport, "") of the registered student against its reference on the first images of the scoring
+    split, or (None, why) when it cannot be measured (a model ONNX cannot export, no reference)."""
+    from detkd.serving.speed import SpeedUnavailable, measure_speed, speed_description, split_images
+
+    settings = spec.registration.gate.speed
+    reference = speed_reference(spec, student, outcomes)
+    if reference is None:
+        why = "no reference: the student has no teacher, the pipeline none, and register.gate.speed.reference is unset"
+        log.warning(f"register: deployed speed not measured ({why})")
+        return None, why
+    name, path = reference
+    images = split_images(data_splits(spec).scoring()[1], count=settings.images)
+    try:
+        report = measure_speed(checkpoint, path, images, settings=settings, reference_name=name)
+    except SpeedUnavailable as exc:
+        log.warning(f"register: deployed speed not measured ({exc})")
+        return None, str(exc)
+    log.info(f"register: deployed speed against {name}: {speed_description(report.metrics())}")
+    return report, ""
+
+
+def student_cost(checkpoint: Path):
+    """The registered student's MFLOPs and parameters; None (with a warning) when they cannot be counted."""
+    from detkd.models.cost import checkpoint_cost
+
+    try:
+        return checkpoint_cost(checkpoint)
+    except Exception as exc:  # noqa: BLE001 - the cost is recorded for information; registering goes on without it
+        log.warning(f"register: could not count the student's cost ({type(exc).__name__}: {exc})")
+        return None
 
 
 def registered_label(result) -> str:
@@ -498,7 +566,7 @@ def registered_label(result) -> str:
 def _register(spec: PipelineSpec, chosen, baseline, source, *, example_size: int, parent_run_id: str):
     """The registry calls under the ``register`` child run, which records what they decided."""
     from detkd.engine.evaluate import evaluate_checkpoint
-    from detkd.tracking.registry import Gate, logged_model_uri, register_candidate
+    from detkd.tracking.registry import logged_model_uri, register_candidate
     from detkd.tracking.runs import RunLogger, run_context
 
     step, tracking = spec.registration, tracking_context(spec)
@@ -524,7 +592,7 @@ def _register(spec: PipelineSpec, chosen, baseline, source, *, example_size: int
             model=step.model,
             candidate=chosen,
             baseline=baseline,
-            gate=Gate(**step.gate.model_dump()),
+            gate=registry_gate(step.gate),
             model_uri=model_uri,
             score_on_split=lambda checkpoint: evaluate_checkpoint(checkpoint, source).metrics["AP"],
             owner=parent_run_id,
@@ -541,7 +609,23 @@ def _register(spec: PipelineSpec, chosen, baseline, source, *, example_size: int
             }
         )
         logger.dict({"registration": result.tags, "gate": result.gate.numbers}, "registration.json")
+        if chosen.speed is not None:
+            logger.metrics({f"speed/{k}": v for k, v in chosen.speed.metrics().items()})
+            logger.tags(chosen.speed.tags())
+        elif chosen.speed_unavailable:
+            logger.tags({"speed.unavailable": chosen.speed_unavailable[:1000]})
+        if chosen.cost is not None:
+            logger.metrics({f"cost/{k}": v for k, v in chosen.cost.metrics().items()})
     return result
+
+
+def registry_gate(gate: RegisterGate):
+    """The registry's Gate of a spec's ``register.gate`` (its floors; ``speed`` says how speed is measured)."""
+    from detkd.tracking.registry import Gate
+
+    return Gate(
+        min_gain=gate.min_gain, min_ap=gate.min_ap, min_speedup=gate.min_speedup, max_latency_ms=gate.max_latency_ms
+    )
 
 
 def run_tune_step(spec: PipelineSpec, step: TuneStep, *, parent_run_id: str, address: str | None):

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from detkd.config import (
     Config,
@@ -23,6 +23,7 @@ from detkd.config import (
     validate_config,
 )
 from detkd.data.synth import SynthSpec
+from detkd.serving.speed import SpeedSettings
 
 
 class PipelineTracking(_Section):
@@ -60,11 +61,37 @@ class TuneStep(_Section):
 
 
 class RegisterGate(_Section):
-    """Promotion floors, all on the pipeline's scoring split (test when it has one)."""
+    """Promotion floors: AP on the pipeline's scoring split (test when it has one); deployed speed as
+    :mod:`detkd.serving.speed` measures it, on the machine that registers, against ``speed.reference``."""
 
     min_gain: float = Field(0.0, description="candidate AP >= baseline AP + min_gain (negative: may trail it)")
     min_ap: float = Field(0.0, ge=0, le=1)
-    min_images_per_s: float | None = Field(None, gt=0)
+    min_speedup: float | None = Field(
+        None, gt=0, description="deployed speedup over speed.reference >= min_speedup (ONNX Runtime, batch 1)"
+    )
+    max_latency_ms: float | None = Field(
+        None, gt=0, description="deployed latency per image (ms, ONNX Runtime, batch 1) <= max_latency_ms"
+    )
+    speed: SpeedSettings = Field(
+        default_factory=SpeedSettings,
+        description="how the registered student's deployed speed is measured; reference: a model of this "
+        "pipeline or a checkpoint (default: the student's teacher, else the pipeline's first teacher)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_images_per_s(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "min_images_per_s" in data:
+            raise ValueError(
+                "min_images_per_s is gone (it read the evaluation's eager images/s): give min_speedup (deployed "
+                "speedup over speed.reference) or max_latency_ms (deployed ms per image) instead"
+            )
+        return data
+
+    @property
+    def speed_floor(self) -> bool:
+        """Whether the gate has a condition on deployed speed (which only a measurement can meet)."""
+        return self.min_speedup is not None or self.max_latency_ms is not None
 
 
 class RegisterStep(_Section):
@@ -147,6 +174,18 @@ def check_register(spec: PipelineSpec, path: Path) -> None:
         raise ConfigError(f"{path}: register.model: {model!r} cannot be a registered model name")
     if data_splits(spec).scoring() is None:
         raise ConfigError(f"{path}: register: the pipeline has no val or test split to score the candidate on")
+    reference = spec.registration.gate.speed.reference
+    models = [e.name for e in spec.teachers] + students
+    if (
+        reference is not None
+        and reference not in models
+        and not reference.startswith(("mlflow:", "models:/"))
+        and not Path(reference).expanduser().is_file()
+    ):
+        raise ConfigError(
+            f"{path}: register.gate.speed.reference: {reference!r} is neither a model of this pipeline ({models}), "
+            "a checkpoint file, mlflow:<run_id> nor models:/NAME@ALIAS"
+        )
 
 
 def check_tracking_settings(spec: PipelineSpec, path: Path) -> None:

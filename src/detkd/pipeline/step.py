@@ -100,14 +100,25 @@ def run_step(
     return outputs
 
 
+GATE_PASS, GATE_FAIL, GATE_AT_REGISTRATION = "pass", "fail", "speed-at-registration"
+
+
 def gate_verdict(spec: PipelineSpec, evaluation) -> str:
-    """``pass`` / ``fail`` for the register section's floors on the evaluated rows; ``none`` without one."""
-    from detkd.tracking.registry import Gate, check_gate
+    """The register section's verdict on the evaluated rows: ``pass``, ``fail``, or ``speed-at-registration``
+    when the AP floors pass but the gate has a speed floor (deployed speed is measured by the register step,
+    on the machine that registers, and decides there); ``none`` without a register section."""
+    from dataclasses import replace
+
+    from detkd.pipeline.runner import registry_gate
+    from detkd.tracking.registry import check_gate
 
     if spec.registration is None:
         return "none"
     student, baseline = registration_candidates(spec, evaluation.rows, evaluation.split)
-    return "pass" if check_gate(student, baseline, Gate(**spec.registration.gate.model_dump())).passed else "fail"
+    gate = registry_gate(spec.registration.gate)
+    if not check_gate(student, baseline, replace(gate, min_speedup=None, max_latency_ms=None)).passed:
+        return GATE_FAIL
+    return GATE_AT_REGISTRATION if gate.speed_floor else GATE_PASS
 
 
 def register(spec: PipelineSpec, pipeline_run: str) -> dict[str, Any]:
@@ -119,9 +130,13 @@ def register(spec: PipelineSpec, pipeline_run: str) -> dict[str, Any]:
     rows = read_rows(spec)
     split_name, split = data_splits(spec).scoring()
     source = open_split(split, skip_invalid=False)
-    outcomes = {model: load_outcome(spec, model)[1] for model in final_models(spec)}
+    models = {model: load_outcome(spec, model) for model in final_models(spec)}
+    outcomes = {model: outcome for model, (_, outcome) in models.items()}
+    configs = {model: cfg for model, (cfg, _) in models.items()}
     digest = dataset_digest(dataset_records(source))
-    result = run_register_step(spec, rows, outcomes, source, split_name, digest, parent_run_id=pipeline_run)
+    result = run_register_step(
+        spec, rows, outcomes, source, split_name, digest, parent_run_id=pipeline_run, configs=configs
+    )
     write_summary(rows, summary_file(spec))  # the chosen student's row now names its registered version
     return {
         "model": result.model,

@@ -27,6 +27,7 @@ from detkd.config import ConfigError
 TAG = "detkd."
 KEY_METRICS = ("eval/test/AP", "eval/val/AP", "final/val/AP", "val/AP", "eval/images_per_s")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+LINES = ("speed", "cost")  # details shown on lines of their own under a node's label
 
 
 @dataclass
@@ -151,15 +152,41 @@ def version_node(client: MlflowClient, version: Any) -> Node:
     full = client.get_model_version(version.name, version.version)
     aliases = ", ".join(f"@{a}" for a in full.aliases) or "no alias"
     tags = full.tags
+    details = {k: tags[TAG + k] for k in ("gate.passed", "verdict", "split_digest", "pipeline_run") if TAG + k in tags}
+    for key, line in (("speed", speed_line(tags)), ("cost", cost_line(tags))):
+        if line:
+            details[key] = line
     return Node(
         "registered",
         f"registered {full.name} v{full.version} ({aliases})",
         run_id=full.run_id,
         metrics={f"{tags.get(TAG + 'split', 'split')}/AP": float(tags[TAG + "ap"])} if TAG + "ap" in tags else {},
-        details={
-            k: tags[TAG + k] for k in ("gate.passed", "verdict", "split_digest", "pipeline_run") if TAG + k in tags
-        },
+        details=details,
     )
+
+
+def speed_line(tags: dict[str, str]) -> str:
+    """A version's deployed speed from its ``detkd.speed.*`` tags: ``3.12x teacher (2.41 ms/image against
+    7.52 ms; onnxruntime 1.20.1, batch 1, 1 thread(s); on HOST (...))``; why it was not measured; or ""."""
+    if f"{TAG}speed.speedup" in tags:
+        reference = tags.get(f"{TAG}speed.reference", "the reference")
+        backend, machine = tags.get(f"{TAG}speed.backend", "onnxruntime"), tags.get(f"{TAG}speed.machine", "?")
+        return (
+            f"{float(tags[TAG + 'speed.speedup']):.2f}x {reference} "
+            f"({float(tags[TAG + 'speed.latency_ms']):.2f} ms/image against "
+            f"{float(tags.get(TAG + 'speed.reference_latency_ms', 'nan')):.2f} ms; {backend}; on {machine})"
+        )
+    if f"{TAG}speed.unavailable" in tags:
+        return f"not measured ({tags[TAG + 'speed.unavailable']})"
+    return ""
+
+
+def cost_line(tags: dict[str, str]) -> str:
+    """``412.3 MFLOPs, 1.23 M parameters`` from a version's ``detkd.cost.*`` tags, or ""."""
+    if f"{TAG}cost.mflops" not in tags:
+        return ""
+    params = int(tags.get(f"{TAG}cost.params", "0"))
+    return f"{float(tags[TAG + 'cost.mflops']):.1f} MFLOPs, {params / 1e6:.2f} M parameters"
 
 
 def render(node: Node):
@@ -172,8 +199,9 @@ def render(node: Node):
         if n.run_id and n.kind == "run" and "(shown above)" not in n.label:
             parts.append(f"run {n.run_id}")
         parts += [f"{k} {v}" for k, v in n.metrics.items()]
-        parts += [f"{k}={escape(str(v))}" for k, v in n.details.items() if k != "pipeline_run"]
-        return " · ".join(parts)
+        parts += [f"{k}={escape(str(v))}" for k, v in n.details.items() if k not in ("pipeline_run", *LINES)]
+        lines = [f"{k}: {escape(n.details[k])}" for k in LINES if k in n.details]
+        return "\n".join([" · ".join(parts), *lines])
 
     def grow(tree, n: Node) -> None:
         for child in n.children:
@@ -209,9 +237,10 @@ def pipeline_lineage_png(tracking_uri: str, pipeline_run_id: str, path: Path) ->
         elif component == "register":
             tags = r.data.tags
             label = f"{tags.get(TAG + 'registered_model', '?')} v{tags.get(TAG + 'registered_version', '?')}"
-            columns["registered"].append(
-                (label, tags.get(TAG + "candidate_run", ""), [f"@{tags.get(TAG + 'alias', '')}"])
-            )
+            lines = [f"@{tags.get(TAG + 'alias', '')}"]
+            if "speed/speedup" in r.data.metrics:
+                lines.append(f"{r.data.metrics['speed/speedup']:.2f}x {tags.get(TAG + 'speed.reference', '')}".strip())
+            columns["registered"].append((label, tags.get(TAG + "candidate_run", ""), lines))
     positions: dict[str, tuple[float, float]] = {}
     figure, axes = plt.subplots(figsize=(13, 1.6 + 1.1 * max(1, *(len(v) for v in columns.values()))))
     for x, (title, items) in enumerate(columns.items()):

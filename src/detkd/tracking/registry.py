@@ -1,7 +1,9 @@
 """MLflow model registry: register a pipeline's chosen student behind a promotion gate.
 
 A registration creates a new version of the registered model from the student's logged
-pyfunc and records the gate's inputs, numbers and verdict as version tags. The alias
+pyfunc and records the gate's inputs, numbers and verdict as version tags, with the student's
+deployed speed against its reference and its cost (``detkd.speed.*``, ``detkd.cost.*``): a
+registered student is known to meet its speed budget on the machine that registered it. The alias
 ``champion`` moves to it only when the gate passes *and* it beats the current champion on
 the same scoring split (the champion is re-scored on this split when it was measured on
 another); otherwise the version gets ``challenger``. Aliases only, never stages.
@@ -37,6 +39,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from detkd.models.checkpoint import file_digest
+from detkd.models.cost import ModelCost
+from detkd.serving.speed import SpeedReport
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +60,35 @@ class RegistryBusy(RuntimeError):
 
 @dataclass
 class Gate:
-    """Promotion floors: AP >= baseline AP + min_gain, AP >= min_ap, images/s >= min_images_per_s."""
+    """Promotion floors: AP >= baseline AP + min_gain, AP >= min_ap; deployed speedup over the reference
+    >= min_speedup and deployed latency per image <= max_latency_ms (each when set)."""
 
     min_gain: float = 0.0
     min_ap: float = 0.0
-    min_images_per_s: float | None = None
+    min_speedup: float | None = None
+    max_latency_ms: float | None = None
+
+    @property
+    def speed_floor(self) -> bool:
+        return self.min_speedup is not None or self.max_latency_ms is not None
 
 
 @dataclass
 class Candidate:
-    """A scored model: what the gate and the champion comparison read."""
+    """A scored model: what the gate and the champion comparison read.
+
+    ``speed`` is its deployed speed against the reference (None when it was not measured, and
+    ``speed_unavailable`` says why); ``cost`` its FLOPs and parameters."""
 
     name: str
     run_id: str
     checkpoint: Path
     ap: float
-    images_per_s: float
     split: str  # the split it was scored on (test when the pipeline has one)
     split_digest: str
+    speed: SpeedReport | None = None
+    speed_unavailable: str = ""
+    cost: ModelCost | None = None
 
 
 @dataclass
@@ -97,14 +112,15 @@ class Registration:
 
 
 def check_gate(candidate: Candidate, baseline: Candidate | None, gate: Gate) -> GateVerdict:
-    """The promotion floors, evaluated on numbers measured on the same split."""
+    """The promotion floors, evaluated on numbers measured on the same split (AP) and the same machine
+    against the same reference (speed). A speed floor without a measurement fails: it is never assumed met."""
     reasons = []
     numbers: dict[str, Any] = {
         "ap": round(candidate.ap, 4),
-        "images_per_s": round(candidate.images_per_s, 1),
         "min_ap": gate.min_ap,
         "min_gain": gate.min_gain,
-        "min_images_per_s": gate.min_images_per_s,
+        "min_speedup": gate.min_speedup,
+        "max_latency_ms": gate.max_latency_ms,
         "split": candidate.split,
     }
     if baseline is not None:
@@ -114,9 +130,28 @@ def check_gate(candidate: Candidate, baseline: Candidate | None, gate: Gate) -> 
             reasons.append(f"AP {candidate.ap:.4f} < baseline {baseline.name} {baseline.ap:.4f} + {gate.min_gain}")
     if candidate.ap < gate.min_ap:
         reasons.append(f"AP {candidate.ap:.4f} < floor {gate.min_ap}")
-    if gate.min_images_per_s is not None and candidate.images_per_s < gate.min_images_per_s:
-        reasons.append(f"{candidate.images_per_s:.1f} images/s < floor {gate.min_images_per_s}")
+    reasons += speed_reasons(candidate, gate)
     return GateVerdict(passed=not reasons, reasons=reasons, numbers=numbers)
+
+
+def speed_reasons(candidate: Candidate, gate: Gate) -> list[str]:
+    """The failed speed conditions of ``gate``, e.g. ``speedup 2.41x < floor 3.0x against teacher
+    (onnxruntime, 1 thread)``; one reason when a speed floor is set but the speed was not measured."""
+    if not gate.speed_floor:
+        return []
+    speed = candidate.speed
+    if speed is None:
+        why = candidate.speed_unavailable or "no measurement was given"
+        return [f"deployed speed not measured, so the speed floor cannot pass ({why})"]
+    how = f"onnxruntime, {speed.threads} thread{'s' if speed.threads > 1 else ''}"
+    reasons = []
+    if gate.min_speedup is not None and speed.speedup < gate.min_speedup:
+        reasons.append(f"speedup {speed.speedup:.2f}x < floor {gate.min_speedup:g}x against {speed.reference} ({how})")
+    if gate.max_latency_ms is not None and speed.latency_ms > gate.max_latency_ms:
+        reasons.append(
+            f"latency {speed.latency_ms:.2f} ms/image > ceiling {gate.max_latency_ms:g} ms ({how}, on {speed.machine})"
+        )
+    return reasons
 
 
 def logged_model_uri(tracking_uri: str, run_id: str, *, checkpoint: Path, example_size: int) -> str:
@@ -289,14 +324,29 @@ def version_tags(candidate: Candidate, verdict: GateVerdict, extra: dict[str, st
     return {
         f"{TAG}candidate": candidate.name,
         f"{TAG}ap": f"{candidate.ap:.6f}",
-        f"{TAG}images_per_s": f"{candidate.images_per_s:.2f}",
         f"{TAG}split": candidate.split,
         f"{TAG}split_digest": candidate.split_digest,
+        **speed_tags(candidate),
         f"{TAG}gate.passed": str(verdict.passed).lower(),
         f"{TAG}gate.reasons": "; ".join(verdict.reasons) or "all floors met",
         **{f"{TAG}gate.{k}": str(v) for k, v in verdict.numbers.items()},
         **(extra or {}),
     }
+
+
+def speed_tags(candidate: Candidate) -> dict[str, str]:
+    """``detkd.speed.*`` (the numbers, the reference, backend, turns and machine; or why it was not
+    measured) and ``detkd.cost.*`` (MFLOPs and parameters) of a candidate."""
+    tags: dict[str, str] = {}
+    if candidate.speed is not None:
+        tags.update({f"{TAG}speed.{k}": str(v) for k, v in candidate.speed.metrics().items()})
+        tags.update({f"{TAG}{k}": v for k, v in candidate.speed.tags().items()})
+    elif candidate.speed_unavailable:
+        tags[f"{TAG}speed.unavailable"] = candidate.speed_unavailable[:1000]
+    if candidate.cost is not None:
+        cost = candidate.cost
+        tags.update({f"{TAG}cost.mflops": f"{cost.mflops:.3f}", f"{TAG}cost.params": str(cost.params)})
+    return tags
 
 
 def choose_alias(verdict: GateVerdict, candidate_ap: float, champion: tuple[Any, float] | None) -> tuple[str, str]:
