@@ -58,18 +58,26 @@ def test_trial_rows_round_trip_through_parquet(tmp_path: Path) -> None:
         return TrialRow(tid, "TERMINATED", early, 2, 4, "val/AP", ap, ap, {"lr": "0.01"}, 1, None, model)
 
     rows = [trial("a", 0.3), trial("b", 0.5, early=True), trial("c", float("nan")), trial("d", 0.4, model=None)]
+    rows[0].measures = {"cost/mflops": 22.4, "cost/params": 1.2e5, "speed/speedup": 3.1}
+    rows[0].design, rows[0].pareto = "lite tiny 64px fpn64 h2 P2-P4 ssim", True
+    fast_but_wrong = trial("e", 0.7)
+    fast_but_wrong.feasible, fast_but_wrong.unmet = False, "speedup >= 3 (2.4)"
+    rows.append(fast_but_wrong)
     frame = pd.DataFrame([r.to_dict() for r in rows])
     assert list(frame.columns) == [
         "trial_id", "state", "stopped_early", "epochs", "planned_epochs", "val/AP", "best_val/AP", "param.lr",
-        "attempts", "mlflow_run_id", "model_path",
+        "attempts", "mlflow_run_id", "model_path", "design", "cost/mflops", "cost/params", "speed/speedup",
+        "feasible", "unmet", "ruled_out", "pareto",
     ]  # fmt: skip
     frame.to_parquet(tmp_path / "trials.parquet", index=False)
     back = read_trials(tmp_path / "trials.parquet", metric_key="val/AP")
-    assert [r.trial_id for r in back] == ["a", "b", "c", "d"] and math.isnan(back[2].metric)
-    assert back[0] == rows[0]
-    assert choose_best(rows).trial_id == "a"  # b stopped early, c has no score, d no model
+    assert [r.trial_id for r in back] == ["a", "b", "c", "d", "e"] and math.isnan(back[2].metric)
+    assert back[0] == rows[0] and back[1].measures == {}  # a measure missing from a row stays missing
+    assert not back[4].feasible and back[4].unmet == "speedup >= 3 (2.4)"
+    assert choose_best(rows).trial_id == "a"  # b stopped early, c has no score, d no model, e breaks a constraint
     assert choose_best([rows[1]]).trial_id == "b"  # only early-stopped ones: the best of them
     assert choose_best([rows[2], rows[3]]) is None
+    assert choose_best([rows[4]]) is None  # nothing that meets the constraints
 
 
 def test_train_outcome_round_trips_as_outcome_json() -> None:

@@ -266,6 +266,7 @@ def test_an_mmdet_model_has_a_cost_and_says_why_it_has_no_deployed_speed(mmdet, 
         measure_speed(path, path, images, settings=SpeedSettings(turns=1, calls=1))
 
 
+@pytest.mark.mmdet
 def test_the_run_digest_follows_the_resolved_config_base_files_included(mmdet, tmp_path, tiny_dataset, tiny_config):
     from detkd.engine.plan import config_digest
 
