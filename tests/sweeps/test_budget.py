@@ -29,35 +29,47 @@ DESIGNS = [
 ]
 
 
+def budget_sweep(tmp_path, tiny_dataset, tiny_config, *, speed: dict, **space):
+    """Run a sweep over the tiny 64 px student (2 epochs) with objectives AP and speedup, against an untrained
+    reference of its own design (graphs keeping scores above 0.9); (outcome, reference path, tracking URI)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = tiny_config(tiny_dataset, tmp_path, train={"epochs": 2}, tracking={"tracking_uri": uri})
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(base))
+    reference = untrained_checkpoint(base, tmp_path / "reference.pt")
+    data = {
+        "target": {"config": str(tmp_path / "student.yaml")},
+        "objectives": {"AP": "max", "speedup": "max"},
+        "speed": {"reference": str(reference), "score_threshold": 0.9, **speed},
+        "workdir": str(tmp_path / "sweep"),
+        **space,
+    }
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    loaded = load_space(tmp_path / "space.yaml")
+    return run_sweep(loaded, options=SweepOptions.from_budget(loaded.space.budget)), reference, uri
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_two_objective_sweep_yields_a_front_and_chooses_the_best_student_within_budget(
     ray_cluster, tiny_dataset, tiny_config, tmp_path
 ):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    base = tiny_config(tiny_dataset, tmp_path, train={"epochs": 2}, tracking={"tracking_uri": uri})
-    (tmp_path / "student.yaml").write_text(yaml.safe_dump(base))
-    reference = untrained_checkpoint(base, tmp_path / "reference.pt")
-    space = {
-        "name": "budget",
-        "target": {"config": str(tmp_path / "student.yaml")},
-        "objectives": {"AP": "max", "speedup": "max"},
-        "constraints": {"speedup": ">= 0.85", "mflops": "<= 100"},
-        "speed": {"reference": str(reference), "score_threshold": 0.9, "turns": 3},
-        "parameters": {"net": {"grid": DESIGNS}},
-        "budget": {"samples": 1, "search": "grid", "scheduler": "fifo", "max_concurrent": 2},
-        "workdir": str(tmp_path / "sweep"),
-    }
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
-    loaded = load_space(tmp_path / "space.yaml")
-    outcome = run_sweep(loaded, options=SweepOptions.from_budget(loaded.space.budget))
+    outcome, reference, uri = budget_sweep(
+        tmp_path,
+        tiny_dataset,
+        tiny_config,
+        name="budget",
+        constraints={"speedup": ">= 0.85", "mflops": "<= 100"},
+        speed={"turns": 3},
+        parameters={"net": {"grid": DESIGNS}},
+        budget={"samples": 1, "search": "grid", "scheduler": "fifo", "max_concurrent": 2},
+    )
 
     trials = pd.read_parquet(outcome.workdir / "trials.parquet")
     assert len(trials) == 4 and set(trials["state"]) == {"TERMINATED"}
     by_width = {
         int(yaml.safe_load(p)["model.fpn_channels"]): row
         for p, row in zip(trials["param.net"], trials.to_dict("records"), strict=True)
-    }  # noqa: E501
+    }
 
     oversized = by_width[128]  # ruled out by its FLOPs before it trained
     assert oversized["ruled_out"] and oversized["epochs"] == 0 and not oversized["stopped_early"]
@@ -120,26 +132,19 @@ def test_an_optuna_sweep_on_two_objectives_under_asha_finds_a_front(ray_cluster,
     """Optuna's NSGA-II through Ray Tune on AP and speedup, ASHA stopping on AP, a FLOPs bound: every report a
     trial makes carries both objectives (Tune refuses one without), and the sweep ends with its front."""
     pytest.importorskip("optuna")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    base = tiny_config(tiny_dataset, tmp_path, train={"epochs": 2}, tracking={"tracking_uri": uri})
-    (tmp_path / "student.yaml").write_text(yaml.safe_dump(base))
-    reference = untrained_checkpoint(base, tmp_path / "reference.pt")
-    space = {
-        "name": "optuna_budget",
-        "target": {"config": str(tmp_path / "student.yaml")},
-        "objectives": {"AP": "max", "speedup": "max"},
-        "constraints": {"mflops": "<= 100"},
-        "speed": {"reference": str(reference), "score_threshold": 0.9, "turns": 2, "calls": 5},
-        "parameters": {
+    outcome, _, _ = budget_sweep(
+        tmp_path,
+        tiny_dataset,
+        tiny_config,
+        name="optuna_budget",
+        constraints={"mflops": "<= 100"},
+        speed={"turns": 2, "calls": 5},
+        parameters={
             "net": {"choice": [DESIGNS[0], DESIGNS[1], DESIGNS[3]]},
             "optim.lr": {"loguniform": [1e-3, 4e-3]},
         },
-        "budget": {"samples": 3, "search": "optuna", "sampler": "nsga2", "scheduler": "asha", "grace_epochs": 1},
-        "workdir": str(tmp_path / "sweep"),
-    }
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
-    loaded = load_space(tmp_path / "space.yaml")
-    outcome = run_sweep(loaded, options=SweepOptions.from_budget(loaded.space.budget))
+        budget={"samples": 3, "search": "optuna", "sampler": "nsga2", "scheduler": "asha", "grace_epochs": 1},
+    )
 
     trials = pd.read_parquet(outcome.workdir / "trials.parquet")
     assert outcome.complete and len(trials) == 3

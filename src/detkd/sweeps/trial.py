@@ -111,10 +111,12 @@ class TrialReport(TuneReportCallback):
         epoch_offset: int,
         stage: int,
         objective_keys: tuple[str, ...] = (),
+        cost: dict[str, float] | None = None,
     ):
         super().__init__()
         self.metric_key = metric_key
         self.objective_keys = objective_keys
+        self.cost = cost or {}  # the trial's cost/* values: every report has them, a trial ASHA stops too
         self.tracking_uri = tracking_uri
         self.trial_run_id = trial_run_id
         self.epoch_offset = epoch_offset
@@ -129,7 +131,7 @@ class TrialReport(TuneReportCallback):
         epoch = self.epoch_offset + int(first["epoch"])
         scores = {k: v for k, v in first.items() if k.startswith(("val/", "train/")) and isinstance(v, (int, float))}
         RunLogger(tracking_uri=self.tracking_uri, run_id=self.trial_run_id).metrics(scores, step=epoch)
-        report = {**not_yet(self.objective_keys), **first, TRIAL_EPOCH: epoch, "stage": self.stage}
+        report = {**not_yet(self.objective_keys), **self.cost, **first, TRIAL_EPOCH: epoch, "stage": self.stage}
         super().after_report(run_context, [report], checkpoint)
 
 
@@ -213,6 +215,7 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
                     epoch_offset=offsets[stage],
                     stage=stage + 1,
                     objective_keys=tuple(o.key for o in job.objectives),
+                    cost=cost,
                 )
             ]
 
