@@ -35,7 +35,7 @@ from detkd.engine.faults import MARKER
 from detkd.engine.plan import build_plan, open_sources, plan_stages, stage_configs
 from detkd.engine.stops import StopOnUnfixable, unfixable
 from detkd.engine.storage_errors import storage_outage
-from detkd.engine.worker import MODEL_FILE, PLACEMENT_GROUP, mismatch_message, train_loop_per_worker
+from detkd.engine.worker import MODEL_FILE, mismatch_message, train_loop_per_worker
 from detkd.models.checkpoint import file_digest, verified_bytes
 from detkd.oserrors import PermanentOSError, permanent_os_error, quiet_permanent_os_errors
 from detkd.records import RunPlan, TrackingContext, TrainOutcome
@@ -203,7 +203,7 @@ def run_plan(
                 model_path = publish_model(Path(folder), plan.out_dir)
                 logger.merge(Path(folder))  # what the training worker could not deliver, to its run folder's outbox
             published.append(model_path)
-            metrics = {k: v for k, v in (result.metrics or {}).items() if k != PLACEMENT_GROUP}
+            metrics = dict(result.metrics or {})
             log_outcome(plan, logger, model_path, metrics)
     except Exception as exc:
         stop = permanent_stop(plan, exc, published=published, run_ids=run_ids)

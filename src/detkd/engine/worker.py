@@ -18,7 +18,6 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-from ray.util.placement_group import get_current_placement_group
 
 from detkd.engine import rng
 from detkd.engine.checkpoints import MODEL_FILE, TRAIN_STATE, CheckpointMismatch, GoodCheckpoint, RunFolder, newest_good
@@ -29,10 +28,6 @@ from detkd.engine.stops import WORKER_ERROR_LOGGER, quiet_handled_errors, unfixa
 from detkd.models.checkpoint import save_detector, save_payload
 from detkd.oserrors import PermanentOSError, as_permanent, quiet_permanent_os_errors
 from detkd.records import RunPlan
-
-# The worker group's Ray placement group, in every epoch report: a sweep's driver removes it when Tune ends
-# the trial (sweeps.tuner.ReleaseTrialPlacementGroups); not a metric (launch drops it from the run's result)
-PLACEMENT_GROUP = "ray/placement_group"
 
 # Ray Train routes worker logging to the driver console and its log files; print() may be echoed twice.
 log = logging.getLogger("detkd.train")
@@ -88,7 +83,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logger.metrics({"resumed_from_step": run.state.step}, step=run.state.step)
     carry = logger.carry if logger else None
     report = CheckpointReport(plan, run, rank=rank, run_id=loop_config.get("run_id"), carry=carry)
-    group = get_current_placement_group()
     hooks: list[StepHook] = [
         ProgressLog(
             name=cfg.name,
@@ -109,8 +103,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         run.sampler.set_epoch(epoch, start_batch=offset)
         train_means = train_one_epoch(run, clip_grad_norm=cfg.optim.clip_grad_norm, hooks=hooks)
         metrics = end_of_epoch(plan, run, train_means, rank=rank, world_size=world)
-        if group is not None:
-            metrics[PLACEMENT_GROUP] = group.id.hex()
         logged = {k: v for k, v in metrics.items() if k.startswith(("val/", "ema/"))}
         if logger and logged:
             logger.metrics(logged, step=run.state.step)

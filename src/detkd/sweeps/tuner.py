@@ -205,7 +205,7 @@ def build_tuner(
             storage_path=storage.path,
             storage_filesystem=storage.filesystem,
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
-            callbacks=[table, ReleaseTrialPlacementGroups()],
+            callbacks=[table],
             verbose=0,
         ),
     )
@@ -227,41 +227,6 @@ def collect_trials(loaded: LoadedSpace, options: SweepOptions, job: SweepJob, re
         log.info(f"interrupted: finished trials are kept under {job.workdir}; run the same command again to continue")
         raise KeyboardInterrupt
     return outcome, epochs
-
-
-class ReleaseTrialPlacementGroups(tune.Callback):
-    """Removes the Ray placement group of a trial that Tune ended without its Train run finishing.
-
-    A trial ASHA stops (or that fails) is killed with its Ray Train controller. Ray Train's placement
-    group outlives its controller (it belongs to the sweep's job) and a detached cleaner is meant to remove
-    it; when that misses one, its CPUs stay reserved with no worker in them, and on a cluster sized for
-    ``max_concurrent`` trials the next trial's workers wait for them forever (seen on 2 CPUs: a 32-trial
-    ASHA sweep stalled with two such groups). Each epoch report names the trial's group
-    (``engine.worker.PLACEMENT_GROUP``); when Tune ends the trial, a group still there is removed.
-    """
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self.release(trial)
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self.release(trial)
-
-    @staticmethod
-    def release(trial) -> None:
-        import ray
-        from ray._raylet import PlacementGroupID
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-        from detkd.engine.worker import PLACEMENT_GROUP
-
-        reported = (trial.last_result or {}).get(PLACEMENT_GROUP)
-        if not isinstance(reported, str):
-            return
-        group = PlacementGroup(PlacementGroupID(bytes.fromhex(reported)))
-        if ray.util.placement_group_table(group).get("state") in (None, "REMOVED"):
-            return  # the Train run removed it as it ended, or its cleaner did
-        remove_placement_group(group)
-        log.info(f"trial {trial.trial_id}: released the CPUs its ended Train run still held (group {reported})")
 
 
 class SweepFailed(RuntimeError):
