@@ -112,7 +112,10 @@ def test_a_hung_store_is_waited_for_and_a_store_that_went_away_ends_the_run_resu
         rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         output = rerun.stdout + rerun.stderr
         assert rerun.returncode == 0, output[-4000:]
-        assert f"resumed from step {kept}/12" in output  # nothing good was lost
+        # nothing good was lost: the rerun resumes from the newest whole checkpoint in the store, the last one Ray
+        # registered or a newer one whose upload completed just before the store stopped answering
+        resumed = [int(step) for step in re.findall(r"resumed from step (\d+)/12", output)]
+        assert resumed and resumed[0] >= kept, output[-4000:]
         assert (tmp_path / "models/tiny/model.pt").is_file() and stored_step(s3) == 12
 
     client = MlflowClient(uri)
