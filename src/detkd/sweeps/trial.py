@@ -50,7 +50,11 @@ class SweepJob:
     objectives: tuple[Objective, ...] = ()
     constraints: tuple[Constraint, ...] = ()
     speed: SpeedSettings = field(default_factory=SpeedSettings)
-    measure_speed: bool = True  # whenever a reference is known; a space with a speed objective needs one
+
+    @property
+    def objective_keys(self) -> tuple[str, ...]:
+        """The report keys of the objectives: every report to Tune carries each (``not_yet``)."""
+        return tuple(o.key for o in self.objectives)
 
     def speed_reference(self, cfg: Config) -> tuple[str, Path] | None:
         """(name, checkpoint) a trial's deployed speed is compared with: the space's ``speed.reference``, else the
@@ -201,7 +205,7 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
             reason = "ruled out before training: " + "; ".join(ruled_out)
             log.info(f"trial {trial_id}: {reason}")
             logger.tags({"infeasible": reason})
-            objectives = not_yet(tuple(o.key for o in job.objectives))
+            objectives = not_yet(job.objective_keys)
             tune.report({**objectives, TRIAL_EPOCH: 0, job.metric_key: float("nan"), INFEASIBLE: 1.0, **cost})
             return
         offsets = [0, *itertools.accumulate(stage_epochs(cfg))]  # epochs before each stage
@@ -214,7 +218,7 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
                     trial_run_id=trial_run_id,
                     epoch_offset=offsets[stage],
                     stage=stage + 1,
-                    objective_keys=tuple(o.key for o in job.objectives),
+                    objective_keys=job.objective_keys,
                     cost=cost,
                 )
             ]
@@ -236,7 +240,7 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
         if reasons:
             logger.tags({"infeasible": "; ".join(reasons)})
         # the last report: what the searcher's objectives and the trial table read (after the last epoch's)
-        objectives = not_yet(tuple(o.key for o in job.objectives))
+        objectives = not_yet(job.objective_keys)
         tune.report({**objectives, TRIAL_EPOCH: student_epochs(cfg), **final, INFEASIBLE: float(bool(reasons))})
 
 
@@ -254,7 +258,7 @@ def trial_speed(job: SweepJob, cfg: Config, model: Path, *, logger, trial_id: st
     trial's run; empty (and the reason tagged) when there is no reference or the model cannot be exported."""
     from detkd.serving.speed import SpeedUnavailable, measure_speed, speed_description, split_images
 
-    reference = job.speed_reference(cfg) if job.measure_speed else None
+    reference = job.speed_reference(cfg)
     if reference is None:
         return {}
     name, checkpoint = reference
