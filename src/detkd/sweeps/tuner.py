@@ -24,6 +24,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from detkd.config import ConfigError
 from detkd.extras import missing_extra, require
 from detkd.records import TrackingContext, TrialRow
+from detkd.sweeps.orphans import OrphanedGroups
 from detkd.sweeps.space import LoadedSpace, Parameter, SweepBudget, student_epochs
 from detkd.sweeps.storage import SweepStorage, storage_keys, sweep_storage
 from detkd.sweeps.trial import TRIAL_EPOCH, SweepJob, run_trial
@@ -205,7 +206,7 @@ def build_tuner(
             storage_path=storage.path,
             storage_filesystem=storage.filesystem,
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
-            callbacks=[table],
+            callbacks=[table, OrphanedGroups()],
             verbose=0,
         ),
     )
