@@ -42,9 +42,9 @@ class SpeedSettings(_Section):
     )
     threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads (1: what `detkd export` files run with)")
     turns: int = Field(
-        6, ge=1, description="turns of reference and student, the order flipping each turn (even: both orders alike)"
+        8, ge=1, description="turns of reference and student, the order flipping each turn (even: both orders alike)"
     )
-    calls: int = Field(20, ge=1, description="timed batch-1 calls per model per turn")
+    calls: int = Field(40, ge=1, description="timed batch-1 calls per model per turn")
     images: int = Field(8, ge=1, description="validation images the calls cycle through")
     score_threshold: float = Field(
         EXPORT_SCORE_THRESH, gt=0, lt=1, description="the exported graphs' score threshold (NMS cost depends on it)"
