@@ -141,8 +141,10 @@ class DataConfig(_Section):
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
 
 
-# Marks a ModelConfig field of detkd's torchvision networks; an MMDetection config describes its own.
+# Marks a ModelConfig field of detkd's torchvision networks; an MMDetection or transformers config describes its own.
 _TV = {"framework": "torchvision"}
+# The archs whose network comes from another framework's config file, and that file's field.
+FOREIGN_ARCHS = {"mmdet": "mmdet_config", "hf": "hf_model"}
 
 
 class ModelConfig(_Section):
@@ -152,11 +154,19 @@ class ModelConfig(_Section):
     and a checkpoint stores the validated network part. ``arch: mmdet`` builds the ``model``
     section of the MMDetection 3.x config file ``mmdet_config`` instead
     (``detkd.models.mmdet_detector``); ``weights`` may then be a detkd checkpoint or an
-    MMDetection one, and the fields marked torchvision do not apply.
+    MMDetection one, and the fields marked torchvision do not apply. ``arch: hf`` builds a
+    Hugging Face ``transformers`` detector (DETR family) from ``hf_model``, a folder written by
+    ``save_pretrained`` (its weights are loaded, class layers re-initialised when the classes
+    differ) or a ``config.json`` alone (random weights) (``detkd.models.hf_detector``).
     """
 
-    arch: Literal["fcos", "retinanet", "fasterrcnn", "mmdet"] = "fcos"
+    arch: Literal["fcos", "retinanet", "fasterrcnn", "mmdet", "hf"] = "fcos"
     mmdet_config: LocalPath | None = Field(None, description="arch mmdet: an MMDetection 3.x config file")
+    hf_model: LocalPath | None = Field(
+        None,
+        description="arch hf: a transformers save_pretrained folder (config.json + model.safetensors) or a "
+        "config.json (random weights): RT-DETR, RT-DETRv2, D-FINE, Deformable DETR or DETR",
+    )
     backbone: Literal[
         "tiny", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "mobilenet_v3_small", "swin_t", "swin_s"
     ] = Field("tiny", json_schema_extra=_TV)
@@ -262,11 +272,14 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _levels(self) -> ModelConfig:
-        if self.arch == "mmdet":
-            if self.mmdet_config is None:
-                raise ValueError("arch mmdet needs mmdet_config: an MMDetection 3.x config file")
+        if self.arch == "mmdet" and self.mmdet_config is None:
+            raise ValueError("arch mmdet needs mmdet_config: an MMDetection 3.x config file")
+        if self.arch == "hf" and self.hf_model is None:
+            raise ValueError("arch hf needs hf_model: a transformers save_pretrained folder or a config.json")
+        if self.arch in FOREIGN_ARCHS:
             defaults = ModelConfig.model_fields
             changed = [k for k in TORCHVISION_MODEL_KEYS if getattr(self, k) != defaults[k].default]
+            own = FOREIGN_ARCHS[self.arch]
             if changed:
                 why = (
                     " (the MSAD multi-scale teacher wraps detkd's torchvision detectors only)"
@@ -274,15 +287,18 @@ class ModelConfig(_Section):
                     else ""
                 )
                 raise ValueError(
-                    f"{', '.join(changed)}: not used with arch mmdet, whose network, levels, anchors and "
-                    f"test_cfg come from mmdet_config; remove them or edit the MMDetection config{why}"
+                    f"{', '.join(changed)}: not used with arch {self.arch}, whose network, levels and "
+                    f"post-processing come from {own}; remove them or edit that config{why}"
                 )
             if self.trainable_layers is not None:
                 raise ValueError(
-                    "trainable_layers: not used with arch mmdet; set frozen_stages in the MMDetection config"
+                    f"trainable_layers: not used with arch {self.arch}; freeze layers in {own} "
+                    "(MMDetection: frozen_stages; transformers: the backbone config's freeze settings)"
                 )
-        elif self.mmdet_config is not None:
+        if self.mmdet_config is not None and self.arch != "mmdet":
             raise ValueError(f"mmdet_config is only read with arch mmdet (arch is {self.arch})")
+        if self.hf_model is not None and self.arch != "hf":
+            raise ValueError(f"hf_model is only read with arch hf (arch is {self.arch})")
         self._arch_settings()
         if self.design != "standard" and self.arch != "fcos":
             raise ValueError(f"design {self.design!r} is an FCOS design (arch is {self.arch})")
@@ -306,7 +322,8 @@ class ModelConfig(_Section):
             "box_head": ("fasterrcnn",),
         }
         for key, archs in owners.items():
-            if self.arch != "mmdet" and self.arch not in archs and getattr(self, key) != defaults[key].default:
+            foreign = self.arch in FOREIGN_ARCHS  # refused above, with the config file to edit instead
+            if not foreign and self.arch not in archs and getattr(self, key) != defaults[key].default:
                 raise ValueError(f"{key} is a {'/'.join(archs)} setting (arch is {self.arch})")
         if self.design == "lite" and (self.fcos_box_activation != "softplus" or self.fpn_norm != "none"):
             raise ValueError(

@@ -26,6 +26,7 @@ EXTRAS: dict[str, Extra] = {
     "server": Extra(("psycopg", "boto3"), _pip("server")),
     # mmcv with its compiled ops is built against the installed torch by the script
     "mmdet": Extra(("mmdet", "mmengine", "mmcv"), "bash scripts/install_mmdet.sh"),
+    "hf": Extra(("transformers", "safetensors"), _pip("hf")),
 }
 
 

@@ -38,6 +38,7 @@ from detkd.distill.msad import MSADLoss
 from detkd.distill.mse import FeatureMSELoss
 from detkd.distill.ssim import SSIMFeatureLoss
 from detkd.models.detectors import pyramid_strides
+from detkd.models.hf_detector import HFDetector
 from detkd.models.mmdet_detector import MMDetDetector
 from detkd.models.multiscale import MultiScaleDetector
 from detkd.models.taps import DetectorTaps, extract_features, foreground_logits, has_dense_logits, logit_layout
@@ -70,9 +71,10 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def channels_of(model: nn.Module) -> int:
-    """FPN channels of a detector (of a multi-scale teacher's shared detector, of an MMDetection neck)."""
+    """FPN channels of a detector (of a multi-scale teacher's shared detector, of an MMDetection neck, of a
+    transformer detector's encoder)."""
     inner = model.detector if isinstance(model, MultiScaleDetector) else model
-    if isinstance(inner, MMDetDetector):
+    if isinstance(inner, (MMDetDetector, HFDetector)):
         return inner.out_channels
     return int(inner.backbone.out_channels)
 
@@ -197,9 +199,18 @@ class Distiller(nn.Module):
             teacher_channels=channels_of(model),
         )
         if loss.uses_logits and not (has_dense_logits(self.student) and has_dense_logits(model)):
-            which = "student" if not has_dense_logits(self.student) else f"teacher {teacher}"
+            which, lacking = ("student", self.student) if not has_dense_logits(self.student) else ("teacher", model)
+            if which == "teacher":
+                which = f"teacher {teacher}"
+            why = ""
+            if isinstance(lacking, HFDetector):
+                why = (
+                    f" (a {lacking.model_type} detector's classes come from object queries, not from a map of "
+                    "locations; it teaches through its encoder's features: mse, ssim, mgd, msad, dsamkd's feature "
+                    "branch)"
+                )
             raise ValueError(
-                f"{name} distills dense class logits, but the {which} has none: it needs one-stage "
+                f"{name} distills dense class logits, but the {which} has no dense logits{why}: it needs one-stage "
                 "(fcos/retinanet) student and teacher (a multi-scale teacher has no single logit map); "
                 "switch its logit term off (dsamkd: logit_weight=0)"
             )

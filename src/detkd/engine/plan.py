@@ -111,10 +111,24 @@ def config_digest(cfg: Config, teachers: tuple[TeacherSpec, ...]) -> str:
             data["model"]["mmdet_model_sha256"] = model_section_digest(Path(mmdet_config))
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f"model.mmdet_config: {exc}") from None
+    hf_model = data["model"].pop("hf_model")  # enters only when set: earlier configs keep their digests
+    if hf_model:
+        data["model"]["hf_model_sha256"] = hf_model_digest(Path(hf_model))
     data["teachers"] = [[t.sha256, t.scale] for t in teachers]
     if data.get("distill"):
         data["distill"] = {k: v for k, v in data["distill"].items() if k != "teachers"}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def hf_model_digest(path: Path) -> str:
+    """A transformers model by content: its config, and its weights when the folder has them."""
+    from detkd.models.hf_detector import CONFIG_FILE, weights_file
+
+    config = path / CONFIG_FILE if path.is_dir() else path
+    if not config.is_file():
+        raise ConfigError(f"model.hf_model: {path}: no {CONFIG_FILE} (a save_pretrained folder holds one)")
+    weights = weights_file(path)
+    return file_digest(config) + (f"+{file_digest(weights)}" if weights else "")
 
 
 def open_split(split: SplitConfig, *, skip_invalid: bool) -> DetectionSource:

@@ -61,6 +61,9 @@ def resolve_teachers(
         if ref.mmdet_config is not None:
             out.append(resolve_mmdet_teacher(ref, num_classes=num_classes, where=key))
             continue
+        if is_hf_folder(ref.source):
+            out.append(resolve_hf_teacher(ref, num_classes=num_classes, where=key))
+            continue
         try:
             path = resolve_source(ref.source, names=names, cache_dir=cache_dir, tracking_uri=tracking_uri)
             meta = read_checkpoint_meta(path)
@@ -117,6 +120,54 @@ def resolve_mmdet_teacher(ref: TeacherRef, *, num_classes: int, where: str) -> T
         sha256=file_digest(path),
         name=path.stem,
         model=model,
+        mlflow_run_id=None,
+    )
+
+
+def is_hf_folder(source: str) -> bool:
+    """A transformers ``save_pretrained`` folder (a directory with a ``config.json``)."""
+    from detkd.models.hf_detector import CONFIG_FILE
+
+    path = Path(source).expanduser()
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+
+def resolve_hf_teacher(ref: TeacherRef, *, num_classes: int, where: str) -> TeacherSpec:
+    """A transformers detector's ``save_pretrained`` folder (``ref.source``), checked now.
+
+    Its weights are loaded into the network its config describes on the driver, every tensor
+    checked, so a folder whose weights and config disagree (or that predicts other classes) is
+    refused before any worker starts. It sees the reference view unless ``input_scale`` says
+    otherwise; its config is stored with the run, so the run's records rebuild it without the folder.
+    """
+    from detkd.models.checkpoint import load_teacher
+    from detkd.models.hf_detector import config_classes, read_hf_config, weights_file
+
+    folder = Path(ref.source).expanduser().resolve()
+    try:
+        config = read_hf_config(folder)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    weights = weights_file(folder)
+    if weights is None:
+        raise ConfigError(f"{where}: {folder}: no model.safetensors; a teacher needs trained weights")
+    classes = config_classes(config)
+    if classes != num_classes:
+        raise ConfigError(
+            f"{where}: {folder} predicts {classes} classes, the training data has {num_classes}; a teacher "
+            "must share the student's label space (fine-tune it on these classes first: model.arch hf)"
+        )
+    try:
+        model = load_teacher(folder, dict(arch="hf", num_classes=classes, hf_config=config, source=str(folder)))
+    except (CheckpointError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return TeacherSpec(
+        source=ref.source,
+        path=str(folder),
+        scale=float(ref.input_scale) if ref.input_scale is not None else 1.0,
+        sha256=file_digest(weights),
+        name=folder.name,
+        model=dict(model.detkd_config),
         mlflow_run_id=None,
     )
 

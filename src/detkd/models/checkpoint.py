@@ -353,8 +353,18 @@ def load_mmdet_checkpoint(model: MMDetDetector, path: Path) -> None:
 
 
 def load_teacher(path: Path, model_config: dict[str, Any]) -> nn.Module:
-    """A teacher in eval mode: a detkd checkpoint, or an MMDetection checkpoint for ``model_config``'s network."""
+    """A teacher in eval mode: a detkd checkpoint, an MMDetection checkpoint for ``model_config``'s network, or
+    a transformers ``save_pretrained`` folder."""
     path = Path(path)
+    if path.is_dir():  # a transformers save_pretrained folder, every tensor checked
+        from detkd.models.hf_detector import fit_hf_weights
+
+        model = rebuild_detector(model_config)
+        try:
+            fit_hf_weights(model, path, strict=True)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        return model.eval()
     if is_detkd_checkpoint(path):
         return load_detector(path)[0]
     model = rebuild_detector(model_config)

@@ -29,6 +29,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from detkd.config import NETWORK_KEYS, ModelConfig, format_validation_error
 from detkd.models.backbones import PyramidBackbone, build_pyramid_backbone, freeze_body
+from detkd.models.hf_detector import HFDetector, build_hf_detector, read_hf_config
 from detkd.models.lite import DESIGNS, LiteFCOSHead, make_fpn_separable
 from detkd.models.mmdet_detector import MMDetDetector, build_mmdet_detector, read_mmdet_config
 from detkd.models.multiscale import MultiScaleDetector, level_shift
@@ -491,6 +492,11 @@ def build_detector_from_config(cfg: ModelConfig, *, num_classes: int) -> nn.Modu
             num_classes=classes,
             config_file=str(cfg.mmdet_config),
         )
+    if cfg.arch == "hf":
+        assert cfg.hf_model is not None  # checked by ModelConfig
+        return build_hf_detector(
+            hf_config=read_hf_config(Path(cfg.hf_model)), num_classes=classes, source=str(cfg.hf_model)
+        )
     cfg = cfg.model_copy(update={"num_classes": classes, "anchor_sizes": resolved_anchor_sizes(cfg)})
     if cfg.multiscale:
         model: nn.Module = multiscale_from_config(cfg, num_classes=classes)
@@ -529,6 +535,9 @@ def rebuild_detector(config: dict[str, Any]) -> nn.Module:
     if config.get("arch") == "mmdet":
         config.pop("arch")
         return build_mmdet_detector(**config)
+    if config.get("arch") == "hf":
+        config.pop("arch")
+        return build_hf_detector(**config)
     return build_detector(**config)
 
 
@@ -556,7 +565,7 @@ def pyramid_backbone(model: nn.Module) -> PyramidBackbone:
 def pyramid_strides(model: nn.Module) -> dict[str, int]:
     """Level name -> stride in input pixels, e.g. {"p3": 8, ...}."""
     model = unwrap_model(model)
-    if isinstance(model, (MultiScaleDetector, MMDetDetector)):
+    if isinstance(model, (MultiScaleDetector, MMDetDetector, HFDetector)):
         return dict(model.strides)
     return dict(pyramid_backbone(model).strides)
 
@@ -569,7 +578,7 @@ def detector_config(model: nn.Module) -> dict[str, Any]:
 def set_inference_thresholds(model: nn.Module, *, score_thresh: float, detections_per_img: int) -> None:
     """COCO evaluation wants low score thresholds; deployment wants higher ones."""
     model = single_scale(model)  # the multi-scale teacher predicts through its shared detector
-    if isinstance(model, MMDetDetector):
+    if isinstance(model, (MMDetDetector, HFDetector)):
         model.set_thresholds(score_thresh=score_thresh, detections_per_img=detections_per_img)
     elif isinstance(model, FasterRCNN):
         model.roi_heads.score_thresh = score_thresh

@@ -49,6 +49,7 @@ from detkd.models.detectors import (
     single_scale,
     unwrap_model,
 )
+from detkd.models.hf_detector import HFDetector, fit_hf_weights, weights_file
 from detkd.models.mmdet_detector import MMDetDetector
 from detkd.models.multiscale import MultiScaleDetector
 from detkd.models.torchvision_zoo import NOT_EXPRESSIBLE
@@ -449,6 +450,10 @@ def build_model(cfg: ModelConfig, *, num_classes: int) -> nn.Module:
     """Build from the config, then load ``cfg.backbone_weights`` (strictly, into the body) and ``cfg.weights``
     (:func:`load_weights`) when set (local files only)."""
     model = build_detector_from_config(cfg, num_classes=num_classes)
+    if isinstance(model, HFDetector) and weights_file(Path(cfg.hf_model)) is not None:
+        fit = fit_hf_weights(model, Path(cfg.hf_model), strict=False)  # a save_pretrained folder: its weights
+        fresh = f", class layers re-initialised for {num_classes} classes: {fit.reinitialised}"
+        log.info(f"{cfg.hf_model}: {len(fit.loaded)} tensors loaded" + (fresh if fit.reinitialised else ""))
     if cfg.backbone_weights is not None:  # torchvision archs only (ModelConfig)
         load_backbone_weights(model, Path(cfg.backbone_weights), backbone=cfg.backbone)
     if cfg.weights is not None:

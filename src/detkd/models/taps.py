@@ -1,6 +1,6 @@
 """Read a detector's FPN pyramid and dense class logits without changing its outputs.
 
-Two ways in, for detkd's torchvision detectors and ``MMDetDetector`` alike:
+Two ways in, for detkd's torchvision detectors, ``MMDetDetector`` and ``HFDetector`` alike:
 ``DetectorTaps`` records what an ordinary ``model(images, targets)``
 call computes (the student: detection loss and distillation features from ONE
 forward pass), and ``extract_features`` runs only the parts a teacher needs
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, RetinaNet
 
 from detkd.models.detectors import dense_class_logits, unwrap_model
+from detkd.models.hf_detector import HFDetector
 from detkd.models.mmdet_detector import MMDetDetector
 from detkd.models.multiscale import MultiScaleDetector
 
@@ -42,7 +43,7 @@ def has_dense_logits(model: nn.Module) -> bool:
     model = unwrap_model(model)
     if isinstance(model, MMDetDetector):
         return model.has_dense_logits
-    return isinstance(model, (FCOS, RetinaNet))
+    return isinstance(model, (FCOS, RetinaNet))  # not HFDetector: a DETR's classes come from object queries
 
 
 def logit_layout(model: nn.Module) -> tuple[int, bool]:
@@ -79,6 +80,9 @@ class DetectorTaps:
         self._handles: list = []
 
     def __enter__(self) -> DetectorTaps:
+        if isinstance(self.model, HFDetector):
+            self._handles.extend(self.model.capture(self._on_hf_encoder))
+            return self
         if isinstance(self.model, MMDetDetector):
             self._handles.append(self.model.mm.neck.register_forward_hook(self._on_neck))
             if self.model.has_dense_logits:
@@ -109,6 +113,9 @@ class DetectorTaps:
     def _on_dense_head(self, module, inputs, output) -> None:
         self._level_logits = self.model.name_levels(output[0])  # (cls_scores, bbox_preds, ...) per level
 
+    def _on_hf_encoder(self, pyramid: OrderedDict[str, Tensor]) -> None:
+        self.pyramid = pyramid  # the encoder's multi-scale maps; a DETR has no dense class logits
+
     @property
     def has_logits(self) -> bool:
         return self._dense_logits is not None or self._level_logits is not None
@@ -135,6 +142,8 @@ def extract_features(model: nn.Module, images: list[Tensor], *, logits: bool = T
     model = unwrap_model(model)
     if isinstance(model, MultiScaleDetector):
         return Features(model.fused_pyramid(images), None)
+    if isinstance(model, HFDetector):
+        return Features(model.pyramid(images), None)
     if isinstance(model, MMDetDetector):
         pyramid = model.pyramid(model.prepare(images)[0])
         return Features(pyramid, model.dense_logits(pyramid) if logits and model.has_dense_logits else None)

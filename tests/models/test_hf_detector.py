@@ -1,0 +1,194 @@
+"""Hugging Face transformers detectors (model.arch: hf) built from the shipped tiny configs: train, predict,
+score, taps, checkpoints and save_pretrained folders (real transformers models on CPU, no Hub)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the hf extra: pip install -c constraints.txt -e '.[hf]'")
+
+from detkd.config import ConfigError, validate_config  # noqa: E402
+from detkd.models import build_model, load_detector, save_detector  # noqa: E402
+from detkd.models.checkpoint import CheckpointError, load_teacher, read_checkpoint_meta  # noqa: E402
+from detkd.models.detectors import pyramid_strides  # noqa: E402
+from detkd.models.hf_detector import HFDetector, fit_hf_weights, read_hf_config  # noqa: E402
+from detkd.models.taps import DetectorTaps, extract_features, has_dense_logits  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs/hf"
+ARCHS = ["rtdetr_tiny", "rtdetr_v2_tiny", "dfine_tiny", "deformable_detr_tiny", "detr_tiny"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a Hub call would fail instead of hanging on this network
+
+
+def hf_config(tiny_dataset, tiny_config, work: Path, folder: Path, **model) -> dict:
+    config = tiny_config(tiny_dataset, work)
+    config["model"] = {"arch": "hf", "hf_model": str(folder), **model}  # none of the torchvision network keys
+    return config
+
+
+def batch(sizes=((64, 64), (48, 56))):
+    images = [torch.rand(3, h, w) for h, w in sizes]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 44.0, 30.0]]), "labels": torch.tensor([1, 3])}
+        for _ in sizes
+    ]
+    return images, targets
+
+
+def expected_strides(name: str) -> list[int]:
+    config = read_hf_config(CONFIGS / name)
+    if "feat_strides" in config:
+        return config["feat_strides"]
+    if config["model_type"] == "detr":
+        return [32]  # the backbone's last stage (ResNet stage4)
+    levels = config["num_feature_levels"]
+    return [8, 16, 32, 64][:levels]  # ResNet stages 2-4, then stride-2 levels above them
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_each_architecture_builds_trains_predicts_and_is_scored(name, tiny_dataset, tiny_config, tmp_path):
+    from detkd.engine.evaluate import evaluate_checkpoint
+    from detkd.engine.plan import build_plan, open_split
+    from detkd.records import TrackingContext
+
+    cfg = validate_config(hf_config(tiny_dataset, tiny_config, tmp_path, CONFIGS / name), source="test")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=3)
+    assert isinstance(model, HFDetector) and not has_dense_logits(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, targets = batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(2):
+        losses = model(images, targets)
+        total = sum(losses.values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    assert losses and all(k.startswith("loss_") and torch.isfinite(v) for k, v in losses.items())
+    assert {"loss_bbox", "loss_giou"} <= set(losses)  # the model's own Hungarian-matched box terms
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    model.eval()
+    model.set_thresholds(score_thresh=0.0, detections_per_img=7)
+    with torch.no_grad():
+        detections = model(images)
+    for (h, w), det in zip(((64, 64), (48, 56)), detections, strict=True):
+        assert det["boxes"].shape[1:] == (4,) and 0 < len(det["boxes"]) <= 7
+        assert det["boxes"][:, 0::2].max() <= w and det["boxes"][:, 1::2].max() <= h and det["boxes"].min() >= 0
+        assert det["labels"].min() >= 1 and det["labels"].max() <= 3  # detkd's labels: 1..K
+        assert torch.all(det["scores"][:-1] >= det["scores"][1:])
+
+    plan = build_plan(cfg, tracking=TrackingContext(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="detkd"))
+    path = tmp_path / "model.pt"
+    save_detector(path, model, meta={"plan": plan.to_dict()})
+    result = evaluate_checkpoint(path, open_split(cfg.data.val, skip_invalid=False), batch_size=4, score_thresh=0.0)
+    assert 0.0 <= result.metrics["AP"] <= 1.0 and "AP50" in result.metrics  # detkd's COCO evaluator scored it
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_the_taps_are_the_encoders_maps_at_the_strides_the_config_implies(name):
+    from detkd.models.hf_detector import build_hf_detector
+
+    model = build_hf_detector(hf_config=read_hf_config(CONFIGS / name), num_classes=3, source=str(CONFIGS / name))
+    strides = expected_strides(name)
+    assert pyramid_strides(model) == {f"p{int(math.log2(s))}": s for s in strides}
+    images, targets = batch(sizes=((70, 90), (45, 61)))  # odd sizes: the batch is padded to the coarsest stride
+    padded = [math.ceil(90 / model.size_divisible) * model.size_divisible]
+    model.train()
+    with DetectorTaps(model) as taps:
+        model(images, targets)
+    assert list(taps.pyramid) == list(pyramid_strides(model)) and not taps.has_logits
+    for level, stride in zip(taps.pyramid.values(), strides, strict=True):
+        assert level.shape[1] == model.out_channels and level.shape[-1] == padded[0] // stride
+    model.eval()
+    with torch.no_grad():
+        features = extract_features(model, images)
+    assert features.class_logits is None
+    assert [f.shape for f in features.pyramid.values()] == [f.shape for f in taps.pyramid.values()]
+    with torch.device("meta"):  # how a plan checks a model before any worker starts
+        on_meta = build_hf_detector(hf_config=read_hf_config(CONFIGS / name), num_classes=3)
+    assert pyramid_strides(on_meta) == pyramid_strides(model)
+
+
+def saved_folder(tmp_path: Path, name: str = "rtdetr_tiny", *, classes: int = 3, **changes) -> tuple[Path, HFDetector]:
+    """A save_pretrained folder of a model built from a shipped config (what a user downloads or fine-tunes)."""
+    from detkd.models.hf_detector import build_hf_detector
+
+    config = {**read_hf_config(CONFIGS / name), **changes}
+    torch.manual_seed(1)
+    model = build_hf_detector(hf_config=config, num_classes=classes)
+    folder = tmp_path / f"{name}_{classes}_{abs(hash(json.dumps(changes, sort_keys=True))) % 1000}"
+    model.hf.save_pretrained(folder)
+    return folder, model
+
+
+def test_a_save_pretrained_folder_loads_as_a_teacher_and_its_checkpoint_rebuilds_without_it(tmp_path):
+    folder, original = saved_folder(tmp_path)
+    config = read_hf_config(folder)
+    teacher = load_teacher(folder, dict(arch="hf", num_classes=3, hf_config=config, source=str(folder)))
+    images, _ = batch()
+    original.eval()
+    with torch.no_grad():
+        want = original(images)
+        got = teacher(images)
+    assert not teacher.training
+    for a, b in zip(want, got, strict=True):
+        assert torch.allclose(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+    path = tmp_path / "teacher.pt"
+    save_detector(path, teacher)
+    shutil.rmtree(folder)  # the checkpoint holds the transformers config: it rebuilds without the folder
+    stored = read_checkpoint_meta(path).model
+    assert stored["arch"] == "hf" and stored["hf_config"]["model_type"] == "rt_detr" and stored["num_classes"] == 3
+    rebuilt, _ = load_detector(path)
+    with torch.no_grad():
+        again = rebuilt.eval()(images)
+    assert all(torch.allclose(a["scores"], b["scores"]) for a, b in zip(want, again, strict=True))
+
+
+def test_a_folder_of_another_network_is_refused_naming_both(tmp_path):
+    folder, _ = saved_folder(tmp_path, encoder_hidden_dim=48, decoder_in_channels=[48, 48, 48])  # weights: 48 wide
+    shutil.copy(CONFIGS / "rtdetr_tiny/config.json", folder / "config.json")  # ...beside the 32-wide config
+    model_config = dict(arch="hf", num_classes=3, hf_config=read_hf_config(folder), source=str(folder))
+    with pytest.raises(CheckpointError) as refused:
+        load_teacher(folder, model_config)
+    message = str(refused.value)
+    assert str(folder) in message and "rt_detr" in message and "another shape" in message
+
+
+def test_fine_tuning_on_other_classes_reinitialises_the_class_layers_only(tmp_path, tiny_dataset, tiny_config):
+    folder, original = saved_folder(tmp_path, classes=5)
+    cfg = validate_config(hf_config(tiny_dataset, tiny_config, tmp_path, folder), source="test")
+    model = build_model(cfg.model, num_classes=3)  # the user's 3 classes
+    fit = fit_hf_weights(model, folder, strict=False)
+    assert fit.reinitialised and all("class" in k or "score" in k for k in fit.reinitialised), fit.reinitialised
+    kept = [k for k in original.hf.state_dict() if k not in fit.reinitialised]
+    own, theirs = model.hf.state_dict(), original.hf.state_dict()
+    assert all(torch.equal(own[k], theirs[k]) for k in kept)  # everything else is the folder's
+    with pytest.raises(ValueError, match="do not fit"):  # a teacher must fit whole
+        fit_hf_weights(model, folder, strict=True)
+
+
+def test_config_errors_name_the_key(tiny_dataset, tiny_config, tmp_path):
+    config = hf_config(tiny_dataset, tiny_config, tmp_path, CONFIGS / "detr_tiny")
+    del config["model"]["hf_model"]
+    with pytest.raises(ConfigError, match="arch hf needs hf_model"):
+        validate_config(config, source="test")
+    with pytest.raises(ConfigError, match="fpn_channels: not used with arch hf"):
+        validate_config(
+            hf_config(tiny_dataset, tiny_config, tmp_path, CONFIGS / "detr_tiny", fpn_channels=32), source="test"
+        )
+    bad = tmp_path / "bert"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert' is not a detector detkd wraps"):
+        read_hf_config(bad)
