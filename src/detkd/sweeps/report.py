@@ -120,10 +120,13 @@ def trial_rows(results, *, job: SweepJob) -> tuple[list[TrialRow], pd.DataFrame]
         every = frames.get(trial.trial_id, pd.DataFrame())
         measures = last_measures(every)
         ruled_out = ruled_out_before_training(every)
-        # the epoch reports (the last one, with speed and cost, carries INFEASIBLE; it repeats the last epoch)
-        reports = every[every[INFEASIBLE].isna()] if INFEASIBLE in every else every
-        if job.metric_key in reports:
-            reports = reports[reports[job.metric_key].notna()].sort_values(TRIAL_EPOCH)
+        # one report per epoch: the last epoch's comes with the speed and INFEASIBLE in the trial function's
+        # last report (sweeps before that also sent it from the Train run: the epoch report is kept)
+        if job.metric_key in every and TRIAL_EPOCH in every:
+            reports = every[every[job.metric_key].notna()]
+            if INFEASIBLE in reports:
+                reports = reports.sort_values(INFEASIBLE, na_position="first", kind="stable")
+            reports = reports.drop_duplicates(TRIAL_EPOCH, keep="first").sort_values(TRIAL_EPOCH)
         else:
             reports = pd.DataFrame(columns=[TRIAL_EPOCH, job.metric_key])
         done = int(reports[TRIAL_EPOCH].max()) if len(reports) else 0

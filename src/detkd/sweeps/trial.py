@@ -104,7 +104,10 @@ class TrialReport(TuneReportCallback):
     """A Ray Train callback: forwards each epoch's report to Tune and logs it to the trial's MLflow run.
 
     Only epoch reports carrying the validation metric go to Tune; the epoch becomes the
-    trial's epoch (``epoch_offset`` = epochs of the earlier progressive stages).
+    trial's epoch (``epoch_offset`` = epochs of the earlier progressive stages). The last epoch
+    (``final_epoch``) is logged but not forwarded: the trial function reports it itself, with the
+    deployed speed measured after it. ASHA stops a trial whose report reaches its ``max_t``, and a
+    forwarded last epoch let Tune stop the trial before its speed was measured.
     """
 
     def __init__(
@@ -117,8 +120,10 @@ class TrialReport(TuneReportCallback):
         stage: int,
         objective_keys: tuple[str, ...] = (),
         cost: dict[str, float] | None = None,
+        final_epoch: int | None = None,
     ):
         super().__init__()
+        self.final_epoch = final_epoch
         self.metric_key = metric_key
         self.objective_keys = objective_keys
         self.cost = cost or {}  # the trial's cost/* values: every report has them, a trial ASHA stops too
@@ -136,6 +141,8 @@ class TrialReport(TuneReportCallback):
         epoch = self.epoch_offset + int(first["epoch"])
         scores = {k: v for k, v in first.items() if k.startswith(("val/", "train/")) and isinstance(v, (int, float))}
         RunLogger(tracking_uri=self.tracking_uri, run_id=self.trial_run_id).metrics(scores, step=epoch)
+        if self.final_epoch is not None and epoch >= self.final_epoch:
+            return  # the trial function's last report carries it (see the class docstring)
         report = {**not_yet(self.objective_keys), **self.cost, **first, TRIAL_EPOCH: epoch, "stage": self.stage}
         super().after_report(run_context, [report], checkpoint)
 
@@ -221,6 +228,7 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
                     stage=stage + 1,
                     objective_keys=job.objective_keys,
                     cost=cost,
+                    final_epoch=student_epochs(cfg),
                 )
             ]
 
@@ -240,9 +248,20 @@ def run_trial(sampled: dict[str, Any], *, job: SweepJob) -> None:
         reasons = unmet(final, job.constraints)
         if reasons:
             logger.tags({"infeasible": "; ".join(reasons)})
-        # the last report: what the searcher's objectives and the trial table read (after the last epoch's)
+        # the last report: the last epoch's scores with the speed measured after it (what the searcher's
+        # objectives, ASHA's last rung and the trial table read)
+        last_epoch = {k: v for k, v in outcome.metrics.items() if k.startswith(("val/", "train/"))}
         objectives = not_yet(job.objective_keys)
-        tune.report({**objectives, TRIAL_EPOCH: student_epochs(cfg), **final, INFEASIBLE: float(bool(reasons))})
+        tune.report(
+            {
+                **objectives,
+                **last_epoch,
+                TRIAL_EPOCH: student_epochs(cfg),
+                "stage": len(offsets) - 1,
+                **final,
+                INFEASIBLE: float(bool(reasons)),
+            }
+        )
 
 
 def trial_cost(cfg: Config) -> dict[str, float]:
