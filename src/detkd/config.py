@@ -595,22 +595,54 @@ class EvalConfig(_Section):
 
 
 class TeacherRef(_Section):
-    """A frozen teacher: a pipeline model name, a checkpoint path, ``mlflow:<run_id>`` or ``models:/NAME@ALIAS``.
+    """A frozen teacher: a pipeline model name, a checkpoint path, ``mlflow:<run_id>``, ``models:/NAME@ALIAS`` or
+    a transformers detector's ``save_pretrained`` folder; or a vision-transformer ``backbone`` that teaches
+    features only.
 
     With ``mmdet_config``, ``source`` is an MMDetection checkpoint file (e.g. from its model
     zoo) for the model that config describes.
     """
 
-    source: str
+    source: str | None = None
     mmdet_config: LocalPath | None = Field(
         None, description="source is an MMDetection checkpoint of the model in this MMDetection config file"
+    )
+    backbone: str | None = Field(
+        None,
+        description="a feature teacher: a vision transformer's save_pretrained folder (DINOv2, DINOv3, ViT), or "
+        "dinov2 / dinov3 from the local Hugging Face cache (detkd.models.vit_teacher)",
+    )
+    layers: list[int] | None = Field(
+        None, description="backbone: the blocks whose patch tokens teach (their mean); default [-1], the last"
     )
     input_scale: float | None = Field(
         None, gt=0, description="teacher input / reference view; default: its checkpoint's input size / input.size"
     )
 
+    @model_validator(mode="after")
+    def _one_teacher(self) -> TeacherRef:
+        if (self.source is None) == (self.backbone is None):
+            raise ValueError("give a teacher's source or its backbone (a feature teacher), one of the two")
+        if self.backbone is not None and self.mmdet_config is not None:
+            raise ValueError("mmdet_config goes with an MMDetection checkpoint in source, not with backbone")
+        if self.layers is not None and self.backbone is None:
+            raise ValueError("layers are the blocks of a backbone teacher; this teacher has none")
+        return self
+
+    @property
+    def label(self) -> str:
+        """How runs and sweeps name this teacher."""
+        return self.source if self.source is not None else f"backbone {self.backbone}"
+
 
 class MSEConfig(_Section):
+    teacher: int = Field(0, ge=0, description="index into distill.teachers")
+    weight: float = Field(1.0, ge=0)
+
+
+class CosineConfig(_Section):
+    """The paper-free cosine distance (detkd.distill.cosine): for feature teachers of another scale (ViTs)."""
+
     teacher: int = Field(0, ge=0, description="index into distill.teachers")
     weight: float = Field(1.0, ge=0)
 
@@ -650,7 +682,7 @@ class DSAMKDConfig(_Section):
     logit_temperature: float = Field(1.0, gt=0)
 
 
-METHOD_ORDER = ("mse", "ssim", "mgd", "msad", "dsamkd")
+METHOD_ORDER = ("mse", "cosine", "ssim", "mgd", "msad", "dsamkd")
 
 
 class StageConfig(_Section):
@@ -659,10 +691,19 @@ class StageConfig(_Section):
     teacher: TeacherRef
     settings: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _detector_teacher(self) -> StageConfig:
+        if self.teacher.backbone is not None:
+            raise ValueError(
+                "a progressive stage's teacher is a detector; a backbone teacher goes in distill.teachers beside one"
+            )
+        return self
+
 
 class DistillConfig(_Section):
     teachers: list[TeacherRef] = Field(default_factory=list)
     mse: MSEConfig | None = None
+    cosine: CosineConfig | None = None
     ssim: SSIMConfig | None = None
     mgd: MGDConfig | None = None
     msad: MSADConfig | None = None

@@ -31,8 +31,9 @@ from detkd.config import DistillConfig
 from detkd.data.transforms import scale_batch
 from detkd.distill.align import LevelGrid, align_level, level_grids, valid_mask
 from detkd.distill.base import DistillLoss
+from detkd.distill.cosine import FeatureCosineLoss
 from detkd.distill.dsamkd import DSAMKDLoss
-from detkd.distill.functional import pair_levels
+from detkd.distill.functional import pair_levels, pair_nearest
 from detkd.distill.mgd import MGDLoss
 from detkd.distill.msad import MSADLoss
 from detkd.distill.mse import FeatureMSELoss
@@ -42,12 +43,14 @@ from detkd.models.hf_detector import HFDetector
 from detkd.models.mmdet_detector import MMDetDetector
 from detkd.models.multiscale import MultiScaleDetector
 from detkd.models.taps import DetectorTaps, extract_features, foreground_logits, has_dense_logits, logit_layout
+from detkd.models.vit_teacher import ViTFeatureTeacher
 
 __all__ = ["LOSSES", "Distiller", "Teacher", "channels_of", "freeze"]
 
 # One name -> loss class table for this family (the only string lookup).
 LOSSES: dict[str, type[DistillLoss]] = {
     "mse": FeatureMSELoss,
+    "cosine": FeatureCosineLoss,
     "ssim": SSIMFeatureLoss,
     "mgd": MGDLoss,
     "msad": MSADLoss,
@@ -74,7 +77,7 @@ def channels_of(model: nn.Module) -> int:
     """FPN channels of a detector (of a multi-scale teacher's shared detector, of an MMDetection neck, of a
     transformer detector's encoder)."""
     inner = model.detector if isinstance(model, MultiScaleDetector) else model
-    if isinstance(inner, (MMDetDetector, HFDetector)):
+    if isinstance(inner, (MMDetDetector, HFDetector, ViTFeatureTeacher)):
         return inner.out_channels
     return int(inner.backbone.out_channels)
 
@@ -187,7 +190,8 @@ class Distiller(nn.Module):
         if not 0 <= teacher < len(self._teachers):
             raise ValueError(f"{name}: teacher index {teacher} but only {len(self._teachers)} teacher(s)")
         model = self._teachers[teacher].model
-        pairs = pair_levels(
+        pairing = pair_nearest if isinstance(model, ViTFeatureTeacher) else pair_levels  # one patch map of stride 14/16
+        pairs = pairing(
             self._student_strides,
             self._teacher_strides[teacher],
             student_scale=self.student_scale,

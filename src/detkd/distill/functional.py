@@ -248,6 +248,12 @@ def mse_loss(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) ->
     return masked_mean((student - teacher) ** 2, mask)
 
 
+def cosine_distance(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """Mean over cells (valid ones with ``mask``) of 1 - cos(student, teacher), the cosine over channels."""
+    distance = 1.0 - F.cosine_similarity(student, teacher, dim=1, eps=1e-6).unsqueeze(1)  # (N, 1, H, W)
+    return masked_mean(distance, mask)
+
+
 def msad_loss(
     student: dict[str, Tensor],
     teacher: dict[str, Tensor],
@@ -338,6 +344,33 @@ def pair_levels(
             f"no student/teacher level pairs ({how}, student scale {student_scale}, teacher scale "
             f"{teacher_scale}): student levels {dict(student_strides)}, teacher levels {dict(teacher_strides)}"
         )
+    return pairs
+
+
+def pair_nearest(
+    student_strides: Mapping[str, int],
+    teacher_strides: Mapping[str, int],
+    *,
+    student_scale: float,
+    teacher_scale: float,
+) -> list[tuple[str, str]]:
+    """Pair each teacher level with the ONE student level whose footprint is nearest in log2 (ties: the finer).
+
+    For teachers whose levels are not a pyramid of power-of-2 strides, such as a vision
+    transformer's single patch map of stride 14 or 16: every teacher level gets a partner,
+    whatever the distance, and the caller resamples the map onto the partner's grid
+    (``detkd.distill.align``). Pairs come as (student level, teacher level).
+    """
+    if not student_strides or not teacher_strides:
+        raise ValueError(f"no levels to pair: student {dict(student_strides)}, teacher {dict(teacher_strides)}")
+    pairs = []
+    for t_name, t_stride in teacher_strides.items():
+        footprint = math.log2(t_stride / teacher_scale)
+        s_name = min(
+            student_strides,
+            key=lambda s: (abs(math.log2(student_strides[s] / student_scale) - footprint), student_strides[s]),
+        )
+        pairs.append((s_name, t_name))
     return pairs
 
 

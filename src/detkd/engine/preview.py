@@ -48,8 +48,8 @@ def teacher_view_scale(cfg: Config) -> float:
     ref = cfg.distill.teachers[0]
     if ref.input_scale is not None:
         return float(ref.input_scale)
-    if ref.mmdet_config is not None:
-        return 1.0
+    if ref.mmdet_config is not None or ref.source is None or Path(ref.source).is_dir():
+        return 1.0  # an MMDetection, transformers or backbone teacher sees the reference view unless told
     path = Path(ref.source).expanduser()
     if path.is_file():
         from detkd.engine.teachers import teacher_scale

@@ -61,6 +61,9 @@ def resolve_teachers(
         if ref.mmdet_config is not None:
             out.append(resolve_mmdet_teacher(ref, num_classes=num_classes, where=key))
             continue
+        if ref.backbone is not None:
+            out.append(resolve_backbone_teacher(ref, where=key))
+            continue
         if is_hf_folder(ref.source):
             out.append(resolve_hf_teacher(ref, num_classes=num_classes, where=key))
             continue
@@ -120,6 +123,31 @@ def resolve_mmdet_teacher(ref: TeacherRef, *, num_classes: int, where: str) -> T
         sha256=file_digest(path),
         name=path.stem,
         model=model,
+        mlflow_run_id=None,
+    )
+
+
+def resolve_backbone_teacher(ref: TeacherRef, *, where: str) -> TeacherSpec:
+    """A vision transformer that teaches features (``ref.backbone``: a folder, or dinov2/dinov3 from the local
+    Hugging Face cache), its weights loaded and checked on the driver now."""
+    from detkd.models.checkpoint import load_teacher
+    from detkd.models.vit_teacher import WEIGHTS_FILE, backbone_folder, read_vit_config
+
+    try:
+        folder = backbone_folder(str(ref.backbone))
+        config = read_vit_config(folder)
+        model = load_teacher(
+            folder, dict(arch="vit", hf_config=config, layers=list(ref.layers or [-1]), source=str(folder))
+        )
+    except (CheckpointError, ValueError) as exc:
+        raise ConfigError(f"{where}.backbone: {exc}") from None
+    return TeacherSpec(
+        source=str(ref.backbone),
+        path=str(folder),
+        scale=float(ref.input_scale) if ref.input_scale is not None else 1.0,
+        sha256=file_digest(folder / WEIGHTS_FILE),
+        name=folder.name,
+        model=dict(model.detkd_config),
         mlflow_run_id=None,
     )
 

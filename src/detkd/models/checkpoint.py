@@ -358,10 +358,14 @@ def load_teacher(path: Path, model_config: dict[str, Any]) -> nn.Module:
     path = Path(path)
     if path.is_dir():  # a transformers save_pretrained folder, every tensor checked
         from detkd.models.hf_detector import fit_hf_weights
+        from detkd.models.vit_teacher import load_vit_weights
 
         model = rebuild_detector(model_config)
         try:
-            fit_hf_weights(model, path, strict=True)
+            if model_config.get("arch") == "vit":
+                load_vit_weights(model, path)
+            else:
+                fit_hf_weights(model, path, strict=True)
         except ValueError as exc:
             raise CheckpointError(str(exc)) from None
         return model.eval()

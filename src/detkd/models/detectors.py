@@ -33,6 +33,7 @@ from detkd.models.hf_detector import HFDetector, build_hf_detector, read_hf_conf
 from detkd.models.lite import DESIGNS, LiteFCOSHead, make_fpn_separable
 from detkd.models.mmdet_detector import MMDetDetector, build_mmdet_detector, read_mmdet_config
 from detkd.models.multiscale import MultiScaleDetector, level_shift
+from detkd.models.vit_teacher import ViTFeatureTeacher, build_vit_teacher
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -538,6 +539,9 @@ def rebuild_detector(config: dict[str, Any]) -> nn.Module:
     if config.get("arch") == "hf":
         config.pop("arch")
         return build_hf_detector(**config)
+    if config.get("arch") == "vit":  # a backbone teacher: features only
+        config.pop("arch")
+        return build_vit_teacher(**config)
     return build_detector(**config)
 
 
@@ -565,7 +569,7 @@ def pyramid_backbone(model: nn.Module) -> PyramidBackbone:
 def pyramid_strides(model: nn.Module) -> dict[str, int]:
     """Level name -> stride in input pixels, e.g. {"p3": 8, ...}."""
     model = unwrap_model(model)
-    if isinstance(model, (MultiScaleDetector, MMDetDetector, HFDetector)):
+    if isinstance(model, (MultiScaleDetector, MMDetDetector, HFDetector, ViTFeatureTeacher)):
         return dict(model.strides)
     return dict(pyramid_backbone(model).strides)
 

@@ -19,6 +19,7 @@ from detkd.models.detectors import dense_class_logits, unwrap_model
 from detkd.models.hf_detector import HFDetector
 from detkd.models.mmdet_detector import MMDetDetector
 from detkd.models.multiscale import MultiScaleDetector
+from detkd.models.vit_teacher import ViTFeatureTeacher
 
 
 def dense_logits_by_level(dense: Tensor, pyramid: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
@@ -142,7 +143,7 @@ def extract_features(model: nn.Module, images: list[Tensor], *, logits: bool = T
     model = unwrap_model(model)
     if isinstance(model, MultiScaleDetector):
         return Features(model.fused_pyramid(images), None)
-    if isinstance(model, HFDetector):
+    if isinstance(model, (HFDetector, ViTFeatureTeacher)):
         return Features(model.pyramid(images), None)
     if isinstance(model, MMDetDetector):
         pyramid = model.pyramid(model.prepare(images)[0])

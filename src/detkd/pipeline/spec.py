@@ -146,14 +146,18 @@ def read_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineSpe
                 stages = stage_configs(cfg) if cfg.distill.stages else [cfg]
                 for stage in stages:
                     for ref in stage.distill.teachers:
+                        if ref.source is None:  # a backbone teacher: resolved (and checked) when its step plans
+                            continue
                         if (
                             ref.source not in known
                             and not Path(ref.source).is_file()
+                            and not Path(ref.source).is_dir()  # a transformers save_pretrained folder
                             and not ref.source.startswith(("mlflow:", "models:/"))
                         ):
                             raise ConfigError(
                                 f"{where}: teacher {ref.source!r} is neither an earlier model of this "
-                                f"pipeline ({known}), a checkpoint file, mlflow:<run_id> nor models:/NAME@ALIAS"
+                                f"pipeline ({known}), a checkpoint file or folder, mlflow:<run_id> nor "
+                                "models:/NAME@ALIAS"
                             )
             known.append(entry.name)
     check_register(spec, path)

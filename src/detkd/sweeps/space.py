@@ -490,7 +490,7 @@ def used_teachers(base: Config, parameters: list[Parameter]) -> list[str]:
     """Every teacher name a trial can use: the target's own and all in a teacher sequence."""
     names: list[str] = []
     if base.distill is not None:
-        names += [t.source for t in base.distill.teachers] + [s.teacher.source for s in base.distill.stages]
+        names += [t.label for t in base.distill.teachers] + [s.teacher.label for s in base.distill.stages]
     for param in parameters:
         if param.name == TEACHER_SEQUENCE:
             names += [n for value in param.values for n in value]

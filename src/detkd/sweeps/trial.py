@@ -97,7 +97,7 @@ def sequence_of(cfg: Config) -> list[str]:
         return []
     if cfg.distill.stages:
         return [s.teacher.source for s in cfg.distill.stages]
-    return [t.source for t in cfg.distill.teachers]
+    return [t.label for t in cfg.distill.teachers]
 
 
 class TrialReport(TuneReportCallback):
