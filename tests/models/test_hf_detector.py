@@ -240,3 +240,52 @@ def test_a_teacher_folder_of_other_classes_or_without_weights_is_refused_naming_
     shutil.copy(CONFIGS / "rtdetr_tiny/config.json", bare / "config.json")
     with pytest.raises(ConfigError, match="no model.safetensors; a teacher needs trained weights"):
         plan_of(distill_config(tiny_dataset, tiny_config, tmp_path, bare, ssim={"weight": 3.0}), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_train_an_rtdetr_distil_it_from_its_folder_into_a_torchvision_student_and_evaluate_both(
+    tmp_path, tiny_dataset, tiny_config, ray_cluster
+):
+    """Ray Train end to end: an RT-DETR trained on the tiny data with its own loss, saved as a save_pretrained
+    folder (what a user brings), teaching a half-resolution FCOS through its encoder's maps with SSIM."""
+    from detkd.data import open_source
+    from detkd.engine.evaluate import evaluate_checkpoint
+    from detkd.engine.launch import run_training
+    from detkd.models.checkpoint import load_payload
+    from detkd.records import TrackingContext
+
+    tracking = TrackingContext(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="detkd")
+    teacher_cfg = hf_config(tiny_dataset, tiny_config, tmp_path, CONFIGS / "rtdetr_tiny")
+    teacher_cfg.update(name="rtdetr_teacher", train={"epochs": 4}, tracking={"log_model": False})
+    teacher_cfg["optim"] = {"lr": 0.002}
+    teacher = run_training(validate_config(teacher_cfg, source="test"), tracking=tracking)
+    payload = load_payload(teacher.model_path)
+    assert payload["model"]["arch"] == "hf" and payload["model"]["hf_config"]["model_type"] == "rt_detr"
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(tracking.uri).get_run(teacher.run_id).data.metrics
+    assert {"train/loss_vfl", "train/loss_bbox", "train/loss_giou"} <= set(logged)  # its own loss, term by term
+
+    folder = tmp_path / "rtdetr_folder"
+    load_detector(teacher.model_path)[0].hf.save_pretrained(folder)
+    student_cfg = tiny_config(
+        tiny_dataset,
+        tmp_path,
+        input={"scale": 0.5},
+        model={"min_level": 2, "max_level": 6},
+        train={"epochs": 2},
+        tracking={"log_model": False},
+        distill={"teachers": [{"source": str(folder)}], "ssim": {"weight": 3.0}},
+    )
+    student_cfg["name"], student_cfg["role"] = "tv_student", "student"
+    student = run_training(validate_config(student_cfg, source="test"), tracking=tracking)
+    assert student.method == "ssim" and load_payload(student.model_path)["model"]["arch"] == "fcos"
+    student_logged = MlflowClient(tracking.uri).get_run(student.run_id).data.metrics
+    assert [v for k, v in student_logged.items() if k.startswith("train/") and k.endswith("kd_ssim")][0] > 0
+
+    val = open_source(coco=tiny_dataset / "annotations/instances_val.json", images=tiny_dataset / "images/val")
+    for outcome in (teacher, student):
+        evaluation = evaluate_checkpoint(outcome.model_path, val)
+        assert 0.0 <= evaluation.metrics["AP"] <= 1.0
+        assert evaluation.metrics["AP"] == pytest.approx(outcome.metrics["val/AP"], abs=1e-9)

@@ -31,6 +31,7 @@ PLOTS = ("metric_vs_parameters.png", "learning_curves.png")
 # columns of trials.parquet the final table in the log leaves out (pareto.md has the speed and cost details)
 TABLE_LEAVES_OUT = (
     "model_path", "mlflow_run_id", "unmet", "speed/reference_latency_ms", "speed/speedup_spread",
+    "speed/speedup_in_trial",
     "speed/images_per_s", "cost/params",
 )  # fmt: skip
 log = logging.getLogger(__name__)
@@ -104,18 +105,18 @@ def _cell(value: Any) -> str:
 # --------------------------------------------------------------------------- tables
 
 
-def trial_rows(results, *, job: SweepJob) -> tuple[list[TrialRow], pd.DataFrame]:
-    """(one row per trial, one row per trial epoch) from Tune's experiment state."""
+def trial_rows(results, *, job: SweepJob) -> tuple[list[TrialRow], pd.DataFrame, dict[str, Config]]:
+    """(one row per trial, one row per trial epoch, each trial's run config) from Tune's experiment state."""
     from ray.tune import ExperimentAnalysis
 
     from detkd.tracking.runs import find_runs
 
     analysis = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem)
     frames = analysis.trial_dataframes
-    rows, epoch_frames = [], []
+    rows, epoch_frames, configs = [], [], {}
     for trial in analysis.trials:
         values = job.decode(trial.config)
-        cfg = job.trial_config(values, trial.trial_id)
+        cfg = configs[trial.trial_id] = job.trial_config(values, trial.trial_id)
         planned = student_epochs(cfg)
         every = frames.get(trial.trial_id, pd.DataFrame())
         measures = last_measures(every)
@@ -161,7 +162,7 @@ def trial_rows(results, *, job: SweepJob) -> tuple[list[TrialRow], pd.DataFrame]
             epoch_frames.append(reports[keep].assign(trial_id=trial.trial_id))
     epochs = pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame()
     mark_front(rows, job=job)
-    return rows, epochs
+    return rows, epochs, configs
 
 
 def last_measures(reports: pd.DataFrame) -> dict[str, float]:
@@ -189,6 +190,8 @@ def objective_value(row: TrialRow, key: str) -> float:
 def mark_front(rows: list[TrialRow], *, job: SweepJob) -> None:
     """``pareto`` on the trials no other trial beats in every objective (among those with every objective
     measured: the trials that trained to the end); only a sweep of several objectives has a front."""
+    for row in rows:
+        row.pareto = False
     if len(job.objectives) < 2:
         return
     measured = [

@@ -24,6 +24,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from detkd.config import ConfigError
 from detkd.extras import missing_extra, require
 from detkd.records import TrackingContext, TrialRow
+from detkd.sweeps.confirm import confirm_speeds
 from detkd.sweeps.orphans import OrphanedGroups
 from detkd.sweeps.space import LoadedSpace, Parameter, SweepBudget, student_epochs
 from detkd.sweeps.storage import SweepStorage, storage_keys, sweep_storage
@@ -217,8 +218,10 @@ def collect_trials(loaded: LoadedSpace, options: SweepOptions, job: SweepJob, re
     KeyboardInterrupt when trials are still to run (the sweep was interrupted)."""
     from detkd.sweeps import report
 
-    rows, epochs = report.trial_rows(results, job=job)
+    rows, epochs, configs = report.trial_rows(results, job=job)
     complete = len(rows) == expected_trials(loaded.parameters, options) and all(row.finished for row in rows)
+    if complete and confirm_speeds(rows, configs, job=job):
+        report.mark_front(rows, job=job)  # on the speeds measured again
     outcome = SweepOutcome(
         name=loaded.name, workdir=job.workdir, complete=complete, sweep_run_id=sweep_run_id, rows=rows
     )
