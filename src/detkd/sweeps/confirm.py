@@ -1,10 +1,10 @@
 """Measure the finished trials' deployed speed again when the sweep is over, one after another, quietly.
 
 A trial measures its speed right after its last epoch, while other trials train beside it. On
-the 2-CPU benchmark machine that made the figures unreliable exactly where they decide: one
-design measured 2.70x and 3.12x in the same sweep, and the trial a sweep chose at 4.20x its
-teacher ran at 2.75x measured alone, below the 3x budget it was chosen for. Choosing the most
-accurate of several noisy "feasible" trials favours an overestimate.
+the 2-CPU benchmark machine that made the figures unreliable exactly where they decide (one
+design measured feasible in one trial and not in another: benchmarks/README.md, "Students sized
+to a latency budget"), and choosing the most accurate of several noisy "feasible" trials favours
+an overestimate.
 
 So when every trial has ended, the driver measures each trial that trained to the end again
 against the same reference, with the same settings, nothing else running: that figure decides
