@@ -436,6 +436,17 @@ class HFWeightsFit:
     reinitialised: list[str]  # class layers (the classes differ)
 
 
+def read_pretrained(auto_class: Any, folder: Path, config: Any, *, what: str) -> tuple[nn.Module, dict[str, list]]:
+    """transformers' own reading of a ``save_pretrained`` folder into a model of ``config`` (local files only;
+    tensors of another shape are reported, not raised): (model, loading info)."""
+    try:
+        return auto_class.from_pretrained(
+            str(folder), config=config, local_files_only=True, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+    except Exception as exc:  # transformers raises OSError, ValueError, RuntimeError for unreadable folders
+        raise ValueError(f"{folder}: transformers cannot read it as {what}: {type(exc).__name__}: {exc}") from None
+
+
 def fit_hf_weights(model: HFDetector, folder: Path, *, strict: bool) -> HFWeightsFit:
     """Load a ``save_pretrained`` folder's weights into ``model.hf``; a folder of another network is refused
     naming both. ``strict`` (a teacher): every tensor must fit. Otherwise the class layers of a folder with
@@ -450,16 +461,7 @@ def fit_hf_weights(model: HFDetector, folder: Path, *, strict: bool) -> HFWeight
     theirs = config_classes(read_hf_config(folder))
     ours = int(model.detkd_config["num_classes"])
     what = f"the {model.model_type} of {model.source or 'its config'} ({ours} classes)"
-    try:
-        loaded, info = transformers.AutoModelForObjectDetection.from_pretrained(
-            str(folder),
-            config=model.hf.config,
-            local_files_only=True,
-            ignore_mismatched_sizes=True,
-            output_loading_info=True,
-        )
-    except Exception as exc:  # transformers raises OSError, ValueError, RuntimeError for unreadable folders
-        raise ValueError(f"{folder}: transformers cannot read it as {what}: {type(exc).__name__}: {exc}") from None
+    loaded, info = read_pretrained(transformers.AutoModelForObjectDetection, folder, model.hf.config, what=what)
     mismatched = {key: (tuple(file_shape), tuple(own_shape)) for key, file_shape, own_shape in info["mismatched_keys"]}
     classy = sorted(
         k for k, (file_shape, own_shape) in mismatched.items()

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from detkd.models.hf_detector import CONFIG_FILE, PROCESSOR_FILE, WEIGHTS_FILE, import_transformers
+from detkd.models.hf_detector import CONFIG_FILE, PROCESSOR_FILE, WEIGHTS_FILE, import_transformers, read_pretrained
 
 VIT_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit", "vit")
 LEVEL = "vit"
@@ -180,16 +180,8 @@ def load_vit_weights(model: ViTFeatureTeacher, folder: Path) -> None:
     folder = Path(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise ValueError(f"{folder}: no {WEIGHTS_FILE}; a backbone teacher needs trained weights")
-    try:
-        loaded, info = transformers.AutoModel.from_pretrained(
-            str(folder),
-            config=model.vit.config,
-            local_files_only=True,
-            ignore_mismatched_sizes=True,
-            output_loading_info=True,
-        )
-    except Exception as exc:
-        raise ValueError(f"{folder}: transformers cannot read it: {type(exc).__name__}: {exc}") from None
+    what = f"a {model.vit.config.model_type}"
+    loaded, info = read_pretrained(transformers.AutoModel, folder, model.vit.config, what=what)
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:2]}" for k, v in problems.items())
