@@ -124,7 +124,7 @@ def term_base(key: str) -> str:
 
 
 def loss_terms(outputs: Any, config: Any) -> dict[str, Tensor]:
-    """The model's loss as one weighted term per kind; they sum to ``outputs.loss``.
+    """The model's loss as one weighted term per kind (``vfl``, ``bbox``, ``giou``, ...); they sum to ``outputs.loss``.
 
     RT-DETR and D-FINE weigh their terms before returning them; DETR and Deformable DETR
     return them raw and weigh them by the config's coefficients in the total. Which one it
@@ -149,8 +149,8 @@ def loss_terms(outputs: Any, config: Any) -> dict[str, Tensor]:
         if torch.allclose(summed.detach().float(), total.detach().float(), rtol=1e-4, atol=1e-5):
             grouped: dict[str, Tensor] = {}
             for key, value in terms.items():
-                base = term_base(key)
-                grouped[base] = grouped[base] + value if base in grouped else value
+                kind = term_base(key).removeprefix("loss_")  # the loop logs each as train/loss_<kind>
+                grouped[kind] = grouped[kind] + value if kind in grouped else value
             return grouped
     raise RuntimeError(
         f"{type(config).__name__}: its loss terms {sorted(raw)} do not add up to its total loss "
