@@ -289,3 +289,24 @@ def test_train_an_rtdetr_distil_it_from_its_folder_into_a_torchvision_student_an
         evaluation = evaluate_checkpoint(outcome.model_path, val)
         assert 0.0 <= evaluation.metrics["AP"] <= 1.0
         assert evaluation.metrics["AP"] == pytest.approx(outcome.metrics["val/AP"], abs=1e-9)
+
+
+def test_export_refuses_a_transformers_detector_saying_why_and_its_speed_is_unavailable(
+    tmp_path, tiny_dataset, tiny_config
+):
+    """A traced RT-DETR graph is fixed to the probe image's feature-map sizes: refused, not written wrong."""
+    pytest.importorskip("onnx")
+    from factories import untrained_checkpoint
+
+    from detkd.serving.export import ExportError, export_detector
+    from detkd.serving.speed import SpeedSettings, SpeedUnavailable, measure_speed, split_images
+
+    config = hf_config(tiny_dataset, tiny_config, tmp_path, CONFIGS / "rtdetr_tiny")
+    path = untrained_checkpoint(config, tmp_path / "m.pt")
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match=r"transformers rt_detr detector; detkd does not export these yet.*probe"):
+        export_detector(path, format="onnx", out=out)
+    assert not out.exists()
+    cfg = validate_config(config, source="test")
+    with pytest.raises(SpeedUnavailable, match="does not export these yet"):
+        measure_speed(path, path, split_images(cfg.data.val, count=2), settings=SpeedSettings(turns=2, calls=2))

@@ -95,6 +95,14 @@ def export_detector(
             "ONNX nor TorchScript export carries: deploy it with MMDeploy, or distill it into a detkd student "
             "and export that (its MLflow pyfunc serves it as it is)"
         )
+    if type(model).__name__ == "HFDetector":
+        raise ExportError(
+            f"{checkpoint}: a transformers {model.model_type} detector; detkd does not export these yet. Traced, "
+            "its graph keeps the feature-map sizes of the one probe image (RT-DETR builds its anchors and "
+            "splits its deformable-attention values with Python integers), so it would pass the check against "
+            "PyTorch at that size and be wrong at any other. Serve it with its MLflow pyfunc or the eager "
+            "Predictor, or distill it into a detkd student and export that"
+        )
     set_inference_thresholds(model, score_thresh=score_thresh, detections_per_img=detections_per_img)
     wrapper = export_module(model, format=format)
     info = {
