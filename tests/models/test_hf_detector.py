@@ -310,3 +310,24 @@ def test_export_refuses_a_transformers_detector_saying_why_and_its_speed_is_unav
     cfg = validate_config(config, source="test")
     with pytest.raises(SpeedUnavailable, match="does not export these yet"):
         measure_speed(path, path, split_images(cfg.data.val, count=2), settings=SpeedSettings(turns=2, calls=2))
+
+
+def test_a_transformers_model_logs_as_a_pyfunc_that_loads_predicts_and_requires_transformers(
+    tmp_path, tiny_dataset, tiny_config
+):
+    import mlflow
+    from factories import registrable_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = hf_config(tiny_dataset, tiny_config, tmp_path, CONFIGS / "rtdetr_tiny")
+    _, model_uri = registrable_model(config, tmp_path / "run" / "model.pt", tracking_uri=uri)
+    mlflow.set_tracking_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "pyfunc")))
+    requirements = (local / "requirements.txt").read_text()
+    assert f"transformers=={transformers.__version__}" in requirements and "safetensors==" in requirements
+    import pandas as pd
+
+    from detkd.tracking.runs import example_image
+
+    predicted = mlflow.pyfunc.load_model(str(local)).predict(pd.DataFrame({"image": [example_image(64)]}))
+    assert len(predicted) == 1  # the logged model rebuilds the RT-DETR from its checkpoint alone and predicts

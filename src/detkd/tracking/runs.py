@@ -372,6 +372,7 @@ def log_detector_model(
         f"mlflow=={mlflow.__version__}",
         "pandas",
         "pillow",
+        *network_requirements(checkpoint),
     ]
     with mlflow.start_run(run_id=run_id, nested=True) as active, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about example formats are noise here
@@ -386,6 +387,19 @@ def log_detector_model(
     # start_run(run_id) ends the run on exit; give it back the status it had (its owner finishes a running one).
     MlflowClient(tracking_uri).update_run(active.info.run_id, status=status)
     return info.model_uri
+
+
+def network_requirements(checkpoint: Path) -> list[str]:
+    """What the checkpoint's network needs beyond torch: transformers (pinned as installed) for ``arch: hf``.
+    (An MMDetection model's mmcv must be built against torch: its environment is made by
+    ``scripts/install_mmdet.sh``, not by pip from these requirements.)"""
+    from detkd.models.checkpoint import read_checkpoint_meta
+
+    if read_checkpoint_meta(Path(checkpoint)).model.get("arch") != "hf":
+        return []
+    from importlib.metadata import version
+
+    return [f"transformers=={version('transformers')}", f"safetensors=={version('safetensors')}"]
 
 
 def download_checkpoint(*, run_id: str, tracking_uri: str | None, dest: Path) -> Path:
