@@ -9,47 +9,15 @@ student.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from torch import Tensor
-
-from detkd.config import CosineConfig
-from detkd.distill.adapters import adapt, make_adapters
-from detkd.distill.base import DistillLoss, Masks, Pyramid, check_pyramids, level_mask
 from detkd.distill.functional import cosine_distance
+from detkd.distill.mse import LevelDistanceLoss
 
 __all__ = ["FeatureCosineLoss"]
 
 
-class FeatureCosineLoss(DistillLoss):
+class FeatureCosineLoss(LevelDistanceLoss):
     """weight * mean over levels of the mean cosine distance of adapter(S_l) and T_l over valid cells."""
 
-    def __init__(self, *, levels: Sequence[str], student_channels: int, teacher_channels: int, weight: float = 1.0):
-        super().__init__(levels=levels)
-        self.weight = float(weight)
-        self.adapters = make_adapters(self.levels, student_channels, teacher_channels, force=True)
-
-    @classmethod
-    def from_config(
-        cls, cfg: CosineConfig, *, levels: Sequence[str], student_channels: int, teacher_channels: int
-    ) -> FeatureCosineLoss:
-        return cls(
-            levels=levels, student_channels=student_channels, teacher_channels=teacher_channels, weight=cfg.weight
-        )
-
-    def forward(
-        self,
-        student: Pyramid,
-        teacher: Pyramid,
-        *,
-        masks: Masks | None = None,
-        step: int = 0,
-        student_logits: Pyramid | None = None,
-        teacher_logits: Pyramid | None = None,
-    ) -> dict[str, Tensor]:
-        check_pyramids(self.levels, student, teacher, masks)
-        terms = [
-            cosine_distance(adapt(self.adapters, lv, student[lv]), teacher[lv].detach(), mask=level_mask(masks, lv))
-            for lv in self.levels
-        ]
-        return {"cosine": self.weight * sum(terms) / len(terms)}
+    term = "cosine"
+    distance = staticmethod(cosine_distance)
+    force_adapters = True
