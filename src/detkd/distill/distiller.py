@@ -203,9 +203,9 @@ class Distiller(nn.Module):
             teacher_channels=channels_of(model),
         )
         if loss.uses_logits and not (has_dense_logits(self.student) and has_dense_logits(model)):
-            which, lacking = ("student", self.student) if not has_dense_logits(self.student) else ("teacher", model)
-            if which == "teacher":
-                which = f"teacher {teacher}"
+            which, lacking = (
+                ("student", self.student) if not has_dense_logits(self.student) else (f"teacher {teacher}", model)
+            )
             why = ""
             if isinstance(lacking, HFDetector):
                 why = (

@@ -116,12 +116,18 @@ def resolve_mmdet_teacher(ref: TeacherRef, *, num_classes: int, where: str) -> T
         load_teacher(path, model)
     except (CheckpointError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    return local_teacher_spec(ref, path=path, weights=path, name=path.stem, model=model)
+
+
+def local_teacher_spec(ref: TeacherRef, *, path: Path, weights: Path, name: str, model: dict) -> TeacherSpec:
+    """A teacher read from local files of another framework (MMDetection, transformers): known by its weights'
+    digest, seeing the reference view unless ``input_scale`` says otherwise."""
     return TeacherSpec(
-        source=ref.source,
+        source=ref.source if ref.source is not None else str(ref.backbone),
         path=str(path),
         scale=float(ref.input_scale) if ref.input_scale is not None else 1.0,
-        sha256=file_digest(path),
-        name=path.stem,
+        sha256=file_digest(weights),
+        name=name,
         model=model,
         mlflow_run_id=None,
     )
@@ -141,14 +147,8 @@ def resolve_backbone_teacher(ref: TeacherRef, *, where: str) -> TeacherSpec:
         )
     except (CheckpointError, ValueError) as exc:
         raise ConfigError(f"{where}.backbone: {exc}") from None
-    return TeacherSpec(
-        source=str(ref.backbone),
-        path=str(folder),
-        scale=float(ref.input_scale) if ref.input_scale is not None else 1.0,
-        sha256=file_digest(folder / WEIGHTS_FILE),
-        name=folder.name,
-        model=dict(model.detkd_config),
-        mlflow_run_id=None,
+    return local_teacher_spec(
+        ref, path=folder, weights=folder / WEIGHTS_FILE, name=folder.name, model=dict(model.detkd_config)
     )
 
 
@@ -189,15 +189,7 @@ def resolve_hf_teacher(ref: TeacherRef, *, num_classes: int, where: str) -> Teac
         model = load_teacher(folder, dict(arch="hf", num_classes=classes, hf_config=config, source=str(folder)))
     except (CheckpointError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return TeacherSpec(
-        source=ref.source,
-        path=str(folder),
-        scale=float(ref.input_scale) if ref.input_scale is not None else 1.0,
-        sha256=file_digest(weights),
-        name=folder.name,
-        model=dict(model.detkd_config),
-        mlflow_run_id=None,
-    )
+    return local_teacher_spec(ref, path=folder, weights=weights, name=folder.name, model=dict(model.detkd_config))
 
 
 def teacher_scale(
