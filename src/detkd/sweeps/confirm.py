@@ -30,7 +30,7 @@ IN_TRIAL = "speed/speedup_in_trial"
 
 def confirm_speeds(rows: list[TrialRow], configs: dict[str, Any], *, job: SweepJob) -> list[str]:
     """Re-measure every row with a measured speed and a readable model; feasibility re-judged. Returns the ids."""
-    from detkd.serving.speed import SpeedUnavailable, measure_speed, speed_description, split_images
+    from detkd.serving.speed import SpeedUnavailable, speed_description
     from detkd.tracking.runs import RunLogger
 
     confirmed = []
@@ -40,16 +40,12 @@ def confirm_speeds(rows: list[TrialRow], configs: dict[str, Any], *, job: SweepJ
         if not Path(row.model_path).is_file():
             log.info(f"trial {row.trial_id}: {row.model_path} is not on this machine; its trial's speed stands")
             continue
-        cfg = configs[row.trial_id]
-        reference = job.speed_reference(cfg)
-        if reference is None:
-            continue
-        name, checkpoint = reference
         try:
-            images = split_images(cfg.data.val, count=job.speed.images)
-            report = measure_speed(Path(row.model_path), checkpoint, images, settings=job.speed, reference_name=name)
+            report = job.measure_speed(configs[row.trial_id], Path(row.model_path))
         except SpeedUnavailable as exc:
             log.info(f"trial {row.trial_id}: speed not measured again ({exc}); its trial's figure stands")
+            continue
+        if report is None:  # no reference
             continue
         in_trial = row.measures["speed/speedup"]
         row.measures.update({f"speed/{k}": v for k, v in report.metrics().items()})

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,19 @@ class SweepJob:
             return None
         cache, uri = self.workdir / "references", self.tracking.uri
         return name, resolve_source(name, names=self.teacher_checkpoints, cache_dir=cache, tracking_uri=uri)
+
+    def measure_speed(self, cfg: Config, model: Path, *, run: Callable[..., Any] | None = None) -> Any:
+        """The trained student's ``SpeedReport`` against the trial's reference with the space's settings, on
+        the trial's validation images; ``run`` calls ``detkd.serving.speed.measure_speed`` (a Ray task, say).
+        None without a reference; SpeedUnavailable when a model cannot be exported."""
+        from detkd.serving.speed import measure_speed, split_images
+
+        reference = self.speed_reference(cfg)
+        if reference is None:
+            return None
+        name, checkpoint = reference
+        images = split_images(cfg.data.val, count=self.speed.images)
+        return (run or measure_speed)(model, checkpoint, images, settings=self.speed, reference_name=name)
 
     def decode(self, sampled: dict[str, Any]) -> dict[str, Any]:
         """Tune's sampled labels -> the YAML values of the space."""
@@ -292,26 +306,20 @@ def speed_task(*, cpus: float):
 def trial_speed(job: SweepJob, cfg: Config, model: Path, *, logger, trial_id: str) -> dict[str, float]:
     """``speed/*`` of the trained student against its reference (see ``detkd.serving.speed``), logged on the
     trial's run; empty (and the reason tagged) when there is no reference or the model cannot be exported."""
-    from detkd.serving.speed import SpeedUnavailable, speed_description, split_images
+    from detkd.serving.speed import SpeedUnavailable, speed_description
 
-    reference = job.speed_reference(cfg)
-    if reference is None:
-        return {}
-    name, checkpoint = reference
+    task = speed_task(cpus=job.cpus_per_worker or 1.0)
     try:
-        images = split_images(cfg.data.val, count=job.speed.images)
-        report = ray.get(
-            speed_task(cpus=job.cpus_per_worker or 1.0).remote(
-                model, checkpoint, images, settings=job.speed, reference_name=name
-            )
-        )
+        report = job.measure_speed(cfg, model, run=lambda *args, **kwargs: ray.get(task.remote(*args, **kwargs)))
     except SpeedUnavailable as exc:
         reason = str(getattr(exc, "cause", None) or exc)  # raised in the task: its message, not Ray's traceback
         log.info(f"trial {trial_id}: no deployed speed: {reason}")
         logger.tags({"speed.unavailable": reason})
         return {}
+    if report is None:  # no reference to compare with
+        return {}
     metrics = {f"speed/{k}": v for k, v in report.metrics().items()}
     logger.metrics(metrics, step=student_epochs(cfg))
     logger.tags(report.tags())
-    log.info(f"trial {trial_id}: deployed {speed_description(report.metrics())} against {name}")
+    log.info(f"trial {trial_id}: deployed {speed_description(report.metrics())} against {report.reference}")
     return metrics
