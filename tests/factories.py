@@ -44,6 +44,7 @@ def untrained_checkpoint(config: dict, path: Path, *, seed: int = 0, tracking_ur
     """An untrained detector of run config ``config`` saved with its run plan at ``path``: a checkpoint
     that loads, exports and runs like a trained one (no training)."""
     from detkd.config import validate_config
+    from detkd.engine.build import resolved_model
     from detkd.engine.plan import build_plan
     from detkd.models import build_model, save_detector
     from detkd.records import TrackingContext
@@ -52,7 +53,8 @@ def untrained_checkpoint(config: dict, path: Path, *, seed: int = 0, tracking_ur
     uri = tracking_uri or f"sqlite:///{path.parent / 'mlflow.db'}"
     plan = build_plan(cfg, tracking=TrackingContext(uri=uri, experiment="detkd"))
     torch.manual_seed(seed)
-    save_detector(path, build_model(cfg.model, num_classes=plan.num_classes), meta={"plan": plan.to_dict()})
+    model = build_model(resolved_model(cfg), num_classes=plan.num_classes)
+    save_detector(path, model, meta={"plan": plan.to_dict()})
     return path
 
 

@@ -106,7 +106,7 @@ def test_model_section_mirrors_the_builder_keywords():
 
     weight_files = {"weights", "backbone_weights"}
     mmdet_only = {"mmdet_config"}  # arch mmdet: build_mmdet_detector reads the parsed file
-    hf_only = {"hf_model"}  # arch hf: build_hf_detector reads the parsed config (and the folder's weights)
+    hf_only = {"hf_model", "hf_canvas"}  # arch hf: build_hf_detector reads the parsed config, the folder, the canvas
     training = {"trainable_layers"}  # build_detector_from_config freezes parameters; the network is the same
     assert set(NETWORK_KEYS) == set(ModelConfig.model_fields) - weight_files - mmdet_only - hf_only - training
     assert set(TORCHVISION_MODEL_KEYS) == set(NETWORK_KEYS) - {"arch", "num_classes"} | {"backbone_weights"}

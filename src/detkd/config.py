@@ -167,6 +167,13 @@ class ModelConfig(_Section):
         description="arch hf: a transformers save_pretrained folder (config.json + model.safetensors) or a "
         "config.json (random weights): RT-DETR, RT-DETRv2, D-FINE, Deformable DETR or DETR",
     )
+    hf_canvas: int | None = Field(
+        None,
+        ge=32,
+        description="arch hf: the least square side (px) every batch is padded to, so an image gets the same "
+        "detections in any batch (RT-DETR's positions ignore the padding mask) and the model exports to ONNX; "
+        "None: the input view's largest side, (input.max_size or input.size) x input.scale",
+    )
     backbone: Literal[
         "tiny", "resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "mobilenet_v3_small", "swin_t", "swin_s"
     ] = Field("tiny", json_schema_extra=_TV)
@@ -299,6 +306,8 @@ class ModelConfig(_Section):
             raise ValueError(f"mmdet_config is only read with arch mmdet (arch is {self.arch})")
         if self.hf_model is not None and self.arch != "hf":
             raise ValueError(f"hf_model is only read with arch hf (arch is {self.arch})")
+        if self.hf_canvas is not None and self.arch != "hf":
+            raise ValueError(f"hf_canvas is only read with arch hf (arch is {self.arch})")
         self._arch_settings()
         if self.design != "standard" and self.arch != "fcos":
             raise ValueError(f"design {self.design!r} is an FCOS design (arch is {self.arch})")
@@ -507,6 +516,12 @@ class InputConfig(_Section):
     @property
     def model_size(self) -> int:
         return int(round(self.size * self.scale))
+
+    @property
+    def largest_side(self) -> int:
+        """This model's long side (px) when ``max_size`` caps it, else its short side: the canvas an ``hf`` model
+        pads to unless ``model.hf_canvas`` says otherwise."""
+        return int(round((self.max_size or self.size) * self.scale))
 
 
 class OptimConfig(_Section):

@@ -153,7 +153,8 @@ def test_build_detector_from_config_translates_every_field():
     model = build_detector_from_config(cfg, num_classes=4)
     config = detector_config(model)
     # trainable_layers is a training setting: it freezes parameters, the network is the same
-    expected = cfg.model_dump(exclude={"weights", "backbone_weights", "mmdet_config", "hf_model", "trainable_layers"})
+    foreign = {"mmdet_config", "hf_model", "hf_canvas"}
+    expected = cfg.model_dump(exclude={"weights", "backbone_weights", "trainable_layers", *foreign})
     assert config == expected | {"num_classes": 4}
     assert model.score_thresh == 0.2 and model.nms_thresh == 0.4 and model.detections_per_img == 7
     assert model.head.regression_head._loss_type == "giou" and not model.backbone.fpn.extra_blocks.use_P5

@@ -291,25 +291,73 @@ def test_train_an_rtdetr_distil_it_from_its_folder_into_a_torchvision_student_an
         assert evaluation.metrics["AP"] == pytest.approx(outcome.metrics["val/AP"], abs=1e-9)
 
 
-def test_export_refuses_a_transformers_detector_saying_why_and_its_speed_is_unavailable(
-    tmp_path, tiny_dataset, tiny_config
+@pytest.mark.parametrize("name", ["deformable_detr_tiny", "detr_tiny"])  # no top-k query selection (see below)
+def test_export_writes_a_canvas_graph_that_predicts_as_eager_pytorch_at_any_size_inside_it(
+    name, tmp_path, tiny_dataset, tiny_config
 ):
-    """A traced RT-DETR graph is fixed to the probe image's feature-map sizes: refused, not written wrong."""
-    pytest.importorskip("onnx")
+    """The graph runs the network at the fixed canvas and pads inside itself: images of other sizes than the
+    probe get eager PyTorch's detections; one over the canvas is refused, not answered wrong."""
+    pytest.importorskip("onnxruntime")
     from factories import untrained_checkpoint
 
+    from detkd.serving.export import ExportError, export_detector, read_info
+    from detkd.serving.predictor import Predictor
+
+    # a 128 px canvas for 64 px images: Deformable DETR's stride-64 level would be 1x1 on 64 px, which
+    # GroupNorm refuses when traced
+    config = hf_config(tiny_dataset, tiny_config, tmp_path, CONFIGS / name, hf_canvas=128)
+    path = untrained_checkpoint(config, tmp_path / "m.pt")
+    assert load_detector(path)[0].canvas_side == 128
+    result = export_detector(path, format="onnx", out=tmp_path / "m.onnx", score_thresh=0.0)
+    assert result.max_box_difference_px <= 0.01 and read_info(result.path)["canvas"] == 128
+    exported = Predictor.from_export(result.path, score_thresh=0.0)
+    eager = Predictor.from_checkpoint(path, score_thresh=0.0)
+    generator = torch.Generator().manual_seed(3)
+    for height, width in [(64, 64), (48, 80), (64, 40)]:  # prepared: 64x64, 64x107, 102x64
+        image = (torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        got, expected = exported([image])[0], eager([image])[0]
+        assert len(got.boxes) == len(expected.boxes) > 0 and got.category_ids == expected.category_ids
+        corners = zip(sum(got.boxes, []), sum(expected.boxes, []), strict=True)
+        assert max(abs(a - b) for a, b in corners) <= 0.02
+    with pytest.raises(ValueError, match=r"runs on a 128x128 canvas; the image is 160x64 px"):
+        exported([(torch.rand(64, 160, 3) * 255).to(torch.uint8).numpy()])
+    with pytest.raises(ExportError, match="exports to ONNX only"):
+        export_detector(path, format="torchscript", out=tmp_path / "m.ts")
+    assert not (tmp_path / "m.ts").exists()
+
+
+def test_an_untrained_rtdetr_is_refused_for_its_tied_queries_and_one_without_a_canvas_saying_why(
+    tmp_path, tiny_dataset, tiny_config
+):
+    """RT-DETR's graph is the canvas graph above; an untrained one picks its queries from cells it scores alike,
+    which ONNX Runtime's top-k orders otherwise than PyTorch's: the check refuses it with that reason. (A trained
+    one exports: benchmarks/results/transformer_teacher.md.)"""
+    pytest.importorskip("onnxruntime")
+    from factories import untrained_checkpoint
+
+    from detkd.models.checkpoint import load_payload
     from detkd.serving.export import ExportError, export_detector
     from detkd.serving.speed import SpeedSettings, SpeedUnavailable, measure_speed, split_images
 
     config = hf_config(tiny_dataset, tiny_config, tmp_path, CONFIGS / "rtdetr_tiny")
     path = untrained_checkpoint(config, tmp_path / "m.pt")
+    assert load_detector(path)[0].canvas == 64  # input.size 64: filled in from the input view, as in training
     out = tmp_path / "m.onnx"
-    with pytest.raises(ExportError, match=r"transformers rt_detr detector; detkd does not export these yet.*probe"):
+    with pytest.raises(ExportError, match=r"differ from PyTorch's.*top-k.*ties"):
         export_detector(path, format="onnx", out=out)
     assert not out.exists()
+
+    config["model"]["hf_canvas"] = None
+    unfilled = tmp_path / "unfilled.pt"  # as a checkpoint written before the canvas existed: no canvas
     cfg = validate_config(config, source="test")
-    with pytest.raises(SpeedUnavailable, match="does not export these yet"):
-        measure_speed(path, path, split_images(cfg.data.val, count=2), settings=SpeedSettings(turns=2, calls=2))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=3)
+    assert model.canvas is None
+    save_detector(unfilled, model, meta=load_payload(path)["meta"])
+    with pytest.raises(ExportError, match=r"without a canvas \(model.hf_canvas\)"):
+        export_detector(unfilled, format="onnx", out=out)
+    with pytest.raises(SpeedUnavailable, match="without a canvas"):
+        measure_speed(unfilled, unfilled, split_images(cfg.data.val, count=2), settings=SpeedSettings(turns=2, calls=2))
 
 
 def test_a_transformers_model_logs_as_a_pyfunc_that_loads_predicts_and_requires_transformers(

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from detkd.config import ConfigError, ModelConfig
+from detkd.config import Config, ConfigError, ModelConfig
 from detkd.records import RunPlan
 
 log = logging.getLogger("detkd.train")
@@ -31,14 +31,15 @@ def build_trainable(plan: RunPlan, *, device: str | torch.device = "cpu") -> tup
     from detkd.models.pretrained import build_model
 
     cfg = plan.config
+    model_cfg = resolved_model(cfg)
     meta = torch.device(device).type == "meta"
     if not meta:
         torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     with torch.device("meta") if meta else contextlib.nullcontext():
         if meta:
-            student = build_detector_from_config(cfg.model, num_classes=plan.num_classes)
+            student = build_detector_from_config(model_cfg, num_classes=plan.num_classes)
         else:
-            student = build_model(cfg.model, num_classes=plan.num_classes)
+            student = build_model(model_cfg, num_classes=plan.num_classes)
         if not plan.distilling:
             return student, student
         if meta:
@@ -59,6 +60,14 @@ def build_trainable(plan: RunPlan, *, device: str | torch.device = "cpu") -> tup
             cfg.distill, student=student, student_scale=cfg.input.scale, teachers=teachers
         )
     return distiller, student
+
+
+def resolved_model(cfg: Config) -> ModelConfig:
+    """``cfg.model`` with the defaults that depend on the input view filled in: an ``hf`` model's canvas
+    (``model.hf_canvas``) is the view's largest side."""
+    if cfg.model.arch == "hf" and cfg.model.hf_canvas is None:
+        return cfg.model.model_copy(update={"hf_canvas": cfg.input.largest_side})
+    return cfg.model
 
 
 def check_model_config(cfg: ModelConfig, *, where: str) -> None:

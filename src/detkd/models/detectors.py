@@ -496,7 +496,10 @@ def build_detector_from_config(cfg: ModelConfig, *, num_classes: int) -> nn.Modu
     if cfg.arch == "hf":
         assert cfg.hf_model is not None  # checked by ModelConfig
         return build_hf_detector(
-            hf_config=read_hf_config(Path(cfg.hf_model)), num_classes=classes, source=str(cfg.hf_model)
+            hf_config=read_hf_config(Path(cfg.hf_model)),
+            num_classes=classes,
+            source=str(cfg.hf_model),
+            canvas=cfg.hf_canvas,
         )
     cfg = cfg.model_copy(update={"num_classes": classes, "anchor_sizes": resolved_anchor_sizes(cfg)})
     if cfg.multiscale:

@@ -7,7 +7,10 @@ model weighs them and summed per kind), and ``model(images)`` in eval mode retur
 ``[{"boxes", "scores", "labels"}]`` in input pixels with labels 1..K, decoded by the model's own
 image processor (``post_process_object_detection``). Images arrive as detkd gives them to every
 detector, RGB floats in [0, 1] already resized; the wrapper normalises them as the model's image
-processor would and pads the batch to a multiple of the coarsest stride with a pixel mask.
+processor would and pads the batch to a multiple of the coarsest stride with a pixel mask, and to at
+least a square ``canvas`` when one is set: RT-DETR's positions ignore the mask, so the padded frame
+is part of its input, and a fixed canvas gives an image the same detections in any batch and lets
+``detkd export`` write a graph of fixed feature-map sizes (``detkd.serving.export_hf``).
 
 The taps are the encoder's multi-scale feature maps (what the decoder attends to), named
 ``p<log2 stride>`` like every detkd pyramid. A DETR-family detector has no dense per-location
@@ -49,12 +52,13 @@ class Family:
     processor: str  # the image processor class whose post_process_object_detection decodes it
     mask_aware: bool  # positions follow the pixel mask: boxes are relative to each image, not the padded batch
     focal: bool  # sigmoid class scores (no "no object" class)
+    selects_queries: bool = False  # queries are the top-k encoder cells (two-stage): ties order differently
 
 
 FAMILIES: dict[str, Family] = {
-    "rt_detr": Family("RTDetrImageProcessor", mask_aware=False, focal=True),
-    "rt_detr_v2": Family("RTDetrImageProcessor", mask_aware=False, focal=True),
-    "d_fine": Family("RTDetrImageProcessor", mask_aware=False, focal=True),
+    "rt_detr": Family("RTDetrImageProcessor", mask_aware=False, focal=True, selects_queries=True),
+    "rt_detr_v2": Family("RTDetrImageProcessor", mask_aware=False, focal=True, selects_queries=True),
+    "d_fine": Family("RTDetrImageProcessor", mask_aware=False, focal=True, selects_queries=True),
     "deformable_detr": Family("DeformableDetrImageProcessor", mask_aware=True, focal=True),
     "detr": Family("DetrImageProcessor", mask_aware=True, focal=False),
 }
@@ -168,10 +172,12 @@ class HFDetector(nn.Module):
         image_mean: list[float] | None,
         image_std: list[float] | None,
         source: str | None = None,
+        canvas: int | None = None,
     ) -> None:
         super().__init__()
         self.hf = hf
         self.source = source
+        self.canvas = canvas  # the least square side (px) a batch is padded to; rounded up to size_divisible
         self.model_type = str(hf.config.model_type)
         self.family = FAMILIES[self.model_type]
         self.out_channels = int(getattr(hf.config, "encoder_hidden_dim", None) or hf.config.d_model)
@@ -259,6 +265,13 @@ class HFDetector(nn.Module):
     def size_divisible(self) -> int:
         return max(32, max(self.strides.values()))
 
+    @property
+    def canvas_side(self) -> int | None:
+        """``canvas`` rounded up to a multiple of :attr:`size_divisible` (None: pad to the batch only)."""
+        if self.canvas is None:
+            return None
+        return math.ceil(self.canvas / self.size_divisible) * self.size_divisible
+
     def name_levels(self, maps: list[Tensor]) -> OrderedDict[str, Tensor]:
         if len(maps) != len(self.strides):
             raise ValueError(f"the encoder gave {len(maps)} levels, the probe read {len(self.strides)}")
@@ -281,11 +294,15 @@ class HFDetector(nn.Module):
 
     # --- detection -------------------------------------------------------------------------------------------
     def prepare(self, images: list[Tensor]) -> tuple[Tensor, Tensor, list]:
-        """[0, 1] RGB images -> the normalised, zero-padded batch, its pixel mask and each image's (h, w)."""
+        """[0, 1] RGB images -> the normalised, zero-padded batch, its pixel mask and each image's (h, w).
+
+        The batch is padded to a multiple of the coarsest stride, and to at least the canvas (an image
+        larger than the canvas widens the batch as it would without one)."""
         div = self.size_divisible
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        height = math.ceil(max(h for h, _ in sizes) / div) * div
-        width = math.ceil(max(w for _, w in sizes) / div) * div
+        least = self.canvas_side or 0
+        height = max(math.ceil(max(h for h, _ in sizes) / div) * div, least)
+        width = max(math.ceil(max(w for _, w in sizes) / div) * div, least)
         batch = images[0].new_zeros((len(images), 3, height, width))
         mask = images[0].new_zeros((len(images), height, width), dtype=torch.long)
         for i, image in enumerate(images):
@@ -319,7 +336,9 @@ class HFDetector(nn.Module):
             self._processor = getattr(import_transformers(), self.family.processor)()
         return self._processor
 
-    def decode(self, outputs: Any, frames: list[tuple[int, int]], sizes: list[tuple[int, int]]) -> list[dict]:
+    def decode(self, outputs: Any, frames: list[tuple[int, int]] | Tensor, sizes: list[tuple[int, int]]) -> list[dict]:
+        """The image processor's detections, best ``detections_per_img`` first, clamped to each image;
+        ``frames`` (what the normalised boxes are relative to) may be an (N, 2) tensor (an export's graph)."""
         kwargs: dict[str, Any] = {"threshold": self.score_thresh, "target_sizes": frames}
         if self.family.processor == "RTDetrImageProcessor":
             kwargs["use_focal_loss"] = self.family.focal
@@ -345,6 +364,10 @@ class HFDetector(nn.Module):
             return loss_terms(outputs, self.hf.config)
         outputs = self.hf(pixel_values=batch, pixel_mask=mask)
         return self.decode(outputs, frames, sizes)
+
+    @property
+    def selects_queries(self) -> bool:
+        return self.family.selects_queries
 
     def set_thresholds(self, *, score_thresh: float, detections_per_img: int) -> None:
         self.score_thresh = float(score_thresh)
@@ -377,6 +400,7 @@ def build_hf_detector(
     num_classes: int | None = None,
     source: str | None = None,
     pixel_norm: Mapping[str, list[float]] | None = None,
+    canvas: int | None = None,
 ) -> HFDetector:
     """Build a ``transformers`` detector from its config data (:func:`read_hf_config`), random weights.
 
@@ -384,7 +408,8 @@ def build_hf_detector(
     ``pixel_norm`` is the input normalisation (``{}``: none); ``None`` reads it from the model's
     image processor (:func:`processor_normalisation`). Nothing is downloaded: the config's
     pretrained-backbone switches are turned off, and weights come from local files
-    (:func:`fit_hf_weights`). The result records ``detkd_config``, the keywords that rebuild it
+    (:func:`fit_hf_weights`). ``canvas`` is the least square side every batch is padded to
+    (:class:`HFDetector`). The result records ``detkd_config``, the keywords that rebuild it
     from a checkpoint alone.
     """
     transformers = import_transformers()
@@ -411,9 +436,16 @@ def build_hf_detector(
         folder = Path(source) if source and Path(source).is_dir() else (Path(source).parent if source else None)
         pixel_norm = processor_normalisation(model_type, folder)
     norm = {k: [float(v) for v in pixel_norm[k]] for k in ("mean", "std")} if pixel_norm else {}
-    model = HFDetector(hf=hf, image_mean=norm.get("mean"), image_std=norm.get("std"), source=source)
+    if canvas is not None and canvas < 1:
+        raise ValueError(f"{where}: canvas must be a positive side in pixels, got {canvas}")
+    model = HFDetector(hf=hf, image_mean=norm.get("mean"), image_std=norm.get("std"), source=source, canvas=canvas)
     model.detkd_config = dict(
-        arch="hf", num_classes=classes, hf_config={**data, "model_type": model_type}, source=source, pixel_norm=norm
+        arch="hf",
+        num_classes=classes,
+        hf_config={**data, "model_type": model_type},
+        source=source,
+        pixel_norm=norm,
+        canvas=canvas,
     )
     return model
 

@@ -37,6 +37,13 @@ EXPORT_SCORE_THRESH = 0.05  # torchvision's default: lower keeps many more candi
 EXPORT_TOLERANCE_PX = 0.01  # max box difference vs eager PyTorch measured on the tests' images (float32)
 
 
+QUERY_TIES = (
+    ". This model picks its queries by a top-k over the encoder's cells, and ONNX Runtime's top-k orders "
+    "cells scored alike (ties) otherwise than PyTorch's; a barely trained model scores many cells alike "
+    "(all cells of blank padding, or all cells at initialisation): train it longer"
+)
+
+
 class ExportError(ValueError):
     """A model that cannot be exported in the asked format; the message says why."""
 
@@ -95,13 +102,13 @@ def export_detector(
             "ONNX nor TorchScript export carries: deploy it with MMDeploy, or distill it into a detkd student "
             "and export that (its MLflow pyfunc serves it as it is)"
         )
-    if type(model).__name__ == "HFDetector":
+    if type(model).__name__ == "HFDetector" and model.canvas is None:
         raise ExportError(
-            f"{checkpoint}: a transformers {model.model_type} detector; detkd does not export these yet. Traced, "
-            "its graph keeps the feature-map sizes of the one probe image (RT-DETR builds its anchors and "
-            "splits its deformable-attention values with Python integers), so it would pass the check against "
-            "PyTorch at that size and be wrong at any other. Serve it with its MLflow pyfunc or the eager "
-            "Predictor, or distill it into a detkd student and export that"
+            f"{checkpoint}: a transformers {model.model_type} detector without a canvas (model.hf_canvas). Traced, "
+            "its graph keeps the feature-map sizes of the image it was traced on, so detkd exports it at one fixed "
+            "canvas that eager PyTorch pads to as well; this checkpoint pads each batch to its own size instead. "
+            "Train it again with this detkd (the canvas is then the input view's largest side), or serve it with "
+            "its MLflow pyfunc or the eager Predictor"
         )
     set_inference_thresholds(model, score_thresh=score_thresh, detections_per_img=detections_per_img)
     wrapper = export_module(model, format=format)
@@ -114,7 +121,9 @@ def export_detector(
         "source_checkpoint": checkpoint.name,
         "model": plan.config.name,
     }
-    probe = probe_image(plan.input)
+    if type(model).__name__ == "HFDetector":
+        info["canvas"] = model.canvas_side
+    probes = probe_images(plan.input, canvas=info.get("canvas"))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
@@ -122,17 +131,20 @@ def export_detector(
     tmp = Path(tmp_name)
     try:
         if format == "onnx":
-            write_onnx(wrapper, probe, tmp, info)
+            write_onnx(wrapper, probes[0], tmp, info)
         else:
             write_torchscript(wrapper, tmp, info)
         _, runner = load_export(tmp)
-        with torch.inference_mode():  # against the eager detector, not the exported module
-            expected = SingleImageDetector(model).eval()(probe)
-        difference = max_box_difference(expected, runner(probe))
+        difference = 0.0
+        for probe in probes:
+            with torch.inference_mode():  # against the eager detector, not the exported module
+                expected = SingleImageDetector(model).eval()(probe)
+            difference = max(difference, max_box_difference(expected, runner(probe)))
         if difference > EXPORT_TOLERANCE_PX:
+            why = QUERY_TIES if getattr(model, "selects_queries", False) else ""
             raise ExportError(
                 f"{checkpoint}: the {format} model's detections differ from PyTorch's (max box difference "
-                f"{difference:.4g} px, tolerance {EXPORT_TOLERANCE_PX}); nothing written to {out}"
+                f"{difference:.4g} px, tolerance {EXPORT_TOLERANCE_PX}){why}; nothing written to {out}"
             )
         os.replace(tmp, out)
     finally:
@@ -141,21 +153,36 @@ def export_detector(
 
 
 def export_module(model: nn.Module, *, format: Format) -> nn.Module:
-    """What gets exported: FCOS's lean graph for ONNX (``detkd.serving.export_graph``), else the detector as it is."""
+    """What gets exported: FCOS's lean graph for ONNX (``detkd.serving.export_graph``), a transformers detector
+    on its fixed canvas (``detkd.serving.export_hf``), else the detector as it is."""
     from torchvision.models.detection import FCOS
 
+    from detkd.models.hf_detector import HFDetector
     from detkd.serving.export_graph import FCOSExportGraph
+    from detkd.serving.export_hf import HFExportGraph
 
+    if isinstance(model, HFDetector):
+        if format != "onnx":
+            raise ExportError(
+                f"a transformers {model.model_type} detector exports to ONNX only (its Python post-processing "
+                "does not script); use --format onnx"
+            )
+        return HFExportGraph(model).eval()
     if format == "onnx" and isinstance(model, FCOS):
         return FCOSExportGraph(model).eval()
     return SingleImageDetector(model).eval()
 
 
-def probe_image(spec: Any) -> Tensor:
-    """A deterministic non-square image at the model's input size (so dynamic height/width get exercised)."""
+def probe_images(spec: Any, *, canvas: int | None = None) -> list[Tensor]:
+    """Deterministic non-square images at the model's input size, so dynamic height/width get exercised. A graph of
+    a fixed canvas is checked on two sizes inside it: the canvas itself and a smaller non-square image, so a
+    graph that kept one size's shapes fails the check."""
     generator = torch.Generator().manual_seed(0)
     height = spec.model_size
-    return torch.rand(3, height, height + height // 2, generator=generator)
+    if canvas is None:
+        return [torch.rand(3, height, height + height // 2, generator=generator)]
+    small = (max(16, canvas - 5), max(16, canvas - 13))
+    return [torch.rand(3, canvas, canvas, generator=generator), torch.rand(3, *small, generator=generator)]
 
 
 def write_onnx(wrapper: nn.Module, probe: Tensor, path: Path, info: dict[str, Any]) -> None:

@@ -89,13 +89,26 @@ class EagerBackend:
 
 
 class ExportedBackend:
-    """An exported graph (ONNX Runtime or TorchScript): one image per call, thresholds fixed at export."""
+    """An exported graph (ONNX Runtime or TorchScript): one image per call, thresholds fixed at export; a
+    transformers detector's graph has a fixed square ``canvas`` that each prepared image must fit."""
 
-    def __init__(self, runner: Any, *, score_thresh: float, detections_per_img: int, path: Path) -> None:
+    def __init__(
+        self, runner: Any, *, score_thresh: float, detections_per_img: int, path: Path, canvas: int | None = None
+    ) -> None:
         self.runner = runner
         self.score_thresh = score_thresh
         self.detections_per_img = detections_per_img
         self.path = path
+        self.canvas = canvas
+
+    def check_fits(self, image: torch.Tensor) -> None:
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        if self.canvas is not None and (height > self.canvas or width > self.canvas):
+            raise ValueError(
+                f"{self.path}: this exported transformers detector runs on a {self.canvas}x{self.canvas} canvas; "
+                f"the image is {width}x{height} px after resizing to the model's view. Cap the long side "
+                "(input.max_size) or set model.hf_canvas to cover it when training, and export again"
+            )
 
     def detect(
         self, images: list[torch.Tensor], *, score_thresh: float, detections_per_img: int
@@ -105,6 +118,8 @@ class ExportedBackend:
                 f"{self.path}: exported with score threshold {self.score_thresh}; it cannot return scores "
                 f"below that (asked {score_thresh}); export again with a lower --score-threshold"
             )
+        for image in images:
+            self.check_fits(image)
         outputs = []
         for image in images:
             boxes, scores, labels = self.runner(image)
@@ -155,6 +170,7 @@ class Predictor:
             score_thresh=float(info["score_thresh"]),
             detections_per_img=int(info["detections_per_img"]),
             path=Path(path),
+            canvas=info.get("canvas"),
         )
         input_spec = InputSpec.from_dict(info["input"])
         return cls(backend, input_spec=input_spec, categories=[tuple(c) for c in info["categories"]], **options)
