@@ -37,7 +37,8 @@ def test_a_missing_backbone_folder_is_refused_naming_the_command_that_makes_it(w
     with pytest.raises(ConfigError) as info:
         read_pipeline(PIPELINE)
     message = str(info.value)
-    assert "student_vit" in message and f"detkd models pretrain-vit --pipeline <this pipeline> --out {BACKBONE}" in message
+    assert "student_vit" in message
+    assert f"detkd models pretrain-vit --pipeline <this pipeline> --out {BACKBONE}" in message
     read_pipeline(PIPELINE, backbones=False)  # what pretrain-vit reads to find the train images
 
 
