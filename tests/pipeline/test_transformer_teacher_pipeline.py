@@ -1,5 +1,5 @@
 """``pipelines/transformer_teacher.yaml``: it validates, each distilled student names its teachers and methods,
-and a missing backbone-teacher folder stops it before any step trains, naming the command that makes it.
+and a missing backbone-teacher folder stops ``detkd run`` before any step trains, naming the command that makes it.
 
 Skipped without the ``hf`` extra, unless ``DETKD_REQUIRE_HF=1`` (CI sets it)."""
 
@@ -18,7 +18,9 @@ except ImportError as exc:
     pytest.skip("the hf extra: pip install -c constraints.txt -e '.[hf]'", allow_module_level=True)
 
 from detkd.config import ConfigError  # noqa: E402
-from detkd.pipeline.spec import model_config, read_pipeline  # noqa: E402
+from detkd.pipeline.dag import build_dag, format_dag  # noqa: E402
+from detkd.pipeline.runner import run_pipeline  # noqa: E402
+from detkd.pipeline.spec import check_backbone_teachers, model_config, read_pipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ROOT / "pipelines/transformer_teacher.yaml"
@@ -34,12 +36,17 @@ def workdir(tmp_path, monkeypatch) -> Path:
 
 
 def test_a_missing_backbone_folder_is_refused_naming_the_command_that_makes_it(workdir):
+    spec = read_pipeline(PIPELINE)  # plan and pretrain-vit --pipeline read it before the folder exists
     with pytest.raises(ConfigError) as info:
-        read_pipeline(PIPELINE)
+        check_backbone_teachers(spec)
     message = str(info.value)
-    assert "student_vit" in message
+    assert "students[2] (student_vit)" in message
     assert f"detkd models pretrain-vit --pipeline <this pipeline> --out {BACKBONE}" in message
-    read_pipeline(PIPELINE, backbones=False)  # what pretrain-vit reads to find the train images
+    with pytest.raises(ConfigError, match="pretrain-vit"):  # detkd run: before the data, MLflow or Ray
+        run_pipeline(spec)
+    assert not (workdir / "runs").exists() and not (workdir / "mlflow.db").exists()
+    (workdir / BACKBONE).mkdir(parents=True)
+    check_backbone_teachers(spec)
 
 
 def test_the_students_name_their_teachers_and_methods(workdir):
@@ -55,3 +62,5 @@ def test_the_students_name_their_teachers_and_methods(workdir):
     assert [ref.label for ref in both.teachers] == ["rtdetr_teacher", f"backbone {BACKBONE}"]
     assert (both.ssim.teacher, both.cosine.teacher) == (0, 1)
     assert students["student_vit"].distill.teachers[0].backbone == BACKBONE
+    plan = format_dag(build_dag(spec))
+    assert "kd_off, hf/rtdetr_tiny, 128 px" in plan and "P3-P7" not in plan  # the plan names the transformers config

@@ -401,7 +401,7 @@ def _pipeline_train_images(pipeline: Path) -> tuple[list[Path], str]:
     from detkd.models.vit_pretrain import find_images
     from detkd.pipeline.spec import data_splits, ensure_synthetic_data, read_pipeline
 
-    spec = read_pipeline(pipeline, backbones=False)
+    spec = read_pipeline(pipeline)
     if spec.data.synth is not None:
         ensure_synthetic_data(spec)
     train = data_splits(spec).train

@@ -120,10 +120,9 @@ class PipelineSpec(_Section):
     )
 
 
-def read_pipeline(path: Path, overrides: list[str] | None = None, *, backbones: bool = True) -> PipelineSpec:
+def read_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineSpec:
     """The spec at ``path`` validated: its models, teachers, tracking and register sections (not its sweeps:
-    :func:`detkd.pipeline.load.load_pipeline` checks those, which needs the sweeps package). ``backbones=False``
-    does not require backbone teachers' folders yet (``detkd models pretrain-vit`` reads a pipeline to make one)."""
+    :func:`detkd.pipeline.load.load_pipeline` checks those, which needs the sweeps package)."""
     data = apply_overrides(read_yaml(path), overrides or [])
     spec: PipelineSpec = validate_config(data, source=str(path), model=PipelineSpec)
     names = [e.name for e in spec.teachers + spec.students] + [t.name for t in spec.tune]
@@ -147,9 +146,7 @@ def read_pipeline(path: Path, overrides: list[str] | None = None, *, backbones: 
                 stages = stage_configs(cfg) if cfg.distill.stages else [cfg]
                 for stage in stages:
                     for ref in stage.distill.teachers:
-                        if ref.source is None:  # a backbone teacher: loaded and checked when its step plans
-                            if backbones:
-                                check_backbone_exists(ref.backbone, where=where)
+                        if ref.source is None:  # a backbone teacher: resolved (and checked) when its step plans
                             continue
                         if (
                             ref.source not in known
@@ -167,17 +164,25 @@ def read_pipeline(path: Path, overrides: list[str] | None = None, *, backbones: 
     return spec
 
 
-def check_backbone_exists(backbone: str, *, where: str) -> None:
-    """A backbone teacher's folder must be there before any step trains (its weights are checked when its step
-    plans); a missing one is named with the command that makes it."""
+def check_backbone_teachers(spec: PipelineSpec) -> None:
+    """Every backbone teacher's folder is there before any step trains (its weights are checked when its step
+    plans): a missing one is named with the command that makes it. Run time only: ``detkd plan`` and
+    ``detkd models pretrain-vit --pipeline`` read the spec before the folder exists."""
     from detkd.models.vit_teacher import DINO_MODELS
 
-    if backbone not in DINO_MODELS and not Path(backbone).expanduser().is_dir():
-        raise ConfigError(
-            f"{where}: backbone teacher {backbone!r}: no such folder; make it first with "
-            f"`detkd models pretrain-vit --pipeline <this pipeline> --out {backbone}` (or give a save_pretrained "
-            f"vision-transformer folder, or one of {sorted(DINO_MODELS)} from the local Hugging Face cache)"
-        )
+    for role, entries in (("teacher", spec.teachers), ("student", spec.students)):
+        for i, entry in enumerate(entries):
+            distill = model_config(spec, entry, role=role).distill
+            for ref in distill.teachers if distill is not None else []:  # a stage's teacher is never a backbone
+                backbone = ref.backbone
+                if backbone is None or backbone in DINO_MODELS or Path(backbone).expanduser().is_dir():
+                    continue
+                raise ConfigError(
+                    f"{spec.name}: {role}s[{i}] ({entry.name}): backbone teacher {backbone!r}: no such folder; "
+                    f"make it first with `detkd models pretrain-vit --pipeline <this pipeline> --out {backbone}` "
+                    f"(or give a save_pretrained vision-transformer folder, or one of {sorted(DINO_MODELS)} from "
+                    "the local Hugging Face cache)"
+                )
 
 
 def check_register(spec: PipelineSpec, path: Path) -> None:
