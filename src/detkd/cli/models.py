@@ -362,7 +362,7 @@ def pretrain_vit(
     pipeline: Annotated[
         Path | None, typer.Option(help="pretrain on this pipeline's train split (synthesized if absent)")
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 40,
+    epochs: Annotated[int, typer.Option(min=1)] = 50,
     size: Annotated[int, typer.Option(min=1, help="global crop side in px, a multiple of the patch size")] = 112,
     batch_size: Annotated[int, typer.Option(min=2)] = 64,
     seed: Annotated[int, typer.Option()] = 0,

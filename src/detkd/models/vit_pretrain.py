@@ -51,7 +51,7 @@ PLOT_FILE = "pretrain_loss.png"
 class PretrainSettings:
     """The recipe's knobs; the defaults suit a 48-wide, 3-block ViT on a thousand 128 px images."""
 
-    epochs: int = 40
+    epochs: int = 50
     size: int = 112  # global crop side, a multiple of the patch size
     local_crops: int = 4  # local crops at half the global side (rounded to the patch)
     global_scale: tuple[float, float] = (0.35, 1.0)
