@@ -350,3 +350,61 @@ def torchvision_config(
     print(f"# input: {{size: {size}, max_size: {max_size}}}. trainable_layers is its fine-tuning default.")
     settings["weights"] = f"path/to/{TORCHVISION_FILES[name]}"
     print(yaml.safe_dump({"model": settings}, sort_keys=False, default_flow_style=None), end="")
+
+
+@models_app.command("pretrain-vit")
+def pretrain_vit(
+    out: Annotated[Path, typer.Option(help="the folder to write (a backbone teacher: distill.teachers[].backbone)")],
+    config: Annotated[Path, typer.Option(help="a ViT config: a folder with config.json, or the JSON file")] = Path(
+        "configs/hf/vit_tiny"
+    ),
+    images: Annotated[Path | None, typer.Option(help="pretrain on every image under this folder (recursively)")] = None,
+    pipeline: Annotated[
+        Path | None, typer.Option(help="pretrain on this pipeline's train split (synthesized if absent)")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 50,
+    size: Annotated[int, typer.Option(min=1, help="global crop side in px, a multiple of the patch size")] = 112,
+    batch_size: Annotated[int, typer.Option(min=2)] = 64,
+    seed: Annotated[int, typer.Option()] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+) -> None:
+    """DINO self-distillation of a small ViT on unlabelled images: a foundation-backbone stand-in to distill from."""
+    from detkd.models.vit_pretrain import PretrainSettings, find_images, pretrain_vit, read_vit_settings
+
+    try:
+        if (images is None) == (pipeline is None):
+            raise ValueError("give exactly one of --images DIR or --pipeline FILE.yaml")
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"--out {out}: already exists (pass --overwrite to replace it)")
+        read_vit_settings(config=config)  # refuse a bad config before synthesizing or reading any data
+        if pipeline is not None:
+            files, source = _pipeline_train_images(pipeline)
+        else:
+            files, source = find_images(folder=images), str(images)
+        settings = PretrainSettings(epochs=epochs, size=size, batch_size=batch_size, seed=seed)
+        record = pretrain_vit(
+            config=config, images=files, out=out, settings=settings, image_source=source, overwrite=overwrite
+        )
+    except (*_user_errors(), ValueError, FileExistsError) as exc:
+        _fail(exc)
+    first, last = record["epochs"][0], record["epochs"][-1]
+    console.print(
+        f"[green]done[/green]: {out} ({record['images']} images, {len(record['epochs'])} epochs, "
+        f"{record['seconds']:.0f}s; loss {first['loss']:.3f} -> {last['loss']:.3f})",
+        highlight=False,
+    )
+
+
+def _pipeline_train_images(pipeline: Path) -> tuple[list[Path], str]:
+    """The images of a pipeline's train split only (never val or test: they score the students), synthesizing
+    the pipeline's data first when it is synthetic and not there yet."""
+    from detkd.models.vit_pretrain import find_images
+    from detkd.pipeline.spec import data_splits, ensure_synthetic_data, read_pipeline
+
+    spec = read_pipeline(pipeline)
+    if spec.data.synth is not None:
+        ensure_synthetic_data(spec)
+    train = data_splits(spec).train
+    if train.images is None:
+        raise ValueError(f"{pipeline}: data.train: --pipeline reads a COCO train split's image folder; use --images")
+    return find_images(folder=train.images), f"{pipeline}: train split ({train.images})"

@@ -58,7 +58,8 @@ def backbone_folder(backbone: str) -> Path:
         if not folder.is_dir():
             raise ValueError(
                 f"backbone {backbone!r}: no such folder (a save_pretrained folder of a vision transformer, or one "
-                f"of {sorted(DINO_MODELS)} from the local Hugging Face cache)"
+                f"of {sorted(DINO_MODELS)} from the local Hugging Face cache); `detkd models pretrain-vit --out "
+                f"{backbone}` pretrains a small one on your images"
             )
         return folder
     import_transformers()

@@ -190,6 +190,8 @@ def _model_detail(cfg: Config) -> str:
     model = cfg.model
     if model.arch == "mmdet":
         text = f"{cfg.method}, mmdet/{Path(str(model.mmdet_config)).name}, "
+    elif model.arch == "hf":  # the network is its transformers config's, not the torchvision settings
+        text = f"{cfg.method}, hf/{Path(str(model.hf_model)).name}, "
     else:
         text = f"{cfg.method}, {model.arch}/{model.backbone} P{model.min_level}-P{model.max_level} "
         text += f"fpn {model.fpn_channels}, "

@@ -17,6 +17,7 @@ from detkd.pipeline.spec import (
     PipelineSpec,
     RegisterGate,
     TuneStep,
+    check_backbone_teachers,
     data_splits,
     ensure_synthetic_data,
     model_config,
@@ -37,6 +38,7 @@ def run_pipeline(
 
     spec = spec.model_copy(update={"workdir": spec.workdir.resolve()})
     check_tracking_uri(tracking_context(spec).uri)
+    check_backbone_teachers(spec)
     started = time.perf_counter()
     parent_id = open_pipeline_run(spec)
     try:

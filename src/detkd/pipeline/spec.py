@@ -164,6 +164,27 @@ def read_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineSpe
     return spec
 
 
+def check_backbone_teachers(spec: PipelineSpec) -> None:
+    """Every backbone teacher's folder is there before any step trains (its weights are checked when its step
+    plans): a missing one is named with the command that makes it. Run time only: ``detkd plan`` and
+    ``detkd models pretrain-vit --pipeline`` read the spec before the folder exists."""
+    from detkd.models.vit_teacher import DINO_MODELS
+
+    for role, entries in (("teacher", spec.teachers), ("student", spec.students)):
+        for i, entry in enumerate(entries):
+            distill = model_config(spec, entry, role=role).distill
+            for ref in distill.teachers if distill is not None else []:  # a stage's teacher is never a backbone
+                backbone = ref.backbone
+                if backbone is None or backbone in DINO_MODELS or Path(backbone).expanduser().is_dir():
+                    continue
+                raise ConfigError(
+                    f"{spec.name}: {role}s[{i}] ({entry.name}): backbone teacher {backbone!r}: no such folder; "
+                    f"make it first with `detkd models pretrain-vit --pipeline <this pipeline> --out {backbone}` "
+                    f"(or give a save_pretrained vision-transformer folder, or one of {sorted(DINO_MODELS)} from "
+                    "the local Hugging Face cache)"
+                )
+
+
 def check_register(spec: PipelineSpec, path: Path) -> None:
     """The register step names models of this pipeline and has a split to score them on."""
     if spec.registration is None:
