@@ -200,6 +200,24 @@ def test_config_errors_name_the_key(tiny_dataset, tiny_config, tmp_path):
     (bad / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="model_type 'bert' is not a detector detkd wraps"):
         read_hf_config(bad)
+    fcos = tiny_config(tiny_dataset, tmp_path)
+    fcos["model"]["hf_canvas"] = 128
+    with pytest.raises(ConfigError, match="hf_canvas is only read with arch hf"):
+        validate_config(fcos, source="test")
+
+
+def test_the_canvas_enters_the_digest_only_when_set(tiny_dataset, tiny_config, tmp_path):
+    """Unset, the canvas follows the input view (already in the digest): configs from before it keep their digest."""
+    from detkd.engine.plan import config_digest
+
+    config = hf_config(tiny_dataset, tiny_config, tmp_path, CONFIGS / "detr_tiny")
+    unset = validate_config(config, source="test")
+    assert unset.model.hf_canvas is None  # filled in when the run is built (engine.build.resolved_model)
+    digests = {config_digest(unset, ())}
+    for canvas in (64, 128):
+        config["model"]["hf_canvas"] = canvas
+        digests.add(config_digest(validate_config(config, source="test"), ()))
+    assert len(digests) == 3
 
 
 def distill_config(tiny_dataset, tiny_config, work: Path, teacher: Path, **methods) -> dict:

@@ -114,6 +114,8 @@ def config_digest(cfg: Config, teachers: tuple[TeacherSpec, ...]) -> str:
     hf_model = data["model"].pop("hf_model")  # enters only when set: earlier configs keep their digests
     if hf_model:
         data["model"]["hf_model_sha256"] = hf_model_digest(Path(hf_model))
+    if data["model"]["hf_canvas"] is None:  # likewise (None: the input view's largest side, in the digest already)
+        data["model"].pop("hf_canvas")
     data["teachers"] = [[t.sha256, t.scale] for t in teachers]
     if data.get("distill"):
         data["distill"] = {k: v for k, v in data["distill"].items() if k != "teachers"}
