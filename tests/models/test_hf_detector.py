@@ -349,7 +349,7 @@ def test_an_untrained_rtdetr_is_refused_for_its_tied_queries_and_one_without_a_c
 ):
     """RT-DETR's graph is the canvas graph above; an untrained one picks its queries from cells it scores alike,
     which ONNX Runtime's top-k orders otherwise than PyTorch's: the check refuses it with that reason. (A trained
-    one exports: benchmarks/results/transformer_teacher.md.)"""
+    one exports: the test below, and benchmarks/results/transformer_export.md.)"""
     pytest.importorskip("onnxruntime")
     from factories import untrained_checkpoint
 
@@ -376,6 +376,57 @@ def test_an_untrained_rtdetr_is_refused_for_its_tied_queries_and_one_without_a_c
         export_detector(unfilled, format="onnx", out=out)
     with pytest.raises(SpeedUnavailable, match="without a canvas"):
         measure_speed(unfilled, unfilled, split_images(cfg.data.val, count=2), settings=SpeedSettings(turns=2, calls=2))
+
+
+def test_a_trained_rtdetr_exports_and_predicts_as_eager_pytorch(tmp_path, tiny_dataset, tiny_config):
+    """Trained until its query selection has no ties, an RT-DETR passes the export check on both probes and its
+    ONNX predictor returns eager PyTorch's detections on images of other sizes inside the canvas."""
+    pytest.importorskip("onnxruntime")
+    from factories import untrained_checkpoint
+
+    from detkd.models.checkpoint import load_payload
+    from detkd.serving.export import export_detector
+    from detkd.serving.predictor import Predictor
+
+    config = hf_config(tiny_dataset, tiny_config, tmp_path, CONFIGS / "rtdetr_tiny")
+    config["input"]["max_size"] = 64  # a non-square image then fits the 64 px canvas: 64 x 48
+    path = untrained_checkpoint(config, tmp_path / "m.pt")
+    model = load_detector(path)[0].train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(STEPS_UNTIL_NO_TIES):
+        images, targets = [], []
+        for _ in range(4):  # a bright square on a dark image: learnt in a few dozen steps
+            image = torch.rand(3, 64, 64, generator=generator) * 0.2
+            x, y = torch.randint(0, 40, (2,), generator=generator).tolist()
+            side = int(torch.randint(12, 24, (1,), generator=generator))
+            image[:, y : y + side, x : x + side] = 1.0
+            images.append(image)
+            targets.append(
+                {"boxes": torch.tensor([[x, y, x + side, y + side]], dtype=torch.float), "labels": torch.tensor([1])}
+            )
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trained = tmp_path / "trained.pt"
+    save_detector(trained, model.eval(), meta=load_payload(path)["meta"])
+    result = export_detector(trained, format="onnx", out=tmp_path / "m.onnx", score_thresh=0.05)
+    assert result.max_box_difference_px <= 0.01
+    exported, eager = (
+        Predictor.from_export(result.path, score_thresh=0.05),
+        Predictor.from_checkpoint(trained, score_thresh=0.05),
+    )
+    for height, width in [(64, 64), (64, 48)]:
+        image = (torch.rand(height, width, 3, generator=generator) * 60).to(torch.uint8).numpy()
+        image[10:30, 12:32] = 255
+        got, expected = exported([image])[0], eager([image])[0]
+        assert got.category_ids == expected.category_ids and len(got.boxes) == len(expected.boxes) > 0
+        corners = zip(sum(got.boxes, []), sum(expected.boxes, []), strict=True)
+        assert max(abs(a - b) for a, b in corners) <= 0.02
+
+
+STEPS_UNTIL_NO_TIES = 80
 
 
 def test_a_transformers_model_logs_as_a_pyfunc_that_loads_predicts_and_requires_transformers(
