@@ -6,6 +6,7 @@ Fixtures that start things (datasets, Ray, servers) stay in conftest.py."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,3 +291,16 @@ FORMAT_IMAGES = [
     FormatImage("c.png", 50, 50),
     FormatImage("sub/d.png", 100, 70, [(30, 20, 70, 50), (1, 2, 3, 4)], ["bird", "dog"]),
 ]
+
+
+def require_hf() -> None:
+    """Skip the calling test module without the ``hf`` extra, unless ``DETKD_REQUIRE_HF=1`` (CI sets it), which
+    makes a missing extra a failure rather than a suite that silently ran nothing."""
+    import pytest
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        if os.environ.get("DETKD_REQUIRE_HF") == "1":
+            raise RuntimeError(f"DETKD_REQUIRE_HF=1 but the hf extra is missing: {exc}") from None
+        pytest.skip("the hf extra: pip install -c constraints.txt -e '.[hf]'", allow_module_level=True)

@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
-from factories import random_batch
+from factories import (
+    random_batch,
+    require_hf,  # noqa: E402
+)
 from torch import nn
 
-try:
-    import transformers  # noqa: F401
-except ImportError as exc:
-    if os.environ.get("DETKD_REQUIRE_HF") == "1":
-        raise RuntimeError(f"DETKD_REQUIRE_HF=1 but the hf extra is missing: {exc}") from None
-    pytest.skip("the hf extra: pip install -c constraints.txt -e '.[hf]'", allow_module_level=True)
+require_hf()  # before anything imports transformers
 
 from detkd.config import ConfigError, validate_config  # noqa: E402
 from detkd.distill.distiller import Distiller, Teacher  # noqa: E402

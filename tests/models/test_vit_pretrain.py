@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -16,15 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factories import write_image
+from factories import (
+    require_hf,  # noqa: E402
+    write_image,
+)
 from typer.testing import CliRunner
 
-try:
-    import transformers  # noqa: F401
-except ImportError as exc:
-    if os.environ.get("DETKD_REQUIRE_HF") == "1":
-        raise RuntimeError(f"DETKD_REQUIRE_HF=1 but the hf extra is missing: {exc}") from None
-    pytest.skip("the hf extra: pip install -c constraints.txt -e '.[hf]'", allow_module_level=True)
+require_hf()  # before anything imports transformers
 
 from detkd.cli import app  # noqa: E402
 from detkd.models.vit_pretrain import (  # noqa: E402

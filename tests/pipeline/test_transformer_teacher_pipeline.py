@@ -5,17 +5,12 @@ Skipped without the ``hf`` extra, unless ``DETKD_REQUIRE_HF=1`` (CI sets it)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from factories import require_hf
 
-try:
-    import transformers  # noqa: F401
-except ImportError as exc:
-    if os.environ.get("DETKD_REQUIRE_HF") == "1":
-        raise RuntimeError(f"DETKD_REQUIRE_HF=1 but the hf extra is missing: {exc}") from None
-    pytest.skip("the hf extra: pip install -c constraints.txt -e '.[hf]'", allow_module_level=True)
+require_hf()  # before anything imports transformers
 
 from detkd.config import ConfigError  # noqa: E402
 from detkd.pipeline.dag import build_dag, format_dag  # noqa: E402
