@@ -7,7 +7,8 @@ Writes ``benchmarks/results/transformer_export.{json,md}``. For each model: whet
 (a transformers detector as one graph at its square canvas; its check against eager PyTorch on two probe
 images) and the largest box difference the check measured. For each student: the deployed speed of
 ``detkd.serving.speed`` (both models exported to ONNX and run in alternating turns through the Predictor, one
-ONNX Runtime thread, on the validation images) against the RT-DETR teacher as the reference.
+ONNX Runtime thread, on the validation images) against the RT-DETR teacher as the reference, and the boxes its
+graph hands to NMS per image on those images (work that differs between students of one network).
 """
 
 from __future__ import annotations
@@ -36,10 +37,39 @@ def checkpoint(workdir: Path, name: str) -> Path:
     return path
 
 
+def nms_candidates(path: Path, images: list) -> float:
+    """Boxes per image that a student's exported graph hands to NMS at the export threshold (its score cut, before
+    NMS): where two students of one network can differ in deployed speed."""
+    import torch
+
+    import detkd.serving.export_graph as export_graph
+    from detkd.models.detectors import set_inference_thresholds
+    from detkd.serving.export import EXPORT_SCORE_THRESH, export_module
+    from detkd.serving.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(path)
+    set_inference_thresholds(predictor.backend.model, score_thresh=EXPORT_SCORE_THRESH, detections_per_img=100)
+    graph = export_module(predictor.backend.model, format="onnx")
+    counts: list[int] = []
+    nms = export_graph.box_ops.batched_nms
+
+    def counting_nms(boxes, scores, labels, threshold):
+        counts.append(len(boxes))
+        return nms(boxes, scores, labels, threshold)
+
+    export_graph.box_ops.batched_nms = counting_nms
+    try:
+        with torch.inference_mode():
+            for image in predictor.prepare(images)[0]:
+                graph(image)
+    finally:
+        export_graph.box_ops.batched_nms = nms
+    return sum(counts) / len(counts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=WORKDIR, help="the pipeline's workdir")
-    parser.add_argument("--images", type=int, default=32, help="validation images the speed is measured on")
     parser.add_argument("--out", type=Path, default=RESULTS / "transformer_export")
     args = parser.parse_args()
 
@@ -50,7 +80,7 @@ def main() -> None:
     teacher = checkpoint(args.workdir, TEACHER)
     model, meta = load_detector(teacher)
     plan = checkpoint_plan(teacher, meta)
-    images = split_images(plan.config.data.val, count=args.images)
+    images = split_images(plan.config.data.val, count=SpeedSettings().images)
     exports = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in (TEACHER, *STUDENTS):
@@ -68,7 +98,10 @@ def main() -> None:
         report = measure_speed(
             checkpoint(args.workdir, name), teacher, images, settings=settings, reference_name=TEACHER
         )
-        speeds[name] = report.metrics()
+        speeds[name] = {
+            **report.metrics(),
+            "nms_candidates_per_image": nms_candidates(checkpoint(args.workdir, name), images),
+        }
         print(f"{name}: {speeds[name]}", flush=True)
     record = {
         "command": repo_command(sys.argv),
@@ -86,11 +119,13 @@ def main() -> None:
     lines = [
         "# The transformer teacher pipeline's models, exported and timed",
         "",
-        f"`{record['command']}` · one run · {platform.machine()}, {len(images)} validation images · written by the "
-        "script (numbers in the JSON beside it)",
+        f"`{record['command']}` · one run · {platform.machine()}, {os.cpu_count()} CPUs · speed: "
+        f"{settings.turns} alternating turns of {settings.calls} calls over {len(images)} validation images, one ONNX "
+        "Runtime thread · written by the script (numbers in the JSON beside it)",
         "",
-        "| model | exported | max box difference vs eager (px) | speedup over the RT-DETR teacher | ms/image |",
-        "|---|---|---|---|---|",
+        "| model | exported | max box difference vs eager (px) | speedup over the RT-DETR teacher | ms/image "
+        "| boxes into NMS per image |",
+        "|---|---|---|---|---|---|",
     ]
     reference_ms = statistics.median(speed["reference_latency_ms"] for speed in speeds.values())
     for name in (TEACHER, *STUDENTS):
@@ -98,10 +133,11 @@ def main() -> None:
         written = "yes" if export["exported"] else "no: " + export["reason"][:80]
         difference = f"{export['max_box_difference_px']:.2g}" if export["exported"] else "-"
         if name == TEACHER:
-            speed, latency = "(the reference)", f"{reference_ms:.2f} (median of its turns)"
+            speed, latency, boxes = "(the reference)", f"{reference_ms:.2f} (median of its turns)", "-"
         else:
             speed, latency = f"{speeds[name]['speedup']:.2f}x", f"{speeds[name]['latency_ms']:.2f}"
-        lines.append(f"| {name} | {written} | {difference} | {speed} | {latency} |")
+            boxes = f"{speeds[name]['nms_candidates_per_image']:.0f}"
+        lines.append(f"| {name} | {written} | {difference} | {speed} | {latency} | {boxes} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {repo_path(args.out.with_suffix('.md'))}")
 
