@@ -31,7 +31,6 @@ from detkd.models.vit_pretrain import (  # noqa: E402
     build_vit,
     find_images,
     pretrain_vit,
-    read_vit_settings,
 )
 from detkd.models.vit_teacher import build_vit_teacher, load_vit_weights, read_vit_config  # noqa: E402
 
@@ -73,7 +72,7 @@ def test_the_folder_loads_as_a_backbone_teacher_with_trained_weights(pretrained)
     out, _ = pretrained
     teacher = build_vit_teacher(hf_config=read_vit_config(out), source=str(out))
     load_vit_weights(teacher, out)
-    random = build_vit(hf_config=read_vit_settings(config=VIT), seed=TINY.seed)
+    random = build_vit(hf_config=read_vit_config(VIT), seed=TINY.seed)
     moved = [
         name for name, tensor in random.state_dict().items()
         if not torch.equal(tensor, teacher.vit.state_dict()[name])
@@ -115,9 +114,9 @@ def test_an_existing_out_is_refused_without_overwrite_and_left_intact(pretrained
 
 def test_a_non_vit_config_and_an_empty_folder_are_refused_naming_the_path(tmp_path):
     with pytest.raises(ValueError, match=r"rtdetr_tiny/config.json: model_type 'rt_detr' is not a vision"):
-        read_vit_settings(config=CONFIGS / "rtdetr_tiny")
+        read_vit_config(CONFIGS / "rtdetr_tiny")
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        read_vit_settings(config=tmp_path / "nowhere")
+        read_vit_config(tmp_path / "nowhere")
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match=f"{tmp_path / 'empty'}: no images"):

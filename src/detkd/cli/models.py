@@ -369,14 +369,15 @@ def pretrain_vit(
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
 ) -> None:
     """DINO self-distillation of a small ViT on unlabelled images: a foundation-backbone stand-in to distill from."""
-    from detkd.models.vit_pretrain import PretrainSettings, find_images, pretrain_vit, read_vit_settings
+    from detkd.models.vit_pretrain import PretrainSettings, find_images, pretrain_vit
+    from detkd.models.vit_teacher import read_vit_config
 
     try:
         if (images is None) == (pipeline is None):
             raise ValueError("give exactly one of --images DIR or --pipeline FILE.yaml")
         if out.exists() and not overwrite:
             raise FileExistsError(f"--out {out}: already exists (pass --overwrite to replace it)")
-        read_vit_settings(config=config)  # refuse a bad config before synthesizing or reading any data
+        read_vit_config(config)  # refuse a bad config before synthesizing or reading any data
         if pipeline is not None:
             files, source = _pipeline_train_images(pipeline)
         else:

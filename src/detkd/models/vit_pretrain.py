@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from detkd.models.hf_detector import CONFIG_FILE, PROCESSOR_FILE, import_transformers
-from detkd.models.vit_teacher import IMAGENET, VIT_TYPES
+from detkd.models.hf_detector import PROCESSOR_FILE, import_transformers
+from detkd.models.vit_teacher import IMAGENET, read_vit_config
 
 log = logging.getLogger(__name__)
 
@@ -109,24 +109,6 @@ class DINONetwork(nn.Module):
             out.extend(self.head(cls).chunk(end - start))
             start = end
         return out
-
-
-def read_vit_settings(*, config: Path) -> dict[str, Any]:
-    """A ViT config (a folder with ``config.json``, or the JSON file), refused naming the path if it is not one."""
-    config = Path(config)
-    file = config / CONFIG_FILE if config.is_dir() else config
-    if not file.is_file():
-        raise FileNotFoundError(f"{config}: no such ViT config (a folder with {CONFIG_FILE}, or a JSON file)")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{file}: not a readable JSON model config ({exc})") from None
-    if not isinstance(data, dict) or data.get("model_type") not in VIT_TYPES:
-        kind = data.get("model_type") if isinstance(data, dict) else None
-        raise ValueError(
-            f"{file}: model_type {kind!r} is not a vision transformer to pretrain ({', '.join(VIT_TYPES)})"
-        )
-    return data
 
 
 def find_images(*, folder: Path) -> list[Path]:
@@ -248,7 +230,7 @@ def pretrain_vit(
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
     if not images:
         raise ValueError(f"{image_source}: no images to pretrain on")
-    hf_config = read_vit_settings(config=config)
+    hf_config = read_vit_config(config)
     began = time.perf_counter()
     student_backbone = build_vit(hf_config=hf_config, seed=settings.seed)
     vit_config = student_backbone.config

@@ -33,19 +33,25 @@ IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 DINO_MODELS = {"dinov2": "facebook/dinov2-small", "dinov3": "facebook/dinov3-vits16-pretrain-lvd1689m"}
 
 
-def read_vit_config(folder: Path) -> dict[str, Any]:
-    """The config of a vision-transformer folder, refused naming it when it is not one detkd reads."""
-    file = Path(folder) / CONFIG_FILE
+def read_vit_config(path: Path) -> dict[str, Any]:
+    """The config of a vision transformer (a ``save_pretrained`` folder, or its ``config.json``), refused naming it
+    when it is not one detkd reads."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no such vision-transformer config (a save_pretrained folder, or its {CONFIG_FILE})"
+        )
+    file = path / CONFIG_FILE if path.is_dir() else path
     if not file.is_file():
-        raise ValueError(f"{folder}: no {CONFIG_FILE}; a backbone teacher is a folder written by save_pretrained")
+        raise ValueError(f"{path}: no {CONFIG_FILE}; a vision transformer is a folder written by save_pretrained")
     try:
         data = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{file}: not a readable JSON model config ({exc})") from None
-    if data.get("model_type") not in VIT_TYPES:
+    kind = data.get("model_type") if isinstance(data, dict) else None
+    if kind not in VIT_TYPES:
         raise ValueError(
-            f"{file}: model_type {data.get('model_type')!r} is not a vision transformer detkd reads as a "
-            f"backbone teacher ({', '.join(VIT_TYPES)})"
+            f"{file}: model_type {kind!r} is not a vision transformer detkd reads ({', '.join(VIT_TYPES)})"
         )
     return data
 
