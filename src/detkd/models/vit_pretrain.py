@@ -37,12 +37,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from detkd.data.image_files import IMG_FORMATS, is_image_file
 from detkd.models.hf_detector import PROCESSOR_FILE, import_transformers
 from detkd.models.vit_teacher import IMAGENET, read_vit_config
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 RECORD_FILE = "pretrain.json"
 PLOT_FILE = "pretrain_loss.png"
 
@@ -112,13 +112,14 @@ class DINONetwork(nn.Module):
 
 
 def find_images(*, folder: Path) -> list[Path]:
-    """Every image file under ``folder`` (recursively, sorted so a seed means the same order everywhere)."""
+    """Every image file under ``folder`` (the suffixes the YOLO reader searches for), recursively, sorted so a
+    seed means the same order everywhere."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such image folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
     if not files:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) under it")
+        raise ValueError(f"{folder}: no images ({', '.join(sorted(IMG_FORMATS))}) under it")
     return files
 
 
