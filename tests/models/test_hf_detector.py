@@ -202,6 +202,28 @@ def test_config_errors_name_the_key(tiny_dataset, tiny_config, tmp_path):
         validate_config(fcos, source="test")
 
 
+def test_an_rtdetr_pads_every_batch_to_its_canvas_so_an_image_gets_the_same_detections_in_any_batch():
+    """RT-DETR's positions ignore the mask: padded to the batch, an image's detections changed with its batch
+    mates; padded to the canvas they do not. An image larger than the canvas widens the batch."""
+    from detkd.models.hf_detector import build_hf_detector
+
+    torch.manual_seed(0)
+    model = build_hf_detector(hf_config=read_hf_config(CONFIGS / "rtdetr_tiny"), num_classes=3, canvas=100).eval()
+    assert model.canvas_side == 128  # rounded up to the coarsest stride
+    small, large = torch.rand(3, 40, 60), torch.rand(3, 96, 128)
+    assert model.prepare([small])[0].shape[-2:] == (128, 128)
+    assert model.prepare([small, torch.rand(3, 64, 160)])[0].shape[-2:] == (128, 160)
+    model.set_thresholds(score_thresh=0.0, detections_per_img=100)
+    with torch.no_grad():
+        alone, beside = model([small])[0], model([small, large])[0]
+    assert torch.equal(alone["labels"], beside["labels"])
+    assert torch.allclose(alone["boxes"], beside["boxes"], atol=1e-4)
+    model.canvas = None  # as before the canvas: the batch's own size, so the large mate changes the frame
+    with torch.no_grad():
+        alone, beside = model([small])[0], model([small, large])[0]
+    assert not torch.allclose(alone["boxes"], beside["boxes"], atol=1e-4)
+
+
 def test_the_canvas_enters_the_digest_only_when_set(tiny_dataset, tiny_config, tmp_path):
     """Unset, the canvas follows the input view (already in the digest): configs from before it keep their digest."""
     from detkd.engine.plan import config_digest
