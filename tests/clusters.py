@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,10 @@ RAY = str(Path(sys.executable).with_name("ray"))
 # The head declares a node dead after 3 missed health checks 1 s apart (Ray's default: 5 x 3 s), so a lost
 # node is noticed within seconds rather than a quarter of a minute.
 SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+# `ray start` gives a node 30 s (fixed in Ray) to register with the head's GCS, then exits. On a loaded CI
+# machine, or with a port taken between choosing it and binding it, a start can miss that: it is started
+# again, with fresh ports, this many times in all.
+NODE_STARTS = 3
 ALIVE_WORKERS = """
 import sys
 from ray._raylet import GcsClient
@@ -37,6 +41,14 @@ from ray.core.generated.gcs_pb2 import GcsNodeInfo
 nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=20, state_filter=GcsNodeInfo.GcsNodeState.ALIVE)
 print(sum(1 for node in nodes.values() if not node.is_head_node))
 """
+
+
+class NodeEnded(RuntimeError):
+    """A node's ``ray start`` exited (the message holds its output and its raylet's log)."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(f"ray node {node.name} ended: {node.log_path.read_text()[-3000:]}{node.raylet_log()}")
+        self.name = node.name
 
 
 @dataclass
@@ -52,6 +64,13 @@ class Node:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=30)
 
+    def raylet_log(self) -> str:
+        """The end of this node's raylet log (why it did not register), or nothing."""
+        path = self.temp_dir / "session_latest" / "logs" / "raylet.out"
+        if not path.is_file():
+            return ""
+        return f"\n---- {path} ----\n{path.read_text(errors='replace')[-3000:]}"
+
 
 @dataclass
 class Cluster:
@@ -64,23 +83,37 @@ class Cluster:
     temp_dirs: list[Path] = field(default_factory=list)  # every node's, the lost ones' too
 
     def start_head(self) -> None:
-        gcs = free_port()
-        self.address = f"127.0.0.1:{gcs}"
-        # the nodes' processes find their own cluster (Ray Train's placement-group cleaner looks it up, and
-        # would otherwise see every Ray instance on this machine)
-        self.env["RAY_ADDRESS"] = self.address
-        head = ["--head", f"--port={gcs}", "--num-cpus=0", f"--ray-client-server-port={free_port()}"]
-        # the dashboard serves the state API, which Ray Train's placement-group cleaner asks about its controller
-        head += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}"]
-        head += [f"--system-config={json.dumps(SYSTEM_CONFIG)}"]
-        self._start("head", head)
-        self.wait_for(alive=0)
+        def head_args() -> list[str]:
+            gcs = free_port()
+            self.address = f"127.0.0.1:{gcs}"
+            # the nodes' processes find their own cluster (Ray Train's placement-group cleaner looks it up, and
+            # would otherwise see every Ray instance on this machine)
+            self.env["RAY_ADDRESS"] = self.address
+            head = ["--head", f"--port={gcs}", "--num-cpus=0", f"--ray-client-server-port={free_port()}"]
+            # the dashboard serves the state API, which Ray Train's placement-group cleaner asks about its controller
+            head += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}"]
+            return [*head, f"--system-config={json.dumps(SYSTEM_CONFIG)}"]
+
+        self._start_until_seen("head", head_args, alive=0)
 
     def start_worker(self, name: str = "worker", *, cpus: int = 2) -> None:
         """Join a worker node (again, after ``kill_worker``) and wait until the head sees it."""
-        self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}"])
         # every worker node this cluster runs, and no other: a node killed just before is seen dead first
-        self.wait_for(alive=len(self.nodes) - 1)
+        alive = len([n for n in self.nodes if n != "head"]) + 1
+        self._start_until_seen(name, lambda: [f"--address={self.address}", f"--num-cpus={cpus}"], alive=alive)
+
+    def _start_until_seen(self, name: str, args: Callable[[], list[str]], *, alive: int) -> None:
+        """Start node ``name`` and wait for ``alive`` worker nodes; a start that exits is tried again."""
+        for start in range(1, NODE_STARTS + 1):
+            self._start(name, args())
+            try:
+                self.wait_for(alive=alive)
+                return
+            except NodeEnded as ended:
+                if ended.name != name or start == NODE_STARTS:
+                    raise
+                print(f"clusters: start {start} of node {name} failed, starting it again: {ended}", file=sys.stderr)
+                self.nodes.pop(name).kill()
 
     def kill_worker(self, name: str = "worker") -> None:
         self.nodes.pop(name).kill()
@@ -134,7 +167,7 @@ class Cluster:
         while True:
             dead = [n for n in self.nodes.values() if n.process.poll() is not None]
             if dead:
-                raise RuntimeError(f"ray node {dead[0].name} ended: {dead[0].log_path.read_text()[-3000:]}")
+                raise NodeEnded(dead[0])
             try:
                 if self.alive_workers() == alive:
                     return
