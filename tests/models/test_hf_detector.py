@@ -346,6 +346,7 @@ def test_export_writes_a_canvas_graph_that_predicts_as_eager_pytorch_at_any_size
     assert load_detector(path)[0].canvas_side == 128
     result = export_detector(path, format="onnx", out=tmp_path / "m.onnx", score_thresh=0.0)
     assert result.max_box_difference_px <= 0.01 and read_info(result.path)["canvas"] == 128
+    assert result.probe_images == 2  # the canvas and a smaller non-square image
     exported = Predictor.from_export(result.path, score_thresh=0.0)
     eager = Predictor.from_checkpoint(path, score_thresh=0.0)
     generator = torch.Generator().manual_seed(3)

@@ -47,6 +47,7 @@ def test_export_gives_pytorch_detections(fmt, model, request, varied_dataset, tm
     out = tmp_path / f"student.{fmt}"
     result = runner.invoke(app, ["export", str(checkpoint), "--format", fmt, "--out", str(out)])
     assert result.exit_code == 0, result.output
+    assert "of PyTorch on a probe image" in " ".join(result.output.split())  # one probe: dynamic sizes
     assert out.is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
     info = read_info(out)
     assert info["format"] == fmt and info["score_thresh"] == 0.05 and len(info["categories"]) == 3

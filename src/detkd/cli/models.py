@@ -297,9 +297,10 @@ def export(
         )
     except (*_user_errors(), ExportError) as exc:
         _fail(exc)
+    probes = "a probe image" if result.probe_images == 1 else f"{result.probe_images} probe images"
     console.print(
         f"{format}: {out} ({out.stat().st_size / 1e6:.1f} MB; boxes within "
-        f"{result.max_box_difference_px:.2g} px of PyTorch on a probe image)"
+        f"{result.max_box_difference_px:.2g} px of PyTorch on {probes})"
     )
 
 

@@ -69,7 +69,8 @@ class ExportResult:
     format: str
     score_thresh: float
     detections_per_img: int
-    max_box_difference_px: float  # exported vs eager on a probe image
+    max_box_difference_px: float  # exported vs eager, the largest over the probe images
+    probe_images: int  # how many images the check ran (two for a fixed-canvas graph)
 
 
 def export_detector(
@@ -80,7 +81,7 @@ def export_detector(
     score_thresh: float = EXPORT_SCORE_THRESH,
     detections_per_img: int = 100,
 ) -> ExportResult:
-    """Write ``out`` atomically and check it against eager PyTorch on a probe image."""
+    """Write ``out`` atomically and check it against eager PyTorch on probe images (``probe_images``)."""
     from detkd.models.checkpoint import checkpoint_plan, load_detector
     from detkd.models.detectors import set_inference_thresholds
 
@@ -149,7 +150,7 @@ def export_detector(
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return ExportResult(out, format, score_thresh, detections_per_img, difference)
+    return ExportResult(out, format, score_thresh, detections_per_img, difference, len(probes))
 
 
 def export_module(model: nn.Module, *, format: Format) -> nn.Module:
