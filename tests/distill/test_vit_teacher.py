@@ -13,10 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import (
-    random_batch,
-    require_hf,  # noqa: E402
-)
+from factories import random_batch, require_hf
 from torch import nn
 
 require_hf()  # before anything imports transformers

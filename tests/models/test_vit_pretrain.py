@@ -15,10 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factories import (
-    require_hf,  # noqa: E402
-    write_image,
-)
+from factories import require_hf, write_image
 from typer.testing import CliRunner
 
 require_hf()  # before anything imports transformers

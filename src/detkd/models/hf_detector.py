@@ -293,6 +293,10 @@ class HFDetector(nn.Module):
         return self.name_levels(self._run_encoder(pixels, mask))
 
     # --- detection -------------------------------------------------------------------------------------------
+    def normalise(self, image: Tensor) -> Tensor:
+        """A [0, 1] RGB image (3, h, w) as the model's image processor normalises it (eager and exported alike)."""
+        return (image - self.pixel_mean) / self.pixel_std
+
     def prepare(self, images: list[Tensor]) -> tuple[Tensor, Tensor, list]:
         """[0, 1] RGB images -> the normalised, zero-padded batch, its pixel mask and each image's (h, w).
 
@@ -307,7 +311,7 @@ class HFDetector(nn.Module):
         mask = images[0].new_zeros((len(images), height, width), dtype=torch.long)
         for i, image in enumerate(images):
             h, w = sizes[i]
-            batch[i, :, :h, :w] = (image - self.pixel_mean) / self.pixel_std
+            batch[i, :, :h, :w] = self.normalise(image)
             mask[i, :h, :w] = 1
         return batch, mask, sizes
 

@@ -36,7 +36,7 @@ class HFExportGraph(nn.Module):
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         height, width = image.shape[-2], image.shape[-1]
         side = self.side
-        x = (image - self.model.pixel_mean) / self.model.pixel_std
+        x = self.model.normalise(image)
         x = nn.functional.pad(x, (0, side - width, 0, side - height)).unsqueeze(0)
         mask = nn.functional.pad(torch.ones_like(image[0], dtype=torch.long), (0, side - width, 0, side - height))
         outputs = self.model.hf(pixel_values=x, pixel_mask=mask.unsqueeze(0))
