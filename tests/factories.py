@@ -41,6 +41,14 @@ def tiny_fcos(
     )
 
 
+def tracking_in(folder: Path):
+    """The tracking context of an SQLite MLflow store in ``folder``: a test's own folder, so that a plan that
+    does open its store never writes into the working directory."""
+    from detkd.records import TrackingContext
+
+    return TrackingContext(uri=f"sqlite:///{folder / 'mlflow.db'}", experiment="detkd")
+
+
 def untrained_checkpoint(config: dict, path: Path, *, seed: int = 0, tracking_uri: str | None = None) -> Path:
     """An untrained detector of run config ``config`` saved with its run plan at ``path``: a checkpoint
     that loads, exports and runs like a trained one (no training)."""

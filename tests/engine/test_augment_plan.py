@@ -5,20 +5,20 @@ from __future__ import annotations
 import json
 import logging
 
+from factories import tracking_in
+
 from detkd.config import Config
 from detkd.data.augment import RandomShortSide, ScaleJitterCanvas
 from detkd.data.transforms import RandomHorizontalFlip, ResizeShortSide, ScaleBy
 from detkd.engine.datasets import train_transform, training_transform
 from detkd.engine.plan import build_plan, config_digest, resolve_augment
-from detkd.records import RunPlan, TrackingContext
-
-TRACKING = TrackingContext(uri="sqlite:///unused.db", experiment="detkd")
+from detkd.records import RunPlan
 
 
 def test_a_multiscale_teacher_trains_with_short_side_jitter_by_default(tiny_dataset, tiny_config, tmp_path, caplog):
     data = tiny_config(tiny_dataset, tmp_path, model={"multiscale": True})
     with caplog.at_level(logging.INFO, logger="detkd"):
-        plan = build_plan(Config.model_validate(data), tracking=TRACKING)
+        plan = build_plan(Config.model_validate(data), tracking=tracking_in(tmp_path))
     assert plan.config.input.augment.scale_jitter.short_side == (51, 64)  # [round(0.8 x 64), 64]
     assert sum("multi-scale teacher" in r.getMessage() for r in caplog.records) == 1  # logged once
     steps = train_transform(plan).transforms
@@ -26,7 +26,7 @@ def test_a_multiscale_teacher_trains_with_short_side_jitter_by_default(tiny_data
     assert RunPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan  # the plan stores what was used
     # the jitter is a different training run from the fixed size
     fixed = {**data, "input": {**data["input"], "augment": {"scale_jitter": {"short_side": [64, 64]}}}}
-    fixed_plan = build_plan(Config.model_validate(fixed), tracking=TRACKING)
+    fixed_plan = build_plan(Config.model_validate(fixed), tracking=tracking_in(tmp_path))
     assert fixed_plan.config.input.augment.scale_jitter.short_side == (64, 64)  # explicit wins
     assert fixed_plan.digest != plan.digest
 
@@ -71,7 +71,9 @@ def test_the_digest_follows_the_augmentation():
 
 
 def test_a_stored_plan_with_the_old_flip_key_reads_back(tiny_dataset, tiny_config, tmp_path):
-    stored = build_plan(Config.model_validate(tiny_config(tiny_dataset, tmp_path)), tracking=TRACKING).to_dict()
+    stored = build_plan(
+        Config.model_validate(tiny_config(tiny_dataset, tmp_path)), tracking=tracking_in(tmp_path)
+    ).to_dict()
     stored["config"]["input"] = {"size": 64, "max_size": None, "scale": 1.0, "hflip": 0.3}  # as checkpoints hold it
     plan = RunPlan.from_dict(json.loads(json.dumps(stored)))
     assert plan.config.input.augment.hflip == 0.3

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from factories import tracking_in
 
 from detkd.config import Config, ConfigError
 from detkd.engine.build import build_trainable
@@ -27,9 +28,6 @@ from detkd.engine.checkpoints import (
 from detkd.engine.launch import check_resumable, kept_note, publish_model, run_folder
 from detkd.engine.plan import build_plan
 from detkd.models.checkpoint import CheckpointError, save_payload
-from detkd.records import TrackingContext
-
-TRACKING = TrackingContext(uri="sqlite:///unused.db", experiment="detkd")
 
 
 def _checkpoint(folder: Path, name: str, *, step: int, model: dict | None = None) -> Path:
@@ -98,7 +96,7 @@ def test_no_good_checkpoint_and_no_folder_are_both_none(tmp_path):
 
 
 def _plan(tiny_dataset, tiny_config, tmp_path):
-    return build_plan(Config.model_validate(tiny_config(tiny_dataset, tmp_path)), tracking=TRACKING)
+    return build_plan(Config.model_validate(tiny_config(tiny_dataset, tmp_path)), tracking=tracking_in(tmp_path))
 
 
 def test_check_resumable_refuses_only_a_readable_checkpoint_that_does_not_fit(

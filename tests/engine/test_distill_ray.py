@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from factories import tracking_in
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -15,9 +16,6 @@ from detkd.engine.build import build_trainable
 from detkd.engine.plan import build_plan
 from detkd.models import build_detector, load_detector, save_detector
 from detkd.models.checkpoint import load_payload
-from detkd.records import TrackingContext
-
-TRACKING = TrackingContext(uri="sqlite:///unused.db", experiment="detkd")
 
 
 def _teacher_checkpoint(path, *, fpn_channels: int, multiscale: bool = False, seed: int = 5):
@@ -52,7 +50,7 @@ def test_init_from_teacher_and_copy_neck_head(tmp_path, tiny_dataset, tiny_confi
         },
     )
     cfg = Config.model_validate(data)
-    distiller, student = build_trainable(build_plan(cfg, tracking=TRACKING))
+    distiller, student = build_trainable(build_plan(cfg, tracking=tracking_in(tmp_path)))
     own = student.state_dict()
     same = [k for k in own if k in shared and own[k].shape == shared[k].shape]
     assert len(same) > 0.9 * len(own)  # same family: nearly everything matches
@@ -63,7 +61,7 @@ def test_init_from_teacher_and_copy_neck_head(tmp_path, tiny_dataset, tiny_confi
         "mgd": {},
         "copy_neck_head": True,
     }
-    distiller, student = build_trainable(build_plan(Config.model_validate(data), tracking=TRACKING))
+    distiller, student = build_trainable(build_plan(Config.model_validate(data), tracking=tracking_in(tmp_path)))
     own = student.state_dict()
     copied = [k for k in own if k.startswith(("backbone.fpn", "head")) and k in shared]
     assert copied and all(torch.equal(own[k], shared[k]) for k in copied)

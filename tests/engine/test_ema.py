@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from factories import tracking_in
 from torch import nn
 
 from detkd.config import Config, ConfigError, validate_config
@@ -16,9 +17,6 @@ from detkd.engine.loop import TrainRun, setup, train_one_epoch
 from detkd.engine.plan import build_plan, config_digest
 from detkd.models import build_detector, save_detector
 from detkd.models.checkpoint import load_payload, save_payload
-from detkd.records import TrackingContext
-
-TRACKING = TrackingContext(uri="sqlite:///unused.db", experiment="detkd")
 
 
 def test_decay_warms_up_as_yolov5_and_yolox():
@@ -87,7 +85,7 @@ def test_ema_off_leaves_config_dumps_and_digests_as_they_were():
 
 def _plan(dataset, work, config, *, ema: dict | None, epochs: int = 2, **sections):
     train = {"epochs": epochs, **({"ema": ema} if ema is not None else {})}
-    return build_plan(Config.model_validate(config(dataset, work, train=train, **sections)), tracking=TRACKING)
+    return build_plan(Config.model_validate(config(dataset, work, train=train, **sections)), tracking=tracking_in(work))
 
 
 def _train_until(run: TrainRun, stop: int) -> None:

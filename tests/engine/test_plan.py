@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import tracking_in
 from typer.testing import CliRunner
 
 from detkd.cli import app
@@ -18,14 +19,12 @@ from detkd.engine.launch import run_training
 from detkd.engine.plan import build_plan
 from detkd.engine.worker import TRAIN_STATE
 from detkd.models.checkpoint import save_payload
-from detkd.records import RunPlan, TrackingContext
-
-TRACKING = TrackingContext(uri="sqlite:///unused.db", experiment="detkd")
+from detkd.records import RunPlan
 
 
 def test_plan_holds_the_run_and_round_trips(tiny_dataset, tiny_config, tmp_path):
     cfg = Config.model_validate(tiny_config(tiny_dataset, tmp_path, input={"size": 64, "max_size": 80, "scale": 0.5}))
-    plan = build_plan(cfg, tracking=TRACKING)
+    plan = build_plan(cfg, tracking=tracking_in(tmp_path))
     assert plan.input.size == 64 and plan.input.max_size == 80 and plan.input.scale == 0.5
     assert plan.input.model_size == 32 and len(plan.input.mean) == 3
     assert plan.num_classes == len(plan.categories) > 0
@@ -35,9 +34,9 @@ def test_plan_holds_the_run_and_round_trips(tiny_dataset, tiny_config, tmp_path)
     assert again == plan
     # where results go does not change the digest; what is trained does
     moved = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": tmp_path / "elsewhere"})})
-    assert build_plan(moved, tracking=TRACKING).digest == plan.digest
+    assert build_plan(moved, tracking=tracking_in(tmp_path)).digest == plan.digest
     wider = cfg.model_copy(update={"model": cfg.model.model_copy(update={"fpn_channels": 64})})
-    assert build_plan(wider, tracking=TRACKING).digest != plan.digest
+    assert build_plan(wider, tracking=tracking_in(tmp_path)).digest != plan.digest
 
 
 def test_plan_needs_neither_ray_nor_mlflow(tiny_dataset, tiny_config, tmp_path):
@@ -70,7 +69,7 @@ def test_a_plan_that_cannot_run_fails_while_it_is_built(tiny_dataset, tiny_confi
     for key, value in override.items():
         data[key] = {**data[key], **value}
     with pytest.raises(ConfigError, match=expected):
-        build_plan(Config.model_validate(data), tracking=TRACKING)
+        build_plan(Config.model_validate(data), tracking=tracking_in(tmp_path))
 
 
 def test_cli_refuses_an_unbuildable_model_with_one_line_and_exit_2(tiny_dataset, tiny_config, tmp_path):
@@ -86,13 +85,13 @@ def test_cli_refuses_an_unbuildable_model_with_one_line_and_exit_2(tiny_dataset,
 def test_a_checkpoint_that_no_longer_fits_is_refused_naming_the_run_folder(tiny_dataset, tiny_config, tmp_path):
     """A rerun after a code change: the run folder's checkpoint has other tensors than the model now built."""
     cfg = Config.model_validate(tiny_config(tiny_dataset, tmp_path))
-    plan = build_plan(cfg, tracking=TRACKING)
+    plan = build_plan(cfg, tracking=tracking_in(tmp_path))
     folder = Path(plan.config.run.storage_path) / plan.ray_name / "checkpoint_2026-01-01_00-00-00.000000"
     state = {"model": {"backbone.old_layer.weight": torch.zeros(3)}, "step": 4, "rng": []}
     save_payload(folder / TRAIN_STATE, state)
     save_payload(folder / "model.pt", {"state_dict": {}})  # a complete checkpoint has both files
     with pytest.raises(ConfigError) as caught:
-        run_training(cfg, tracking=TRACKING)
+        run_training(cfg, tracking=tracking_in(tmp_path))
     message = str(caught.value)
     assert str(folder.parent) in message and "--fresh" in message and "backbone.old_layer.weight" in message
 
@@ -116,23 +115,23 @@ def test_weight_files_are_matched_while_the_plan_is_built(tiny_dataset, tiny_con
     torch.save(tiny_fcos(32, num_classes=7, head_convs=1).state_dict(), other)
     data["model"]["weights"] = str(other)
     with caplog.at_level(logging.INFO, logger="detkd"):
-        build_plan(Config.model_validate(data), tracking=TRACKING)
+        build_plan(Config.model_validate(data), tracking=tracking_in(tmp_path))
     assert "tiny: model.weights seven_classes.pth: kept 71 of 73 tensors; re-initialised " in caplog.text
     assert "head.classification_head.cls_logits (7 -> 3 classes)" in caplog.text
 
     misfit = _misfit(tmp_path)
     data["model"]["weights"] = str(misfit)
     with pytest.raises(ConfigError) as caught:
-        build_plan(Config.model_validate(data), tracking=TRACKING)
+        build_plan(Config.model_validate(data), tracking=tracking_in(tmp_path))
     assert re.match(rf"tiny: model.weights: {misfit}: does not fit the model .*first mismatches", str(caught.value))
     assert str(caught.value).endswith("a classifier's, not a detector's: model.backbone_weights takes a backbone file")
     data["model"].update(weights=None, backbone_weights=str(misfit))
     with pytest.raises(ConfigError, match=rf"^tiny: model.backbone_weights: {misfit}: the 'tiny' backbone has no"):
-        build_plan(Config.model_validate(data), tracking=TRACKING)
+        build_plan(Config.model_validate(data), tracking=tracking_in(tmp_path))
     data["model"]["backbone_weights"] = None
     data["model"]["weights"] = str(tmp_path / "absent.pth")
     with pytest.raises(ConfigError, match=r"^tiny: model.weights: .*absent.pth: weights file not found"):
-        build_plan(Config.model_validate(data), tracking=TRACKING)
+        build_plan(Config.model_validate(data), tracking=tracking_in(tmp_path))
 
 
 def test_cli_refuses_misfitting_weights_with_one_line_and_exit_2_before_ray(tiny_dataset, tiny_config, tmp_path):

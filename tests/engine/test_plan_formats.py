@@ -5,14 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from factories import FORMAT_CLASSES, FORMAT_IMAGES, tiny_pipeline_spec, write_all_formats, write_yaml
+from factories import FORMAT_CLASSES, FORMAT_IMAGES, tiny_pipeline_spec, tracking_in, write_all_formats, write_yaml
 
 from detkd.config import ConfigError, SplitConfig, load_config
 from detkd.engine.plan import build_plan, config_digest, open_sources, open_split
 from detkd.pipeline.spec import data_splits, model_config, read_pipeline
-from detkd.records import TrackingContext
-
-TRACKING = TrackingContext(uri="sqlite:///unused.db", experiment="detkd")
 
 
 @pytest.fixture
@@ -33,7 +30,7 @@ def test_yolo_and_voc_splits_validate_open_and_plan(formats, tiny_config, tmp_pa
     assert [len(s) for s in sources.values()] == [4, 4]
     assert sources["val"].category_names == FORMAT_CLASSES
 
-    plan = build_plan(cfg, tracking=TRACKING)
+    plan = build_plan(cfg, tracking=tracking_in(tmp_path))
     assert plan.categories == ((0, "cat"), (1, "dog"), (2, "bird"))
     assert Path(plan.config.data.train.yolo).is_absolute() and Path(plan.config.data.val.voc).is_absolute()
     assert plan.config.data.train.location() == f"{tmp_path / 'data/yolo/data.yaml'}#train"
@@ -74,7 +71,9 @@ def test_open_split_reads_each_format(formats):
 
 
 def test_pipeline_spec_takes_yolo_and_voc_splits(formats, tmp_path):
-    spec = tiny_pipeline_spec("formats", tmp_path / "work", "sqlite:///unused.db", teachers=[{"name": "t"}])
+    spec = tiny_pipeline_spec(
+        "formats", tmp_path / "work", f"sqlite:///{tmp_path / 'mlflow.db'}", teachers=[{"name": "t"}]
+    )
     spec["data"] = {
         "train": {"yolo": str(formats.yolo), "split": "train"},
         "test": {"voc": str(formats.voc), "split": "train", "classes": formats.classes},
